@@ -1,0 +1,73 @@
+"""The ``check`` command: validate a configuration without starting anything,
+and print the listeners and routes it would serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TextIO
+
+from chatproxy.config import Config, ConfigError, Route, load_config
+from chatproxy.routing import RouteTable
+
+
+def describe_route(route: Route) -> str:
+    """One line saying what a route matches and where it goes."""
+    parts = [f"path_regex {route.path_regex.pattern}" if route.path_regex is not None else f"path {route.path}"]
+    if route.query:
+        parts.append("query " + "&".join(q.name if q.value is None else f"{q.name}={q.value}" for q in route.query))
+    if route.hosts:
+        parts.append("hosts " + ",".join(route.hosts))
+    if route.methods:
+        parts.append("methods " + ",".join(sorted(route.methods)))
+    if route.listeners:
+        parts.append("listeners " + ",".join(route.listeners))
+    if route.websocket:
+        parts.append("websocket")
+    if route.rewrite_path:
+        parts.append(f"rewrite to {route.rewrite_path}")
+    if route.filters:
+        parts.append("filters " + ",".join(route.filters))
+    return f"  [route:{route.name}] " + ", ".join(parts) + f" -> upstream {route.upstream}"
+
+
+def describe(config: Config, out: TextIO) -> None:
+    """Print what the configuration would serve."""
+    out.write("configuration OK: " + ", ".join(config.sources) + "\n")
+    out.write("listeners:\n")
+    for listener in config.listeners.values():
+        extra = []
+        if listener.tls:
+            extra.append(f"TLS {listener.min_tls_version}+ certificate {listener.certificate}")
+            if listener.create_self_signed and listener.certificate and not listener.certificate.exists():
+                extra.append("(self-signed, created on first start)")
+            if listener.sni:
+                extra.append("SNI " + ",".join(s.host for s in listener.sni))
+        if listener.allow is not None:
+            extra.append("allow " + ",".join(str(n) for n in listener.allow))
+        out.write(f"  [listen:{listener.name}] {listener.endpoint} {' '.join(extra)}".rstrip() + "\n")
+    out.write("upstreams:\n")
+    for upstream in config.upstreams.values():
+        out.write(f"  [upstream:{upstream.name}] " + ", ".join(s.url for s in upstream.servers) + "\n")
+    out.write("routes (most specific first; anything else gets 404):\n")
+    for route in RouteTable(config.routes).routes:
+        out.write(describe_route(route) + "\n")
+    if config.demo is not None:
+        out.write(f"demo upstream: {config.demo.endpoint}\n")
+
+
+def main(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Entry point; returns the process exit status."""
+    parser = argparse.ArgumentParser(prog="python -m chatproxy")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="validate a configuration and print what it serves")
+    check.add_argument("--config", "-c", action="append", required=True, metavar="FILE",
+                       help="an INI file or a directory of *.ini files (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        err.write(f"chatproxy: configuration error: {error}\n")
+        return 2
+    describe(config, out)
+    return 0

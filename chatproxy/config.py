@@ -1,0 +1,802 @@
+"""INI configuration files -> a frozen, validated model.
+
+Every mistake is reported as a :class:`ConfigError` that names the file, the
+section and the option, so an operator never sees a Python traceback for a
+configuration mistake.  ``load_config`` reads one or more files (or
+directories of ``*.ini`` files); later files override earlier ones option by
+option.
+"""
+
+from __future__ import annotations
+
+import configparser
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from attrs import field, frozen
+
+from chatproxy.routing import PathError, normalize_path
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_HOST_RE = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*\.?$")
+_TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+class ConfigError(Exception):
+    """A configuration mistake, located by file, section and option."""
+
+    def __init__(
+        self,
+        message: str,
+        file: str | None = None,
+        section: str | None = None,
+        option: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.file = file
+        self.section = section
+        self.option = option
+
+    def __str__(self) -> str:
+        where = []
+        if self.file:
+            where.append(self.file)
+        if self.section:
+            where.append(f"[{self.section}]")
+        if self.option:
+            where.append(self.option)
+        prefix = ": ".join([" ".join(where[:2])] + where[2:]) if where else ""
+        return f"{prefix}: {self.message}" if prefix else self.message
+
+
+# ---------------------------------------------------------------------------
+# The model
+
+
+@frozen
+class Settings:
+    """Process-wide settings from ``[chatproxy]``."""
+
+    access_log: str | None = "-"
+    access_log_format: str = "combined"
+    max_header_bytes: int = 32768
+    max_headers: int = 100
+    max_url_bytes: int = 8192
+    max_body_bytes: int = 10 * 1024 * 1024
+    header_timeout: float = 15.0
+    idle_timeout: float = 60.0
+
+
+@frozen
+class SniCertificate:
+    """One extra certificate chosen when the client's SNI names ``host``."""
+
+    host: str
+    certificate: Path
+    key: Path
+
+
+@frozen
+class Listener:
+    """A ``[listen:NAME]`` section: where clients connect and how."""
+
+    name: str
+    endpoint: str
+    source: str
+    tls: bool = False
+    certificate: Path | None = None
+    key: Path | None = None
+    sni: tuple[SniCertificate, ...] = ()
+    min_tls_version: str = "1.2"
+    ciphers: str | None = None
+    create_self_signed: bool = False
+    allow: tuple[Network, ...] | None = None
+    trusted_proxies: tuple[Network, ...] = ()
+
+
+@frozen
+class UpstreamServer:
+    """One server of an upstream: ``scheme://host:port``."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def tls(self) -> bool:
+        """Whether this server is reached over TLS."""
+        return self.scheme == "https"
+
+    @property
+    def authority(self) -> str:
+        """``host[:port]`` as written in a Host header for this server."""
+        default = 443 if self.tls else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+@frozen
+class Upstream:
+    """An ``[upstream:NAME]`` section: the servers a route forwards to."""
+
+    name: str
+    servers: tuple[UpstreamServer, ...]
+    verify: bool = True
+    ca: Path | None = None
+    client_certificate: Path | None = None
+    client_key: Path | None = None
+    host_header: str = "client"
+    connect_timeout: float = 5.0
+    response_timeout: float = 60.0
+    max_idle_connections: int = 32
+    idle_connection_timeout: float = 30.0
+
+
+@frozen
+class QueryRequirement:
+    """A query parameter a route requires (``value`` None: present with any value)."""
+
+    name: str
+    value: str | None
+
+
+@frozen
+class Route:
+    """A ``[route:NAME]`` section: which requests go to which upstream."""
+
+    name: str
+    upstream: str
+    order: int
+    listeners: tuple[str, ...] | None = None
+    hosts: tuple[str, ...] | None = None
+    path: str = "/"
+    path_regex: re.Pattern[str] | None = None
+    query: tuple[QueryRequirement, ...] = ()
+    methods: frozenset[str] | None = None
+    rewrite_path: str | None = None
+    filters: tuple[str, ...] = ()
+    websocket: bool = False
+    max_body_bytes: int | None = None
+
+
+@frozen
+class FilterSpec:
+    """A ``[filter:NAME]`` section: a configured instance of a filter kind."""
+
+    name: str
+    kind: str
+    options: Mapping[str, str]
+    filter: Any = field(eq=False)
+
+
+@frozen
+class Demo:
+    """The ``[demo]`` section: the bundled demo chat upstream."""
+
+    endpoint: str
+
+
+@frozen
+class Config:
+    """The whole validated configuration."""
+
+    sources: tuple[str, ...]
+    settings: Settings
+    listeners: Mapping[str, Listener]
+    upstreams: Mapping[str, Upstream]
+    routes: tuple[Route, ...]
+    filters: Mapping[str, FilterSpec]
+    demo: Demo | None = None
+
+
+# ---------------------------------------------------------------------------
+# Reading the files
+
+
+@frozen
+class _Value:
+    text: str
+    file: str
+
+
+@frozen
+class _RawSection:
+    name: str
+    file: str
+    options: dict[str, _Value]
+
+
+def _expand_sources(paths: Sequence[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    if not paths:
+        raise ConfigError("no configuration file given (use --config FILE)")
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.ini") if p.is_file())
+            if not found:
+                raise ConfigError("directory holds no *.ini file", file=str(path))
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError("no such file or directory", file=str(path))
+    return files
+
+
+def _read_raw(files: Iterable[Path]) -> dict[str, _RawSection]:
+    sections: dict[str, _RawSection] = {}
+    for path in files:
+        parser = configparser.ConfigParser(
+            interpolation=None,
+            strict=True,
+            default_section="\x00no default section",
+            empty_lines_in_values=False,
+        )
+        try:
+            with path.open(encoding="utf-8") as handle:
+                parser.read_file(handle, source=str(path))
+        except configparser.DuplicateSectionError as e:
+            raise ConfigError(f"section appears twice in this file (line {e.lineno})", str(path), e.section) from None
+        except configparser.DuplicateOptionError as e:
+            raise ConfigError(f"option appears twice in this section (line {e.lineno})", str(path), e.section, e.option) from None
+        except configparser.MissingSectionHeaderError as e:
+            raise ConfigError(f"line {e.lineno}: option before any [section] header", str(path)) from None
+        except configparser.ParsingError as e:
+            lines = ", ".join(str(lineno) for lineno, _ in e.errors)
+            raise ConfigError(f"cannot parse line {lines}", str(path)) from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read: {e}", str(path)) from None
+        for name in parser.sections():
+            raw = sections.setdefault(name, _RawSection(name, str(path), {}))
+            for option, text in parser.items(name, raw=True):
+                raw.options[option] = _Value(text.strip(), str(path))
+    return sections
+
+
+# ---------------------------------------------------------------------------
+# Value parsers: each takes the text and returns the value or raises ValueError
+
+
+_TRUE = {"yes", "true", "on", "1"}
+_FALSE = {"no", "false", "off", "0"}
+
+
+def parse_bool(text: str) -> bool:
+    """``yes/no``, ``true/false``, ``on/off``, ``1/0``."""
+    lowered = text.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"expected yes or no, got {text!r}")
+
+
+def parse_list(text: str) -> list[str]:
+    """Items separated by commas and/or newlines, blanks dropped."""
+    return [item.strip() for item in re.split(r"[,\n]", text) if item.strip()]
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
+               "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """A byte count: ``65536``, ``64k``, ``10m``, ``1g`` (binary units)."""
+    match = re.fullmatch(r"(\d+)\s*([a-zA-Z]*)", text.strip())
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError(f"expected a size such as 65536, 64k or 10m, got {text!r}")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+_TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """A duration in seconds: ``30``, ``1.5``, ``250ms``, ``2m``, ``1h``."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", text.strip().lower())
+    if not match or match.group(2) not in _TIME_UNITS:
+        raise ValueError(f"expected a duration such as 30, 1.5s, 250ms or 2m, got {text!r}")
+    value = float(match.group(1)) * _TIME_UNITS[match.group(2)]
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """A list of IPv4/IPv6 networks (CIDR) or single addresses."""
+    networks: list[Network] = []
+    for item in parse_list(text):
+        try:
+            network = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network (CIDR)") from None
+        if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+            mapped = network.network_address.ipv4_mapped
+            if mapped is not None:
+                network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+        networks.append(network)
+    if not networks:
+        raise ValueError("expected at least one network")
+    return tuple(networks)
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {text!r}")
+        return text.lower()
+
+    return parse
+
+
+def _text(text: str) -> str:
+    if not text:
+        raise ValueError("must not be empty")
+    return text
+
+
+def _endpoint(text: str) -> str:
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    if not text:
+        raise ValueError("must not be empty")
+    try:
+        serverFromString(reactor, text)
+    except Exception as e:  # endpoint parsers raise many kinds of errors
+        raise ValueError(f"not a valid Twisted server endpoint string: {e}") from None
+    return text
+
+
+def _client_access_log(text: str) -> str | None:
+    return None if text.lower() == "off" else _text(text)
+
+
+# ---------------------------------------------------------------------------
+# Section readers
+
+
+class _Section:
+    """Reads the options of one raw section, tracking which were used."""
+
+    def __init__(self, raw: _RawSection, kind: str, allowed: Iterable[str]) -> None:
+        self.raw = raw
+        self.name = raw.name
+        self.kind = kind
+        self.allowed = set(allowed)
+        for option, value in raw.options.items():
+            if option not in self.allowed:
+                known = ", ".join(sorted(self.allowed))
+                raise ConfigError(f"unknown option (a [{kind}] section takes: {known})", value.file, raw.name, option)
+
+    def error(self, option: str | None, message: str) -> ConfigError:
+        """A ConfigError located at ``option`` of this section."""
+        file = self.raw.options[option].file if option in self.raw.options else self.raw.file
+        return ConfigError(message, file, self.name, option)
+
+    def has(self, option: str) -> bool:
+        """Whether the option is given."""
+        return option in self.raw.options
+
+    def get(self, option: str, parse: Callable[[str], T], default: T) -> T:
+        """The parsed value of ``option`` or ``default`` when absent."""
+        if option not in self.raw.options:
+            return default
+        return self.parse(option, parse)
+
+    def parse(self, option: str, parse: Callable[[str], T]) -> T:
+        """The parsed value of a present option, errors located."""
+        value = self.raw.options[option]
+        try:
+            return parse(value.text)
+        except ValueError as e:
+            raise ConfigError(str(e), value.file, self.name, option) from None
+
+    def require(self, option: str, parse: Callable[[str], T]) -> T:
+        """The parsed value of a mandatory option."""
+        if option not in self.raw.options:
+            raise self.error(option, "required option is missing")
+        return self.parse(option, parse)
+
+    def path(self, option: str) -> Path | None:
+        """A file path; relative paths are relative to the file that set it."""
+        if option not in self.raw.options:
+            return None
+        value = self.raw.options[option]
+        if not value.text:
+            raise ConfigError("must not be empty", value.file, self.name, option)
+        path = Path(value.text).expanduser()
+        if not path.is_absolute():
+            path = Path(value.file).resolve().parent / path
+        return path
+
+    def existing_file(self, option: str) -> Path | None:
+        """Like ``path`` but the file must exist and be readable."""
+        path = self.path(option)
+        if path is not None and not path.is_file():
+            raise self.error(option, f"no such file: {path}")
+        return path
+
+
+_SETTINGS_OPTIONS = {
+    "access_log", "access_log_format", "max_header_bytes", "max_headers", "max_url_bytes",
+    "max_body_bytes", "header_timeout", "idle_timeout",
+}
+_LISTEN_OPTIONS = {
+    "endpoint", "tls", "certificate", "key", "sni", "min_tls_version", "ciphers",
+    "create_self_signed", "allow", "trusted_proxies",
+}
+_UPSTREAM_OPTIONS = {
+    "servers", "verify", "ca", "client_certificate", "client_key", "host_header",
+    "connect_timeout", "response_timeout", "max_idle_connections", "idle_connection_timeout",
+}
+_ROUTE_OPTIONS = {
+    "listeners", "hosts", "path", "path_regex", "query", "methods", "upstream",
+    "rewrite_path", "filters", "websocket", "max_body_bytes",
+}
+_DEMO_OPTIONS = {"endpoint"}
+
+
+def _read_settings(section: _Section | None) -> Settings:
+    if section is None:
+        return Settings()
+    d = Settings()
+    return Settings(
+        access_log=section.get("access_log", _client_access_log, d.access_log),
+        access_log_format=section.get("access_log_format", _choice("combined", "json"), d.access_log_format),
+        max_header_bytes=section.get("max_header_bytes", parse_size, d.max_header_bytes),
+        max_headers=section.get("max_headers", _positive_int, d.max_headers),
+        max_url_bytes=section.get("max_url_bytes", parse_size, d.max_url_bytes),
+        max_body_bytes=section.get("max_body_bytes", parse_size, d.max_body_bytes),
+        header_timeout=section.get("header_timeout", parse_duration, d.header_timeout),
+        idle_timeout=section.get("idle_timeout", parse_duration, d.idle_timeout),
+    )
+
+
+def _parse_sni(section: _Section) -> tuple[SniCertificate, ...]:
+    """``sni`` lines: ``host = certificate-file, key-file`` style written as
+    ``host: certificate-file key-file`` (one per line)."""
+    if not section.has("sni"):
+        return ()
+    value = section.raw.options["sni"]
+    base = Path(value.file).resolve().parent
+    entries = []
+    for line in value.text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        match = re.fullmatch(r"([^\s:]+)\s*:\s*(\S+)\s+(\S+)", line)
+        if not match:
+            raise section.error("sni", f"expected 'HOST: CERTIFICATE-FILE KEY-FILE', got {line!r}")
+        host = match.group(1).lower()
+        if not _HOST_RE.match(host):
+            raise section.error("sni", f"{host!r} is not a host name")
+        files = []
+        for text in match.group(2), match.group(3):
+            path = Path(text).expanduser()
+            path = path if path.is_absolute() else base / path
+            if not path.is_file():
+                raise section.error("sni", f"no such file: {path}")
+            files.append(path)
+        entries.append(SniCertificate(host, files[0], files[1]))
+    return tuple(entries)
+
+
+def _read_listener(section: _Section) -> Listener:
+    name = section.name.split(":", 1)[1]
+    tls = section.get("tls", parse_bool, False)
+    create = section.get("create_self_signed", parse_bool, False)
+    certificate = section.path("certificate")
+    key = section.path("key")
+    if tls:
+        for option, path in ("certificate", certificate), ("key", key):
+            if path is None:
+                raise section.error(option, "required when tls = yes")
+            if not create and not path.is_file():
+                raise section.error(option, f"no such file: {path}")
+    elif certificate or key or section.has("sni"):
+        option = "certificate" if certificate else "key" if key else "sni"
+        raise section.error(option, "only meaningful with tls = yes")
+    return Listener(
+        name=name,
+        endpoint=section.require("endpoint", _endpoint),
+        source=section.raw.file,
+        tls=tls,
+        certificate=certificate,
+        key=key,
+        sni=_parse_sni(section),
+        min_tls_version=section.get("min_tls_version", _choice("1.2", "1.3"), "1.2"),
+        ciphers=section.get("ciphers", _text, None),
+        create_self_signed=create,
+        allow=section.get("allow", parse_networks, None),
+        trusted_proxies=section.get("trusted_proxies", parse_networks, ()),
+    )
+
+
+def _parse_server(text: str) -> UpstreamServer:
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"{text!r} is not a URL: {e}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{text!r}: the scheme must be http:// or https://")
+    if not parts.hostname:
+        raise ValueError(f"{text!r}: no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ValueError(f"{text!r}: give only scheme://host[:port] (no path, query or user)")
+    default = 443 if parts.scheme == "https" else 80
+    return UpstreamServer(text, parts.scheme, parts.hostname, port or default)
+
+
+def _read_upstream(section: _Section) -> Upstream:
+    name = section.name.split(":", 1)[1]
+
+    def servers(text: str) -> tuple[UpstreamServer, ...]:
+        found = tuple(_parse_server(item) for item in parse_list(text))
+        if not found:
+            raise ValueError("expected at least one server URL")
+        return found
+
+    d = Upstream(name, ())
+    client_certificate = section.existing_file("client_certificate")
+    client_key = section.existing_file("client_key")
+    if client_key and not client_certificate:
+        raise section.error("client_key", "needs client_certificate")
+    return Upstream(
+        name=name,
+        servers=section.require("servers", servers),
+        verify=section.get("verify", parse_bool, True),
+        ca=section.existing_file("ca"),
+        client_certificate=client_certificate,
+        client_key=client_key,
+        host_header=section.get("host_header", _choice("client", "upstream"), d.host_header),
+        connect_timeout=section.get("connect_timeout", parse_duration, d.connect_timeout),
+        response_timeout=section.get("response_timeout", parse_duration, d.response_timeout),
+        max_idle_connections=section.get("max_idle_connections", _non_negative_int, d.max_idle_connections),
+        idle_connection_timeout=section.get("idle_connection_timeout", parse_duration, d.idle_connection_timeout),
+    )
+
+
+def _parse_hosts(text: str) -> tuple[str, ...]:
+    hosts = []
+    for item in parse_list(text):
+        host = item.lower().rstrip(".")
+        if not _HOST_RE.match(host):
+            try:
+                ipaddress.ip_address(host.strip("[]"))
+            except ValueError:
+                raise ValueError(f"{item!r} is not a host name, *.wildcard or IP address") from None
+            host = host.strip("[]")
+        hosts.append(host)
+    return tuple(hosts)
+
+
+def _parse_path_prefix(text: str) -> str:
+    try:
+        normal = normalize_path(text)
+    except PathError as e:
+        raise ValueError(f"{text!r} is not a clean path: {e.reason}") from None
+    if normal != text:
+        raise ValueError(f"write the path in its normal form: {normal!r}")
+    return text
+
+
+def _parse_regex(text: str) -> re.Pattern[str]:
+    try:
+        return re.compile(text)
+    except re.error as e:
+        raise ValueError(f"not a valid regular expression: {e}") from None
+
+
+def _parse_query(text: str) -> tuple[QueryRequirement, ...]:
+    requirements = []
+    for item in re.split(r"[&,\n]", text):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        name = unquote(name.strip())
+        if not name:
+            raise ValueError(f"{item!r}: a parameter needs a name")
+        requirements.append(QueryRequirement(name, unquote(value.strip()) if sep else None))
+    if not requirements:
+        raise ValueError("expected at least one NAME=VALUE or NAME")
+    return tuple(requirements)
+
+
+def _parse_methods(text: str) -> frozenset[str]:
+    methods = set()
+    for item in parse_list(text):
+        if not _TOKEN_RE.match(item):
+            raise ValueError(f"{item!r} is not an HTTP method")
+        methods.add(item.upper())
+    if not methods:
+        raise ValueError("expected at least one method")
+    return frozenset(methods)
+
+
+def _parse_names(text: str) -> tuple[str, ...]:
+    names = parse_list(text)
+    for item in names:
+        if not _NAME_RE.match(item):
+            raise ValueError(f"{item!r} is not a section name")
+    return tuple(names)
+
+
+def _parse_name(text: str) -> str:
+    if not _NAME_RE.match(text):
+        raise ValueError(f"{text!r} is not a section name")
+    return text
+
+
+def _parse_rewrite(text: str) -> str:
+    if not text.startswith("/"):
+        raise ValueError("must start with /")
+    return _parse_path_prefix(text)
+
+
+def _read_route(section: _Section, order: int) -> Route:
+    name = section.name.split(":", 1)[1]
+    if section.has("path") and section.has("path_regex"):
+        raise section.error("path_regex", "give either path or path_regex, not both")
+    path = section.get("path", _parse_path_prefix, "/")
+    return Route(
+        name=name,
+        order=order,
+        upstream=section.require("upstream", _parse_name),
+        listeners=section.get("listeners", _parse_names, None),
+        hosts=section.get("hosts", _parse_hosts, None),
+        path=path,
+        path_regex=section.get("path_regex", _parse_regex, None),
+        query=section.get("query", _parse_query, ()),
+        methods=section.get("methods", _parse_methods, None),
+        rewrite_path=section.get("rewrite_path", _parse_rewrite, None),
+        filters=section.get("filters", _parse_names, ()),
+        websocket=section.get("websocket", parse_bool, False),
+        max_body_bytes=section.get("max_body_bytes", parse_size, None),
+    )
+
+
+def _read_filter(raw: _RawSection, kinds: Mapping[str, Any]) -> FilterSpec:
+    from chatproxy.filters import FilterOptionError
+
+    name = raw.name.split(":", 1)[1]
+    if "use" not in raw.options:
+        raise ConfigError("required option is missing", raw.file, raw.name, "use")
+    use = raw.options["use"]
+    installed = ", ".join(sorted(kinds)) or "none"
+    if use.text not in kinds:
+        raise ConfigError(f"unknown filter kind {use.text!r} (installed kinds: {installed})", use.file, raw.name, "use")
+    options = {k: v.text for k, v in raw.options.items() if k != "use"}
+    try:
+        built = kinds[use.text].build(options)
+    except FilterOptionError as e:
+        file = raw.options[e.option].file if e.option in raw.options else raw.file
+        raise ConfigError(e.message, file, raw.name, e.option) from None
+    except Exception as e:  # a third-party kind's bug must not become a traceback
+        raise ConfigError(f"filter kind {use.text!r} failed to build: {e!r}", use.file, raw.name) from None
+    return FilterSpec(name, use.text, options, built)
+
+
+def _check_name(raw: _RawSection, kind: str) -> None:
+    name = raw.name.split(":", 1)[1] if ":" in raw.name else ""
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"a [{kind}:NAME] section needs a NAME of letters, digits, '.', '_' or '-'", raw.file, raw.name)
+
+
+def load_config(
+    paths: Sequence[str | Path],
+    filter_kinds: Mapping[str, Any] | None = None,
+) -> Config:
+    """Read and validate the configuration files ``paths`` (later ones win).
+
+    ``filter_kinds`` maps kind names to ``IFilterFactory`` providers; by
+    default the installed plugins are used.  Raises :class:`ConfigError`.
+    """
+    files = _expand_sources(paths)
+    raw_sections = _read_raw(files)
+    settings_section: _Section | None = None
+    listeners: dict[str, Listener] = {}
+    upstreams: dict[str, Upstream] = {}
+    routes: list[Route] = []
+    raw_filters: list[_RawSection] = []
+    demo: Demo | None = None
+    for raw in raw_sections.values():
+        kind = raw.name.split(":", 1)[0] if ":" in raw.name else raw.name
+        if raw.name == "chatproxy":
+            settings_section = _Section(raw, "chatproxy", _SETTINGS_OPTIONS)
+        elif raw.name == "demo":
+            demo = Demo(_Section(raw, "demo", _DEMO_OPTIONS).require("endpoint", _endpoint))
+        elif kind == "listen" and ":" in raw.name:
+            _check_name(raw, kind)
+            listener = _read_listener(_Section(raw, "listen:NAME", _LISTEN_OPTIONS))
+            listeners[listener.name] = listener
+        elif kind == "upstream" and ":" in raw.name:
+            _check_name(raw, kind)
+            upstream = _read_upstream(_Section(raw, "upstream:NAME", _UPSTREAM_OPTIONS))
+            upstreams[upstream.name] = upstream
+        elif kind == "route" and ":" in raw.name:
+            _check_name(raw, kind)
+            routes.append(_read_route(_Section(raw, "route:NAME", _ROUTE_OPTIONS), len(routes)))
+        elif kind == "filter" and ":" in raw.name:
+            _check_name(raw, kind)
+            raw_filters.append(raw)
+        else:
+            raise ConfigError(
+                "unknown section (expected [chatproxy], [demo], [listen:NAME], [upstream:NAME], "
+                "[route:NAME] or [filter:NAME])",
+                raw.file,
+                raw.name,
+            )
+    settings = _read_settings(settings_section)
+    if raw_filters:
+        from chatproxy.filters import installed_filter_kinds
+
+        kinds = installed_filter_kinds() if filter_kinds is None else filter_kinds
+        filters = {spec.name: spec for spec in (_read_filter(raw, kinds) for raw in raw_filters)}
+    else:
+        filters = {}
+    if not listeners:
+        raise ConfigError("no [listen:NAME] section: the proxy would not listen anywhere", str(files[-1]))
+    for route in routes:
+        raw = raw_sections[f"route:{route.name}"]
+
+        def located(option: str) -> tuple[str, str, str]:
+            return (raw.options[option].file if option in raw.options else raw.file, raw.name, option)
+
+        if route.upstream not in upstreams:
+            known = ", ".join(sorted(upstreams)) or "none defined"
+            raise ConfigError(f"no [upstream:{route.upstream}] section (upstreams: {known})", *located("upstream"))
+        for listener_name in route.listeners or ():
+            if listener_name not in listeners:
+                known = ", ".join(sorted(listeners))
+                raise ConfigError(f"no [listen:{listener_name}] section (listeners: {known})", *located("listeners"))
+        for filter_name in route.filters:
+            if filter_name not in filters:
+                known = ", ".join(sorted(filters)) or "none defined"
+                raise ConfigError(f"no [filter:{filter_name}] section (filters: {known})", *located("filters"))
+    config = Config(
+        sources=tuple(str(f) for f in files),
+        settings=settings,
+        listeners=listeners,
+        upstreams=upstreams,
+        routes=tuple(routes),
+        filters=filters,
+        demo=demo,
+    )
+    from chatproxy.tls import check_listener_tls
+
+    for listener in listeners.values():
+        check_listener_tls(listener)
+    return config

@@ -1,0 +1,1 @@
+"""The HTTP/1.1 data path: front (client) connections, upstream connections and pools."""

@@ -1,0 +1,463 @@
+"""One request/response exchange on a front connection.
+
+The exchange routes the request head, runs the route's filters, takes an
+upstream connection (pooled, or new), streams the request body to it and the
+response back to the client, and writes one access-log line at the end.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet.error import ConnectingCancelledError, TimeoutError as ConnectTimeout
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from chatproxy.accesslog import AccessRecord
+from chatproxy.filters.chain import Answer, Decision, Refuse, run_request_filters
+from chatproxy.http.messages import FORWARDING, HOP_BY_HOP, REASONS, Header, RequestHead, end_to_end, local_response
+from chatproxy.routing import RequestFacts
+
+if TYPE_CHECKING:
+    from chatproxy.config import Route
+    from chatproxy.http.front import FrontConnection
+    from chatproxy.http.upstream import ServerPool, UpstreamConnection
+
+log = Logger()
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+_BODY_BUFFER_LIMIT = 65536
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CHUNK_END = b"0\r\n\r\n"
+
+
+class Exchange:
+    """One request on a front connection and the response it gets."""
+
+    def __init__(self, front: FrontConnection, head: RequestHead | None, error: tuple[int, str] | None,
+                 keep_alive: bool, upgrade: bool, content_length: int | None, chunked: bool,
+                 expect_continue: bool) -> None:
+        self.front = front
+        self.head = head
+        self.error = error
+        self.client_keep_alive = keep_alive
+        self.upgrade = upgrade
+        self.content_length = content_length
+        self.chunked_in = chunked
+        self.expect_continue = expect_continue
+        self.body_done = not (chunked or (content_length or 0) > 0)
+        self.body_received = 0
+        self.body_limit = front.core.settings.max_body_bytes
+        self.started = front.core.sweeper.now()
+        self.active = False
+        self.finished = False
+        self.discarding = False
+        self.close_after = False
+        self.route: Route | None = None
+        self.server: ServerPool | None = None
+        self.connection: UpstreamConnection | None = None
+        self.retried = False
+        self.response_started = False
+        self.status = 0
+        self.bytes_sent = 0
+        self.out_chunked = False
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+
+    # -- starting: route, filters, upstream
+
+    def start(self) -> None:
+        """Begin processing: this exchange is now first in the connection's queue."""
+        self.active = True
+        if self.error is not None:
+            self.respond_local(self.error[0], self.error[1], close=True)
+            return
+        head = self.head
+        assert head is not None
+        core = self.front.core
+        route = core.table.match(RequestFacts(head.listener, head.host, head.method, head.path, head.query))
+        if route is None:
+            self.respond_local(404, "no route for this request")
+            return
+        self.route = route
+        if route.max_body_bytes is not None:
+            self.body_limit = route.max_body_bytes
+        if self.content_length is not None and self.content_length > self.body_limit:
+            self.respond_local(413, f"request body larger than {self.body_limit} bytes", close=True)
+            return
+        if self.upgrade and not route.websocket:
+            # Not a WebSocket route: the request is forwarded without its
+            # Upgrade, and the connection is not used again.
+            self.upgrade = False
+            self.close_after = True
+        filters = core.route_filters(route)
+        if filters:
+            run_request_filters(filters, head, self._filtered)
+        else:
+            self._dispatch()
+
+    def _filtered(self, decision: Decision) -> None:
+        if self.finished:
+            return
+        if decision is None:
+            self._dispatch()
+        elif isinstance(decision, Refuse):
+            self.respond_local(decision.status, decision.reason or None, extra=decision.headers)
+        elif isinstance(decision, Answer):
+            self.respond_answer(decision)
+
+    def _dispatch(self) -> None:
+        assert self.route is not None
+        pools = self.front.core.pools[self.route.upstream]
+        server = pools.pick(avoid=self.server)
+        self.server = server
+        connection = None if self.upgrade else server.take_idle()
+        if connection is not None:
+            self._attach(connection)
+        else:
+            server.connect().addCallbacks(self._attach, self._connect_failed)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        if self.finished:
+            return
+        assert self.server is not None
+        log.warn("upstream {server} unreachable: {reason}", server=self.server.server.url,
+                 reason=failure.getErrorMessage())
+        assert self.route is not None
+        if not self.retried and len(self.front.core.pools[self.route.upstream].servers) > 1:
+            # Nothing was sent: trying another server is always safe.
+            self.retried = True
+            self._dispatch()
+            return
+        timeout = failure.check(ConnectTimeout, ConnectingCancelledError) is not None
+        self.respond_local(504 if timeout else 502,
+                           "upstream timed out" if timeout else "upstream unreachable")
+
+    def _attach(self, connection: UpstreamConnection) -> None:
+        if self.finished:
+            if connection.exchanges == 0 and connection.sink is None:
+                connection.pool.release(connection)
+            return
+        self.connection = connection
+        connection.begin(self, self._upstream_head(), self.head.method == "HEAD")  # type: ignore[union-attr]
+        if self.front.client_paused:
+            connection.pause_reading()
+        if self.expect_continue and not self.body_done and self._buffered == 0:
+            self.front.write(_CONTINUE)
+        if self._buffer:
+            for chunk in self._buffer:
+                connection.send_body(self._frame(chunk))
+            self._buffer = []
+            self._buffered = 0
+            self.front.resume_reading("body")
+        if self.body_done:
+            self._end_request_body(connection)
+
+    def _frame(self, chunk: bytes) -> bytes:
+        if self.chunked_in:
+            return b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        return chunk
+
+    def _end_request_body(self, connection: UpstreamConnection) -> None:
+        if self.chunked_in:
+            connection.send_body(_CHUNK_END)
+        connection.request_sent()
+
+    def _upstream_head(self) -> bytes:
+        head, route, server = self.head, self.route, self.server
+        assert head is not None and route is not None and server is not None
+        front = self.front
+        path = route.rewrite_path or head.path
+        target = f"{path}?{head.query}" if head.query else path
+        lines = [f"{head.method} {target} HTTP/1.1\r\n".encode("latin-1")]
+        append = lines.append
+        trusted = front.peer_trusted
+        named = front.connection_tokens(head.headers)
+        prior_for: list[bytes] = []
+        kept_forwarding: set[bytes] = set()
+        via = b"1.1 chatproxy"
+        client_host = b""
+        for name, value in head.headers:
+            lower = name.lower()
+            if lower in HOP_BY_HOP or (named and lower in named):
+                continue
+            if lower == b"host":
+                client_host = value
+                continue
+            if lower in FORWARDING:
+                if trusted:
+                    if lower == b"x-forwarded-for":
+                        prior_for.append(value)
+                    else:
+                        kept_forwarding.add(lower)
+                        append(name + b": " + value + b"\r\n")
+                continue
+            if lower == b"expect" or lower == b"content-length":
+                continue
+            if lower == b"via":
+                via = value + b", " + via
+                continue
+            append(name + b": " + value + b"\r\n")
+        upstream = front.core.config.upstreams[route.upstream]
+        host = client_host if upstream.host_header == "client" and client_host else server.server.authority.encode("idna")
+        append(b"Host: " + host + b"\r\n")
+        peer = front.peer.encode("ascii")
+        append(b"X-Forwarded-For: " + (b", ".join(prior_for) + b", " + peer if prior_for else peer) + b"\r\n")
+        if b"x-forwarded-proto" not in kept_forwarding:
+            append(b"X-Forwarded-Proto: https\r\n" if front.tls else b"X-Forwarded-Proto: http\r\n")
+        if b"x-forwarded-host" not in kept_forwarding and client_host:
+            append(b"X-Forwarded-Host: " + client_host + b"\r\n")
+        if b"x-forwarded-port" not in kept_forwarding:
+            append(b"X-Forwarded-Port: %d\r\n" % front.local_port)
+        append(b"Via: " + via + b"\r\n")
+        if self.chunked_in:
+            append(b"Transfer-Encoding: chunked\r\n")
+        elif self.content_length is not None:
+            append(b"Content-Length: %d\r\n" % self.content_length)
+        if self.upgrade:
+            upgrade = head.header("upgrade") or "websocket"
+            append(b"Connection: Upgrade\r\nUpgrade: " + upgrade.encode("latin-1") + b"\r\n")
+        append(b"\r\n")
+        return b"".join(lines)
+
+    # -- the request body from the client
+
+    def client_body(self, data: bytes) -> None:
+        """Bytes of the request body, as the client sends them."""
+        self.body_received += len(data)
+        if self.body_received > self.body_limit and not self.discarding:
+            self._body_too_large()
+            return
+        if self.discarding:
+            return
+        if self.connection is not None:
+            self.connection.send_body(self._frame(data))
+        else:
+            self._buffer.append(data)
+            self._buffered += len(data)
+            if self._buffered > _BODY_BUFFER_LIMIT:
+                self.front.pause_reading("body")
+
+    def client_body_done(self) -> None:
+        """The request body is complete."""
+        self.body_done = True
+        if self.connection is not None and not self.discarding:
+            self._end_request_body(self.connection)
+
+    def _body_too_large(self) -> None:
+        message = f"request body larger than {self.body_limit} bytes"
+        if not self.active:
+            self.error = (413, message)
+            self.discarding = True
+            return
+        if self.connection is not None:
+            self.connection.abandon()
+            self.connection = None
+        if self.response_started:
+            self._abort("request body over the limit after the response began")
+        else:
+            self.respond_local(413, message, close=True)
+
+    def client_body_failed(self, status: int, message: str) -> None:
+        """The request body was malformed (bad chunk framing)."""
+        if self.connection is not None:
+            self.connection.abandon()
+            self.connection = None
+        if not self.active:
+            self.error = (status, message)
+            return
+        if self.response_started:
+            self._abort(message)
+        elif not self.finished:
+            self.respond_local(status, message, close=True)
+
+    # -- the response from the upstream (ResponseSink)
+
+    def response_head(self, status: int, reason: bytes, headers: list[Header], version: str,
+                      body_framing: str) -> None:
+        """The upstream's response head: relay it to the client."""
+        if self.finished:
+            return
+        if status == 101:
+            if not self.upgrade:
+                assert self.connection is not None
+                self.connection.abandon()
+                self.connection = None
+                self.respond_local(502, "upstream switched protocols without being asked")
+                return
+            out = end_to_end(headers)
+            upgrade_to = next((v for k, v in headers if k.lower() == b"upgrade"), b"websocket")
+            out += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade_to)]
+            self._write_head(status, reason, out)
+            return
+        if self.upgrade:
+            # The upstream refused the upgrade: relay its answer, then close.
+            self.close_after = True
+        drop = frozenset() if body_framing in ("length", "none") else frozenset({b"content-length"})
+        out = end_to_end(headers, drop)
+        if body_framing in ("chunked", "eof"):
+            if self.head is not None and self.head.version == "1.1":
+                out.append((b"Transfer-Encoding", b"chunked"))
+                self.out_chunked = True
+            else:
+                self.close_after = True
+        if not self.body_done:
+            # The upstream answered before the whole body arrived: the rest of
+            # the body is read and dropped, and the connection ends afterwards.
+            self.close_after = True
+        keep = self.client_keep_alive and not self.close_after and not self.front.closing
+        if not keep:
+            out.append((b"Connection", b"close"))
+        elif self.head is not None and self.head.version == "1.0":
+            out.append((b"Connection", b"keep-alive"))
+        self._write_head(status, reason, out)
+
+    def _write_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
+        self.status = status
+        self.response_started = True
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, "Unknown").encode("ascii"))]
+        parts.extend(name + b": " + value + b"\r\n" for name, value in headers)
+        parts.append(b"\r\n")
+        self.front.write(b"".join(parts))
+
+    def response_body(self, data: bytes) -> None:
+        """Response body bytes from the upstream."""
+        if self.finished or not data:
+            return
+        self.bytes_sent += len(data)
+        if self.out_chunked:
+            self.front.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.front.write(data)
+
+    def response_complete(self) -> None:
+        """The upstream's response ended cleanly."""
+        self.connection = None
+        if self.finished:
+            return
+        if self.out_chunked:
+            self.front.write(_CHUNK_END)
+        if not self.body_done:
+            self.discarding = True
+            self.close_after = True
+        self._finish()
+
+    def response_upgraded(self, leftover: bytes) -> None:
+        """The upstream switched protocols: from now on bytes are relayed as they are."""
+        connection, self.connection = self.connection, None
+        assert connection is not None
+        self.front.start_tunnel(self, connection, leftover)
+
+    def upstream_failed(self, reason: str, timeout: bool) -> None:
+        """The upstream connection failed or timed out during the exchange."""
+        connection, self.connection = self.connection, None
+        if self.finished:
+            return
+        if (not self.response_started and not self.retried and connection is not None and connection.reused
+                and not connection.got_response_bytes and self.head is not None
+                and self.head.method in _IDEMPOTENT and self.content_length in (None, 0) and not self.chunked_in):
+            # A pooled connection the server had already closed: send again.
+            self.retried = True
+            self.server = None
+            self._dispatch()
+            return
+        log.warn("{method} {target}: {reason}", method=self.head.method if self.head else "-",
+                 target=self.head.target if self.head else "-", reason=reason)
+        if self.response_started:
+            self._abort(reason)
+        else:
+            self.respond_local(504 if timeout else 502, "upstream timed out" if timeout else "bad gateway")
+
+    def upstream_writable(self, writable: bool) -> None:
+        """The upstream's send buffer filled (False) or drained (True)."""
+        if writable:
+            self.front.resume_reading("upstream")
+        else:
+            self.front.pause_reading("upstream")
+
+    # -- endings
+
+    def respond_local(self, status: int, message: str | None = None, *, close: bool = False,
+                      extra: tuple[Header, ...] = ()) -> None:
+        """Answer from the proxy itself (errors, refusals)."""
+        if self.finished:
+            return
+        if self.response_started:
+            self._abort(message or REASONS.get(status, ""))
+            return
+        if not self.body_done:
+            self.discarding = True
+            close = True
+        close = close or self.close_after or not self.client_keep_alive or self.front.closing
+        self.close_after = close
+        head_only = self.head is not None and self.head.method == "HEAD"
+        data = local_response(status, message, close=close, extra=extra, head_only=head_only)
+        self.status = status
+        self.response_started = True
+        self.bytes_sent = 0 if head_only else len(data) - data.index(b"\r\n\r\n") - 4
+        self.front.write(data)
+        self._finish()
+
+    def respond_answer(self, answer: Answer) -> None:
+        """Send a filter's complete answer."""
+        if not self.body_done:
+            self.discarding = True
+            self.close_after = True
+        close = self.close_after or not self.client_keep_alive
+        headers = [(n, v) for n, v in answer.headers if n.lower() not in HOP_BY_HOP and n.lower() != b"content-length"]
+        headers.append((b"Content-Length", b"%d" % len(answer.body)))
+        if close:
+            headers.append((b"Connection", b"close"))
+        self._write_head(answer.status, b"", headers)
+        if self.head is None or self.head.method != "HEAD":
+            self.front.write(answer.body)
+            self.bytes_sent = len(answer.body)
+        self._finish()
+
+    def _abort(self, reason: str) -> None:
+        """The response cannot be completed: close the client connection
+        without anything that would make a truncated body look complete."""
+        self.close_after = True
+        if self.connection is not None:
+            self.connection.abandon()
+            self.connection = None
+        self._finish(aborted=True)
+
+    def client_gone(self) -> None:
+        """The client connection closed before this exchange ended."""
+        if self.finished:
+            return
+        if self.connection is not None:
+            self.connection.abandon()
+            self.connection = None
+        if not self.response_started:
+            self.status = 499
+        self._finish(aborted=True)
+
+    def _finish(self, aborted: bool = False) -> None:
+        self.finished = True
+        front = self.front
+        access_log = front.core.access_log
+        if access_log.enabled and (self.head is not None or self.error is not None):
+            access_log.log(self.record())
+        front.exchange_done(self, aborted)
+
+    def record(self) -> AccessRecord:
+        """The access-log record of this exchange."""
+        head = self.head
+        now = self.front.core.sweeper.now()
+        return AccessRecord(
+            client=head.client if head else self.front.peer,
+            method=head.method if head else "-",
+            target=head.target if head else "-",
+            version=head.version if head else "1.1",
+            status=self.status,
+            bytes_sent=self.bytes_sent,
+            duration=now - self.started,
+            route=self.route.name if self.route else "",
+            upstream=self.server.server.url if self.server else "",
+            referer=(head.header("referer") or "") if head else "",
+            user_agent=(head.header("user-agent") or "") if head else "",
+            host=head.host if head else "",
+            started=self.started,
+        )

@@ -1,0 +1,455 @@
+"""The front connection: one client's HTTP/1.1 connection, parsed by httptools.
+
+Requests are answered in order (pipelining), one exchange at a time; the
+parser keeps reading ahead but the connection stops reading from the client
+while a later request waits, so read-ahead stays bounded.  Timeouts: a request
+head must arrive within ``header_timeout``; a connection with nothing going on
+is closed after ``idle_timeout``, as is one whose request body stalls that long.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import httptools
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from chatproxy.http.exchange import Exchange
+from chatproxy.http.messages import Header, RequestHead, client_ip, connection_tokens, in_networks, local_response, resolve_client
+from chatproxy.http.tunnel import Tunnel
+from chatproxy.routing import PathError, normalize_path
+
+if TYPE_CHECKING:
+    from chatproxy.config import Listener
+    from chatproxy.http.upstream import UpstreamConnection
+    from chatproxy.proxy import ProxyCore
+
+log = Logger()
+
+_HOST_RE = re.compile(rb"^(?:[A-Za-z0-9._~!$&'()*+,;=%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?$")
+_QUERY_FORBIDDEN = re.compile(r"[^\x21-\x7e]|#")
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to refuse the request with ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@implementer(IPushProducer)
+class FrontConnection(Protocol):
+    """One client connection to a listener."""
+
+    def __init__(self, factory: FrontFactory) -> None:
+        self.factory = factory
+        self.core: ProxyCore = factory.core
+        self.listener: Listener = factory.listener
+        self.tls = self.listener.tls
+        self.settings = self.core.settings
+        self.peer = "-"
+        self.peer_trusted = False
+        self.local_port = 0
+        self.deadline = 0.0
+        self.closing = False
+        self.client_paused = False
+        self.tunnel: Tunnel | None = None
+        self._deadline_kind = "header"
+        self._parser = httptools.HttpRequestParser(self)
+        self._queue: deque[Exchange] = deque()
+        self._parsing: Exchange | None = None
+        self._read_pauses: set[str] = set()
+        self._in_head = False
+        self._head_bytes = 0
+        self._url = b""
+        self._headers: list[Header] = []
+        self._header_bytes = 0
+        self._pending_error: tuple[int, str] | None = None
+        self._upgrade_buffer: list[bytes] | None = None
+        self._starting = False
+        self._stop_parsing = False
+
+    # -- connection lifecycle
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self.peer = client_ip(peer.host) if hasattr(peer, "host") else "unix"
+        self.peer_trusted = bool(self.listener.trusted_proxies) and in_networks(self.peer, self.listener.trusted_proxies)
+        self.local_port = getattr(self.transport.getHost(), "port", 0)  # type: ignore[union-attr]
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self.core.sweeper.add(self)
+        self.deadline = self.core.sweeper.now() + self.settings.header_timeout
+        self.core.connections.add(self)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.closing = True
+        self.core.sweeper.discard(self)
+        self.core.connections.discard(self)
+        if self.tunnel is not None:
+            self.tunnel.client_lost()
+        for exchange in list(self._queue):
+            exchange.client_gone()
+        self._queue.clear()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
+            return
+        if self._upgrade_buffer is not None:
+            self._upgrade_buffer.append(data)
+            return
+        if self.closing or self._stop_parsing:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = int(upgrade.args[0]) if upgrade.args else len(data)
+            self._upgrade_buffer = [data[offset:]] if offset < len(data) else []
+            self.pause_reading("upgrade")
+            return
+        except httptools.HttpParserCallbackError as error:
+            context = error.__context__
+            if isinstance(context, _Reject):
+                self._stream_error(context.status, context.message)
+            else:
+                log.failure("internal error while parsing a request", Failure(context) if context else None)
+                self._stream_error(500, "internal error")
+            return
+        except httptools.HttpParserError as error:
+            self._stream_error(400, f"malformed request: {error}")
+            return
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.settings.max_header_bytes:
+                self._stream_error(431, "request head too large")
+
+    # -- timeouts
+
+    def timed_out(self, now: float) -> None:
+        """The current deadline passed: header, body or idle timeout."""
+        self.deadline = 0.0
+        if self.tunnel is not None or self.closing:
+            return
+        if self._deadline_kind == "idle" and not self._queue:
+            self.close()
+            return
+        exchange = self._parsing
+        if exchange is not None and exchange.active and not exchange.finished:
+            exchange.client_body_failed(408, "request body timed out")
+            return
+        self._stream_error(408, "request timed out")
+
+    def _set_deadline(self, kind: str, seconds: float) -> None:
+        self._deadline_kind = kind
+        self.deadline = self.core.sweeper.now() + seconds
+
+    # -- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        if self._deadline_kind == "idle" or not self.deadline:
+            self._set_deadline("header", self.settings.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.settings.max_url_bytes:
+            raise _Reject(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._header_bytes += len(name) + len(value) + 4
+        if len(self._headers) > self.settings.max_headers:
+            raise _Reject(431, "too many request headers")
+        if self._header_bytes + len(self._url) > self.settings.max_header_bytes:
+            raise _Reject(431, "request head too large")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._stop_parsing:
+            return
+        exchange = self._make_exchange()
+        self._parsing = exchange
+        self._queue.append(exchange)
+        if exchange.body_done:
+            self.deadline = 0.0
+        else:
+            self._set_deadline("body", self.settings.idle_timeout)
+        if len(self._queue) == 1:
+            self._start_next()
+        else:
+            self.pause_reading("pipeline")
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self._parsing
+        if exchange is not None:
+            if self._deadline_kind == "body":
+                self.deadline = self.core.sweeper.now() + self.settings.idle_timeout
+            exchange.client_body(body)
+
+    def on_message_complete(self) -> None:
+        exchange, self._parsing = self._parsing, None
+        if self._deadline_kind == "body":
+            self.deadline = 0.0
+        if exchange is not None and not exchange.body_done:
+            exchange.client_body_done()
+
+    # -- building the exchange from the parsed head
+
+    def _make_exchange(self) -> Exchange:
+        parser = self._parser
+        headers = self._headers
+        method = parser.get_method().decode("ascii")
+        version = parser.get_http_version()
+        keep_alive = parser.should_keep_alive()
+        upgrade = parser.should_upgrade()
+        content_length: int | None = None
+        chunked = False
+        expect_continue = False
+        hosts: list[bytes] = []
+        forwarded_for: list[str] = []
+        error: tuple[int, str] | None = None
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"host":
+                hosts.append(value)
+            elif lower == b"content-length":
+                content_length = int(value)
+            elif lower == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    error = (501, "only the chunked transfer coding is supported")
+                chunked = True
+            elif lower == b"expect":
+                if value.strip().lower() == b"100-continue":
+                    expect_continue = True
+                else:
+                    error = (417, "unsupported expectation")
+            elif lower == b"x-forwarded-for" and self.peer_trusted:
+                forwarded_for.extend(value.decode("latin-1").split(","))
+        if version not in ("1.0", "1.1"):
+            error = (505, "only HTTP/1.0 and HTTP/1.1 are supported")
+        target = self._url.decode("latin-1")
+        path, query = target, ""
+        host_value = hosts[0] if hosts else b""
+        if len(hosts) > 1:
+            error = error or (400, "more than one Host header")
+        elif not hosts and version == "1.1":
+            error = error or (400, "missing Host header")
+        elif hosts and not _HOST_RE.match(host_value):
+            error = error or (400, "malformed Host header")
+        if target.startswith(("http://", "https://")):
+            # absolute-form: the authority in the target replaces Host.
+            scheme_end = target.index("//") + 2
+            slash = target.find("/", scheme_end)
+            authority = target[scheme_end : slash if slash >= 0 else len(target)]
+            path = target[slash:] if slash >= 0 else "/"
+            host_value = authority.encode("latin-1")
+            if not authority or not _HOST_RE.match(host_value):
+                error = error or (400, "malformed request target")
+        elif not target.startswith("/"):
+            error = error or (400, "unsupported request target form")
+        if "?" in path:
+            path, query = path.split("?", 1)
+            if _QUERY_FORBIDDEN.search(query):
+                error = error or (400, "malformed query string")
+        try:
+            normal = normalize_path(path)
+        except PathError as e:
+            error = error or (400, f"rejected path: {e.reason}")
+            normal = "/"
+        host = _routing_host(host_value)
+        client = self.peer
+        if self.peer_trusted and forwarded_for:
+            client = resolve_client(self.peer, forwarded_for, self.listener.trusted_proxies)
+        head = RequestHead(
+            method=method,
+            target=target,
+            path=normal,
+            query=query,
+            version=version,
+            headers=tuple(headers),
+            host=host,
+            client=client,
+            peer=self.peer,
+            tls=self.tls,
+            listener=self.listener.name,
+        )
+        exchange = Exchange(self, head, error, keep_alive and error is None, upgrade, content_length, chunked,
+                            expect_continue)
+        if error is not None:
+            # A bad request ends the connection: nothing after it is parsed.
+            self.closing_after_queue()
+        return exchange
+
+    def closing_after_queue(self) -> None:
+        """Stop reading: the connection ends once the queued exchanges are done."""
+        self._stop_parsing = True
+        self.pause_reading("closing")
+
+    # -- running the queue
+
+    def _start_next(self) -> None:
+        if self._starting:
+            return
+        self._starting = True
+        try:
+            while self._queue and not self._queue[0].active and not self.closing:
+                self._queue[0].start()
+        finally:
+            self._starting = False
+
+    def exchange_done(self, exchange: Exchange, aborted: bool) -> None:
+        """An exchange finished: start the next one, keep alive, or close."""
+        if self._queue and self._queue[0] is exchange:
+            self._queue.popleft()
+        self.resume_reading("upstream")
+        self.resume_reading("body")
+        if aborted:
+            self.abort()
+            return
+        if exchange.close_after or not exchange.client_keep_alive:
+            self.close()
+            return
+        if len(self._queue) <= 1:
+            self.resume_reading("pipeline")
+        if self._queue:
+            self._start_next()
+        elif self._pending_error is not None:
+            status, message = self._pending_error
+            self.write(local_response(status, message, close=True))
+            self.close()
+        elif not self._in_head:
+            self._set_deadline("idle", self.settings.idle_timeout)
+
+    def _stream_error(self, status: int, message: str) -> None:
+        """The byte stream broke (malformed, too large, too slow): answer, then close."""
+        exchange = self._parsing
+        if exchange is not None and not exchange.body_done:
+            # The request whose body broke.
+            self._parsing = None
+            self.closing_after_queue()
+            exchange.client_body_failed(status, message)
+            if not exchange.active:
+                exchange.close_after = True
+            return
+        self.closing_after_queue()
+        if self._queue:
+            self._pending_error = (status, message)
+            return
+        self._log_rejected(status)
+        self.write(local_response(status, message, close=True))
+        self.close()
+
+    def _log_rejected(self, status: int) -> None:
+        from chatproxy.accesslog import AccessRecord
+
+        if self.core.access_log.enabled:
+            now = self.core.sweeper.now()
+            self.core.access_log.log(AccessRecord(self.peer, "-", self._url.decode("latin-1")[:200] or "-", "1.1",
+                                                  status, 0, 0.0, "", "", "", "", "", now))
+
+    # -- output, flow control
+
+    def write(self, data: bytes) -> None:
+        """Write bytes to the client."""
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def connection_tokens(self, headers: tuple[Header, ...]) -> set[bytes]:
+        """Header names listed in the request's Connection header(s)."""
+        return connection_tokens(headers)
+
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading from the client for ``reason`` (until resumed for it)."""
+        if not self._read_pauses and self.transport is not None:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._read_pauses.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        """Drop ``reason`` for not reading; read again when none is left."""
+        if reason not in self._read_pauses:
+            return
+        self._read_pauses.discard(reason)
+        if not self._read_pauses and self.transport is not None and not self.closing:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def pauseProducing(self) -> None:
+        """The client reads slower than the upstream sends: stop the upstream."""
+        self.client_paused = True
+        if self.tunnel is not None:
+            self.tunnel.client_writable(False)
+        elif self._queue and self._queue[0].connection is not None:
+            self._queue[0].connection.pause_reading()
+
+    def resumeProducing(self) -> None:
+        """The client caught up: read from the upstream again."""
+        self.client_paused = False
+        if self.tunnel is not None:
+            self.tunnel.client_writable(True)
+        elif self._queue and self._queue[0].connection is not None:
+            self._queue[0].connection.resume_reading()
+
+    def stopProducing(self) -> None:
+        """The transport is going away."""
+
+    def close(self) -> None:
+        """Close after what has been written is sent."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """Close at once: the client must see a broken response, not a complete one."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- the upgrade tunnel
+
+    def start_tunnel(self, exchange: Exchange, connection: UpstreamConnection, leftover: bytes) -> None:
+        """Relay bytes both ways from now on (the upstream accepted the upgrade)."""
+        if self._queue and self._queue[0] is exchange:
+            self._queue.popleft()
+        self.deadline = 0.0
+        self.tunnel = Tunnel(self, connection, exchange)
+        buffered, self._upgrade_buffer = self._upgrade_buffer or [], None
+        for chunk in buffered:
+            self.tunnel.from_client(chunk)
+        if leftover:
+            self.tunnel.write(leftover)
+        self._read_pauses.clear()
+        if self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+
+def _routing_host(value: bytes) -> str:
+    host = value.decode("latin-1").lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0].rstrip(".") if ":" in host else host.rstrip(".")
+
+
+class FrontFactory(Factory):
+    """Builds front connections for one listener."""
+
+    protocol = FrontConnection
+    noisy = False
+
+    def __init__(self, core: ProxyCore, listener: Listener) -> None:
+        self.core = core
+        self.listener = listener
+
+    def buildProtocol(self, addr: Any) -> FrontConnection:
+        """A new client connection."""
+        return FrontConnection(self)

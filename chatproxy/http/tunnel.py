@@ -1,0 +1,78 @@
+"""Byte relay between a client and an upstream after a protocol upgrade.
+
+Used for WebSocket routes once the upstream answered 101: bytes pass
+unchanged both ways, each side's slowness pauses reading from the other, and
+either side closing closes the other.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from attrs import evolve
+
+if TYPE_CHECKING:
+    from chatproxy.http.exchange import Exchange
+    from chatproxy.http.front import FrontConnection
+    from chatproxy.http.upstream import UpstreamConnection
+
+
+class Tunnel:
+    """Relays bytes between ``front`` and ``upstream`` after an upgrade."""
+
+    def __init__(self, front: FrontConnection, upstream: UpstreamConnection, exchange: Exchange) -> None:
+        self.front = front
+        self.upstream = upstream
+        self.exchange = exchange
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self._ended = False
+        upstream.tunnel = self
+        upstream.deadline = 0.0
+        if front.client_paused:
+            upstream.pause_reading()
+
+    def from_client(self, data: bytes) -> None:
+        """Client bytes: to the upstream."""
+        self.bytes_up += len(data)
+        if self.upstream.transport is not None:
+            self.upstream.transport.write(data)
+
+    def write(self, data: bytes) -> None:
+        """Upstream bytes: to the client."""
+        self.bytes_down += len(data)
+        self.front.write(data)
+
+    def client_writable(self, writable: bool) -> None:
+        """The client's send buffer filled or drained."""
+        if writable:
+            self.upstream.resume_reading()
+        else:
+            self.upstream.pause_reading()
+
+    def peer_writable(self, writable: bool) -> None:
+        """The upstream's send buffer filled or drained."""
+        if writable:
+            self.front.resume_reading("tunnel")
+        else:
+            self.front.pause_reading("tunnel")
+
+    def peer_lost(self) -> None:
+        """The upstream closed: close the client."""
+        self._end()
+        self.front.close()
+
+    def client_lost(self) -> None:
+        """The client closed: close the upstream."""
+        self._end()
+        if self.upstream.transport is not None:
+            self.upstream.transport.loseConnection()
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        exchange = self.exchange
+        log = self.front.core.access_log
+        if log.enabled:
+            log.log(evolve(exchange.record(), bytes_sent=self.bytes_down))

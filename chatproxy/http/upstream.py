@@ -1,0 +1,387 @@
+"""Connections to upstream servers: an HTTP/1.1 client protocol over
+httptools, and a keep-alive pool per server with round-robin between servers.
+
+A connection goes back to the pool only after a complete, well-formed
+exchange: request fully sent, response fully read, both sides willing to keep
+it alive.  Anything else closes it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
+
+import httptools
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from chatproxy.http.messages import Header
+
+if TYPE_CHECKING:
+    from chatproxy.config import Upstream, UpstreamServer
+    from chatproxy.timeouts import TimeoutSweeper
+
+
+class ResponseSink(TypingProtocol):
+    """What an upstream connection reports to (the front exchange)."""
+
+    def response_head(self, status: int, reason: bytes, headers: list[Header], version: str,
+                      body_framing: str) -> None: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_complete(self) -> None: ...
+    def response_upgraded(self, leftover: bytes) -> None: ...
+    def upstream_failed(self, reason: str, timeout: bool) -> None: ...
+    def upstream_writable(self, writable: bool) -> None: ...
+
+
+@implementer(IPushProducer)
+class UpstreamConnection(Protocol):
+    """One connection to one upstream server, carrying one exchange at a time.
+
+    ``body_framing`` told to the sink: ``length`` (Content-Length), ``chunked``,
+    ``eof`` (read until close) or ``none`` (HEAD, 1xx, 204, 304).
+    """
+
+    def __init__(self, pool: ServerPool) -> None:
+        self.pool = pool
+        self.sink: ResponseSink | None = None
+        self.deadline = 0.0
+        self.exchanges = 0
+        self.tunnel: Any = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._headers: list[Header] = []
+        self._reason = b""
+        self._head_done = False
+        self._framing = "none"
+        self._method_head = False
+        self._request_sent = False
+        self._response_done = False
+        self._got_bytes = False
+        self._reusable = True
+        self._connected = False
+        self._closed = False
+
+    # -- Twisted protocol
+
+    def connectionMade(self) -> None:
+        self._connected = True
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        sink = self.sink
+        if sink is None:
+            # Bytes on an idle connection: the server broke the exchange rules.
+            self._reusable = False
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self._got_bytes = True
+        if self._head_done:
+            self.deadline = self.pool.sweeper.now() + self.pool.upstream.response_timeout
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            offset = int(upgrade.args[0]) if upgrade.args else len(data)
+            self.deadline = 0.0
+            self.sink = None
+            sink.response_upgraded(data[offset:])
+        except httptools.HttpParserError as error:
+            self._fail(f"malformed response from upstream: {error}", timeout=False)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self._closed = True
+        self.pool.forget(self)
+        if self.tunnel is not None:
+            tunnel, self.tunnel = self.tunnel, None
+            tunnel.peer_lost()
+            return
+        if self.sink is None:
+            return
+        if self._head_done and self._framing == "eof":
+            self._complete()
+            return
+        if self._got_bytes:
+            what = "upstream closed the connection mid-response"
+        else:
+            what = f"upstream connection failed: {reason.getErrorMessage()}"
+        self._fail(what, timeout=False)
+
+    # -- IPushProducer: the upstream's send buffer filled or drained
+
+    def pauseProducing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_writable(False)
+        elif self.tunnel is not None:
+            self.tunnel.peer_writable(False)
+
+    def resumeProducing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_writable(True)
+        elif self.tunnel is not None:
+            self.tunnel.peer_writable(True)
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- sending a request
+
+    def begin(self, sink: ResponseSink, head: bytes, method_head: bool) -> None:
+        """Start an exchange: write the request head and report to ``sink``."""
+        self.sink = sink
+        self.exchanges += 1
+        self._headers = []
+        self._head_done = False
+        self._method_head = method_head
+        self._request_sent = False
+        self._response_done = False
+        self._got_bytes = False
+        self.deadline = self.pool.sweeper.now() + self.pool.upstream.response_timeout
+        self.transport.write(head)  # type: ignore[union-attr]
+
+    def send_body(self, data: bytes) -> None:
+        """Write request body bytes (already framed by the caller)."""
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def request_sent(self) -> None:
+        """The whole request has been written."""
+        self._request_sent = True
+        if self._response_done:
+            self._release()
+
+    def abandon(self) -> None:
+        """The client went away or the exchange failed: close, never reuse."""
+        self.sink = None
+        self._reusable = False
+        self.deadline = 0.0
+        if self.transport is not None and not self._closed:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def pause_reading(self) -> None:
+        """Stop reading from the upstream (the client is slow)."""
+        if self.transport is not None and not self._closed:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+
+    def resume_reading(self) -> None:
+        """Read from the upstream again."""
+        if self.transport is not None and not self._closed:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    # -- timeouts
+
+    def timed_out(self, now: float) -> None:
+        """Past the deadline: the response is late, or an idle connection aged out."""
+        self.deadline = 0.0
+        if self.sink is None:
+            self.pool.forget(self)
+            self.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        self._fail("upstream did not answer in time" if not self._head_done else "upstream stalled mid-response",
+                   timeout=True)
+
+    # -- httptools callbacks
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._headers = []
+            self._reason = b""
+            return  # interim response: dropped; the final one follows
+        self._head_done = True
+        framing = "eof"
+        lowered = [(name.lower(), value) for name, value in self._headers]
+        if self._method_head or status in (204, 304) or status == 101:
+            framing = "none"
+        elif any(name == b"transfer-encoding" for name, _ in lowered):
+            framing = "chunked"
+        elif any(name == b"content-length" for name, _ in lowered):
+            framing = "length"
+        self._framing = framing
+        if not self._parser.should_keep_alive() or framing == "eof":
+            self._reusable = False
+        sink, reason, headers = self.sink, self._reason, self._headers
+        self._reason = b""
+        assert sink is not None
+        sink.response_head(status, reason, headers, self._parser.get_http_version(), framing)
+        if self._method_head and self.sink is sink:
+            # httptools cannot be told that a HEAD response has no body: the
+            # exchange ends here and this connection is not reused.
+            self._reusable = False
+            self._complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.sink.response_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._head_done or self._method_head:
+            return
+        self._complete()
+
+    # -- endings
+
+    def _complete(self) -> None:
+        sink = self.sink
+        if sink is None:
+            return
+        self._response_done = True
+        self.deadline = 0.0
+        if not self._request_sent:
+            # The upstream answered before reading the whole request: never reuse.
+            self._reusable = False
+        self.sink = None
+        sink.response_complete()
+        if self._request_sent or not self._reusable:
+            self._release()
+
+    def _release(self) -> None:
+        if self._reusable and not self._closed and self.sink is None and self.tunnel is None:
+            self.pool.release(self)
+        elif not self._closed and self.transport is not None:
+            self.transport.loseConnection()
+
+    def _fail(self, reason: str, timeout: bool) -> None:
+        sink = self.sink
+        self.abandon()
+        if sink is not None:
+            sink.upstream_failed(reason, timeout)
+
+    @property
+    def reused(self) -> bool:
+        """Whether this connection carried an exchange before the current one."""
+        return self.exchanges > 1
+
+    @property
+    def got_response_bytes(self) -> bool:
+        """Whether any response byte arrived for the current exchange."""
+        return self._got_bytes
+
+
+class _OneConnection(Factory):
+    """Hands out one prepared protocol instance (quietly, unlike connectProtocol)."""
+
+    noisy = False
+
+    def __init__(self, connection: UpstreamConnection) -> None:
+        self._connection = connection
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        return self._connection
+
+
+class ServerPool:
+    """Idle keep-alive connections to one upstream server, and new ones on demand."""
+
+    def __init__(self, reactor: Any, upstream: Upstream, server: UpstreamServer, sweeper: TimeoutSweeper,
+                 tls_creator: Any) -> None:
+        self.reactor = reactor
+        self.upstream = upstream
+        self.server = server
+        self.sweeper = sweeper
+        self._tls_creator = tls_creator
+        self._idle: deque[UpstreamConnection] = deque()
+        self._all: set[UpstreamConnection] = set()
+
+    def _endpoint(self) -> Any:
+        host, port, timeout = self.server.host, self.server.port, self.upstream.connect_timeout
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            endpoint: Any = HostnameEndpoint(self.reactor, host.encode("idna"), port, timeout=timeout)
+        else:
+            cls = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
+            endpoint = cls(self.reactor, host, port, timeout=timeout)
+        if self.server.tls:
+            endpoint = wrapClientTLS(self._tls_creator, endpoint)
+        return endpoint
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """An idle pooled connection, most recently used first, or None."""
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection._closed:
+                connection.deadline = 0.0
+                connection.resume_reading()
+                return connection
+        return None
+
+    def connect(self) -> defer.Deferred[UpstreamConnection]:
+        """A new connection (not pooled until its first exchange ends)."""
+        connection = UpstreamConnection(self)
+        self._all.add(connection)
+        self.sweeper.add(connection)
+        d: defer.Deferred[UpstreamConnection] = self._endpoint().connect(_OneConnection(connection))
+
+        def failed(failure: Failure) -> Failure:
+            self.forget(connection)
+            return failure
+
+        d.addErrback(failed)
+        return d
+
+    def release(self, connection: UpstreamConnection) -> None:
+        """Return a connection after a clean exchange, or close it if the pool is full."""
+        if len(self._idle) >= self.upstream.max_idle_connections:
+            connection.transport.loseConnection()  # type: ignore[union-attr]
+            return
+        connection.deadline = self.sweeper.now() + self.upstream.idle_connection_timeout
+        self._idle.append(connection)
+
+    def forget(self, connection: UpstreamConnection) -> None:
+        """Drop every reference to a closed connection."""
+        self._all.discard(connection)
+        self.sweeper.discard(connection)
+        try:
+            self._idle.remove(connection)
+        except ValueError:
+            pass
+
+    @property
+    def idle_count(self) -> int:
+        """How many connections wait in the pool."""
+        return len(self._idle)
+
+    def close_all(self) -> None:
+        """Close every connection of this server (shutdown)."""
+        for connection in list(self._all):
+            if connection.transport is not None:
+                connection.transport.loseConnection()
+
+
+class UpstreamPools:
+    """The servers of one upstream, chosen round-robin."""
+
+    def __init__(self, reactor: Any, upstream: Upstream, sweeper: TimeoutSweeper) -> None:
+        from chatproxy.tls import build_client_tls
+
+        self.upstream = upstream
+        self.servers = [
+            ServerPool(reactor, upstream, server, sweeper, build_client_tls(upstream, server) if server.tls else None)
+            for server in upstream.servers
+        ]
+        self._next = 0
+
+    def pick(self, avoid: ServerPool | None = None) -> ServerPool:
+        """The next server in turn (another one than ``avoid`` when there is one)."""
+        server = self.servers[self._next % len(self.servers)]
+        self._next += 1
+        if server is avoid and len(self.servers) > 1:
+            return self.pick()
+        return server
+
+    def close_all(self) -> None:
+        """Close every connection to every server."""
+        for server in self.servers:
+            server.close_all()

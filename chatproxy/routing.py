@@ -1,0 +1,211 @@
+"""The route table: which route (if any) a request head belongs to.
+
+Matching sees the path the upstream will act on: :func:`normalize_path`
+resolves dot-segments, decodes percent-encoded unreserved characters and
+merges repeated slashes, and refuses the forms whose meaning differs between
+servers (encoded slashes and backslashes, ``..;`` path parameters, NUL,
+double encoding).  The normalised path is what gets forwarded.
+
+The most specific matching route wins; see ``docs/configuration.md`` for the
+rule, implemented by :meth:`RouteTable.match`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl
+
+from attrs import frozen
+
+if TYPE_CHECKING:
+    from chatproxy.config import Route
+
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset("0123456789abcdefABCDEF")
+# Bytes allowed literally in a path (RFC 3986 pchar plus "/"), besides "%".
+_PATH_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/")
+_ALLOWED = _PATH_CHARS | {"%"}
+_FORBIDDEN_ENCODED = {0x2F: "an encoded slash (%2F)", 0x5C: "an encoded backslash (%5C)", 0x00: "an encoded NUL (%00)"}
+
+
+class PathError(ValueError):
+    """A request path that is refused with 400 rather than guessed at."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _decode_unreserved(path: str) -> str:
+    if "%" not in path:
+        return path
+    out: list[str] = []
+    i = 0
+    length = len(path)
+    while i < length:
+        char = path[i]
+        if char != "%":
+            out.append(char)
+            i += 1
+            continue
+        hex_digits = path[i + 1 : i + 3]
+        if len(hex_digits) != 2 or not set(hex_digits) <= _HEX:
+            raise PathError("a malformed percent-encoding")
+        byte = int(hex_digits, 16)
+        if byte in _FORBIDDEN_ENCODED:
+            raise PathError(f"{_FORBIDDEN_ENCODED[byte]} in the path")
+        if byte == 0x25:
+            following = path[i + 3 : i + 5]
+            if len(following) == 2 and set(following) <= _HEX and int(following, 16) in (0x2E, 0x2F, 0x5C, 0x00):
+                raise PathError("a double-encoded character in the path")
+        if byte in _UNRESERVED:
+            out.append(chr(byte))
+        else:
+            out.append("%" + hex_digits.upper())
+        i += 3
+    return "".join(out)
+
+
+def normalize_path(path: str) -> str:
+    """Return the normal form of a request path, or raise :class:`PathError`.
+
+    The normal form has percent-encoded unreserved characters decoded (other
+    escapes upper-cased), dot-segments resolved, and repeated slashes merged.
+    Refused: a path not starting with ``/``; characters outside RFC 3986;
+    encoded ``/``, ``\\`` or NUL; double-encoded dots and slashes; dot-segments
+    carrying ``;`` parameters (``..;``, which Java servers treat as ``..``);
+    and ``..`` climbing above the root.
+    """
+    if not path.startswith("/"):
+        raise PathError("the path must start with /")
+    if not _ALLOWED.issuperset(path):
+        raise PathError("a character that must be percent-encoded in the path")
+    if "%" not in path and "//" not in path and "/." not in path:
+        return path
+    decoded = _decode_unreserved(path)
+    segments = decoded.split("/")
+    output: list[str] = []
+    last = len(segments) - 1
+    for index, segment in enumerate(segments[1:], start=1):
+        bare = segment.split(";", 1)[0]
+        if bare in (".", ".."):
+            if bare != segment:
+                raise PathError("a dot-segment with ;parameters in the path")
+            if bare == "..":
+                if not output:
+                    raise PathError("the path climbs above the root")
+                output.pop()
+            if index == last:
+                output.append("")
+            continue
+        if segment == "" and index != last:
+            continue  # repeated slash
+        output.append(segment)
+    return "/" + "/".join(output)
+
+
+def path_has_prefix(path: str, prefix: str) -> bool:
+    """Whether ``path`` lies at or below ``prefix``, segment by segment.
+
+    ``/app/Chat`` covers ``/app/Chat`` and ``/app/Chat/x`` but not ``/app/ChatX``.
+    """
+    if prefix == "/" or path == prefix:
+        return True
+    if prefix.endswith("/"):
+        return path.startswith(prefix)
+    return path.startswith(prefix) and path[len(prefix)] == "/"
+
+
+@frozen
+class RequestFacts:
+    """What the route table looks at in a request."""
+
+    listener: str
+    host: str
+    method: str
+    path: str
+    query: str
+
+
+def _query_values(query: str) -> dict[str, list[str]]:
+    values: dict[str, list[str]] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        values.setdefault(name, []).append(value)
+    return values
+
+
+def _host_rank(route: Route, host: str) -> int:
+    """2 for an exact host match, 1 for a wildcard, 0 for any-host routes, -1 for no match."""
+    if route.hosts is None:
+        return 0
+    best = -1
+    for pattern in route.hosts:
+        if pattern == host:
+            return 2
+        if pattern.startswith("*.") and host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
+            best = 1
+    return best
+
+
+def _static_rank(route: Route) -> tuple[int, int, int, int, int]:
+    path_rank = (1, 0) if route.path_regex is not None else (0, len(route.path))
+    return (*path_rank, len(route.query), int(route.methods is not None), -route.order)
+
+
+class RouteTable:
+    """The routes of a configuration, ready to match requests against."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self._routes = sorted(routes, key=_static_rank, reverse=True)
+        self._uses_query = any(route.query for route in routes)
+
+    @property
+    def routes(self) -> Sequence[Route]:
+        """The routes, most specific first (ignoring host rank)."""
+        return self._routes
+
+    def match(self, facts: RequestFacts) -> Route | None:
+        """The most specific route matching the request, or None.
+
+        Specificity, highest first: an exact host over a ``*.`` wildcard over
+        any host; then ``path_regex`` routes over ``path`` prefixes, longer
+        prefixes over shorter; then more required query parameters; then a
+        route restricted to methods over one that is not; then the route
+        defined first.
+        """
+        query_values = _query_values(facts.query) if self._uses_query and facts.query else None
+        best: Route | None = None
+        best_host_rank = -1
+        for route in self._routes:
+            if route.listeners is not None and facts.listener not in route.listeners:
+                continue
+            host_rank = _host_rank(route, facts.host)
+            if host_rank <= best_host_rank:
+                continue
+            if route.methods is not None and facts.method not in route.methods:
+                if not (facts.method == "HEAD" and "GET" in route.methods):
+                    continue
+            if route.path_regex is not None:
+                if route.path_regex.fullmatch(facts.path) is None:
+                    continue
+            elif not path_has_prefix(facts.path, route.path):
+                continue
+            if route.query:
+                if query_values is None:
+                    continue
+                if not all(_query_satisfied(query_values, req.name, req.value) for req in route.query):
+                    continue
+            best, best_host_rank = route, host_rank
+            if host_rank == 2:
+                break
+        return best
+
+
+def _query_satisfied(values: dict[str, list[str]], name: str, required: str | None) -> bool:
+    found = values.get(name)
+    if not found:
+        return False
+    # Every occurrence must carry the value: a server that reads the first of
+    # several must not see another value than the one that was allowed.
+    return required is None or all(value == required for value in found)

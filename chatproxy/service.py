@@ -1,0 +1,119 @@
+"""The running proxy as a Twisted service: listeners, the demo upstream, shutdown."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from chatproxy.config import Config, Listener
+from chatproxy.gate import GateFactory
+from chatproxy.http.front import FrontFactory
+from chatproxy.proxy import ProxyCore
+from chatproxy.tls import build_server_tls, create_self_signed
+
+log = Logger()
+
+
+class StartupError(Exception):
+    """The proxy cannot start (a port in use, a certificate that cannot be written)."""
+
+
+class ChatproxyService(MultiService):
+    """Listens on every configured listener and proxies to the upstreams."""
+
+    def __init__(self, config: Config, reactor: Any = None) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.config = config
+        self.core: ProxyCore | None = None
+        self.ports: dict[str, Any] = {}
+
+    def listener_factory(self, core: ProxyCore, listener: Listener) -> Factory:
+        """The factory for one listener: gate -> TLS -> HTTP front."""
+        factory: Factory = FrontFactory(core, listener)
+        if listener.tls:
+            self._ensure_certificate(listener)
+            factory = TLSMemoryBIOFactory(build_server_tls(listener), False, factory)
+        if listener.allow is not None:
+            factory = GateFactory(factory, listener.allow)
+        return factory
+
+    def _ensure_certificate(self, listener: Listener) -> None:
+        assert listener.certificate is not None and listener.key is not None
+        if listener.create_self_signed and not (listener.certificate.exists() and listener.key.exists()):
+            try:
+                create_self_signed(listener.certificate, listener.key)
+            except OSError as e:
+                raise StartupError(f"[listen:{listener.name}]: cannot create a self-signed certificate: {e}") from None
+            log.info(
+                "[listen:{name}] created a self-signed certificate for localhost: {certificate} (key: {key})",
+                name=listener.name, certificate=str(listener.certificate), key=str(listener.key),
+            )
+
+    def _listen(self, name: str, endpoint_text: str, factory: Factory) -> Any:
+        endpoint = serverFromString(self.reactor, endpoint_text)
+        result: list[Any] = []
+        d = endpoint.listen(factory)
+        d.addBoth(result.append)
+        if not result:
+            # Endpoints that listen asynchronously: wait in the reactor.
+            d.addErrback(lambda f: log.failure("cannot listen on {endpoint}", f, endpoint=endpoint_text))
+            return d
+        outcome = result[0]
+        if isinstance(outcome, Failure):
+            raise StartupError(f"{name}: cannot listen on {endpoint_text}: {outcome.getErrorMessage()}")
+        return outcome
+
+    def privilegedStartService(self) -> None:
+        """Open the listening sockets (before twistd drops privileges)."""
+        try:
+            self.core = core = ProxyCore(self.reactor, self.config)
+            if self.config.demo is not None:
+                from chatproxy.demo import demo_site
+
+                self.ports["demo"] = self._listen("[demo]", self.config.demo.endpoint, demo_site())
+                log.info("demo chat upstream listening on {endpoint}", endpoint=self.config.demo.endpoint)
+            for listener in self.config.listeners.values():
+                factory = self.listener_factory(core, listener)
+                self.ports[listener.name] = self._listen(f"[listen:{listener.name}]", listener.endpoint, factory)
+                log.info("[listen:{name}] listening on {endpoint}{tls}", name=listener.name,
+                         endpoint=listener.endpoint, tls=" with TLS" if listener.tls else "")
+        except StartupError as e:
+            for port in self.ports.values():
+                if hasattr(port, "stopListening"):
+                    port.stopListening()
+            sys.stderr.write(f"chatproxy: {e}\n")
+            sys.stderr.flush()
+            raise SystemExit(1) from None
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        """Start the timeout sweeps and any child services."""
+        if self.core is None:
+            self.privilegedStartService()
+        assert self.core is not None
+        self.core.start()
+        super().startService()
+
+    def stopService(self) -> defer.Deferred[Any]:
+        """Stop listening, close connections, flush the access log."""
+        stops = [defer.maybeDeferred(port.stopListening) for port in self.ports.values() if hasattr(port, "stopListening")]
+        self.ports = {}
+        if self.core is not None:
+            for connection in list(self.core.connections):
+                connection.close()
+            self.core.stop()
+        stops.append(defer.maybeDeferred(super().stopService))
+        return defer.gatherResults(stops, consumeErrors=True)
