@@ -1,0 +1,394 @@
+"""Shared fixtures: generated certificates, a real upstream HTTP server, and a
+real ``twistd -n chatproxy`` process on loopback."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+BIN = Path(sys.executable).parent
+TWISTD = str(BIN / "twistd")
+
+
+# ---------------------------------------------------------------------------
+# Certificates
+
+
+def _write_key(path: Path, key: Any) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+
+
+def _issue(ca_cert: Any, ca_key: Any, common_name: str, names: list[str], path_cert: Path, path_key: Path,
+           client: bool = False) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    alt: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            alt.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alt.append(x509.DNSName(name))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(
+            [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    )
+    if alt:
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    path_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_key(path_key, key)
+
+
+class PKI:
+    """A throwaway CA with server certificates for loopback tests."""
+
+    def __init__(self, directory: Path) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.dir = directory
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chatproxy test CA")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        ca_cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
+        self.ca = directory / "ca.crt"
+        self.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        self.cert, self.key = directory / "localhost.crt", directory / "localhost.key"
+        _issue(ca_cert, ca_key, "localhost", ["localhost", "127.0.0.1", "::1"], self.cert, self.key)
+        self.chat_cert, self.chat_key = directory / "chat.crt", directory / "chat.key"
+        _issue(ca_cert, ca_key, "chat.example.test", ["chat.example.test"], self.chat_cert, self.chat_key)
+        self.wrong_host_cert, self.wrong_host_key = directory / "wrong.crt", directory / "wrong.key"
+        _issue(ca_cert, ca_key, "elsewhere.example.test", ["elsewhere.example.test"], self.wrong_host_cert,
+               self.wrong_host_key)
+        self.client_cert, self.client_key = directory / "client.crt", directory / "client.key"
+        _issue(ca_cert, ca_key, "chatproxy client", [], self.client_cert, self.client_key, client=True)
+        self.other_key = directory / "other.key"
+        _write_key(self.other_key, ec.generate_private_key(ec.SECP256R1()))
+
+    def client_context(self) -> Any:
+        """An ``ssl.SSLContext`` trusting this CA."""
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(self.ca))
+        return context
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """A CA and certificates for localhost, chat.example.test and a client."""
+    return PKI(tmp_path_factory.mktemp("pki"))
+
+
+# ---------------------------------------------------------------------------
+# Ports
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0, process: Any = None) -> None:
+    """Wait until something accepts connections on ``port`` (bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+# ---------------------------------------------------------------------------
+# The recording upstream
+
+
+class UpstreamHandler(BaseHTTPRequestHandler):
+    """A small HTTP/1.1 upstream whose behaviour the path chooses.
+
+    ``/echo...``: 200 with a JSON description of the request it received.
+    ``/bytes?n=N``: N bytes, Content-Length.  ``/chunked?n=N&parts=P``: N bytes
+    in P chunks.  ``/eof?n=N``: N bytes, no length, closed at the end.
+    ``/status?code=C``: that status.  ``/slow?delay=S``: answers after S
+    seconds.  ``/truncate?n=N``: announces N bytes, sends half, closes.
+    ``/garbage``: not HTTP at all.  ``/no-content``: 204.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server: RecordingUpstream
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is not None:
+            return self.rfile.read(int(length))
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = b""
+            while True:
+                size = int(self.rfile.readline().strip().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return body
+                body += self.rfile.read(size)
+                self.rfile.readline()
+        return b""
+
+    def _handle(self) -> None:
+        url = urlsplit(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        body = self._body() if self.command not in ("GET", "HEAD") or self.headers.get("Content-Length") or \
+            self.headers.get("Transfer-Encoding") else b""
+        record = {
+            "method": self.command,
+            "path": self.path,
+            "version": self.request_version,
+            "headers": [[k, v] for k, v in self.headers.items()],
+            "body_length": len(body),
+            "body_sha": __import__("hashlib").sha256(body).hexdigest(),
+            "client_port": self.client_address[1],
+        }
+        self.server.requests.append(record)
+        route = url.path
+        if route.startswith("/slow"):
+            time.sleep(float(query.get("delay", "1")))
+        if route.startswith("/bytes"):
+            n = int(query.get("n", "100"))
+            self.send_response(200)
+            self.send_header("Content-Length", str(n))
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            if self.command != "HEAD":
+                self._send_pattern(n)
+        elif route.startswith("/chunked"):
+            n, parts = int(query.get("n", "100")), int(query.get("parts", "4"))
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            if self.command != "HEAD":
+                data = _pattern(n)
+                step = max(1, -(-n // parts))
+                for i in range(0, n, step):
+                    piece = data[i : i + step]
+                    self.wfile.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                self.wfile.write(b"0\r\n\r\n")
+        elif route.startswith("/eof"):
+            n = int(query.get("n", "100"))
+            self.send_response(200)
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self._send_pattern(n)
+            self.close_connection = True
+        elif route.startswith("/status"):
+            code = int(query.get("code", "200"))
+            self.send_response(code)
+            if code not in (204, 304):
+                self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif route.startswith("/no-content"):
+            self.send_response(204)
+            self.end_headers()
+        elif route.startswith("/truncate"):
+            n = int(query.get("n", "1000"))
+            self.send_response(200)
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            self._send_pattern(n // 2)
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+        elif route.startswith("/garbage"):
+            self.wfile.write(b"THIS IS NOT HTTP\r\n\r\n")
+            self.close_connection = True
+        else:
+            payload = json.dumps(record).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("X-Upstream", "recording")
+            self.send_header("Connection", "keep-alive, X-Hop")
+            self.send_header("X-Hop", "must not reach the client")
+            self.send_header("Keep-Alive", "timeout=5")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(payload)
+
+    def _send_pattern(self, n: int) -> None:
+        data = _pattern(n)
+        for i in range(0, n, 65536):
+            self.wfile.write(data[i : i + 65536])
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = _handle
+
+
+def _pattern(n: int) -> bytes:
+    block = bytes(range(256))
+    return (block * (n // 256 + 1))[:n]
+
+
+class RecordingUpstream(ThreadingHTTPServer):
+    """The upstream server; ``requests`` lists what reached it."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        super().__init__((host, 0), UpstreamHandler)
+        self.requests: list[dict[str, Any]] = []
+        self.port = self.server_address[1]
+        self.url = f"http://{host}:{self.port}"
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self.shutdown()
+        self.server_close()
+
+
+@pytest.fixture
+def upstream() -> Iterator[RecordingUpstream]:
+    """A running recording upstream on 127.0.0.1."""
+    server = RecordingUpstream()
+    yield server
+    server.stop()
+
+
+# ---------------------------------------------------------------------------
+# The proxy under test
+
+
+class ProxyProcess:
+    """A ``twistd -n chatproxy`` subprocess with its config files and output."""
+
+    def __init__(self, directory: Path, configs: list[Path], wait_port: int | None) -> None:
+        self.dir = directory
+        self.configs = configs
+        self.log_path = directory / "twistd.out"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        args = [TWISTD, "-n", "--pidfile=", "chatproxy"]
+        for config in configs:
+            args += ["--config", str(config)]
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(args, cwd=directory, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        if wait_port is not None:
+            try:
+                wait_for_port(wait_port, process=self.process)
+            except Exception:
+                self.stop()
+                raise RuntimeError("chatproxy did not start:\n" + self.output())
+
+    def output(self) -> str:
+        """Everything the process printed so far."""
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, then wait (bounded); returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()
+        return int(self.process.returncode)
+
+
+class ProxyStarter:
+    """Writes a config and starts chatproxy on it; stops everything at teardown."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.processes: list[ProxyProcess] = []
+
+    def write(self, text: str, name: str = "chatproxy.ini") -> Path:
+        """Write a config file (dedented) into the test directory."""
+        path = self.dir / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    def start(self, text: str | None = None, *, port: int | None, configs: list[Path] | None = None) -> ProxyProcess:
+        """Start twistd on ``text`` (or ``configs``) and wait for ``port``."""
+        paths = configs if configs is not None else [self.write(text or "")]
+        process = ProxyProcess(self.dir, paths, port)
+        self.processes.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        """Stop every started process."""
+        for process in self.processes:
+            process.stop()
+
+
+@pytest.fixture
+def proxy(tmp_path: Path) -> Iterator[ProxyStarter]:
+    """Start chatproxy processes for a test; all are stopped afterwards."""
+    starter = ProxyStarter(tmp_path)
+    yield starter
+    starter.stop_all()
+
+
+def basic_config(upstream_url: str, port: int, *, tls: PKI | None = None, extra: str = "",
+                 route: str = "", settings: str = "access_log = off") -> str:
+    """A one-listener, one-upstream config proxying everything."""
+    tls_lines = f"tls = yes\ncertificate = {tls.cert}\nkey = {tls.key}\n" if tls else ""
+    return (
+        f"[chatproxy]\n{settings}\n\n"
+        f"[listen:main]\nendpoint = tcp:{port}:interface=127.0.0.1\n{tls_lines}\n"
+        f"[upstream:app]\nservers = {upstream_url}\n\n"
+        f"[route:all]\npath = /\nupstream = app\n{route}\n{extra}"
+    )
