@@ -8,7 +8,7 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
@@ -40,9 +40,9 @@ class ChatproxyService(MultiService):
         self.core: ProxyCore | None = None
         self.ports: dict[str, Any] = {}
 
-    def listener_factory(self, core: ProxyCore, listener: Listener) -> Factory:
+    def listener_factory(self, core: ProxyCore, listener: Listener) -> IProtocolFactory:
         """The factory for one listener: gate -> TLS -> HTTP front."""
-        factory: Factory = FrontFactory(core, listener)
+        factory: IProtocolFactory = FrontFactory(core, listener)
         if listener.tls:
             self._ensure_certificate(listener)
             factory = TLSMemoryBIOFactory(build_server_tls(listener), False, factory)
@@ -62,7 +62,7 @@ class ChatproxyService(MultiService):
                 name=listener.name, certificate=str(listener.certificate), key=str(listener.key),
             )
 
-    def _listen(self, name: str, endpoint_text: str, factory: Factory) -> Any:
+    def _listen(self, name: str, endpoint_text: str, factory: IProtocolFactory) -> Any:
         endpoint = serverFromString(self.reactor, endpoint_text)
         result: list[Any] = []
         d = endpoint.listen(factory)
