@@ -372,9 +372,12 @@ def _endpoint(text: str) -> str:
     if not text:
         raise ValueError("must not be empty")
     try:
-        serverFromString(reactor, text)
+        endpoint = serverFromString(reactor, text)
     except Exception as e:  # endpoint parsers raise many kinds of errors
         raise ValueError(f"not a valid Twisted server endpoint string: {e}") from None
+    port = getattr(endpoint, "_port", None)  # tcp:, tcp6:, ssl: keep the port number here
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
     return text
 
 
@@ -559,6 +562,38 @@ def _parse_server(text: str) -> UpstreamServer:
     return UpstreamServer(text, parts.scheme, parts.hostname, port or default)
 
 
+def _check_client_tls_files(section: _Section, ca: Path | None, certificate: Path | None, key: Path | None) -> None:
+    """Load an upstream's CA and client certificate/key as the proxy will, so a
+    bad file or a key that does not match is a config error, not a traceback."""
+    from cryptography import x509
+    from OpenSSL import crypto
+    from twisted.internet import ssl
+
+    if ca is not None:
+        try:
+            x509.load_pem_x509_certificates(ca.read_bytes())
+        except (ValueError, OSError) as e:
+            raise section.error("ca", f"cannot load PEM CA certificates from {ca}: {e}") from None
+    if certificate is None:
+        return
+    try:
+        cert_pem = certificate.read_bytes()
+        ssl.Certificate.loadPEM(cert_pem)
+    except (crypto.Error, ValueError, OSError):
+        raise section.error("client_certificate", f"cannot load a PEM certificate from {certificate}") from None
+    key_option, key_file = ("client_key", key) if key is not None else ("client_certificate", certificate)
+    try:
+        pem = cert_pem + (b"\n" + key.read_bytes() if key is not None else b"")
+        ssl.KeyPair.load(pem, crypto.FILETYPE_PEM)
+    except (crypto.Error, ValueError, OSError):
+        hint = "" if key is not None else " (set client_key, or put the key in the same file)"
+        raise section.error(key_option, f"cannot load a PEM private key from {key_file}{hint}") from None
+    try:
+        ssl.PrivateCertificate.loadPEM(pem)
+    except Exception:  # twisted.internet.error.VerifyError, OpenSSL errors
+        raise section.error(key_option, f"the key in {key_file} does not match the certificate in {certificate}") from None
+
+
 def _read_upstream(section: _Section) -> Upstream:
     name = section.name.split(":", 1)[1]
 
@@ -573,11 +608,13 @@ def _read_upstream(section: _Section) -> Upstream:
     client_key = section.existing_file("client_key")
     if client_key and not client_certificate:
         raise section.error("client_key", "needs client_certificate")
+    ca = section.existing_file("ca")
+    _check_client_tls_files(section, ca, client_certificate, client_key)
     return Upstream(
         name=name,
         servers=section.require("servers", servers),
         verify=section.get("verify", parse_bool, True),
-        ca=section.existing_file("ca"),
+        ca=ca,
         client_certificate=client_certificate,
         client_key=client_key,
         host_header=section.get("host_header", _choice("client", "upstream"), d.host_header),
@@ -599,6 +636,8 @@ def _parse_hosts(text: str) -> tuple[str, ...]:
                 raise ValueError(f"{item!r} is not a host name, *.wildcard or IP address") from None
             host = host.strip("[]")
         hosts.append(host)
+    if not hosts:
+        raise ValueError("expected at least one host name (leave the option out to match any host)")
     return tuple(hosts)
 
 
@@ -654,6 +693,13 @@ def _parse_names(text: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _parse_listener_names(text: str) -> tuple[str, ...]:
+    names = _parse_names(text)
+    if not names:
+        raise ValueError("expected at least one listener name (leave the option out to serve on every listener)")
+    return names
+
+
 def _parse_name(text: str) -> str:
     if not _NAME_RE.match(text):
         raise ValueError(f"{text!r} is not a section name")
@@ -675,7 +721,7 @@ def _read_route(section: _Section, order: int) -> Route:
         name=name,
         order=order,
         upstream=section.require("upstream", _parse_name),
-        listeners=section.get("listeners", _parse_names, None),
+        listeners=section.get("listeners", _parse_listener_names, None),
         hosts=section.get("hosts", _parse_hosts, None),
         path=path,
         path_regex=section.get("path_regex", _parse_regex, None),
@@ -798,5 +844,12 @@ def load_config(
     from chatproxy.tls import check_listener_tls
 
     for listener in listeners.values():
-        check_listener_tls(listener)
+        try:
+            check_listener_tls(listener)
+        except ConfigError as error:
+            # Name the file that set the offending option (files are layered).
+            options = raw_sections[f"listen:{listener.name}"].options
+            if error.option in options:
+                error.file = options[error.option].file
+            raise
     return config

@@ -52,7 +52,9 @@ class Exchange:
         self.active = False
         self.finished = False
         self.discarding = False
-        self.close_after = False
+        # After an upgrade request the parser is done with this connection:
+        # unless the upgrade succeeds, the connection ends with this exchange.
+        self.close_after = upgrade
         self.route: Route | None = None
         self.server: ServerPool | None = None
         self.connection: UpstreamConnection | None = None
@@ -346,6 +348,9 @@ class Exchange:
         """The upstream switched protocols: from now on bytes are relayed as they are."""
         connection, self.connection = self.connection, None
         assert connection is not None
+        if self.finished:
+            connection.abandon()
+            return
         self.front.start_tunnel(self, connection, leftover)
 
     def upstream_failed(self, reason: str, timeout: bool) -> None:

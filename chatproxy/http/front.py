@@ -405,15 +405,16 @@ class FrontConnection(Protocol):
 
     def close(self) -> None:
         """Close after what has been written is sent."""
-        self.closing = True
-        if self.transport is not None:
+        if self.transport is not None and not self.closing:
+            # A TLS transport does not shut down while a producer is registered.
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.transport.loseConnection()
+        self.closing = True
 
     def abort(self) -> None:
-        """Close at once: the client must see a broken response, not a complete one."""
-        self.closing = True
-        if self.transport is not None:
-            self.transport.loseConnection()
+        """Close without completing the response: the client must see a broken
+        response, never one that looks complete."""
+        self.close()
 
     # -- the upgrade tunnel
 

@@ -65,8 +65,7 @@ class Tunnel:
     def client_lost(self) -> None:
         """The client closed: close the upstream."""
         self._end()
-        if self.upstream.transport is not None:
-            self.upstream.transport.loseConnection()
+        self.upstream.close()
 
     def _end(self) -> None:
         if self._ended:

@@ -44,7 +44,7 @@ class UpstreamConnection(Protocol):
     """One connection to one upstream server, carrying one exchange at a time.
 
     ``body_framing`` told to the sink: ``length`` (Content-Length), ``chunked``,
-    ``eof`` (read until close) or ``none`` (HEAD, 1xx, 204, 304).
+    ``eof`` (read until close), ``none`` (HEAD, 204, 304) or ``upgrade`` (101).
     """
 
     def __init__(self, pool: ServerPool) -> None:
@@ -80,7 +80,7 @@ class UpstreamConnection(Protocol):
         if sink is None:
             # Bytes on an idle connection: the server broke the exchange rules.
             self._reusable = False
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.close()
             return
         self._got_bytes = True
         if self._head_done:
@@ -163,6 +163,12 @@ class UpstreamConnection(Protocol):
         if self.transport is not None and not self._closed:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
+    def close(self) -> None:
+        """Close after pending writes (TLS waits for no producer, so unregister first)."""
+        if self.transport is not None and not self._closed:
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+            self.transport.loseConnection()
+
     def pause_reading(self) -> None:
         """Stop reading from the upstream (the client is slow)."""
         if self.transport is not None and not self._closed:
@@ -180,7 +186,7 @@ class UpstreamConnection(Protocol):
         self.deadline = 0.0
         if self.sink is None:
             self.pool.forget(self)
-            self.transport.loseConnection()  # type: ignore[union-attr]
+            self.close()
             return
         self._fail("upstream did not answer in time" if not self._head_done else "upstream stalled mid-response",
                    timeout=True)
@@ -202,7 +208,10 @@ class UpstreamConnection(Protocol):
         self._head_done = True
         framing = "eof"
         lowered = [(name.lower(), value) for name, value in self._headers]
-        if self._method_head or status in (204, 304) or status == 101:
+        if status == 101:
+            framing = "upgrade"  # the parser raises HttpParserUpgrade next
+            self._reusable = False
+        elif self._method_head or status in (204, 304):
             framing = "none"
         elif any(name == b"transfer-encoding" for name, _ in lowered):
             framing = "chunked"
@@ -226,7 +235,7 @@ class UpstreamConnection(Protocol):
             self.sink.response_body(body)
 
     def on_message_complete(self) -> None:
-        if not self._head_done or self._method_head:
+        if not self._head_done or self._method_head or self._framing == "upgrade":
             return
         self._complete()
 
@@ -249,8 +258,8 @@ class UpstreamConnection(Protocol):
     def _release(self) -> None:
         if self._reusable and not self._closed and self.sink is None and self.tunnel is None:
             self.pool.release(self)
-        elif not self._closed and self.transport is not None:
-            self.transport.loseConnection()
+        else:
+            self.close()
 
     def _fail(self, reason: str, timeout: bool) -> None:
         sink = self.sink
@@ -313,7 +322,6 @@ class ServerPool:
             connection = self._idle.pop()
             if not connection._closed:
                 connection.deadline = 0.0
-                connection.resume_reading()
                 return connection
         return None
 
@@ -334,9 +342,10 @@ class ServerPool:
     def release(self, connection: UpstreamConnection) -> None:
         """Return a connection after a clean exchange, or close it if the pool is full."""
         if len(self._idle) >= self.upstream.max_idle_connections:
-            connection.transport.loseConnection()  # type: ignore[union-attr]
+            connection.close()
             return
         connection.deadline = self.sweeper.now() + self.upstream.idle_connection_timeout
+        connection.resume_reading()  # an idle connection must notice the server closing it
         self._idle.append(connection)
 
     def forget(self, connection: UpstreamConnection) -> None:
@@ -356,8 +365,7 @@ class ServerPool:
     def close_all(self) -> None:
         """Close every connection of this server (shutdown)."""
         for connection in list(self._all):
-            if connection.transport is not None:
-                connection.transport.loseConnection()
+            connection.close()
 
 
 class UpstreamPools:
