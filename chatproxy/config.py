@@ -527,6 +527,10 @@ def _read_listener(section: _Section) -> Listener:
                 raise section.error(option, "required when tls = yes")
             if not create and not path.is_file():
                 raise section.error(option, f"no such file: {path}")
+        if create and certificate is not None and key is not None and certificate.exists() != key.exists():
+            present, absent = ("certificate", "key") if certificate.exists() else ("key", "certificate")
+            raise section.error(absent, f"create_self_signed: the {present} exists but the {absent} does not; "
+                                        "give both files or neither (nothing is overwritten)")
     elif certificate or key or section.has("sni"):
         option = "certificate" if certificate else "key" if key else "sni"
         raise section.error(option, "only meaningful with tls = yes")
