@@ -287,6 +287,18 @@ def test_create_self_signed_accepts_missing_files(tmp_path):
     assert not listener.certificate.exists()
 
 
+def test_create_self_signed_refuses_half_a_pair(tmp_path, pki):
+    """With create_self_signed = yes, an existing certificate without its key is an error naming
+    the missing option, so an operator's certificate is never overwritten."""
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "tls" / "have.crt").write_bytes(pki.cert.read_bytes())
+    path = write(tmp_path, LISTEN + "tls = yes\ncertificate = tls/have.crt\nkey = tls/missing.key\n"
+                                    "create_self_signed = yes\n")
+    error = config_error(path)
+    assert_located(error, path, "listen:main", "key", "nothing is overwritten")
+    assert (tmp_path / "tls" / "have.crt").read_bytes() == pki.cert.read_bytes()
+
+
 def test_upstream_client_tls_files_load(tmp_path, pki):
     """A matching upstream client certificate/key and a CA file are accepted."""
     path = write(tmp_path, LISTEN + f"""
