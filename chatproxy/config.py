@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import configparser
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from attrs import field, frozen
 
@@ -53,7 +54,7 @@ class ConfigError(Exception):
             where.append(f"[{self.section}]")
         if self.option:
             where.append(self.option)
-        prefix = ": ".join([" ".join(where[:2])] + where[2:]) if where else ""
+        prefix = " ".join(where)
         return f"{prefix}: {self.message}" if prefix else self.message
 
 
@@ -371,6 +372,13 @@ def _endpoint(text: str) -> str:
 
     if not text:
         raise ValueError("must not be empty")
+    if text.split(":", 1)[0] == "systemd" and "LISTEN_FDS" not in os.environ:
+        # Sockets passed by systemd exist only in the activated process, so
+        # elsewhere (``check``) only the form is checked.
+        options = dict(part.partition("=")[::2] for part in text.split(":")[1:])
+        if options.get("domain") not in ("INET", "INET6", "UNIX") or not (options.get("index") or options.get("name")):
+            raise ValueError("a systemd endpoint needs domain=INET|INET6|UNIX and index=N or name=NAME")
+        return text
     try:
         endpoint = serverFromString(reactor, text)
     except Exception as e:  # endpoint parsers raise many kinds of errors
@@ -381,8 +389,22 @@ def _endpoint(text: str) -> str:
     return text
 
 
-def _client_access_log(text: str) -> str | None:
-    return None if text.lower() == "off" else _text(text)
+def _access_log_destination(section: _Section) -> str | None:
+    """``-`` (stdout), ``off``, or a file path relative to the file that set it."""
+    if not section.has("access_log"):
+        return Settings().access_log
+    text = section.raw.options["access_log"].text
+    if text.lower() == "off":
+        return None
+    if text == "-":
+        return "-"
+    path = section.path("access_log")
+    assert path is not None
+    if not path.parent.is_dir():
+        raise section.error("access_log", f"no such directory: {path.parent}")
+    if path.is_dir():
+        raise section.error("access_log", f"{path} is a directory")
+    return str(path)
 
 
 # ---------------------------------------------------------------------------
@@ -475,7 +497,7 @@ def _read_settings(section: _Section | None) -> Settings:
         return Settings()
     d = Settings()
     return Settings(
-        access_log=section.get("access_log", _client_access_log, d.access_log),
+        access_log=_access_log_destination(section),
         access_log_format=section.get("access_log_format", _choice("combined", "json"), d.access_log_format),
         max_header_bytes=section.get("max_header_bytes", parse_size, d.max_header_bytes),
         max_headers=section.get("max_headers", _positive_int, d.max_headers),
@@ -669,10 +691,11 @@ def _parse_query(text: str) -> tuple[QueryRequirement, ...]:
         if not item:
             continue
         name, sep, value = item.partition("=")
-        name = unquote(name.strip())
+        name = unquote_plus(name.strip())
         if not name:
             raise ValueError(f"{item!r}: a parameter needs a name")
-        requirements.append(QueryRequirement(name, unquote(value.strip()) if sep else None))
+        # Decoded as a query string is (``+`` is a space), like the request's own.
+        requirements.append(QueryRequirement(name, unquote_plus(value.strip()) if sep else None))
     if not requirements:
         raise ValueError("expected at least one NAME=VALUE or NAME")
     return tuple(requirements)

@@ -79,7 +79,11 @@ class ChatproxyService(MultiService):
     def privilegedStartService(self) -> None:
         """Open the listening sockets (before twistd drops privileges)."""
         try:
-            self.core = core = ProxyCore(self.reactor, self.config)
+            try:
+                self.core = core = ProxyCore(self.reactor, self.config)
+            except OSError as e:
+                raise StartupError(f"[chatproxy] access_log: cannot open {self.config.settings.access_log}: "
+                                   f"{e.strerror}") from None
             if self.config.demo is not None:
                 from chatproxy.demo import demo_site
 

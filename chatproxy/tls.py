@@ -59,7 +59,11 @@ def _context(certificate: Path, key: Path, min_version: str, ciphers: str | None
         raise TLSMaterialError(options[0], f"cannot load a PEM certificate chain from {certificate}: {_ssl_reason(e)}") from None
     try:
         context.use_privatekey_file(str(key))
-    except (SSL.Error, OSError) as e:
+    except SSL.Error as e:
+        if "mismatch" in _ssl_reason(e):
+            raise TLSMaterialError(options[1], f"the key in {key} does not match the certificate in {certificate}") from None
+        raise TLSMaterialError(options[1], f"cannot load a PEM private key from {key}: {_ssl_reason(e)}") from None
+    except OSError as e:
         raise TLSMaterialError(options[1], f"cannot load a PEM private key from {key} that matches {certificate}: {_ssl_reason(e)}") from None
     try:
         context.check_privatekey()
@@ -171,6 +175,7 @@ def create_self_signed(certificate: Path, key: Path, hostnames: tuple[str, ...] 
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that already exists
     with os.fdopen(fd, "wb") as handle:
         handle.write(key_bytes)
     certificate.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

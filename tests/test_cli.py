@@ -140,7 +140,7 @@ def test_check_key_mismatch(tmp_path, pki):
     """)
     result = run_check(path)
     assert result.returncode != 0
-    assert f"{path} [listen:main]: key:" in result.stderr
+    assert f"{path} [listen:main] key:" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -203,7 +203,7 @@ def test_twistd_tls_mismatch_exits_cleanly(proxy, pki):
     assert wait_exit(process.process) != 0
     output = process.output()
     assert "Traceback" not in output
-    assert f"{path} [listen:main]: key:" in output
+    assert f"{path} [listen:main] key:" in output
 
 
 def test_twistd_upstream_client_key_mismatch_exits_cleanly(proxy, pki):
@@ -217,7 +217,7 @@ def test_twistd_upstream_client_key_mismatch_exits_cleanly(proxy, pki):
     assert wait_exit(process.process) != 0
     output = process.output()
     assert "Traceback" not in output
-    assert f"{layer} [upstream:app]: client_key:" in output
+    assert f"{layer} [upstream:app] client_key:" in output
 
 
 def test_twistd_without_config_is_a_usage_error(tmp_path):

@@ -804,6 +804,6 @@ def test_demo_section(tmp_path):
 
 
 def test_error_message_format(tmp_path):
-    """The error text reads ``FILE [SECTION]: OPTION: message`` on one line."""
+    """The error text reads ``FILE [SECTION] OPTION: message`` on one line."""
     path = write(tmp_path, LISTEN + "tls = maybe\n")
-    assert str(config_error(path)) == f"{path} [listen:main]: tls: expected yes or no, got 'maybe'"
+    assert str(config_error(path)) == f"{path} [listen:main] tls: expected yes or no, got 'maybe'"

@@ -23,7 +23,7 @@ log = Logger()
 
 @frozen
 class Refuse:
-    """Refuse the request with ``status``; ``reason`` is logged and sent as the body."""
+    """Refuse the request with ``status``; ``reason`` is sent as the plain-text body."""
 
     status: int
     reason: str = ""

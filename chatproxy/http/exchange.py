@@ -63,6 +63,7 @@ class Exchange:
         self.status = 0
         self.bytes_sent = 0
         self.out_chunked = False
+        self.close_delimited = False
         self._buffer: list[bytes] = []
         self._buffered = 0
 
@@ -87,9 +88,9 @@ class Exchange:
         if self.content_length is not None and self.content_length > self.body_limit:
             self.respond_local(413, f"request body larger than {self.body_limit} bytes", close=True)
             return
-        if self.upgrade and not route.websocket:
-            # Not a WebSocket route: the request is forwarded without its
-            # Upgrade, and the connection is not used again.
+        if self.upgrade and not (route.websocket and (head.header("upgrade") or "").strip().lower() == "websocket"):
+            # Not a WebSocket upgrade on a WebSocket route: the request is
+            # forwarded without its Upgrade, and the connection is not used again.
             self.upgrade = False
             self.close_after = True
         filters = core.route_filters(route)
@@ -107,6 +108,10 @@ class Exchange:
             self.respond_local(decision.status, decision.reason or None, extra=decision.headers)
         elif isinstance(decision, Answer):
             self.respond_answer(decision)
+        else:
+            log.error("a filter on route {route} returned {decision!r}, not None, Answer or Refuse",
+                      route=self.route.name if self.route else "-", decision=decision)
+            self.respond_local(500, "internal filter error")
 
     def _dispatch(self) -> None:
         assert self.route is not None
@@ -178,13 +183,12 @@ class Exchange:
         prior_for: list[bytes] = []
         kept_forwarding: set[bytes] = set()
         via = b"1.1 chatproxy"
-        client_host = b""
+        client_host = head.authority.encode("latin-1")
         for name, value in head.headers:
             lower = name.lower()
             if lower in HOP_BY_HOP or (named and lower in named):
                 continue
             if lower == b"host":
-                client_host = value
                 continue
             if lower in FORWARDING:
                 if trusted:
@@ -303,6 +307,7 @@ class Exchange:
                 self.out_chunked = True
             else:
                 self.close_after = True
+                self.close_delimited = True
         if not self.body_done:
             # The upstream answered before the whole body arrived: the rest of
             # the body is read and dropped, and the connection ends afterwards.
@@ -358,8 +363,8 @@ class Exchange:
         connection, self.connection = self.connection, None
         if self.finished:
             return
-        if (not self.response_started and not self.retried and connection is not None and connection.reused
-                and not connection.got_response_bytes and self.head is not None
+        if (not timeout and not self.response_started and not self.retried and connection is not None
+                and connection.reused and not connection.got_response_bytes and self.head is not None
                 and self.head.method in _IDEMPOTENT and self.content_length in (None, 0) and not self.chunked_in):
             # A pooled connection the server had already closed: send again.
             self.retried = True

@@ -76,14 +76,12 @@ class FrontConnection(Protocol):
         self._upgrade_buffer: list[bytes] | None = None
         self._starting = False
         self._stop_parsing = False
+        self._peer_known = False
 
     # -- connection lifecycle
 
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()  # type: ignore[union-attr]
-        self.peer = client_ip(peer.host) if hasattr(peer, "host") else "unix"
-        self.peer_trusted = bool(self.listener.trusted_proxies) and in_networks(self.peer, self.listener.trusted_proxies)
-        self.local_port = getattr(self.transport.getHost(), "port", 0)  # type: ignore[union-attr]
+        self._identify_peer()
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self.core.sweeper.add(self)
         self.deadline = self.core.sweeper.now() + self.settings.header_timeout
@@ -99,7 +97,18 @@ class FrontConnection(Protocol):
             exchange.client_gone()
         self._queue.clear()
 
+    def _identify_peer(self) -> None:
+        """Read the peer and local addresses.  Done again at the first bytes:
+        behind a ``haproxy:`` endpoint the PROXY header has set them by then."""
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self.peer = client_ip(peer.host) if hasattr(peer, "host") else "unix"
+        self.peer_trusted = bool(self.listener.trusted_proxies) and in_networks(self.peer, self.listener.trusted_proxies)
+        self.local_port = getattr(self.transport.getHost(), "port", 0)  # type: ignore[union-attr]
+
     def dataReceived(self, data: bytes) -> None:
+        if not self._peer_known:
+            self._peer_known = True
+            self._identify_peer()
         if self.tunnel is not None:
             self.tunnel.from_client(data)
             return
@@ -137,6 +146,13 @@ class FrontConnection(Protocol):
         """The current deadline passed: header, body or idle timeout."""
         self.deadline = 0.0
         if self.tunnel is not None or self.closing:
+            return
+        if self._deadline_kind == "send":
+            log.info("client {peer} read nothing for {seconds}s: disconnected", peer=self.peer,
+                     seconds=self.settings.idle_timeout)
+            if self._queue:
+                self._queue[0].client_gone()
+            self.abort()
             return
         if self._deadline_kind == "idle" and not self._queue:
             self.close()
@@ -280,6 +296,7 @@ class FrontConnection(Protocol):
             version=version,
             headers=tuple(headers),
             host=host,
+            authority=host_value.decode("latin-1"),
             client=client,
             peer=self.peer,
             tls=self.tls,
@@ -316,7 +333,7 @@ class FrontConnection(Protocol):
         self.resume_reading("upstream")
         self.resume_reading("body")
         if aborted:
-            self.abort()
+            self.abort(hard=exchange.close_delimited)
             return
         if exchange.close_after or not exchange.client_keep_alive:
             self.close()
@@ -327,6 +344,7 @@ class FrontConnection(Protocol):
             self._start_next()
         elif self._pending_error is not None:
             status, message = self._pending_error
+            self._log_rejected(status)
             self.write(local_response(status, message, close=True))
             self.close()
         elif not self._in_head:
@@ -385,8 +403,11 @@ class FrontConnection(Protocol):
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def pauseProducing(self) -> None:
-        """The client reads slower than the upstream sends: stop the upstream."""
+        """The client reads slower than the upstream sends: stop the upstream.
+        A client that reads nothing for ``idle_timeout`` is disconnected."""
         self.client_paused = True
+        if self.tunnel is None:
+            self._set_deadline("send", self.settings.idle_timeout)
         if self.tunnel is not None:
             self.tunnel.client_writable(False)
         elif self._queue and self._queue[0].connection is not None:
@@ -395,6 +416,12 @@ class FrontConnection(Protocol):
     def resumeProducing(self) -> None:
         """The client caught up: read from the upstream again."""
         self.client_paused = False
+        if self._deadline_kind == "send":
+            if self._parsing is not None and not self._parsing.body_done:
+                self._set_deadline("body", self.settings.idle_timeout)
+            else:
+                self._deadline_kind = "none"
+                self.deadline = 0.0
         if self.tunnel is not None:
             self.tunnel.client_writable(True)
         elif self._queue and self._queue[0].connection is not None:
@@ -411,9 +438,15 @@ class FrontConnection(Protocol):
             self.transport.loseConnection()
         self.closing = True
 
-    def abort(self) -> None:
+    def abort(self, hard: bool = False) -> None:
         """Close without completing the response: the client must see a broken
-        response, never one that looks complete."""
+        response, never one that looks complete.  ``hard``: the body was being
+        delimited by the close itself (HTTP/1.0), so a clean close would make
+        it look complete: reset the connection instead."""
+        if hard and self.transport is not None and not self.closing:
+            self.closing = True
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+            return
         self.close()
 
     # -- the upgrade tunnel

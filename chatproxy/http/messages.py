@@ -24,7 +24,11 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port"})
+# Headers that describe the client's connection: believed (and passed on) only
+# from a trusted proxy, otherwise removed and replaced by chatproxy's own.
+FORWARDING = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"forwarded", b"x-real-ip"}
+)
 
 REASONS = {
     100: "Continue",
@@ -58,8 +62,11 @@ class RequestHead:
 
     ``path`` is the normalised path (what matching used and what is
     forwarded, unless the route rewrites it); ``query`` is the raw query
-    string without ``?``; ``client`` is the client address after
-    ``trusted_proxies`` resolution and ``peer`` the TCP peer.
+    string without ``?``; ``authority`` is the Host header, or the authority
+    of an absolute-form target (which replaces Host, RFC 9112 3.2.2), and
+    ``host`` its lower-cased name without port, used for routing; ``client``
+    is the client address after ``trusted_proxies`` resolution and ``peer``
+    the TCP peer.
     """
 
     method: str
@@ -69,6 +76,7 @@ class RequestHead:
     version: str
     headers: tuple[Header, ...]
     host: str
+    authority: str
     client: str
     peer: str
     tls: bool

@@ -142,7 +142,7 @@ class UpstreamConnection(Protocol):
         self._request_sent = False
         self._response_done = False
         self._got_bytes = False
-        self.deadline = self.pool.sweeper.now() + self.pool.upstream.response_timeout
+        self.deadline = 0.0  # response_timeout runs once the whole request is sent
         self.transport.write(head)  # type: ignore[union-attr]
 
     def send_body(self, data: bytes) -> None:
@@ -150,8 +150,10 @@ class UpstreamConnection(Protocol):
         self.transport.write(data)  # type: ignore[union-attr]
 
     def request_sent(self) -> None:
-        """The whole request has been written."""
+        """The whole request has been written: the response is now awaited."""
         self._request_sent = True
+        if self.sink is not None and not self._head_done:
+            self.deadline = self.pool.sweeper.now() + self.pool.upstream.response_timeout
         if self._response_done:
             self._release()
 
@@ -170,12 +172,16 @@ class UpstreamConnection(Protocol):
             self.transport.loseConnection()
 
     def pause_reading(self) -> None:
-        """Stop reading from the upstream (the client is slow)."""
+        """Stop reading from the upstream (the client is slow): the upstream is
+        not to blame for the wait, so its response timeout is suspended."""
+        self.deadline = 0.0
         if self.transport is not None and not self._closed:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def resume_reading(self) -> None:
         """Read from the upstream again."""
+        if self.sink is not None and self._request_sent:
+            self.deadline = self.pool.sweeper.now() + self.pool.upstream.response_timeout
         if self.transport is not None and not self._closed:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
@@ -251,9 +257,11 @@ class UpstreamConnection(Protocol):
             # The upstream answered before reading the whole request: never reuse.
             self._reusable = False
         self.sink = None
-        sink.response_complete()
+        # Back to the pool first: a pipelined request that the sink starts next
+        # can then take this connection instead of opening another one.
         if self._request_sent or not self._reusable:
             self._release()
+        sink.response_complete()
 
     def _release(self) -> None:
         if self._reusable and not self._closed and self.sink is None and self.tunnel is None:
