@@ -158,6 +158,11 @@ class FrontConnection(Protocol):
             self.close()
             return
         exchange = self._parsing
+        if self._deadline_kind == "body" and exchange is not None and not exchange.active:
+            # Its body waits behind earlier exchanges, unread because the proxy
+            # paused reading (pipelining): not the client's delay.
+            self._set_deadline("body", self.settings.idle_timeout)
+            return
         if exchange is not None and exchange.active and not exchange.finished:
             exchange.client_body_failed(408, "request body timed out")
             return
@@ -340,6 +345,9 @@ class FrontConnection(Protocol):
             return
         if len(self._queue) <= 1:
             self.resume_reading("pipeline")
+            if self._parsing is not None and self._deadline_kind == "body":
+                # Reading its body resumes: the body timeout starts afresh.
+                self._set_deadline("body", self.settings.idle_timeout)
         if self._queue:
             self._start_next()
         elif self._pending_error is not None:
