@@ -1,0 +1,206 @@
+"""Starting, watching and stopping the benchmark's server processes."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on (a server did not start, a tool is missing)."""
+
+
+@dataclass
+class Server:
+    """A process started by the benchmark, in its own process group."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    stopped: bool = field(default=False)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the process is still running."""
+        return self.process.poll() is None
+
+    def log_text(self) -> str:
+        """Everything the process wrote to stdout and stderr so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of the process's output."""
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+class Supervisor:
+    """Owns every process the benchmark starts, and stops them all at the end.
+
+    Each process runs in a new session, so it and its children (nginx
+    workers) form one process group that is signalled by its own id.
+    """
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.servers: list[Server] = []
+
+    def start(self, name: str, argv: Sequence[str], cwd: Path | None = None) -> Server:
+        """Start ``argv`` with its output going to ``<log_dir>/<name>.log`` (``<name>-2.log`` ... if taken)."""
+        log_path, number = self.log_dir / f"{name}.log", 1
+        while log_path.exists():
+            number += 1
+            log_path = self.log_dir / f"{name}-{number}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                       cwd=cwd, start_new_session=True)
+        server = Server(name, process, log_path)
+        self.servers.append(server)
+        return server
+
+    def stop(self, server: Server, grace: float = 5.0) -> None:
+        """Stop ``server``'s process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
+        if server.stopped:
+            return
+        server.stopped = True
+        pgid = server.process.pid
+        _signal_group(pgid, signal.SIGTERM)
+        try:
+            server.process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            _signal_group(pgid, signal.SIGKILL)
+            server.process.wait(timeout=grace)
+        # Anything left in the group (a worker whose master died first).
+        _signal_group(pgid, signal.SIGKILL)
+
+    def stop_all(self) -> None:
+        """Stop every process started, newest first."""
+        for server in reversed(self.servers):
+            try:
+                self.stop(server)
+            except Exception as e:  # keep going: the others must be stopped too
+                print(f"warning: could not stop {server.name} (pid {server.process.pid}): {e}")
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def exit_on_termination_signals() -> None:
+    """Make SIGINT raise ``KeyboardInterrupt`` (even if it was ignored, as in a
+    background job) and SIGTERM and SIGHUP raise ``SystemExit``, so that the
+    ``finally`` blocks stop every process started."""
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that are free right now."""
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def fetch(port: int, *, tls: bool = False, path: str = "/", timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET ``path`` from 127.0.0.1:``port`` and return (status, body)."""
+    connection: http.client.HTTPConnection
+    if tls:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=context)
+    else:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request("GET", path, headers={"Host": f"localhost:{port}"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def wait_until_serving(server: Server, port: int, expected_body: bytes, *, tls: bool = False,
+                       timeout: float = 20.0) -> None:
+    """Wait until ``server`` answers a GET on ``port`` with 200 and ``expected_body``.
+
+    Raises :class:`BenchError` (with the process's log) if it exits, answers
+    something else, or is not serving within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    last_error = "no answer"
+    while time.monotonic() < deadline:
+        if not server.alive:
+            raise BenchError(f"{server.name} exited with status {server.process.returncode}:\n{server.log_tail()}")
+        try:
+            status, body = fetch(port, tls=tls)
+        except (OSError, http.client.HTTPException) as e:
+            last_error = f"{type(e).__name__}: {e}"
+            time.sleep(0.1)
+            continue
+        if status == 200 and body == expected_body:
+            return
+        raise BenchError(f"{server.name} answered {status} {body[:200]!r}, expected 200 {expected_body!r}")
+    raise BenchError(f"{server.name} not serving on port {port} after {timeout:g}s ({last_error}):\n"
+                     f"{server.log_tail()}")
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) used so far by the live processes of group ``pgid``.
+
+    Read from /proc; processes that already exited are not counted.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name (field 2) may contain spaces: split after its ")".
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid:  # field 5, pgrp
+            total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+    return total / ticks
+
+
+def system_cpu_seconds() -> dict[str, float]:
+    """CPU time of all CPUs since boot, from /proc/stat: "process" (user, nice, system),
+    "irq" (hard and soft interrupts: mostly loopback networking here) and "steal" (taken by the hypervisor)."""
+    with open("/proc/stat") as stat:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(n) for n in stat.readline().split()[1:9])
+    ticks = os.sysconf("SC_CLK_TCK")
+    return {"process": (user + nice + system) / ticks, "irq": (irq + softirq) / ticks, "steal": steal / ticks}
+
+
+def background_load(seconds: float = 1.0) -> float:
+    """How many cores processes kept busy during the next ``seconds`` (call it when nothing of ours runs)."""
+    before = system_cpu_seconds()["process"]
+    time.sleep(seconds)
+    return (system_cpu_seconds()["process"] - before) / seconds

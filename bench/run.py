@@ -1,0 +1,513 @@
+"""chatproxy benchmark: one command, loopback only, everything cleaned up.
+
+    /work/venv/bin/python bench/run.py [--duration 10] [--connections 32] [--threads 1]
+                                       [--rounds 1] [--wait-for-quiet 60] [--only NAME,...]
+
+Starts an upstream (nginx with a fixed small response), then one target at a
+time in front of it -- nginx as a reverse proxy (plain and TLS), chatproxy
+(plain and TLS), ``twisted.web.proxy.ReverseProxyResource`` -- and drives
+each with wrk at the same concurrency: a short warm-up, then the measured
+run.  Prints requests/s, p50 and p99 latency, the ratios to the direct
+connection and to nginx, and the CPU each process used; checks the
+performance targets; writes the results as JSON (and the servers' logs) to
+bench/results/.  nginx and wrk are installed with apt-get if missing.  Every
+process started is stopped on exit, on Ctrl-C and on errors.
+
+Exit status: 0 if every run was clean, 1 if any run had problems (errors,
+non-2xx responses, a server that died, other processes using the CPUs),
+2 if the benchmark could not run, 130 if interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from processes import (BenchError, Server, Supervisor, exit_on_termination_signals, background_load, free_ports,
+                       group_cpu_seconds, system_cpu_seconds, wait_until_serving)
+from targets import BENCH_DIR, BODY, TARGETS, Context, Target, make_certificate, start_upstream
+from wrk import WrkResult, run_wrk
+
+RESULTS_DIR = BENCH_DIR / "results"
+WARMUP_SECONDS = 2.0
+#: Pause between the end of a measured run and stopping the server, so that the server has
+#: dealt with the connections wrk closed before it is asked to shut down.
+SETTLE_SECONDS = 1.0
+#: Cores that processes not started by the benchmark may use before a run counts as disturbed.
+BACKGROUND_LIMIT = 0.15
+
+#: (numerator, denominator, minimum ratio): the targets from the issue.
+CHECKS: tuple[tuple[str, str, float], ...] = (
+    ("chatproxy", "nginx", 0.5),
+    ("chatproxy", "twisted-rpr", 4.0),
+)
+
+#: Log lines worth showing: anything that looks like a problem.
+_NOTABLE = re.compile(r"traceback|unhandled|error|exception|critical|warn|alert|emerg|fail|refused|reset|"
+                      r"timed out|bad gateway|\[crit\]", re.IGNORECASE)
+
+
+@dataclass
+class Outcome:
+    """One target's run: the wrk figures and what the processes did meanwhile."""
+
+    target: Target
+    url: str
+    result: WrkResult | None = None
+    server_alive: bool = True
+    #: CPU used during the measured run, in cores (1.0 = one core busy throughout).
+    cpu: dict[str, float] = field(default_factory=dict)
+    #: Notable lines of the target's log (condensed: "N x line").
+    log_notes: list[str] = field(default_factory=list)
+    error: str | None = None
+    #: With --rounds: requests/s of every round, and the other rounds' problems.
+    round_rps: list[float | None] = field(default_factory=list)
+    other_rounds_problems: list[str] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        """Everything that makes this target's figures suspect (log notes are reported apart)."""
+        found = [self.error] if self.error else []
+        if self.result is not None:
+            found += self.result.problems()
+        if not self.server_alive:
+            found.append("the server died during the run")
+        if self.cpu.get("other", 0.0) > BACKGROUND_LIMIT:
+            found.append(f"other processes used {self.cpu['other']:.2f} cores meanwhile")
+        return found + self.other_rounds_problems
+
+    @property
+    def rps(self) -> float | None:
+        """Requests/s, or None if the run produced nothing usable."""
+        if self.result is None or self.result.requests_per_second == 0.0:
+            return None
+        return self.result.requests_per_second
+
+
+# -- tools
+
+
+def ensure_tools() -> tuple[str, str]:
+    """The paths of nginx and wrk, installing the Debian packages if missing."""
+    nginx, wrk = _find_nginx(), shutil.which("wrk")
+    missing = (["nginx-light"] if nginx is None else []) + (["wrk"] if wrk is None else [])
+    if missing:
+        print(f"installing {' '.join(missing)} with apt-get ...", flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], check=True, env=env)
+        nginx, wrk = _find_nginx(), shutil.which("wrk")
+    if nginx is None or wrk is None:
+        raise BenchError("nginx or wrk is still missing after apt-get install")
+    return nginx, wrk
+
+
+def _find_nginx() -> str | None:
+    found = shutil.which("nginx")
+    if found is None and os.access("/usr/sbin/nginx", os.X_OK):
+        found = "/usr/sbin/nginx"
+    return found
+
+
+def _version_of(argv: list[str]) -> str:
+    try:
+        completed = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError as e:
+        return f"unknown ({e})"
+    lines = (completed.stdout + completed.stderr).strip().splitlines()
+    return lines[0] if lines else "unknown"
+
+
+def _git(*args: str) -> str:
+    completed = subprocess.run(["git", "-C", str(BENCH_DIR.parent), *args], capture_output=True, text=True,
+                               check=False)
+    return completed.stdout
+
+
+def machine_info(nginx: str, wrk: str) -> dict[str, Any]:
+    """What the benchmark ran on, for the results."""
+    import httptools
+    import twisted
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    commit = _git("rev-parse", "--short", "HEAD").strip()
+    modified = [line[3:] for line in _git("status", "--porcelain", "--", "chatproxy", "twisted").splitlines()]
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "httptools": httptools.__version__,
+        "nginx": _version_of([nginx, "-v"]),
+        "wrk": _version_of([wrk, "-v"]),
+        "openssl": _version_of(["openssl", "version"]),
+        "chatproxy_commit": commit or "unknown",
+        "chatproxy_uncommitted_changes": modified,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+# -- running the targets
+
+
+_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT[\d:]+[+-]\d{4} ")
+
+
+def log_notes(text: str, limit: int = 20) -> list[str]:
+    """The lines of ``text`` that look like problems, condensed to "N x line" (first ``limit`` kinds).
+
+    twistd's timestamps are dropped so that repeats of one message collapse.
+    """
+    counts: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith((" ", "\t", "Traceback (most recent call last)")):
+            continue  # the inside of a Python traceback: its last line names the exception
+        if _NOTABLE.search(line):
+            key = _TIMESTAMP.sub("", line).strip()
+            counts[key] = counts.get(key, 0) + 1
+    return [f"{n} x {line}" for line, n in list(counts.items())[:limit]]
+
+
+class _CpuMeter:
+    """CPU used by the servers, by wrk and by everything else between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, servers: dict[str, Server]) -> None:
+        self.servers = servers
+        self.before: dict[str, float] = {}
+        self.wall = 0.0
+
+    def _sample(self) -> dict[str, float]:
+        sample = {name: group_cpu_seconds(s.process.pid) for name, s in self.servers.items()}
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once waited for
+        sample["wrk"] = usage.ru_utime + usage.ru_stime
+        sample.update(system_cpu_seconds())
+        return sample
+
+    def start(self) -> None:
+        """Take the first sample."""
+        self.before = self._sample()
+        self.wall = time.monotonic()
+
+    def stop(self) -> dict[str, float]:
+        """Cores used since :meth:`start`: by each server, wrk, "other" processes (not ours),
+        interrupts ("irq") and the hypervisor ("steal")."""
+        wall = time.monotonic() - self.wall
+        after = self._sample()
+        cores = {name: (after[name] - self.before[name]) / wall for name in after}
+        processes = cores.pop("process")
+        ours = sum(cores[name] for name in (*self.servers, "wrk"))
+        cores["other"] = max(0.0, processes - ours)
+        return {name: round(value, 2) for name, value in cores.items()}
+
+
+def measure(target: Target, ctx: Context, upstream: Server, port: int, wrk: str,
+            args: argparse.Namespace) -> Outcome:
+    """Start ``target``, warm it up, measure it with wrk, stop it."""
+    scheme = "https" if target.tls else "http"
+    outcome = Outcome(target, f"{scheme}://127.0.0.1:{port}/")
+    server: Server | None = None
+    try:
+        if target.start is not None:
+            server = target.start(ctx, port)
+            wait_until_serving(server, port, BODY, tls=target.tls)
+        run_wrk(outcome.url, duration=WARMUP_SECONDS, connections=args.connections, threads=args.threads, wrk=wrk)
+        meter = _CpuMeter({"upstream": upstream} | ({"proxy": server} if server is not None else {}))
+        meter.start()
+        outcome.result = run_wrk(outcome.url, duration=args.duration, connections=args.connections,
+                                 threads=args.threads, wrk=wrk)
+        outcome.cpu = meter.stop()
+        time.sleep(SETTLE_SECONDS)
+    except BenchError as e:
+        outcome.error = str(e)
+    finally:
+        if server is not None:
+            outcome.server_alive = server.alive
+            ctx.supervisor.stop(server)
+            outcome.log_notes = log_notes(server.log_text())
+    return outcome
+
+
+def select_targets(only: str | None) -> list[Target]:
+    """The targets named in ``--only`` (all of them if not given), in the standard order."""
+    if not only:
+        return list(TARGETS)
+    names = {name.strip() for name in only.split(",") if name.strip()}
+    known = {target.name for target in TARGETS}
+    unknown = names - known
+    if unknown:
+        raise BenchError(f"unknown target(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    return [target for target in TARGETS if target.name in names]
+
+
+# -- reporting
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0.0:
+        return None
+    return numerator / denominator
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def ratios(outcomes: list[Outcome]) -> dict[str, dict[str, float | None]]:
+    """For each target: requests/s relative to direct and to nginx (same transport)."""
+    by_name = {o.target.name: o.rps for o in outcomes}
+    return {
+        o.target.name: {
+            "vs_direct": _ratio(o.rps, by_name.get("direct")),
+            "vs_nginx": _ratio(o.rps, by_name.get(o.target.nginx_reference)),
+        }
+        for o in outcomes
+    }
+
+
+def _cpu(o: Outcome) -> str:
+    if not o.cpu:
+        return "-"
+    return " / ".join(f"{o.cpu[name]:.2f}" if name in o.cpu else "-"
+                      for name in ("proxy", "upstream", "wrk", "other"))
+
+
+def table(outcomes: list[Outcome]) -> str:
+    """The results as a Markdown table (readable as plain text too)."""
+    ratio = ratios(outcomes)
+    rows = ["| target | req/s | p50 | p99 | vs direct | vs nginx | CPU: proxy / upstream / wrk / other | problems |",
+            "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for o in outcomes:
+        r = ratio[o.target.name]
+        nginx_ratio = _x(r["vs_nginx"])
+        if r["vs_nginx"] is not None and o.target.nginx_reference != "nginx":
+            nginx_ratio += f" (vs {o.target.nginx_reference})"
+        rps = "-" if o.rps is None else f"{o.rps:,.0f}"
+        p50 = _ms(o.result.p50_ms if o.result else None)
+        p99 = _ms(o.result.p99_ms if o.result else None)
+        problems = "; ".join(problem.splitlines()[0] for problem in o.problems()) or "none"
+        rows.append(f"| {o.target.name} | {rps} | {p50} | {p99} | {_x(r['vs_direct'])} | {nginx_ratio} "
+                    f"| {_cpu(o)} | {problems} |")
+    return "\n".join(rows)
+
+
+def check_targets(outcomes: list[Outcome]) -> list[dict[str, Any]]:
+    """The issue's performance targets, each PASS, MISS or SKIP (not measured)."""
+    by_name = {o.target.name: o for o in outcomes}
+    checks = []
+    for numerator, denominator, minimum in CHECKS:
+        top, bottom = by_name.get(numerator), by_name.get(denominator)
+        value = _ratio(top.rps if top else None, bottom.rps if bottom else None)
+        clean = top is not None and bottom is not None and not top.problems() and not bottom.problems()
+        verdict = "SKIP" if value is None else ("PASS" if value >= minimum else "MISS")
+        checks.append({"check": f"{numerator}/{denominator} >= {minimum:g}", "ratio": value, "verdict": verdict,
+                       "clean": clean})
+    return checks
+
+
+def check_lines(checks: list[dict[str, Any]]) -> list[str]:
+    """One line per check: verdict, what, measured ratio (and a warning if a run had problems)."""
+    lines = []
+    for check in checks:
+        note = "" if check["clean"] or check["verdict"] == "SKIP" else "  (a run had problems: figures suspect)"
+        lines.append(f"{check['verdict']}: {check['check']}: {_x(check['ratio'])}{note}")
+    return lines
+
+
+def machine_line(machine: dict[str, Any]) -> str:
+    """The machine and software versions in one line."""
+    changes = machine["chatproxy_uncommitted_changes"]
+    dirty = f" + uncommitted changes to {', '.join(changes)}" if changes else ""
+    return (f"{machine['cpus']} x {machine['cpu_model']}, {machine['kernel']}; Python {machine['python']}, "
+            f"Twisted {machine['twisted']}, httptools {machine['httptools']}; {machine['nginx']}; "
+            f"{machine['wrk'].split(' Copyright')[0]}; chatproxy {machine['chatproxy_commit']}{dirty}")
+
+
+def print_report(outcomes: list[Outcome], checks: list[dict[str, Any]], upstream_notes: list[str],
+                 machine: dict[str, Any], args: argparse.Namespace) -> None:
+    """Print the table, the checks, and the notable lines of the servers' logs."""
+    print(f"\n{machine['date']}: {machine_line(machine)}")
+    rounds = f"; median of {args.rounds} rounds" if args.rounds > 1 else ""
+    print(f"\nwrk: {args.threads} thread(s), {args.connections} connections, {args.duration:g}s per target "
+          f"(after {WARMUP_SECONDS:g}s warm-up){rounds}; upstream body {len(BODY)} bytes; "
+          "CPU in cores during the measured run\n")
+    print(table(outcomes))
+    print()
+    print("\n".join(check_lines(checks)))
+    for o in outcomes:
+        if o.error:
+            print(f"\n{o.target.name} failed: {o.error}")
+    notes = [(o.target.name, o.log_notes) for o in outcomes] + [("upstream", upstream_notes)]
+    for name, lines in notes:
+        if lines:
+            print(f"\nnotable lines in the {name} log:")
+            print("\n".join(f"    {line}" for line in lines))
+
+
+def save(outcomes: list[Outcome], checks: list[dict[str, Any]], upstream_notes: list[str],
+         machine: dict[str, Any], args: argparse.Namespace, log_dir: Path) -> Path:
+    """Write the results as JSON to bench/results/, with the servers' logs beside it."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    logs = RESULTS_DIR / f"run-{stamp}-logs"
+    shutil.copytree(log_dir, logs)
+    ratio = ratios(outcomes)
+    data = {
+        "machine": machine,
+        "settings": {"duration": args.duration, "connections": args.connections, "threads": args.threads,
+                     "rounds": args.rounds, "warmup": WARMUP_SECONDS, "body_bytes": len(BODY)},
+        "results": [
+            {"target": o.target.name, "description": o.target.description, "url": o.url,
+             "wrk": o.result.as_dict() if o.result else None, "cpu_cores": o.cpu, "server_alive": o.server_alive,
+             "error": o.error, "problems": o.problems(), "log_notes": o.log_notes, "round_rps": o.round_rps,
+             **ratio[o.target.name]}
+            for o in outcomes
+        ],
+        "upstream_log_notes": upstream_notes,
+        "checks": checks,
+        "table": table(outcomes),
+        "check_lines": check_lines(checks),
+        "logs": str(logs.relative_to(BENCH_DIR.parent)),
+    }
+    path = RESULTS_DIR / f"run-{stamp}.json"
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+# -- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of measurement per target")
+    parser.add_argument("--connections", type=int, default=32, help="wrk connections (same for every target)")
+    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every target this many times, interleaved, and report the median round")
+    parser.add_argument("--wait-for-quiet", type=float, default=60.0, metavar="SECONDS",
+                        help="wait up to this long for other processes to stop using the CPUs before starting")
+    parser.add_argument("--only", help="comma-separated targets to run: " + ", ".join(t.name for t in TARGETS))
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.connections < 1 or args.threads < 1 or args.threads > args.connections:
+        parser.error("need --duration > 0 and 1 <= --threads <= --connections")
+    if args.rounds < 1:
+        parser.error("need --rounds >= 1")
+    return args
+
+
+def wait_for_quiet(limit: float) -> float:
+    """Wait up to ``limit`` seconds for other processes to leave the CPUs alone; the last load seen."""
+    deadline = time.monotonic() + limit
+    load = background_load()
+    while load > BACKGROUND_LIMIT and time.monotonic() < deadline:
+        print(f"other processes keep {load:.2f} cores busy; waiting for quiet ...", flush=True)
+        load = background_load(5.0)
+    if load > BACKGROUND_LIMIT:
+        print(f"warning: other processes keep {load:.2f} cores busy: the figures will be disturbed", flush=True)
+    return load
+
+
+def median_round(rounds: list[Outcome]) -> Outcome:
+    """One target's rounds as one outcome: the round with the median requests/s (the lower
+    one of the middle two for an even count), carrying every round's requests/s and the
+    other rounds' problems and log notes."""
+    ranked = sorted(rounds, key=lambda o: o.rps or 0.0)
+    chosen = ranked[(len(ranked) - 1) // 2]
+    chosen.round_rps = [o.rps for o in rounds]
+    if len(rounds) > 1:
+        for number, other in enumerate(rounds, 1):
+            if other is not chosen:
+                chosen.other_rounds_problems += [f"round {number}: {problem}" for problem in other.problems()]
+                chosen.log_notes += [f"round {number}: {note}" for note in other.log_notes]
+    return chosen
+
+
+def measure_all(targets: list[Target], ctx: Context, wrk: str, args: argparse.Namespace) -> tuple[
+        list[Outcome], list[str]]:
+    """Start the upstream, then measure each target in turn, ``args.rounds`` times over.
+
+    Returns one outcome per target (the median round) and the upstream's log notes.
+    """
+    ports = free_ports(len(targets))
+    upstream = start_upstream(ctx)
+    wait_until_serving(upstream, ctx.upstream_port, BODY)
+    rounds: dict[str, list[Outcome]] = {target.name: [] for target in targets}
+    for number in range(1, args.rounds + 1):
+        for target, port in zip(targets, ports):
+            counter = f"round {number}/{args.rounds}: " if args.rounds > 1 else ""
+            print(f"{counter}{target.name}: {target.description} ...", flush=True)
+            port = ctx.upstream_port if target.start is None else port
+            rounds[target.name].append(measure(target, ctx, upstream, port, wrk, args))
+            if not upstream.alive:
+                raise BenchError(f"the upstream died:\n{upstream.log_tail()}")
+    ctx.supervisor.stop(upstream)
+    return [median_round(rounds[target.name]) for target in targets], log_notes(upstream.log_text())
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; 0 if every run was clean, 1 otherwise."""
+    targets = select_targets(args.only)
+    nginx, wrk = ensure_tools()
+    machine = machine_info(nginx, wrk)
+    machine["background_load_at_start"] = round(wait_for_quiet(args.wait_for_quiet), 2)
+    with tempfile.TemporaryDirectory(prefix="chatproxy-bench-") as temp:
+        workdir = Path(temp)
+        os.chmod(workdir, 0o755)  # nginx workers may run as another user
+        log_dir = workdir / "logs"
+        log_dir.mkdir()
+        supervisor = Supervisor(log_dir)
+        try:
+            certificate, key = make_certificate(workdir)
+            ctx = Context(supervisor, workdir, nginx, free_ports(1)[0], certificate, key)
+            outcomes, upstream_notes = measure_all(targets, ctx, wrk, args)
+        finally:
+            supervisor.stop_all()
+        checks = check_targets(outcomes)
+        print_report(outcomes, checks, upstream_notes, machine, args)
+        path = save(outcomes, checks, upstream_notes, machine, args, log_dir)
+    print(f"\nresults: {path.relative_to(BENCH_DIR.parent)}")
+    return 0 if all(not o.problems() for o in outcomes) else 1
+
+
+def main() -> None:
+    """Entry point: run, turning fatal problems into a one-line message and status 2."""
+    exit_on_termination_signals()
+    args = parse_args()
+    try:
+        status = run(args)
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        status = 2
+    except KeyboardInterrupt:
+        print("bench: interrupted; every process started has been stopped", file=sys.stderr)
+        status = 130
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

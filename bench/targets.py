@@ -1,0 +1,202 @@
+"""What the benchmark measures: the upstream and the proxies in front of it.
+
+Every server listens on 127.0.0.1 only, writes its configuration, pid file
+and temporary files under the run's work directory, and logs to a file there.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from processes import Server, Supervisor
+
+BENCH_DIR = Path(__file__).resolve().parent
+PYTHON = sys.executable
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+#: The upstream's fixed response body (a small proxied response).
+BODY = b"hello world\n"
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything a target needs to start: where to put files, which ports."""
+
+    supervisor: Supervisor
+    workdir: Path
+    nginx: str
+    upstream_port: int
+    certificate: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing wrk drives: a proxy in front of the upstream, or the upstream itself."""
+
+    name: str
+    description: str
+    tls: bool
+    #: Starts the proxy on the given port; None for the upstream itself.
+    start: Callable[[Context, int], Server] | None
+
+    @property
+    def nginx_reference(self) -> str:
+        """The nginx target this one is compared with (same transport)."""
+        return "nginx-tls" if self.tls else "nginx"
+
+
+# -- certificates
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate for ``localhost``: (certificate, key)."""
+    certificate, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-subj", "/CN=localhost", "-days", "2", "-keyout", str(key), "-out", str(certificate)],
+        check=True, capture_output=True,
+    )
+    return certificate, key
+
+
+# -- nginx
+
+
+def _nginx_config(directory: Path, http_body: str) -> str:
+    """A complete nginx.conf: one worker, no access log, everything under ``directory``."""
+    temp = {kind: directory / kind for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+    return textwrap.dedent(f"""\
+        worker_processes 1;
+        daemon off;
+        master_process on;
+        pid {directory}/nginx.pid;
+        error_log stderr warn;
+        events {{
+            worker_connections 4096;
+        }}
+        http {{
+            access_log off;
+            client_body_temp_path {temp["client_body"]};
+            proxy_temp_path {temp["proxy"]};
+            fastcgi_temp_path {temp["fastcgi"]};
+            uwsgi_temp_path {temp["uwsgi"]};
+            scgi_temp_path {temp["scgi"]};
+            # Steady-state keep-alive: do not close client connections every 1000 requests.
+            keepalive_requests 1000000;
+        """) + textwrap.indent(textwrap.dedent(http_body), "    ") + "}\n"
+
+
+def _start_nginx(ctx: Context, name: str, http_body: str) -> Server:
+    directory = ctx.workdir / name
+    directory.mkdir(mode=0o755, exist_ok=True)
+    config = directory / "nginx.conf"
+    config.write_text(_nginx_config(directory, http_body))
+    return ctx.supervisor.start(name, [ctx.nginx, "-p", str(directory), "-e", "stderr", "-c", str(config)])
+
+
+def start_upstream(ctx: Context) -> Server:
+    """The upstream: nginx answering every request with :data:`BODY`."""
+    body = BODY.decode("ascii").replace("\n", "\\n")
+    return _start_nginx(ctx, "upstream", f"""\
+        server {{
+            listen 127.0.0.1:{ctx.upstream_port} backlog=4096;
+            location / {{
+                default_type text/plain;
+                return 200 "{body}";
+            }}
+        }}
+        """)
+
+
+def _tls_listen(ctx: Context, tls: bool) -> str:
+    if not tls:
+        return ""
+    return f"ssl_certificate {ctx.certificate};\n        ssl_certificate_key {ctx.key};\n"
+
+
+def _start_nginx_proxy(ctx: Context, port: int, tls: bool) -> Server:
+    return _start_nginx(ctx, "nginx-tls" if tls else "nginx", f"""\
+        upstream app {{
+            server 127.0.0.1:{ctx.upstream_port};
+            keepalive 64;
+            keepalive_requests 1000000;
+        }}
+        server {{
+            listen 127.0.0.1:{port}{" ssl" if tls else ""} backlog=4096;
+            {_tls_listen(ctx, tls)}
+            location / {{
+                proxy_pass http://app;
+                proxy_http_version 1.1;
+                proxy_set_header Connection "";
+            }}
+        }}
+        """)
+
+
+def start_nginx(ctx: Context, port: int) -> Server:
+    """nginx (one worker) as a keep-alive reverse proxy in front of the upstream."""
+    return _start_nginx_proxy(ctx, port, tls=False)
+
+
+def start_nginx_tls(ctx: Context, port: int) -> Server:
+    """The same nginx proxy, terminating TLS."""
+    return _start_nginx_proxy(ctx, port, tls=True)
+
+
+# -- chatproxy
+
+
+def _chatproxy_config(ctx: Context, port: int, tls: bool) -> str:
+    tls_lines = f"tls = yes\ncertificate = {ctx.certificate}\nkey = {ctx.key}\n" if tls else ""
+    return (
+        "[chatproxy]\naccess_log = off\n\n"
+        f"[listen:main]\nendpoint = tcp:{port}:interface=127.0.0.1:backlog=4096\n{tls_lines}\n"
+        f"[upstream:app]\nservers = http://127.0.0.1:{ctx.upstream_port}\nmax_idle_connections = 256\n\n"
+        "[route:all]\npath = /\nupstream = app\n"
+    )
+
+
+def _start_chatproxy(ctx: Context, port: int, tls: bool) -> Server:
+    name = "chatproxy-tls" if tls else "chatproxy"
+    directory = ctx.workdir / name
+    directory.mkdir(exist_ok=True)
+    config = directory / "chatproxy.ini"
+    config.write_text(_chatproxy_config(ctx, port, tls))
+    return ctx.supervisor.start(name, [TWISTD, "-n", "--pidfile=", "chatproxy", "--config", str(config)],
+                                cwd=directory)
+
+
+def start_chatproxy(ctx: Context, port: int) -> Server:
+    """One chatproxy process (``twistd -n chatproxy``), plain HTTP listener."""
+    return _start_chatproxy(ctx, port, tls=False)
+
+
+def start_chatproxy_tls(ctx: Context, port: int) -> Server:
+    """One chatproxy process with a TLS listener."""
+    return _start_chatproxy(ctx, port, tls=True)
+
+
+# -- twisted.web.proxy.ReverseProxyResource
+
+
+def start_twisted_rpr(ctx: Context, port: int) -> Server:
+    """``twisted.web.proxy.ReverseProxyResource`` in one process (bench/baseline_reverse_proxy.py)."""
+    script = BENCH_DIR / "baseline_reverse_proxy.py"
+    return ctx.supervisor.start("twisted-rpr", [PYTHON, str(script), "--port", str(port),
+                                                "--upstream-port", str(ctx.upstream_port)])
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("direct", "wrk straight to the upstream (no proxy)", False, None),
+    Target("nginx", "nginx, 1 worker, reverse proxy with upstream keepalive 64", False, start_nginx),
+    Target("nginx-tls", "the same nginx proxy terminating TLS", True, start_nginx_tls),
+    Target("chatproxy", "one chatproxy process (twistd), plain HTTP", False, start_chatproxy),
+    Target("chatproxy-tls", "one chatproxy process (twistd), TLS", True, start_chatproxy_tls),
+    Target("twisted-rpr", "twisted.web.proxy.ReverseProxyResource, one process", False, start_twisted_rpr),
+)
