@@ -87,11 +87,7 @@ class AccessLog:
             self._owned = True
         self._pending: list[str] = []
         self._flush_call: Any = None
-
-    @property
-    def enabled(self) -> bool:
-        """Whether records are written at all."""
-        return self._stream is not None
+        self.enabled = self._stream is not None  # whether records are written at all
 
     def log(self, record: AccessRecord) -> None:
         """Queue one record for writing at the end of this reactor turn."""
@@ -121,3 +117,4 @@ class AccessLog:
         if self._owned and self._stream is not None:
             self._stream.close()
         self._stream = None
+        self.enabled = False

@@ -13,7 +13,7 @@ rule, implemented by :meth:`RouteTable.match`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qsl
 
 from attrs import frozen
@@ -128,6 +128,21 @@ class RequestFacts:
     query: str
 
 
+class Facts(Protocol):
+    """Anything carrying the request facts routing needs (RequestFacts, RequestHead)."""
+
+    @property
+    def listener(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def query(self) -> str: ...
+
+
 def _query_values(query: str) -> dict[str, list[str]]:
     values: dict[str, list[str]] = {}
     for name, value in parse_qsl(query, keep_blank_values=True):
@@ -165,7 +180,7 @@ class RouteTable:
         """The routes, most specific first (ignoring host rank)."""
         return self._routes
 
-    def match(self, facts: RequestFacts) -> Route | None:
+    def match(self, facts: Facts) -> Route | None:
         """The most specific route matching the request, or None.
 
         Specificity, highest first: an exact host over a ``*.`` wildcard over

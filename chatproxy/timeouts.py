@@ -7,7 +7,7 @@ call closes whatever is past its deadline.  Precision is the sweep interval.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from twisted.internet.task import LoopingCall
 
@@ -30,6 +30,7 @@ class TimeoutSweeper:
         self._loop = LoopingCall(self._sweep)
         self._loop.clock = reactor
         self.interval = interval
+        self.now: Callable[[], float] = reactor.seconds  # the clock deadlines are measured on
 
     def start(self) -> None:
         """Begin sweeping."""
@@ -48,10 +49,6 @@ class TimeoutSweeper:
     def discard(self, member: Expiring) -> None:
         """Stop watching ``member``."""
         self._members.discard(member)
-
-    def now(self) -> float:
-        """The clock deadlines are measured on."""
-        return float(self._reactor.seconds())
 
     def _sweep(self) -> None:
         now = self.now()

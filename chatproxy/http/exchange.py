@@ -15,8 +15,7 @@ from twisted.python.failure import Failure
 
 from chatproxy.accesslog import AccessRecord
 from chatproxy.filters.chain import Answer, Decision, Refuse, run_request_filters
-from chatproxy.http.messages import FORWARDING, HOP_BY_HOP, REASONS, Header, RequestHead, end_to_end, local_response
-from chatproxy.routing import RequestFacts
+from chatproxy.http.messages import FORWARDING, HOP_BY_HOP, REASONS, Header, RequestHead, local_response
 
 if TYPE_CHECKING:
     from chatproxy.config import Route
@@ -29,6 +28,18 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _BODY_BUFFER_LIMIT = 65536
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNK_END = b"0\r\n\r\n"
+# Request headers chatproxy replaces with its own (Host, framing) or handles
+# itself (Expect), besides the hop-by-hop ones.
+_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"expect", b"content-length"}
+_HOP_AND_LENGTH = HOP_BY_HOP | {b"content-length"}
+
+
+def _end_to_end(headers: list[Header], names: list[bytes], drop: frozenset[bytes]) -> list[Header]:
+    """The headers whose lower-cased name is not in ``drop`` nor listed in a Connection header."""
+    if b"connection" in names:
+        listed = {t.strip().lower() for (_, v), n in zip(headers, names) if n == b"connection" for t in v.split(b",")}
+        drop = drop | listed
+    return [header for header, name in zip(headers, names) if name not in drop]
 
 
 class Exchange:
@@ -66,6 +77,8 @@ class Exchange:
         self.close_delimited = False
         self._buffer: list[bytes] = []
         self._buffered = 0
+        self.names: list[bytes] = []  # the request's header names, lower-cased
+        self.connection_named: frozenset[bytes] = frozenset()  # listed in Connection
 
     # -- starting: route, filters, upstream
 
@@ -78,7 +91,7 @@ class Exchange:
         head = self.head
         assert head is not None
         core = self.front.core
-        route = core.table.match(RequestFacts(head.listener, head.host, head.method, head.path, head.query))
+        route = core.table.match(head)
         if route is None:
             self.respond_local(404, "no route for this request")
             return
@@ -179,16 +192,13 @@ class Exchange:
         lines = [f"{head.method} {target} HTTP/1.1\r\n".encode("latin-1")]
         append = lines.append
         trusted = front.peer_trusted
-        named = front.connection_tokens(head.headers)
+        named = self.connection_named
         prior_for: list[bytes] = []
         kept_forwarding: set[bytes] = set()
         via = b"1.1 chatproxy"
         client_host = head.authority.encode("latin-1")
-        for name, value in head.headers:
-            lower = name.lower()
-            if lower in HOP_BY_HOP or (named and lower in named):
-                continue
-            if lower == b"host":
+        for (name, value), lower in zip(head.headers, self.names):
+            if lower in _NOT_FORWARDED or (named and lower in named):
                 continue
             if lower in FORWARDING:
                 if trusted:
@@ -197,8 +207,6 @@ class Exchange:
                     else:
                         kept_forwarding.add(lower)
                         append(name + b": " + value + b"\r\n")
-                continue
-            if lower == b"expect" or lower == b"content-length":
                 continue
             if lower == b"via":
                 via = value + b", " + via
@@ -279,9 +287,10 @@ class Exchange:
 
     # -- the response from the upstream (ResponseSink)
 
-    def response_head(self, status: int, reason: bytes, headers: list[Header], version: str,
+    def response_head(self, status: int, reason: bytes, headers: list[Header], names: list[bytes], version: str,
                       body_framing: str) -> None:
-        """The upstream's response head: relay it to the client."""
+        """The upstream's response head: relay it to the client.  ``names`` are
+        the header names lower-cased, in the same order."""
         if self.finished:
             return
         if status == 101:
@@ -291,16 +300,15 @@ class Exchange:
                 self.connection = None
                 self.respond_local(502, "upstream switched protocols without being asked")
                 return
-            out = end_to_end(headers)
-            upgrade_to = next((v for k, v in headers if k.lower() == b"upgrade"), b"websocket")
+            out = _end_to_end(headers, names, HOP_BY_HOP)
+            upgrade_to = next((v for (_, v), k in zip(headers, names) if k == b"upgrade"), b"websocket")
             out += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade_to)]
             self._write_head(status, reason, out)
             return
         if self.upgrade:
             # The upstream refused the upgrade: relay its answer, then close.
             self.close_after = True
-        drop = frozenset() if body_framing in ("length", "none") else frozenset({b"content-length"})
-        out = end_to_end(headers, drop)
+        out = _end_to_end(headers, names, HOP_BY_HOP if body_framing in ("length", "none") else _HOP_AND_LENGTH)
         if body_framing in ("chunked", "eof"):
             if self.head is not None and self.head.version == "1.1":
                 out.append((b"Transfer-Encoding", b"chunked"))

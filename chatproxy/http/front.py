@@ -21,7 +21,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatproxy.http.exchange import Exchange
-from chatproxy.http.messages import Header, RequestHead, client_ip, connection_tokens, in_networks, local_response, resolve_client
+from chatproxy.http.messages import Header, RequestHead, client_ip, in_networks, local_response, resolve_client
+from chatproxy.http.sending import send
 from chatproxy.http.tunnel import Tunnel
 from chatproxy.routing import PathError, normalize_path
 
@@ -71,17 +72,20 @@ class FrontConnection(Protocol):
         self._head_bytes = 0
         self._url = b""
         self._headers: list[Header] = []
-        self._header_bytes = 0
+        self._names: list[bytes] = []
         self._pending_error: tuple[int, str] | None = None
         self._upgrade_buffer: list[bytes] | None = None
         self._starting = False
         self._stop_parsing = False
         self._peer_known = False
+        self._corked = False
+        self._out: list[bytes] = []
 
     # -- connection lifecycle
 
     def connectionMade(self) -> None:
         self._identify_peer()
+        _no_delay(self.transport)
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self.core.sweeper.add(self)
         self.deadline = self.core.sweeper.now() + self.settings.header_timeout
@@ -179,7 +183,7 @@ class FrontConnection(Protocol):
         self._head_bytes = 0
         self._url = b""
         self._headers = []
-        self._header_bytes = 0
+        self._names = []
         if self._deadline_kind == "idle" or not self.deadline:
             self._set_deadline("header", self.settings.header_timeout)
 
@@ -189,12 +193,13 @@ class FrontConnection(Protocol):
             raise _Reject(414, "request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-        self._header_bytes += len(name) + len(value) + 4
-        if len(self._headers) > self.settings.max_headers:
+        headers = self._headers
+        headers.append((name, value))
+        self._names.append(name.lower())
+        if len(headers) > self.settings.max_headers:
             raise _Reject(431, "too many request headers")
-        if self._header_bytes + len(self._url) > self.settings.max_header_bytes:
-            raise _Reject(431, "request head too large")
+        # (the head's size is checked as bytes arrive, in dataReceived, and
+        # once complete, in _make_exchange)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -231,6 +236,7 @@ class FrontConnection(Protocol):
     def _make_exchange(self) -> Exchange:
         parser = self._parser
         headers = self._headers
+        names = self._names
         method = parser.get_method().decode("ascii")
         version = parser.get_http_version()
         keep_alive = parser.should_keep_alive()
@@ -241,8 +247,10 @@ class FrontConnection(Protocol):
         hosts: list[bytes] = []
         forwarded_for: list[str] = []
         error: tuple[int, str] | None = None
-        for name, value in headers:
-            lower = name.lower()
+        named: frozenset[bytes] = frozenset()
+        head_bytes = len(self._url)
+        for (name, value), lower in zip(headers, names):
+            head_bytes += len(name) + len(value) + 4
             if lower == b"host":
                 hosts.append(value)
             elif lower == b"content-length":
@@ -258,6 +266,10 @@ class FrontConnection(Protocol):
                     error = (417, "unsupported expectation")
             elif lower == b"x-forwarded-for" and self.peer_trusted:
                 forwarded_for.extend(value.decode("latin-1").split(","))
+            elif lower == b"connection":
+                named = named | {t.strip().lower() for t in value.split(b",") if t.strip()}
+        if head_bytes > self.settings.max_header_bytes:
+            error = (431, "request head too large")
         if version not in ("1.0", "1.1"):
             error = (505, "only HTTP/1.0 and HTTP/1.1 are supported")
         target = self._url.decode("latin-1")
@@ -309,6 +321,8 @@ class FrontConnection(Protocol):
         )
         exchange = Exchange(self, head, error, keep_alive and error is None, upgrade, content_length, chunked,
                             expect_continue)
+        exchange.names = names
+        exchange.connection_named = named
         if error is not None:
             # A bad request ends the connection: nothing after it is parsed.
             self.closing_after_queue()
@@ -388,13 +402,26 @@ class FrontConnection(Protocol):
     # -- output, flow control
 
     def write(self, data: bytes) -> None:
-        """Write bytes to the client."""
-        if self.transport is not None:
-            self.transport.write(data)
+        """Write bytes to the client (gathered while corked)."""
+        if self._corked:
+            self._out.append(data)
+        elif self.transport is not None:
+            send(self.transport, data)
 
-    def connection_tokens(self, headers: tuple[Header, ...]) -> set[bytes]:
-        """Header names listed in the request's Connection header(s)."""
-        return connection_tokens(headers)
+    def cork(self) -> None:
+        """Gather writes until :meth:`uncork`, to send them as one."""
+        self._corked = True
+
+    def uncork(self) -> None:
+        """Send what was gathered since :meth:`cork`."""
+        self._corked = False
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._out:
+            out, self._out = self._out, []
+            if self.transport is not None:
+                send(self.transport, out[0] if len(out) == 1 else b"".join(out))
 
     def pause_reading(self, reason: str) -> None:
         """Stop reading from the client for ``reason`` (until resumed for it)."""
@@ -441,6 +468,7 @@ class FrontConnection(Protocol):
     def close(self) -> None:
         """Close after what has been written is sent."""
         if self.transport is not None and not self.closing:
+            self._flush()  # what is corked must go out before the close
             # A TLS transport does not shut down while a producer is registered.
             self.transport.unregisterProducer()  # type: ignore[attr-defined]
             self.transport.loseConnection()
@@ -473,6 +501,16 @@ class FrontConnection(Protocol):
         self._read_pauses.clear()
         if self.transport is not None:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+
+def _no_delay(transport: Any) -> None:
+    """Small responses go out at once (no Nagle delay), as nginx's tcp_nodelay."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
 
 
 def _routing_host(value: bytes) -> str:

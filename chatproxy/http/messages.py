@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from attrs import frozen
 
@@ -108,26 +108,6 @@ def local_response(status: int, message: str | None = None, *, close: bool = Fal
     if not head_only:
         lines.append(body)
     return b"".join(lines)
-
-
-def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
-    """The lower-cased option names listed in all ``Connection`` headers."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return tokens
-
-
-def end_to_end(headers: Iterable[Header], drop: frozenset[bytes] = frozenset()) -> list[Header]:
-    """The headers minus hop-by-hop ones, those named in Connection, and ``drop``."""
-    headers = list(headers)
-    named = connection_tokens(headers)
-    return [
-        (name, value)
-        for name, value in headers
-        if (lower := name.lower()) not in HOP_BY_HOP and lower not in named and lower not in drop
-    ]
 
 
 def client_ip(host: str) -> str:

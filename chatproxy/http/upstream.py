@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatproxy.http.messages import Header
+from chatproxy.http.sending import send
 
 if TYPE_CHECKING:
     from chatproxy.config import Upstream, UpstreamServer
@@ -30,7 +31,9 @@ if TYPE_CHECKING:
 class ResponseSink(TypingProtocol):
     """What an upstream connection reports to (the front exchange)."""
 
-    def response_head(self, status: int, reason: bytes, headers: list[Header], version: str,
+    front: Any
+
+    def response_head(self, status: int, reason: bytes, headers: list[Header], names: list[bytes], version: str,
                       body_framing: str) -> None: ...
     def response_body(self, data: bytes) -> None: ...
     def response_complete(self) -> None: ...
@@ -55,6 +58,7 @@ class UpstreamConnection(Protocol):
         self.tunnel: Any = None
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[Header] = []
+        self._names: list[bytes] = []
         self._reason = b""
         self._head_done = False
         self._framing = "none"
@@ -70,6 +74,9 @@ class UpstreamConnection(Protocol):
 
     def connectionMade(self) -> None:
         self._connected = True
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
@@ -85,15 +92,20 @@ class UpstreamConnection(Protocol):
         self._got_bytes = True
         if self._head_done:
             self.deadline = self.pool.sweeper.now() + self.pool.upstream.response_timeout
+        front = sink.front
+        front.cork()  # what this read produces for the client goes out in one send
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = int(upgrade.args[0]) if upgrade.args else len(data)
             self.deadline = 0.0
             self.sink = None
+            front.uncork()
             sink.response_upgraded(data[offset:])
         except httptools.HttpParserError as error:
             self._fail(f"malformed response from upstream: {error}", timeout=False)
+        finally:
+            front.uncork()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._closed = True
@@ -137,17 +149,18 @@ class UpstreamConnection(Protocol):
         self.sink = sink
         self.exchanges += 1
         self._headers = []
+        self._names = []
         self._head_done = False
         self._method_head = method_head
         self._request_sent = False
         self._response_done = False
         self._got_bytes = False
         self.deadline = 0.0  # response_timeout runs once the whole request is sent
-        self.transport.write(head)  # type: ignore[union-attr]
+        send(self.transport, head)
 
     def send_body(self, data: bytes) -> None:
         """Write request body bytes (already framed by the caller)."""
-        self.transport.write(data)  # type: ignore[union-attr]
+        send(self.transport, data)
 
     def request_sent(self) -> None:
         """The whole request has been written: the response is now awaited."""
@@ -204,32 +217,36 @@ class UpstreamConnection(Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
+        self._names.append(name.lower())
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self._headers = []
+            self._names = []
             self._reason = b""
             return  # interim response: dropped; the final one follows
         self._head_done = True
         framing = "eof"
-        lowered = [(name.lower(), value) for name, value in self._headers]
         if status == 101:
             framing = "upgrade"  # the parser raises HttpParserUpgrade next
             self._reusable = False
         elif self._method_head or status in (204, 304):
             framing = "none"
-        elif any(name == b"transfer-encoding" for name, _ in lowered):
-            framing = "chunked"
-        elif any(name == b"content-length" for name, _ in lowered):
-            framing = "length"
+        else:
+            for lower in self._names:
+                if lower == b"transfer-encoding":
+                    framing = "chunked"
+                    break
+                if lower == b"content-length":
+                    framing = "length"
         self._framing = framing
         if not self._parser.should_keep_alive() or framing == "eof":
             self._reusable = False
         sink, reason, headers = self.sink, self._reason, self._headers
         self._reason = b""
         assert sink is not None
-        sink.response_head(status, reason, headers, self._parser.get_http_version(), framing)
+        sink.response_head(status, reason, headers, self._names, self._parser.get_http_version(), framing)
         if self._method_head and self.sink is sink:
             # httptools cannot be told that a HEAD response has no body: the
             # exchange ends here and this connection is not reused.
