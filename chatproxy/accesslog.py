@@ -31,6 +31,7 @@ class AccessRecord:
     user_agent: str
     host: str
     started: float
+    websocket: str = ""  # for a WebSocket session: messages, bytes each way, close code
 
 
 def _quote(text: str) -> str:
@@ -45,6 +46,7 @@ def format_combined(record: AccessRecord) -> str:
         f'{record.client} - - [{stamp}] "{request}" {record.status} {record.bytes_sent} '
         f'"{_quote(record.referer or "-")}" "{_quote(record.user_agent or "-")}" '
         f'{record.duration:.6f} route={record.route or "-"} upstream={record.upstream or "-"}'
+        + (f" {record.websocket}" if record.websocket else "")
     )
 
 
@@ -65,6 +67,7 @@ def format_json(record: AccessRecord) -> str:
             "upstream": record.upstream or None,
             "referer": record.referer or None,
             "user_agent": record.user_agent or None,
+            **({"websocket": dict(item.split("=", 1) for item in record.websocket.split())} if record.websocket else {}),
         },
         separators=(",", ":"),
     )

@@ -151,6 +151,21 @@ class QueryRequirement:
 
 
 @frozen
+class WebSocketOptions:
+    """How a route carries WebSocket sessions (bridge mode limits and liveness)."""
+
+    mode: str = "bridge"  # "bridge" (Autobahn on both legs) or "tunnel" (bytes spliced)
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_frame_bytes: int = 16 * 1024 * 1024
+    max_buffered_bytes: int = 32 * 1024 * 1024
+    ping_interval: float = 30.0  # 0: no pings
+    ping_timeout: float = 10.0
+    idle_timeout: float = 0.0  # 0: sessions may stay silent for ever
+    max_messages_per_second: float = 0.0  # 0: no limit
+    compression: bool = False
+
+
+@frozen
 class Route:
     """A ``[route:NAME]`` section: which requests go to which upstream."""
 
@@ -167,6 +182,7 @@ class Route:
     filters: tuple[str, ...] = ()
     websocket: bool = False
     max_body_bytes: int | None = None
+    ws: WebSocketOptions = WebSocketOptions()
 
 
 @frozen
@@ -485,9 +501,11 @@ _UPSTREAM_OPTIONS = {
     "servers", "verify", "ca", "client_certificate", "client_key", "host_header",
     "connect_timeout", "response_timeout", "max_idle_connections", "idle_connection_timeout",
 }
+_WEBSOCKET_OPTIONS = ("max_message_bytes", "max_frame_bytes", "max_buffered_bytes", "ping_interval", "ping_timeout",
+                      "idle_timeout", "max_messages_per_second", "compression")
 _ROUTE_OPTIONS = {
     "listeners", "hosts", "path", "path_regex", "query", "methods", "upstream",
-    "rewrite_path", "filters", "websocket", "max_body_bytes",
+    "rewrite_path", "filters", "websocket", "max_body_bytes", *_WEBSOCKET_OPTIONS,
 }
 _DEMO_OPTIONS = {"endpoint"}
 
@@ -744,6 +762,7 @@ def _read_route(section: _Section, order: int) -> Route:
     if section.has("path") and section.has("path_regex"):
         raise section.error("path_regex", "give either path or path_regex, not both")
     path = section.get("path", _parse_path_prefix, "/")
+    mode = section.get("websocket", _parse_websocket_mode, "no")
     return Route(
         name=name,
         order=order,
@@ -756,9 +775,65 @@ def _read_route(section: _Section, order: int) -> Route:
         methods=section.get("methods", _parse_methods, None),
         rewrite_path=section.get("rewrite_path", _parse_rewrite, None),
         filters=section.get("filters", _parse_names, ()),
-        websocket=section.get("websocket", parse_bool, False),
+        websocket=mode != "no",
         max_body_bytes=section.get("max_body_bytes", parse_size, None),
+        ws=_read_websocket_options(section, mode),
     )
+
+
+def _parse_websocket_mode(text: str) -> str:
+    lowered = text.lower()
+    if lowered in ("bridge", "tunnel"):
+        return lowered
+    return "bridge" if parse_bool(text) else "no"
+
+
+def _duration_or_off(text: str) -> float:
+    """A duration, or 0 / off for none."""
+    if text.strip().lower() in ("0", "off", "no"):
+        return 0.0
+    return parse_duration(text)
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of messages per second, got {text!r}") from None
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _read_websocket_options(section: _Section, mode: str) -> WebSocketOptions:
+    if mode == "no":
+        for option in _WEBSOCKET_OPTIONS:
+            if section.has(option):
+                raise section.error(option, "only meaningful with websocket = yes")
+        return WebSocketOptions()
+    d = WebSocketOptions()
+    options = WebSocketOptions(
+        mode=mode,
+        max_message_bytes=section.get("max_message_bytes", parse_size, d.max_message_bytes),
+        max_frame_bytes=section.get("max_frame_bytes", parse_size,
+                                    section.get("max_message_bytes", parse_size, d.max_frame_bytes)),
+        max_buffered_bytes=section.get("max_buffered_bytes", parse_size, d.max_buffered_bytes),
+        ping_interval=section.get("ping_interval", _duration_or_off, d.ping_interval),
+        ping_timeout=section.get("ping_timeout", _duration_or_off, d.ping_timeout),
+        idle_timeout=section.get("idle_timeout", _duration_or_off, d.idle_timeout),
+        max_messages_per_second=section.get("max_messages_per_second", _rate, d.max_messages_per_second),
+        compression=section.get("compression", parse_bool, d.compression),
+    )
+    if mode == "tunnel":
+        for option in _WEBSOCKET_OPTIONS:
+            if section.has(option):
+                raise section.error(option, "only meaningful with websocket = bridge (tunnel mode relays bytes "
+                                            "without reading messages)")
+    if options.max_frame_bytes > options.max_message_bytes:
+        raise section.error("max_frame_bytes", "must not exceed max_message_bytes")
+    if options.ping_interval and not options.ping_timeout:
+        raise section.error("ping_timeout", "must be set when ping_interval is")
+    return options
 
 
 def _read_filter(raw: _RawSection, kinds: Mapping[str, Any]) -> FilterSpec:

@@ -3,6 +3,7 @@ access log and timeouts, shared by every front connection."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from chatproxy.accesslog import AccessLog
@@ -13,6 +14,7 @@ from chatproxy.timeouts import TimeoutSweeper
 
 if TYPE_CHECKING:
     from chatproxy.http.front import FrontConnection
+    from chatproxy.websocket import RouteSockets, WebSocketBridge
 
 
 def _sweep_interval(config: Config) -> float:
@@ -35,13 +37,35 @@ class ProxyCore:
         self.pools = {name: UpstreamPools(reactor, upstream, self.sweeper) for name, upstream in config.upstreams.items()}
         self.access_log = AccessLog(reactor, config.settings.access_log, config.settings.access_log_format)
         self.connections: set[FrontConnection] = set()
+        self.websocket_sessions: set[WebSocketBridge] = set()
+        self.counters: Counter[str] = Counter()
         self._route_filters = {
             route.name: [(name, config.filters[name].filter) for name in route.filters] for route in config.routes
         }
+        self._message_filters = {
+            name: [(n, f) for n, f in filters if callable(getattr(f, "message", None))]
+            for name, filters in self._route_filters.items()
+        }
+        self._sockets: dict[str, RouteSockets] = {}
 
     def route_filters(self, route: Route) -> list[tuple[str, Any]]:
         """The (name, filter) pairs of a route, in order."""
         return self._route_filters[route.name]
+
+    def message_filters(self, route: Route | None) -> list[tuple[str, Any]]:
+        """The (name, filter) pairs of a route whose filters look at WebSocket messages."""
+        return self._message_filters[route.name] if route is not None else []
+
+    def route_sockets(self, route: Route) -> RouteSockets:
+        """The WebSocket server factory and limits of a bridge route (made once)."""
+        sockets = self._sockets.get(route.name)
+        if sockets is None:
+            from chatproxy.websocket import RouteSockets
+
+            upstream = self.config.upstreams[route.upstream]
+            sockets = RouteSockets(route, upstream.connect_timeout + upstream.response_timeout + 5)
+            self._sockets[route.name] = sockets
+        return sockets
 
     def start(self) -> None:
         """Start the timeout sweeps."""

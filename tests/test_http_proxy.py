@@ -169,7 +169,7 @@ def read_log_lines(path: Path, count: int, timeout: float = 5.0) -> list[str]:
     lines: list[str] = []
     while time.monotonic() < deadline:
         if path.exists():
-            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            lines = [line for line in path.read_text().split("\n")[:-1] if line.strip()]  # whole lines only
             if len(lines) >= count:
                 return lines
         time.sleep(0.05)
@@ -182,7 +182,8 @@ def wait_for_log_line(path: Path, predicate: Any, timeout: float = 5.0) -> str:
     lines: list[str] = []
     while time.monotonic() < deadline:
         if path.exists():
-            lines = path.read_text().splitlines()
+            # Only whole lines: the proxy may be writing the last one right now.
+            lines = path.read_text().split("\n")[:-1]
             for line in lines:
                 if line.strip() and predicate(line):
                     return line

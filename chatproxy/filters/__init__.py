@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from attrs import frozen
 from twisted.plugin import IPlugin, getPlugins
 from zope.interface import Attribute, Interface
 
@@ -29,8 +30,26 @@ class FilterOptionError(Exception):
         self.message = message
 
 
+DROP = "drop"
+"""A message hook's verdict: drop this WebSocket message, keep the session."""
+
+
+@frozen
+class CloseSession:
+    """A message hook's verdict: end the WebSocket session with this close code."""
+
+    code: int
+    reason: str = ""
+
+
 class IRequestFilter(Interface):
-    """A filter on a route: sees each request head before it is forwarded."""
+    """A filter on a route: sees each request head before it is forwarded.
+
+    A filter may also define ``message(head, payload, binary, upward)``, the
+    WebSocket message hook: it sees every message of a session on a bridge
+    route (``upward`` is True from client to upstream) and returns None
+    (pass), :data:`DROP`, or a :class:`CloseSession`.
+    """
 
     def request(request: Any) -> Any:
         """Decide about one request head.

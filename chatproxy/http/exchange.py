@@ -128,6 +128,9 @@ class Exchange:
 
     def _dispatch(self) -> None:
         assert self.route is not None
+        if self.upgrade and self.route.ws.mode == "bridge":
+            self.front.start_bridge(self)
+            return
         pools = self.front.core.pools[self.route.upstream]
         server = pools.pick(avoid=self.server)
         self.server = server

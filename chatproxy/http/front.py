@@ -28,6 +28,7 @@ from chatproxy.routing import PathError, normalize_path
 
 if TYPE_CHECKING:
     from chatproxy.config import Listener
+    from chatproxy.websocket import WebSocketBridge
     from chatproxy.http.upstream import UpstreamConnection
     from chatproxy.proxy import ProxyCore
 
@@ -62,7 +63,7 @@ class FrontConnection(Protocol):
         self.deadline = 0.0
         self.closing = False
         self.client_paused = False
-        self.tunnel: Tunnel | None = None
+        self.tunnel: Tunnel | WebSocketBridge | None = None
         self._deadline_kind = "header"
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Exchange] = deque()
@@ -125,6 +126,11 @@ class FrontConnection(Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = int(upgrade.args[0]) if upgrade.args else len(data)
+            if self.tunnel is not None:
+                # The bridge took over while the parser was still running.
+                if offset < len(data):
+                    self.tunnel.from_client(data[offset:])
+                return
             self._upgrade_buffer = [data[offset:]] if offset < len(data) else []
             self.pause_reading("upgrade")
             return
@@ -486,6 +492,28 @@ class FrontConnection(Protocol):
         self.close()
 
     # -- the upgrade tunnel
+
+    def start_bridge(self, exchange: Exchange) -> None:
+        """Hand this connection to the WebSocket bridge (a bridge-mode route
+        accepted the upgrade request; the bridge now answers it)."""
+        from chatproxy.websocket import WebSocketBridge
+
+        if self._queue and self._queue[0] is exchange:
+            self._queue.popleft()
+        head = exchange.head
+        assert head is not None and exchange.route is not None
+        self.deadline = 0.0
+        bridge = WebSocketBridge(self, exchange, self.core.route_sockets(exchange.route))
+        self.tunnel = bridge
+        request = [f"{head.method} {head.target} HTTP/1.1\r\n".encode("latin-1")]
+        request.extend(name + b": " + value + b"\r\n" for name, value in head.headers)
+        request.append(b"\r\n")
+        request.extend(self._upgrade_buffer or [])
+        self._upgrade_buffer = None
+        self._read_pauses.clear()
+        if self.transport is not None:
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+        bridge.start(b"".join(request))
 
     def start_tunnel(self, exchange: Exchange, connection: UpstreamConnection, leftover: bytes) -> None:
         """Relay bytes both ways from now on (the upstream accepted the upgrade)."""

@@ -1,0 +1,589 @@
+"""The WebSocket bridge: Autobahn on both legs, messages relayed between them.
+
+For an upgrade request on a route with ``websocket = yes`` (bridge mode), the
+front connection hands its transport to an Autobahn *server* protocol (the
+client leg).  When Autobahn has validated the client's handshake it asks
+:meth:`ClientLeg.onConnect`, which opens the upstream with an Autobahn
+*client* protocol (the upstream leg) and answers only once the upstream has
+accepted: the client then gets its 101 with the subprotocol the upstream
+chose; a refusal gets the upstream's status, an unreachable upstream 502, a
+late one 504.
+
+Messages are relayed whole (Autobahn reassembles fragmented messages and
+validates UTF-8), in order, through the route's message filters.  A close
+from either side is passed on with its code and reason unchanged; an abrupt
+loss of the upstream closes the client with 1011, an abrupt loss of the
+client closes the upstream with 1001.  Each leg's slowness pauses reading
+from the other; bytes sent to a leg that stays paused are counted and past
+``max_buffered_bytes`` the session is closed with 1013.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from autobahn.websocket.compress import (
+    PerMessageDeflateOffer,
+    PerMessageDeflateOfferAccept,
+    PerMessageDeflateResponse,
+    PerMessageDeflateResponseAccept,
+)
+from autobahn.websocket.types import ConnectionDeny
+from attrs import evolve
+from twisted.internet import defer
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone, TimeoutError as ConnectTimeout
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from chatproxy.filters import DROP, CloseSession
+from chatproxy.http.messages import FORWARDING, HOP_BY_HOP
+
+if TYPE_CHECKING:
+    from chatproxy.config import Route
+    from chatproxy.http.exchange import Exchange
+    from chatproxy.http.front import FrontConnection
+
+log = Logger()
+
+# Close codes used when one side vanishes without a close frame.
+UPSTREAM_LOST = 1011
+CLIENT_LOST = 1001
+# Request headers the bridge does not copy to the upstream handshake: the
+# handshake's own (Autobahn writes fresh ones), hop-by-hop ones, and those
+# chatproxy sets itself.
+_NOT_COPIED = HOP_BY_HOP | FORWARDING | {
+    b"host", b"origin", b"user-agent", b"content-length", b"via",
+    b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
+    b"sec-websocket-protocol", b"sec-websocket-accept", b"pragma", b"cache-control",
+}
+
+
+class _Refused(Exception):
+    """The upstream refused the handshake with an HTTP status."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------
+# The two legs
+
+
+class ClientLeg(WebSocketServerProtocol):  # type: ignore[misc]
+    """The Autobahn server protocol speaking to the client."""
+
+    bridge: WebSocketBridge
+
+    def onConnect(self, request: Any) -> Any:
+        return self.bridge.open_upstream(request)
+
+    def onOpen(self) -> None:
+        self.bridge.client_open()
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.bridge.relay(self, payload, isBinary)
+
+    def onCloseFrame(self, code: Any, reasonRaw: Any) -> Any:
+        self.bridge.close_received(self, code, reasonRaw)
+        return super().onCloseFrame(code, reasonRaw)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.bridge.leg_closed(self, wasClean, code, reason)
+
+
+class UpstreamLeg(WebSocketClientProtocol):  # type: ignore[misc]
+    """The Autobahn client protocol speaking to the upstream."""
+
+    bridge: WebSocketBridge
+
+    def connectionMade(self) -> None:
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
+        super().connectionMade()
+        self.transport.registerProducer(_PauseOther(self.bridge, upstream=True), True)  # type: ignore[union-attr]
+
+    def onConnect(self, response: Any) -> None:
+        self.bridge.upstream_accepted(response)
+
+    def onOpen(self) -> None:
+        self.bridge.upstream_open()
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.bridge.relay(self, payload, isBinary)
+
+    def onCloseFrame(self, code: Any, reasonRaw: Any) -> Any:
+        self.bridge.close_received(self, code, reasonRaw)
+        return super().onCloseFrame(code, reasonRaw)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.bridge.leg_closed(self, wasClean, code, reason)
+
+    def failHandshake(self, reason: str) -> None:
+        status_line = getattr(self, "http_status_line", "") or ""
+        parts = status_line.split()
+        if len(parts) >= 2 and parts[1].isdigit() and parts[1] != "101":
+            self.bridge.upstream_refused(int(parts[1]), " ".join(parts[2:]))
+        else:
+            self.bridge.upstream_refused(502, f"bad upstream handshake: {reason}")
+        super().failHandshake(reason)
+
+
+@implementer(IPushProducer)
+class _PauseOther:
+    """Registered on one leg's transport: when that leg cannot take more, stop
+    reading from the other leg."""
+
+    def __init__(self, bridge: WebSocketBridge, upstream: bool) -> None:
+        self.bridge = bridge
+        self.upstream = upstream
+
+    def pauseProducing(self) -> None:
+        self.bridge.leg_writable(upstream=self.upstream, writable=False)
+
+    def resumeProducing(self) -> None:
+        self.bridge.leg_writable(upstream=self.upstream, writable=True)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------
+# Per-route settings, shared by the sessions of a route
+
+
+class RouteSockets:
+    """The Autobahn server factory and limits for one WebSocket route."""
+
+    def __init__(self, route: Route, open_timeout: float) -> None:
+        options = route.ws
+        self.route = route
+        self.options = options
+        factory = WebSocketServerFactory()
+        factory.noisy = False
+        factory.protocol = ClientLeg
+        factory.server = "chatproxy"
+        factory.setProtocolOptions(
+            maxFramePayloadSize=options.max_frame_bytes,
+            maxMessagePayloadSize=options.max_message_bytes,
+            openHandshakeTimeout=open_timeout,
+            closeHandshakeTimeout=5,
+            autoPingInterval=options.ping_interval or 0,
+            autoPingTimeout=options.ping_timeout or 0,
+            autoPingRestartOnAnyTraffic=True,
+            perMessageCompressionAccept=_accept_deflate if options.compression else None,
+            failByDrop=False,
+        )
+        self.server_factory = factory
+
+    def client_options(self) -> dict[str, Any]:
+        """Protocol options for an upstream leg of this route."""
+        options = self.options
+        return dict(
+            maxFramePayloadSize=options.max_frame_bytes,
+            maxMessagePayloadSize=options.max_message_bytes,
+            openHandshakeTimeout=0,
+            closeHandshakeTimeout=5,
+            autoPingInterval=options.ping_interval or 0,
+            autoPingTimeout=options.ping_timeout or 0,
+            autoPingRestartOnAnyTraffic=True,
+            perMessageCompressionOffers=[PerMessageDeflateOffer()] if options.compression else [],
+            perMessageCompressionAccept=_accept_deflate_response if options.compression else None,
+            failByDrop=False,
+        )
+
+
+def _accept_deflate(offers: list[Any]) -> Any:
+    for offer in offers:
+        if isinstance(offer, PerMessageDeflateOffer):
+            return PerMessageDeflateOfferAccept(offer)
+    return None
+
+
+def _accept_deflate_response(response: Any) -> Any:
+    if isinstance(response, PerMessageDeflateResponse):
+        return PerMessageDeflateResponseAccept(response)
+    return None
+
+
+# ---------------------------------------------------------------------------
+# One session
+
+
+class WebSocketBridge:
+    """One proxied WebSocket session: a client leg, an upstream leg, the relay."""
+
+    def __init__(self, front: FrontConnection, exchange: Exchange, sockets: RouteSockets) -> None:
+        self.front = front
+        self.exchange = exchange
+        self.sockets = sockets
+        self.options = sockets.options
+        self.reactor = front.core.reactor
+        self.started = time.monotonic()
+        self.client = ClientLeg()
+        self.client.bridge = self
+        self.client.factory = sockets.server_factory
+        self.upstream: UpstreamLeg | None = None
+        self._handshake: defer.Deferred[Any] | None = None
+        self._handshake_timer: Any = None
+        self._client_open = False
+        self._upstream_open = False
+        self._pending_to_client: list[tuple[bytes, bool]] = []
+        self._paused = {"client": False, "upstream": False}
+        self._excess = {"client": 0, "upstream": 0}
+        self._closing = False
+        self._ended = False
+        self.messages_up = self.messages_down = 0
+        self.bytes_up = self.bytes_down = 0
+        self.close_code: int | None = None
+        self.refused_status = 0
+        self._rate_tokens = float(self.options.max_messages_per_second or 0) * 2
+        self._rate_stamp = time.monotonic()
+        self._last_message = time.monotonic()
+        self._idle_call: Any = None
+
+    # -- start: hand the client's transport to Autobahn
+
+    def start(self, request: bytes) -> None:
+        """Attach the client leg to the front's transport and feed it the handshake."""
+        self.client.makeConnection(self.front.transport)
+        self.client.dataReceived(request)
+
+    def from_client(self, data: bytes) -> None:
+        """Raw bytes from the client connection."""
+        self.client.dataReceived(data)
+
+    def client_lost(self) -> None:
+        """The front connection closed."""
+        self.client.connectionLost(Failure(ConnectionDone()))
+
+    def client_writable(self, writable: bool) -> None:
+        """The client's send buffer filled or drained."""
+        self.leg_writable(upstream=False, writable=writable)
+
+    # -- the upstream handshake
+
+    def open_upstream(self, request: Any) -> defer.Deferred[Any]:
+        """Called by the client leg with the client's validated handshake."""
+        exchange = self.exchange
+        head = exchange.head
+        route = exchange.route
+        assert head is not None and route is not None
+        core = self.front.core
+        pools = core.pools[route.upstream]
+        server = pools.pick()
+        exchange.server = server
+        upstream_config = server.upstream
+        path = route.rewrite_path or head.path
+        resource = f"{path}?{head.query}" if head.query else path
+        scheme = "wss" if server.server.tls else "ws"
+        factory = WebSocketClientFactory(
+            url=f"{scheme}://{_url_host(server.server.host)}:{server.server.port}{resource}",
+            protocols=list(request.protocols or []),
+            headers=self._upstream_headers(),
+            useragent=head.header("user-agent") or None,
+            origin=head.header("origin") or None,
+        )
+        factory.noisy = False
+        factory.protocol = UpstreamLeg
+        factory.setProtocolOptions(**self.sockets.client_options())
+        if upstream_config.host_header == "client" and head.host:
+            factory.host = head.host
+        self._handshake = defer.Deferred()
+        leg = UpstreamLeg()
+        leg.bridge = self
+        leg.factory = factory
+        self.upstream = leg
+        endpoint = server._endpoint()
+        connecting = endpoint.connect(_Prepared(leg))
+        connecting.addErrback(self._connect_failed)
+        self._handshake_timer = self.reactor.callLater(
+            upstream_config.connect_timeout + upstream_config.response_timeout, self._handshake_timed_out)
+        return self._handshake
+
+    def _upstream_headers(self) -> dict[str, str]:
+        exchange = self.exchange
+        head = exchange.head
+        assert head is not None
+        named = exchange.connection_named
+        headers: dict[str, str] = {}
+        for (name, value), lower in zip(head.headers, exchange.names):
+            if lower in _NOT_COPIED or lower in named:
+                continue
+            text = name.decode("latin-1")
+            if text in headers:
+                headers[text] += ", " + value.decode("latin-1")  # e.g. two Cookie lines
+            else:
+                headers[text] = value.decode("latin-1")
+        front = self.front
+        prior = [v.decode("latin-1") for (n, v), lower in zip(head.headers, exchange.names)
+                 if lower == b"x-forwarded-for"] if front.peer_trusted else []
+        headers["X-Forwarded-For"] = ", ".join(prior + [front.peer])
+        kept = {lower for lower in exchange.names if lower in FORWARDING} if front.peer_trusted else set()
+        if front.peer_trusted:
+            for (name, value), lower in zip(head.headers, exchange.names):
+                if lower in FORWARDING and lower != b"x-forwarded-for":
+                    headers[name.decode("latin-1")] = value.decode("latin-1")
+        if b"x-forwarded-proto" not in kept:
+            headers["X-Forwarded-Proto"] = "https" if front.tls else "http"
+        if b"x-forwarded-host" not in kept and head.authority:
+            headers["X-Forwarded-Host"] = head.authority
+        if b"x-forwarded-port" not in kept:
+            headers["X-Forwarded-Port"] = str(front.local_port)
+        via = head.header("via")
+        headers["Via"] = f"{via}, 1.1 chatproxy" if via else "1.1 chatproxy"
+        return headers
+
+    def _settle(self) -> defer.Deferred[Any] | None:
+        handshake, self._handshake = self._handshake, None
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+        return handshake
+
+    def _connect_failed(self, failure: Failure) -> None:
+        timeout = failure.check(ConnectTimeout, ConnectingCancelledError) is not None
+        server = self.exchange.server
+        log.warn("WebSocket upstream {server} unreachable: {reason}",
+                 server=server.server.url if server else "-", reason=failure.getErrorMessage())
+        self._deny(504 if timeout else 502, "upstream timed out" if timeout else "upstream unreachable")
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        if self._handshake is not None:
+            log.warn("WebSocket upstream handshake timed out")
+            if self.upstream is not None and self.upstream.transport is not None:
+                self.upstream.transport.abortConnection()  # type: ignore[attr-defined]
+            self._deny(504, "upstream timed out")
+
+    def _deny(self, status: int, reason: str) -> None:
+        handshake = self._settle()
+        if handshake is not None:
+            self.refused_status = status
+            handshake.errback(ConnectionDeny(status, reason))
+
+    def upstream_refused(self, status: int, reason: str) -> None:
+        """The upstream answered the handshake with another status than 101."""
+        self._deny(status, reason or "refused by upstream")
+
+    def upstream_accepted(self, response: Any) -> None:
+        """The upstream accepted: the client gets its 101 with the same subprotocol."""
+        handshake = self._settle()
+        if handshake is None:
+            return
+        headers = {}
+        cookies = response.headers.get("set-cookie") if isinstance(response.headers, dict) else None
+        if cookies:
+            headers["Set-Cookie"] = cookies
+        handshake.callback((response.protocol, headers))
+
+    # -- open
+
+    def upstream_open(self) -> None:
+        """The upstream leg is open (before or as the client leg opens)."""
+        self._upstream_open = True
+
+    def client_open(self) -> None:
+        """The client leg is open: deliver what the upstream already sent."""
+        self._client_open = True
+        self._last_message = time.monotonic()
+        self.front.core.websocket_sessions.add(self)
+        pending, self._pending_to_client = self._pending_to_client, []
+        for payload, binary in pending:
+            self._send(self.client, payload, binary)
+        if self.options.idle_timeout:
+            self._idle_call = self.reactor.callLater(self.options.idle_timeout, self._check_idle)
+
+    # -- messages
+
+    def relay(self, source: Any, payload: bytes, binary: bool) -> None:
+        """A whole message from one leg: filter it and send it to the other."""
+        if self._closing:
+            return
+        self._last_message = time.monotonic()
+        upward = source is self.client
+        if upward:
+            if self.options.max_messages_per_second and not self._take_token():
+                log.info("WebSocket session over {rate} messages/s: closed with 1008",
+                         rate=self.options.max_messages_per_second)
+                self.front.core.counters["websocket_rate_limited"] += 1
+                self.close_both(1008, "message rate limit exceeded")
+                return
+            self.messages_up += 1
+            self.bytes_up += len(payload)
+        else:
+            self.messages_down += 1
+            self.bytes_down += len(payload)
+        for name, message_filter in self.front.core.message_filters(self.exchange.route):
+            try:
+                verdict = message_filter.message(self.exchange.head, payload, binary, upward)
+            except Exception:
+                log.failure("message filter {name} raised: session closed with 1011", name=name)
+                self.close_both(1011, "internal filter error")
+                return
+            if verdict is None:
+                continue
+            if verdict == DROP:
+                self.front.core.counters["websocket_dropped"] += 1
+                return
+            if isinstance(verdict, CloseSession):
+                self.close_both(verdict.code, verdict.reason)
+            else:
+                log.error("message filter {name} returned {verdict!r}: session closed with 1011",
+                          name=name, verdict=verdict)
+                self.close_both(1011, "internal filter error")
+            return
+        if upward:
+            assert self.upstream is not None
+            self._send(self.upstream, payload, binary)
+        elif self._client_open:
+            self._send(self.client, payload, binary)
+        else:
+            self._pending_to_client.append((payload, binary))
+
+    def _send(self, leg: Any, payload: bytes, binary: bool) -> None:
+        side = "upstream" if leg is self.upstream else "client"
+        leg.sendMessage(payload, binary)
+        if self._paused[side]:
+            self._excess[side] += len(payload)
+            if self._excess[side] > self.options.max_buffered_bytes:
+                log.info("WebSocket {side} reads too slowly ({n} bytes waiting): session closed with 1013",
+                         side=side, n=self._excess[side])
+                self.front.core.counters["websocket_slow_reader"] += 1
+                self.close_both(1013, "peer reads too slowly")
+
+    def _take_token(self) -> bool:
+        rate = float(self.options.max_messages_per_second)
+        now = time.monotonic()
+        self._rate_tokens = min(rate * 2, self._rate_tokens + (now - self._rate_stamp) * rate)
+        self._rate_stamp = now
+        if self._rate_tokens < 1:
+            return False
+        self._rate_tokens -= 1
+        return True
+
+    def _check_idle(self) -> None:
+        idle = time.monotonic() - self._last_message
+        if idle >= self.options.idle_timeout:
+            log.info("WebSocket session idle for {seconds:.0f}s: closed with 1001", seconds=idle)
+            self.close_both(1001, "idle timeout")
+            self._idle_call = None
+        else:
+            self._idle_call = self.reactor.callLater(self.options.idle_timeout - idle, self._check_idle)
+
+    # -- flow control
+
+    def leg_writable(self, upstream: bool, writable: bool) -> None:
+        """One leg's send buffer filled (stop reading the other) or drained."""
+        side = "upstream" if upstream else "client"
+        self._paused[side] = not writable
+        if writable:
+            self._excess[side] = 0
+        other = self.client if upstream else self.upstream
+        transport = getattr(other, "transport", None) if other is not None else None
+        if transport is None:
+            return
+        if other is self.client:
+            if writable:
+                self.front.resume_reading("websocket")
+            else:
+                self.front.pause_reading("websocket")
+        elif writable:
+            transport.resumeProducing()
+        else:
+            transport.pauseProducing()
+
+    # -- closing
+
+    def close_received(self, source: Any, code: int | None, reason: bytes | None) -> None:
+        """A close frame from one leg: pass it on, code and reason unchanged."""
+        other = self.upstream if source is self.client else self.client
+        if self.close_code is None:
+            self.close_code = code if code is not None else 1005
+        self._closing = True
+        if other is not None and _is_open(other):
+            other.sendCloseFrame(code=code, reasonUtf8=reason)
+
+    def close_both(self, code: int, reason: str) -> None:
+        """chatproxy itself ends the session (limits, filters, idle)."""
+        self._closing = True
+        if self.close_code is None:
+            self.close_code = code
+        for leg in (self.client, self.upstream):
+            if leg is not None and _is_open(leg):
+                leg.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:120])
+
+    def leg_closed(self, leg: Any, was_clean: bool, code: int | None, reason: str | None) -> None:
+        """A leg's connection is gone; make sure the other one goes too."""
+        if leg is self.upstream and self._handshake is not None:
+            self._deny(502, "upstream closed during the handshake")
+        other = self.upstream if leg is self.client else self.client
+        if other is not None and _is_open(other):
+            lost_code = UPSTREAM_LOST if leg is self.upstream else CLIENT_LOST
+            if self.close_code is None:
+                self.close_code = lost_code
+            self._closing = True
+            other.sendCloseFrame(code=lost_code,
+                                 reasonUtf8=b"upstream connection lost" if leg is self.upstream else b"client went away")
+        elif other is not None and other.transport is not None and not _is_closed(other):
+            other.dropConnection(abort=not was_clean)
+        if leg is self.client or (other is None or _is_closed(other)):
+            self._end()
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        if self.upstream is not None and not _is_closed(self.upstream):
+            return  # logged when the upstream leg closes too
+        self._ended = True
+        self.front.core.websocket_sessions.discard(self)
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._settle()
+        core = self.front.core
+        if core.access_log.enabled:
+            record = self.exchange.record()
+            core.access_log.log(evolve(
+                record,
+                status=101 if self._client_open else (self.refused_status or record.status or 499),
+                bytes_sent=self.bytes_down,
+                websocket=(f"messages_up={self.messages_up} messages_down={self.messages_down} "
+                           f"bytes_up={self.bytes_up} bytes_down={self.bytes_down} "
+                           f"close={self.close_code if self.close_code is not None else '-'}"),
+            ))
+
+
+class _Prepared(Factory):
+    """Hands out one prepared protocol instance, quietly."""
+
+    noisy = False
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return self._protocol
+
+
+def _is_open(leg: Any) -> bool:
+    return bool(leg.state == leg.STATE_OPEN)
+
+
+def _is_closed(leg: Any) -> bool:
+    return bool(leg.state == leg.STATE_CLOSED)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
