@@ -23,7 +23,7 @@ def describe_route(route: Route) -> str:
     if route.listeners:
         parts.append("listeners " + ",".join(route.listeners))
     if route.websocket:
-        parts.append("websocket")
+        parts.append(f"websocket ({route.ws.mode})")
     if route.rewrite_path:
         parts.append(f"rewrite to {route.rewrite_path}")
     if route.filters:

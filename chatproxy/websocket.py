@@ -92,6 +92,12 @@ class ClientLeg(WebSocketServerProtocol):  # type: ignore[misc]
     def onOpen(self) -> None:
         self.bridge.client_open()
 
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        # Autobahn refusing the client's handshake itself (malformed), or our denial.
+        if not self.bridge.refused_status:
+            self.bridge.refused_status = code
+        super().failHandshake(reason, code, responseHeaders)
+
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.bridge.relay(self, payload, isBinary)
 
@@ -557,7 +563,7 @@ class WebSocketBridge:
             record = self.exchange.record()
             core.access_log.log(evolve(
                 record,
-                status=101 if self._client_open else (self.refused_status or record.status or 499),
+                status=101 if self._client_open else (self.refused_status or 499),
                 bytes_sent=self.bytes_down,
                 websocket=(f"messages_up={self.messages_up} messages_down={self.messages_down} "
                            f"bytes_up={self.bytes_up} bytes_down={self.bytes_down} "
@@ -578,11 +584,12 @@ class _Prepared(Factory):
 
 
 def _is_open(leg: Any) -> bool:
-    return bool(leg.state == leg.STATE_OPEN)
+    return bool(getattr(leg, "state", None) == leg.STATE_OPEN)
 
 
 def _is_closed(leg: Any) -> bool:
-    return bool(leg.state == leg.STATE_CLOSED)
+    # A leg whose connection was never made has no state yet: nothing to close.
+    return bool(getattr(leg, "state", leg.STATE_CLOSED) == leg.STATE_CLOSED)
 
 
 def _url_host(host: str) -> str:
