@@ -193,6 +193,7 @@ class FilterSpec:
     kind: str
     options: Mapping[str, str]
     filter: Any = field(eq=False)
+    mode: str = "enforce"  # "report": log and count what would be refused, let it pass
 
 
 @frozen
@@ -846,7 +847,13 @@ def _read_filter(raw: _RawSection, kinds: Mapping[str, Any]) -> FilterSpec:
     installed = ", ".join(sorted(kinds)) or "none"
     if use.text not in kinds:
         raise ConfigError(f"unknown filter kind {use.text!r} (installed kinds: {installed})", use.file, raw.name, "use")
-    options = {k: v.text for k, v in raw.options.items() if k != "use"}
+    mode = "enforce"
+    if "mode" in raw.options:
+        mode = raw.options["mode"].text.lower()
+        if mode not in ("enforce", "report"):
+            raise ConfigError(f"expected enforce or report, got {raw.options['mode'].text!r}",
+                              raw.options["mode"].file, raw.name, "mode")
+    options = {k: v.text for k, v in raw.options.items() if k not in ("use", "mode")}
     try:
         built = kinds[use.text].build(options)
     except FilterOptionError as e:
@@ -854,7 +861,7 @@ def _read_filter(raw: _RawSection, kinds: Mapping[str, Any]) -> FilterSpec:
         raise ConfigError(e.message, file, raw.name, e.option) from None
     except Exception as e:  # a third-party kind's bug must not become a traceback
         raise ConfigError(f"filter kind {use.text!r} failed to build: {e!r}", use.file, raw.name) from None
-    return FilterSpec(name, use.text, options, built)
+    return FilterSpec(name, use.text, options, built, mode)
 
 
 def _check_name(raw: _RawSection, kind: str) -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from chatproxy.accesslog import AccessLog
 from chatproxy.config import Config, Route
+from chatproxy.filters.chain import RouteFilter
 from chatproxy.http.upstream import UpstreamPools
 from chatproxy.routing import RouteTable
 from chatproxy.timeouts import TimeoutSweeper
@@ -39,18 +40,40 @@ class ProxyCore:
         self.connections: set[FrontConnection] = set()
         self.websocket_sessions: set[WebSocketBridge] = set()
         self.counters: Counter[str] = Counter()
+        self.filter_counters: Counter[str] = Counter()  # "FILTER:outcome" -> count
         self._route_filters = {
-            route.name: [(name, config.filters[name].filter) for name in route.filters] for route in config.routes
+            route.name: [RouteFilter(name, config.filters[name].filter, config.filters[name].mode == "report")
+                         for name in route.filters]
+            for route in config.routes
         }
         self._message_filters = {
-            name: [(n, f) for n, f in filters if callable(getattr(f, "message", None))]
+            name: [(f.name, f.filter) for f in filters if callable(getattr(f.filter, "message", None))]
             for name, filters in self._route_filters.items()
+        }
+        self._response_filters = {
+            name: [(f.name, f.filter) for f in filters if callable(getattr(f.filter, "response", None))]
+            for name, filters in self._route_filters.items()
+        }
+        self._body_limits = {
+            route.name: min([route.max_body_bytes if route.max_body_bytes is not None else config.settings.max_body_bytes]
+                            + [int(f.filter.max_body_bytes) for f in self._route_filters[route.name]
+                               if isinstance(getattr(f.filter, "max_body_bytes", None), int) and not f.report])
+            for route in config.routes
         }
         self._sockets: dict[str, RouteSockets] = {}
 
-    def route_filters(self, route: Route) -> list[tuple[str, Any]]:
-        """The (name, filter) pairs of a route, in order."""
+    def route_filters(self, route: Route) -> list[RouteFilter]:
+        """The filters of a route, in order."""
         return self._route_filters[route.name]
+
+    def response_filters(self, route: Route) -> list[tuple[str, Any]]:
+        """The (name, filter) pairs of a route whose filters see response heads."""
+        return self._response_filters[route.name]
+
+    def body_limit(self, route: Route) -> int:
+        """The request body limit of a route: its own or the global one, or a
+        filter's (``request_limits``) when smaller."""
+        return self._body_limits[route.name]
 
     def message_filters(self, route: Route | None) -> list[tuple[str, Any]]:
         """The (name, filter) pairs of a route whose filters look at WebSocket messages."""

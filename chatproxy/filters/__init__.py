@@ -5,6 +5,11 @@ A filter *kind* is a plugin providing :class:`IFilterFactory`, found with
 ``build(options)`` validates the options of one ``[filter:NAME]`` section and
 returns an object providing :class:`IRequestFilter`.  The built-in kinds are
 registered exactly the same way as a third party's.
+
+A filter's request hook returns a decision: ``None`` passes the request on;
+:class:`Refuse` and :class:`Answer` end it; :class:`Rewrite` changes its
+headers and passes it on.  Every section also takes ``mode = report``, which
+turns refusals and answers into log lines and counts (a dry run).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any
 from attrs import frozen
 from twisted.plugin import IPlugin, getPlugins
 from zope.interface import Attribute, Interface
+
+Header = tuple[bytes, bytes]
 
 
 class FilterOptionError(Exception):
@@ -30,6 +37,38 @@ class FilterOptionError(Exception):
         self.message = message
 
 
+# ---------------------------------------------------------------------------
+# Decisions of the request hook
+
+
+@frozen
+class Refuse:
+    """Refuse the request with ``status``; ``reason`` is sent as the plain-text body
+    and logged; ``headers`` are added to the answer (e.g. ``WWW-Authenticate``)."""
+
+    status: int
+    reason: str = ""
+    headers: tuple[Header, ...] = ()
+
+
+@frozen
+class Answer:
+    """Answer the request with this response instead of forwarding it."""
+
+    status: int
+    body: bytes = b""
+    headers: tuple[Header, ...] = ()
+
+
+@frozen
+class Rewrite:
+    """Pass the request on with headers changed: names in ``remove`` (lower-case)
+    are dropped, then ``set`` replaces any header of the same name."""
+
+    set: tuple[Header, ...] = ()
+    remove: frozenset[bytes] = frozenset()
+
+
 DROP = "drop"
 """A message hook's verdict: drop this WebSocket message, keep the session."""
 
@@ -42,21 +81,31 @@ class CloseSession:
     reason: str = ""
 
 
+# ---------------------------------------------------------------------------
+# Interfaces
+
+
 class IRequestFilter(Interface):
     """A filter on a route: sees each request head before it is forwarded.
 
-    A filter may also define ``message(head, payload, binary, upward)``, the
-    WebSocket message hook: it sees every message of a session on a bridge
-    route (``upward`` is True from client to upstream) and returns None
-    (pass), :data:`DROP`, or a :class:`CloseSession`.
+    Optional hooks, used when the filter object has them:
+
+    - ``response(head, status, headers)``: sees the response head before it
+      is relayed; returns a new list of ``(name, value)`` headers, or None
+      to leave them as they are.
+    - ``message(head, payload, binary, upward)``: the WebSocket message hook,
+      for every message of a session on a bridge route (``upward`` is True
+      from client to upstream); returns None (pass), :data:`DROP`, or a
+      :class:`CloseSession`.
+    - ``max_body_bytes``: an attribute; the route's request body limit is the
+      smallest of its filters' and its own.
     """
 
     def request(request: Any) -> Any:
-        """Decide about one request head.
+        """Decide about one request head (a ``chatproxy.http.messages.RequestHead``).
 
-        Returns ``None`` to pass the request on, or a decision object (or a
-        Deferred firing with one); the decision objects are defined by the
-        filter chain.
+        Returns None, :class:`Refuse`, :class:`Answer` or :class:`Rewrite`, or a
+        Deferred firing with one of them.
         """
 
 
@@ -66,8 +115,8 @@ class IFilterFactory(IPlugin):
     name = Attribute("The unique kind name used in config: ``use = NAME``.")
 
     def build(options: Mapping[str, str]) -> IRequestFilter:
-        """Validate ``options`` (everything in the section except ``use``) and
-        return the filter, or raise :class:`FilterOptionError`."""
+        """Validate ``options`` (everything in the section except ``use`` and
+        ``mode``) and return the filter, or raise :class:`FilterOptionError`."""
 
 
 def installed_filter_kinds() -> dict[str, Any]:

@@ -96,8 +96,7 @@ class Exchange:
             self.respond_local(404, "no route for this request")
             return
         self.route = route
-        if route.max_body_bytes is not None:
-            self.body_limit = route.max_body_bytes
+        self.body_limit = core.body_limit(route)
         if self.content_length is not None and self.content_length > self.body_limit:
             self.respond_local(413, f"request body larger than {self.body_limit} bytes", close=True)
             return
@@ -108,23 +107,26 @@ class Exchange:
             self.close_after = True
         filters = core.route_filters(route)
         if filters:
-            run_request_filters(filters, head, self._filtered)
+            run_request_filters(filters, head, self._filtered, core.filter_counters)
         else:
             self._dispatch()
 
-    def _filtered(self, decision: Decision) -> None:
+    def _filtered(self, decision: Decision, head: RequestHead) -> None:
         if self.finished:
             return
+        if head is not self.head:
+            # A filter rewrote the headers: what is forwarded follows.
+            self.head = head
+            self.names = [name.lower() for name, _ in head.headers]
+            self.connection_named = frozenset(
+                token.strip().lower() for (name, value), lower in zip(head.headers, self.names)
+                if lower == b"connection" for token in value.split(b",") if token.strip())
         if decision is None:
             self._dispatch()
         elif isinstance(decision, Refuse):
             self.respond_local(decision.status, decision.reason or None, extra=decision.headers)
-        elif isinstance(decision, Answer):
-            self.respond_answer(decision)
         else:
-            log.error("a filter on route {route} returned {decision!r}, not None, Answer or Refuse",
-                      route=self.route.name if self.route else "-", decision=decision)
-            self.respond_local(500, "internal filter error")
+            self.respond_answer(decision)
 
     def _dispatch(self) -> None:
         assert self.route is not None
@@ -323,6 +325,16 @@ class Exchange:
             # The upstream answered before the whole body arrived: the rest of
             # the body is read and dropped, and the connection ends afterwards.
             self.close_after = True
+        if self.route is not None:
+            for name, response_filter in self.front.core.response_filters(self.route):
+                try:
+                    changed = response_filter.response(self.head, status, out)
+                except Exception:
+                    log.failure("response hook of filter {name} raised; headers left as they were", name=name)
+                    continue
+                if changed is not None:
+                    out = [h for h in changed if h[0].lower() not in _HOP_AND_LENGTH] + \
+                        [h for h in out if h[0].lower() in (b"content-length", b"transfer-encoding")]
         keep = self.client_keep_alive and not self.close_after and not self.front.closing
         if not keep:
             out.append((b"Connection", b"close"))
