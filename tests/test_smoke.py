@@ -40,3 +40,23 @@ def test_https_listener_sends_forwarded_proto_https(proxy, upstream, pki):
     body = json.loads(response.read())
     assert response.status == 200
     assert dict((k.lower(), v) for k, v in body["headers"])["x-forwarded-proto"] == "https"
+
+
+def test_haproxy_endpoint_uses_the_address_from_the_proxy_header(proxy, upstream):
+    """Behind a load balancer speaking the PROXY protocol (a `haproxy:` endpoint), the client
+    address forwarded upstream is the one from the PROXY header, not the balancer's."""
+    import socket
+
+    port = free_port()
+    text = basic_config(upstream.url, port).replace(f"endpoint = tcp:{port}", f"endpoint = haproxy:tcp:{port}")
+    proxy.start(text, port=port)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"PROXY TCP4 203.0.113.9 127.0.0.1 40000 {port}\r\n".encode()
+                     + b"GET /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    headers = {k.lower(): v for k, v in json.loads(body)["headers"]}
+    assert headers["x-forwarded-for"] == "203.0.113.9"
