@@ -60,6 +60,14 @@ class _WhoAmI(Resource):
                           indent=2).encode("utf-8")
 
 
+class _NoIcon(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setResponseCode(204)  # browsers ask; there is none, and that is fine
+        return b""
+
+
 def demo_site() -> Site:
     """The demo upstream as a twisted.web Site."""
     root = Resource()
@@ -67,6 +75,7 @@ def demo_site() -> Site:
     root.putChild(b"", page)
     root.putChild(b"index.html", page)
     root.putChild(b"whoami", _WhoAmI())
+    root.putChild(b"favicon.ico", _NoIcon())
     root.putChild(b"chat", WebSocketResource(ChatFactory()))
     site = _QuietSite(root)
     site.displayTracebacks = False
