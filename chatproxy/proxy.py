@@ -47,7 +47,7 @@ class ProxyCore:
             for route in config.routes
         }
         self._message_filters = {
-            name: [(f.name, f.filter) for f in filters if callable(getattr(f.filter, "message", None))]
+            name: [f for f in filters if callable(getattr(f.filter, "message", None))]
             for name, filters in self._route_filters.items()
         }
         self._response_filters = {
@@ -75,8 +75,8 @@ class ProxyCore:
         filter's (``request_limits``) when smaller."""
         return self._body_limits[route.name]
 
-    def message_filters(self, route: Route | None) -> list[tuple[str, Any]]:
-        """The (name, filter) pairs of a route whose filters look at WebSocket messages."""
+    def message_filters(self, route: Route | None) -> list[RouteFilter]:
+        """The filters of a route that look at WebSocket messages."""
         return self._message_filters[route.name] if route is not None else []
 
     def route_sockets(self, route: Route) -> RouteSockets:

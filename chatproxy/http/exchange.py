@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from twisted.internet.error import ConnectingCancelledError, TimeoutError as ConnectTimeout
+from attrs import evolve
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -96,6 +97,7 @@ class Exchange:
             self.respond_local(404, "no route for this request")
             return
         self.route = route
+        self.head = head = evolve(head, route=route.name)
         self.body_limit = core.body_limit(route)
         if self.content_length is not None and self.content_length > self.body_limit:
             self.respond_local(413, f"request body larger than {self.body_limit} bytes", close=True)

@@ -66,7 +66,7 @@ class RequestHead:
     of an absolute-form target (which replaces Host, RFC 9112 3.2.2), and
     ``host`` its lower-cased name without port, used for routing; ``client``
     is the client address after ``trusted_proxies`` resolution and ``peer``
-    the TCP peer.
+    the TCP peer; ``route`` names the route the request matched.
     """
 
     method: str
@@ -81,6 +81,7 @@ class RequestHead:
     peer: str
     tls: bool
     listener: str
+    route: str = ""  # the matched route's name, once routed (what filters see)
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), or None."""
