@@ -39,11 +39,25 @@ class RouteFilter:
 
 
 def apply_rewrite(head: Any, rewrite: Rewrite) -> Any:
-    """The request head with a Rewrite's header changes applied."""
+    """The request head with a Rewrite's header changes applied.
+
+    Names the filter sets are also taken out of the client's ``Connection``
+    header, so a client cannot have a filter's header dropped as hop-by-hop.
+    """
     replaced = {name.lower() for name, _ in rewrite.set}
     dropped = rewrite.remove | replaced
-    headers = tuple(h for h in head.headers if h[0].lower() not in dropped) + tuple(rewrite.set)
-    return evolve(head, headers=headers)
+    headers: list[tuple[bytes, bytes]] = []
+    for name, value in head.headers:
+        lower = name.lower()
+        if lower in dropped:
+            continue
+        if lower == b"connection" and replaced:
+            tokens = [t for t in value.split(b",") if t.strip().lower() not in replaced]
+            if not any(t.strip() for t in tokens):
+                continue
+            value = b",".join(tokens).strip()
+        headers.append((name, value))
+    return evolve(head, headers=tuple(headers) + tuple(rewrite.set))
 
 
 def run_request_filters(filters: Sequence[RouteFilter], head: Any, done: Callable[[Decision, Any], None],

@@ -1,0 +1,164 @@
+"""The ``headers`` filter kind: set or remove request and response headers.
+
+::
+
+    [filter:security-headers]
+    use = headers
+    response_set =
+        Strict-Transport-Security: max-age=31536000; includeSubDomains
+        X-Content-Type-Options: nosniff
+    response_remove = Server, X-Powered-By
+    request_remove = X-Debug
+
+``*_set`` options take one ``Name: value`` a line; a set header replaces
+every header of that name (several lines with one name give several
+fields).  ``*_remove`` options take a list of names.  Request headers are
+changed before the request is forwarded (a :class:`Rewrite`), response
+headers before the response head is relayed (the ``response`` hook).
+Headers that describe the connection or the message framing cannot be
+touched: the proxy writes those itself.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from chatproxy.config import parse_list
+from chatproxy.filters import FilterOptionError, Header, IFilterFactory, IRequestFilter, Rewrite
+from chatproxy.http.messages import FORWARDING, HOP_BY_HOP
+
+_OPTIONS = ("request_set", "request_remove", "response_set", "response_remove")
+TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# A field value: visible characters, spaces and tabs (RFC 9110 5.5).
+_VALUE_RE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+
+# Hop-by-hop and framing headers, and Host: never set or removed by this filter.
+CONNECTION_HEADERS = HOP_BY_HOP | {b"content-length", b"host"}
+# In requests, also the headers chatproxy writes or handles itself.
+REQUEST_ONLY = FORWARDING | {b"via", b"expect"}
+
+
+def _forbidden(option: str, name: str) -> None:
+    lower = name.lower().encode("ascii")
+    if lower in CONNECTION_HEADERS:
+        raise FilterOptionError(option, f"{name} is a hop-by-hop or framing header, which chatproxy manages "
+                                        "itself: it cannot be set or removed")
+    if option.startswith("request_") and lower in REQUEST_ONLY:
+        raise FilterOptionError(option, f"{name} is written by chatproxy itself (see trusted_proxies): "
+                                        "it cannot be set or removed")
+
+
+def _name(option: str, name: str) -> str:
+    if not TOKEN_RE.fullmatch(name):
+        raise FilterOptionError(option, f"{name!r} is not a header name")
+    _forbidden(option, name)
+    return name
+
+
+def parse_set(option: str, text: str) -> tuple[Header, ...]:
+    """``Name: value`` lines (blank lines skipped) as header pairs."""
+    headers: list[Header] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise FilterOptionError(option, f"expected 'Name: value', got {line!r}")
+        name, value = _name(option, name.strip()), value.strip()
+        if not _VALUE_RE.fullmatch(value):
+            raise FilterOptionError(option, f"the value of {name} has characters a header value cannot have")
+        headers.append((name.encode("ascii"), value.encode("latin-1")))
+    if not headers:
+        raise FilterOptionError(option, "expected at least one 'Name: value' line")
+    return tuple(headers)
+
+
+def parse_remove(option: str, text: str) -> frozenset[bytes]:
+    """A list of header names, lower-cased."""
+    names = parse_list(text)
+    if not names:
+        raise FilterOptionError(option, "expected at least one header name")
+    return frozenset(_name(option, name).lower().encode("ascii") for name in names)
+
+
+def edit(headers: Sequence[Header], set_: tuple[Header, ...], remove: frozenset[bytes]) -> list[Header]:
+    """``headers`` without the names in ``remove`` or ``set_``, then ``set_`` added."""
+    dropped = remove | {name.lower() for name, _ in set_}
+    return [h for h in headers if h[0].lower() not in dropped] + list(set_)
+
+
+@implementer(IRequestFilter)
+class HeadersFilter:
+    """Sets and removes request headers (a Rewrite) and response headers (the
+    response hook).  Never refuses."""
+
+    def __init__(self, request_set: tuple[Header, ...], request_remove: frozenset[bytes],
+                 response_set: tuple[Header, ...], response_remove: frozenset[bytes]) -> None:
+        self.request_set = request_set
+        self.request_remove = request_remove
+        self.response_set = response_set
+        self.response_remove = response_remove
+        self._rewrite = Rewrite(set=request_set, remove=request_remove) if request_set or request_remove else None
+        self._set_names = frozenset(name.lower() for name, _ in request_set)
+        self._edits_response = bool(response_set or response_remove)
+
+    def request(self, head: Any) -> Rewrite | None:
+        """The configured request header changes.
+
+        A client could have a header removed on the way to the upstream by
+        naming it in ``Connection`` (hop-by-hop by declaration); the headers
+        this filter sets are taken out of ``Connection`` so they do arrive.
+        """
+        if self._set_names:
+            tokens = [token.strip() for name, value in head.headers if name.lower() == b"connection"
+                      for token in value.split(b",") if token.strip()]
+            if any(token.lower() in self._set_names for token in tokens):
+                kept = [token for token in tokens if token.lower() not in self._set_names]
+                if kept:
+                    return Rewrite(set=self.request_set + ((b"Connection", b", ".join(kept)),),
+                                   remove=self.request_remove)
+                return Rewrite(set=self.request_set, remove=self.request_remove | {b"connection"})
+        return self._rewrite
+
+    def response(self, head: Any, status: int, headers: list[Header]) -> list[Header] | None:
+        """The response headers with the configured changes (None: no response changes)."""
+        if not self._edits_response:
+            return None
+        return edit(headers, self.response_set, self.response_remove)
+
+
+@implementer(IPlugin, IFilterFactory)
+class HeadersKind:
+    """The filter kind ``use = headers``."""
+
+    name = "headers"
+
+    def build(self, options: Mapping[str, str]) -> HeadersFilter:
+        """Parse the four options; at least one is required."""
+        for option in options:
+            if option not in _OPTIONS:
+                raise FilterOptionError(option, f"unknown option (headers takes: {', '.join(_OPTIONS)})")
+        if not options:
+            raise FilterOptionError(None, f"headers needs at least one of: {', '.join(_OPTIONS)}")
+        sets: dict[str, tuple[Header, ...]] = {}
+        removes: dict[str, frozenset[bytes]] = {}
+        for side in ("request", "response"):
+            set_option, remove_option = f"{side}_set", f"{side}_remove"
+            sets[side] = parse_set(set_option, options[set_option]) if set_option in options else ()
+            removes[side] = parse_remove(remove_option, options[remove_option]) if remove_option in options \
+                else frozenset()
+            both = removes[side] & {name.lower() for name, _ in sets[side]}
+            if both:
+                names = ", ".join(sorted(n.decode("ascii") for n in both))
+                raise FilterOptionError(remove_option, f"{names} also in {set_option}: a header is either set "
+                                                       "(which replaces it) or removed")
+        return HeadersFilter(sets["request"], removes["request"], sets["response"], removes["response"])
+
+
+headers = HeadersKind()
