@@ -54,6 +54,11 @@ class ProxyCore:
             name: [(f.name, f.filter) for f in filters if callable(getattr(f.filter, "response", None))]
             for name, filters in self._route_filters.items()
         }
+        self._body_filters = {
+            name: [f for f in filters if callable(getattr(f.filter, "request_body", None))
+                   and isinstance(getattr(f.filter, "inspect_body_bytes", None), int) and f.filter.inspect_body_bytes > 0]
+            for name, filters in self._route_filters.items()
+        }
         self._body_limits = {
             route.name: min([route.max_body_bytes if route.max_body_bytes is not None else config.settings.max_body_bytes]
                             + [int(f.filter.max_body_bytes) for f in self._route_filters[route.name]
@@ -69,6 +74,15 @@ class ProxyCore:
     def response_filters(self, route: Route) -> list[tuple[str, Any]]:
         """The (name, filter) pairs of a route whose filters see response heads."""
         return self._response_filters[route.name]
+
+    def body_filters(self, route: Route) -> list[RouteFilter]:
+        """The filters of a route that read the start of request bodies."""
+        return self._body_filters[route.name]
+
+    def body_inspection_limit(self, route: Route) -> int:
+        """How many body bytes the route's body filters want before forwarding (0: none)."""
+        filters = self._body_filters[route.name]
+        return max((int(f.filter.inspect_body_bytes) for f in filters), default=0)
 
     def body_limit(self, route: Route) -> int:
         """The request body limit of a route: its own or the global one, or a

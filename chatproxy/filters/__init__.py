@@ -99,6 +99,12 @@ class IRequestFilter(Interface):
       :class:`CloseSession`.
     - ``max_body_bytes``: an attribute; the route's request body limit is the
       smallest of its filters' and its own.
+    - ``inspect_body_bytes`` (an int attribute) with ``request_body(head,
+      body, complete)``: the body hook.  The request is held until that many
+      bytes of its body (or all of it, if shorter) have arrived; the hook sees
+      them (``complete`` says whether that is the whole body) and returns a
+      decision as ``request`` does (a Rewrite is ignored there).  Only then is
+      the request forwarded, the held bytes first.
     """
 
     def request(request: Any) -> Any:

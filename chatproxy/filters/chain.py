@@ -24,7 +24,7 @@ from chatproxy.filters import Answer, Refuse, Rewrite
 
 log = Logger()
 
-__all__ = ["Answer", "Decision", "Refuse", "Rewrite", "RouteFilter", "run_request_filters"]
+__all__ = ["Answer", "Decision", "Refuse", "Rewrite", "RouteFilter", "run_body_filters", "run_request_filters"]
 
 Decision = Refuse | Answer | None
 
@@ -64,6 +64,18 @@ def run_request_filters(filters: Sequence[RouteFilter], head: Any, done: Callabl
                         counters: Counter[str]) -> None:
     """Run ``filters`` on ``head``; call ``done(decision, head)`` with the first
     refusal or answer (or None when all passed) and the head as rewritten."""
+    _run(filters, lambda flt, head: flt.filter.request(head), head, done, counters)
+
+
+def run_body_filters(filters: Sequence[RouteFilter], head: Any, body: bytes, complete: bool,
+                     done: Callable[[Decision, Any], None], counters: Counter[str]) -> None:
+    """Run the body hooks ``request_body(head, body, complete)`` of ``filters``
+    on the first bytes of the request body (``complete``: that is all of it)."""
+    _run(filters, lambda flt, head: flt.filter.request_body(head, body, complete), head, done, counters)
+
+
+def _run(filters: Sequence[RouteFilter], call: Callable[[RouteFilter, Any], Any], head: Any,
+         done: Callable[[Decision, Any], None], counters: Counter[str]) -> None:
 
     def outcome(flt: RouteFilter, result: Any, head: Any) -> tuple[bool, Decision, Any]:
         """(stop?, decision, head) for one filter's result."""
@@ -97,7 +109,7 @@ def run_request_filters(filters: Sequence[RouteFilter], head: Any, done: Callabl
         while index < len(filters):
             flt = filters[index]
             try:
-                result = flt.filter.request(head)
+                result = call(flt, head)
             except Exception:
                 counters[f"{flt.name}:error"] += 1
                 log.failure("filter {name} raised; request refused with 500", name=flt.name)

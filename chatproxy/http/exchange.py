@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatproxy.accesslog import AccessRecord
-from chatproxy.filters.chain import Answer, Decision, Refuse, run_request_filters
+from chatproxy.filters.chain import Answer, Decision, Refuse, run_body_filters, run_request_filters
 from chatproxy.http.messages import FORWARDING, HOP_BY_HOP, REASONS, Header, RequestHead, local_response
 
 if TYPE_CHECKING:
@@ -78,6 +78,10 @@ class Exchange:
         self.close_delimited = False
         self._buffer: list[bytes] = []
         self._buffered = 0
+        # Body inspection: filters that read the first bytes of the body
+        # before the request is forwarded (0: none is waiting for it).
+        self._inspect_limit = 0
+        self._sent_continue = False
         self.names: list[bytes] = []  # the request's header names, lower-cased
         self.connection_named: frozenset[bytes] = frozenset()  # listed in Connection
 
@@ -124,6 +128,48 @@ class Exchange:
                 token.strip().lower() for (name, value), lower in zip(head.headers, self.names)
                 if lower == b"connection" for token in value.split(b",") if token.strip())
         if decision is None:
+            self._inspect_or_dispatch()
+        elif isinstance(decision, Refuse):
+            self.respond_local(decision.status, decision.reason or None, extra=decision.headers)
+        else:
+            self.respond_answer(decision)
+
+    def _inspect_or_dispatch(self) -> None:
+        """Dispatch, or first collect the body for the route's body filters."""
+        assert self.route is not None
+        limit = self.front.core.body_inspection_limit(self.route)
+        if limit and not self.body_done and not self.upgrade:
+            self._inspect_limit = limit
+            if self.expect_continue and not self._sent_continue:
+                self._sent_continue = True
+                self.front.write(_CONTINUE)
+            self._maybe_inspect()
+            return
+        if limit and self.body_done and self._buffered and not self.upgrade:
+            self._inspect_limit = limit
+            self._maybe_inspect()
+            return
+        self._dispatch()
+
+    def _maybe_inspect(self) -> None:
+        """Run the body filters once enough of the body (or all of it) is here."""
+        if not self._inspect_limit or self.finished:
+            return
+        if not self.body_done and self._buffered < self._inspect_limit:
+            self.front.resume_reading("body")  # keep reading up to the inspection limit
+            return
+        limit, self._inspect_limit = self._inspect_limit, 0
+        body = b"".join(self._buffer)
+        head = self.head
+        assert head is not None and self.route is not None
+        run_body_filters(self.front.core.body_filters(self.route), head, body[:limit],
+                         self.body_done and len(body) <= limit, self._body_filtered,
+                         self.front.core.filter_counters)
+
+    def _body_filtered(self, decision: Decision, head: RequestHead) -> None:
+        if self.finished:
+            return
+        if decision is None:
             self._dispatch()
         elif isinstance(decision, Refuse):
             self.respond_local(decision.status, decision.reason or None, extra=decision.headers)
@@ -169,7 +215,8 @@ class Exchange:
         connection.begin(self, self._upstream_head(), self.head.method == "HEAD")  # type: ignore[union-attr]
         if self.front.client_paused:
             connection.pause_reading()
-        if self.expect_continue and not self.body_done and self._buffered == 0:
+        if self.expect_continue and not self.body_done and self._buffered == 0 and not self._sent_continue:
+            self._sent_continue = True
             self.front.write(_CONTINUE)
         if self._buffer:
             for chunk in self._buffer:
@@ -256,7 +303,9 @@ class Exchange:
         else:
             self._buffer.append(data)
             self._buffered += len(data)
-            if self._buffered > _BODY_BUFFER_LIMIT:
+            if self._inspect_limit:
+                self._maybe_inspect()
+            if self._buffered > max(_BODY_BUFFER_LIMIT, self._inspect_limit) and self.connection is None:
                 self.front.pause_reading("body")
 
     def client_body_done(self) -> None:
@@ -264,6 +313,8 @@ class Exchange:
         self.body_done = True
         if self.connection is not None and not self.discarding:
             self._end_request_body(self.connection)
+        elif self._inspect_limit and not self.discarding:
+            self._maybe_inspect()
 
     def _body_too_large(self) -> None:
         message = f"request body larger than {self.body_limit} bytes"

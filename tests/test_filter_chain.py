@@ -1,0 +1,287 @@
+"""The filter chain: order, decisions, error isolation, report mode, counters, the
+rewrite, response and body hooks — on in-memory transports with a fake filter kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from zope.interface import implementer
+
+from chatproxy.config import load_config
+from chatproxy.filters import Answer, IFilterFactory, IRequestFilter, Refuse, Rewrite
+from chatproxy.http.front import FrontFactory
+from chatproxy.proxy import ProxyCore
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Upstream: yes\r\n\r\nok"
+
+
+@implementer(IRequestFilter)
+class Scripted:
+    """A filter whose request hook returns what its ``behaviour`` option says."""
+
+    def __init__(self, name: str, behaviour: str, calls: list[str]) -> None:
+        self.name = name
+        self.behaviour = behaviour
+        self.calls = calls
+        self.pending: defer.Deferred[Any] | None = None
+
+    def request(self, head: Any) -> Any:
+        self.calls.append(self.name)
+        match self.behaviour:
+            case "pass":
+                return None
+            case "refuse":
+                return Refuse(403, f"refused by {self.name}", ((b"X-Refused-By", self.name.encode()),))
+            case "answer":
+                return Answer(200, b"answered", ((b"Content-Type", b"text/plain"),))
+            case "raise":
+                raise RuntimeError("filter bug")
+            case "garbage":
+                return 42
+            case "rewrite":
+                return Rewrite(set=((b"X-Tenant", b"acme"),), remove=frozenset({b"x-secret"}))
+            case "deferred":
+                self.pending = defer.Deferred()
+                return self.pending
+        raise AssertionError(self.behaviour)
+
+
+@implementer(IRequestFilter)
+class BodyInspector:
+    """Refuses requests whose first ``limit`` body bytes contain ``EVIL``; records what it saw."""
+
+    def __init__(self, limit: int, seen: list[tuple[bytes, bool]]) -> None:
+        self.inspect_body_bytes = limit
+        self.seen = seen
+
+    def request(self, head: Any) -> None:
+        return None
+
+    def request_body(self, head: Any, body: bytes, complete: bool) -> Any:
+        self.seen.append((body, complete))
+        return Refuse(403, "evil body") if b"EVIL" in body else None
+
+
+@implementer(IRequestFilter)
+class ResponseStamper:
+    """Adds a header to every response head and removes ``X-Upstream``."""
+
+    def request(self, head: Any) -> None:
+        return None
+
+    def response(self, head: Any, status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        return [h for h in headers if h[0].lower() != b"x-upstream"] + [(b"X-Stamped", b"%d" % status)]
+
+
+@implementer(IFilterFactory)
+class Kind:
+    """A fake filter kind building the filters above from options."""
+
+    name = "scripted"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.built: dict[str, Any] = {}
+        self.seen: list[tuple[bytes, bool]] = []
+
+    def build(self, options: Any) -> Any:
+        label = options["label"]
+        behaviour = options["behaviour"]
+        if behaviour == "body":
+            flt: Any = BodyInspector(int(options["limit"]), self.seen)
+        elif behaviour == "stamp":
+            flt = ResponseStamper()
+        else:
+            flt = Scripted(label, behaviour, self.calls)
+        self.built[label] = flt
+        return flt
+
+
+class Chain:
+    """A ProxyCore on a memory reactor whose route runs the filters given as (label, behaviour, mode)."""
+
+    def __init__(self, tmp_path: Path, filters: list[tuple[str, str, str]], extra: str = "") -> None:
+        sections = "".join(
+            f"[filter:{label}]\nuse = scripted\nlabel = {label}\nbehaviour = {behaviour}\nmode = {mode}\n{extra}\n"
+            for label, behaviour, mode in filters
+        )
+        path = tmp_path / "chain.ini"
+        path.write_text(
+            "[chatproxy]\naccess_log = off\n[listen:main]\nendpoint = tcp:8080:interface=127.0.0.1\n"
+            "[upstream:app]\nservers = http://127.0.0.1:9901\n"
+            f"[route:all]\npath = /\nupstream = app\nfilters = {', '.join(f[0] for f in filters)}\n" + sections
+        )
+        self.kind = Kind()
+        self.config = load_config([path], filter_kinds={"scripted": self.kind})
+        self.reactor = MemoryReactorClock()
+        self.core = ProxyCore(self.reactor, self.config)
+        factory = FrontFactory(self.core, self.config.listeners["main"])
+        self.front = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
+        self.client = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 8080),
+                                      peerAddress=IPv4Address("TCP", "192.0.2.7", 40000), lenient=True)
+        self.front.makeConnection(self.client)
+
+    def send(self, data: bytes) -> None:
+        """Bytes from the client."""
+        self.front.dataReceived(data)
+
+    def upstream(self) -> tuple[Any, StringTransport]:
+        """Complete the pending upstream connection."""
+        host, port, factory, _timeout, _bind = self.reactor.tcpClients.pop(0)
+        self.reactor.connectors.pop(0)
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        wire = StringTransport(peerAddress=IPv4Address("TCP", host, port), lenient=True)
+        protocol.makeConnection(wire)
+        return protocol, wire
+
+
+GET = b"GET /x HTTP/1.1\r\nHost: chat.example\r\n\r\n"
+
+
+def test_filters_run_in_order_and_the_first_refusal_stops_the_chain(tmp_path):
+    """Filters run in the route's order; a refusal answers the client with its status, body and
+    headers, the later filters are not called, and no upstream connection is opened."""
+    chain = Chain(tmp_path, [("a", "pass", "enforce"), ("b", "refuse", "enforce"), ("c", "pass", "enforce")])
+    chain.send(GET)
+    assert chain.kind.calls == ["a", "b"]
+    reply = chain.client.value()
+    assert reply.startswith(b"HTTP/1.1 403 ")
+    assert b"X-Refused-By: b\r\n" in reply and reply.endswith(b"refused by b\n")
+    assert not chain.reactor.tcpClients
+    assert chain.core.filter_counters["a:passed"] == 1 and chain.core.filter_counters["b:refused"] == 1
+    assert chain.core.filter_counters["c:passed"] == 0
+
+
+@pytest.mark.parametrize("behaviour", ["raise", "garbage"])
+def test_a_broken_filter_refuses_with_500_and_the_connection_lives_on(tmp_path, behaviour):
+    """A filter that raises (or returns something that is not a decision) gets the request a 500;
+    the error is counted, and the same keep-alive connection serves the next request."""
+    chain = Chain(tmp_path, [("broken", behaviour, "enforce")])
+    chain.send(GET)
+    assert chain.client.value().startswith(b"HTTP/1.1 500 ")
+    assert not chain.client.disconnecting
+    assert chain.core.filter_counters["broken:error"] == 1
+    chain.client.clear()
+    chain.send(GET)
+    assert chain.client.value().startswith(b"HTTP/1.1 500 ")
+    assert chain.core.filter_counters["broken:error"] == 2
+
+
+def test_report_mode_logs_and_counts_but_lets_the_request_through(tmp_path):
+    """A refusing filter in mode = report does not refuse: the request reaches the upstream and the
+    outcome is counted as reported."""
+    chain = Chain(tmp_path, [("dry", "refuse", "report"), ("after", "pass", "enforce")])
+    chain.send(GET)
+    _, wire = chain.upstream()
+    assert wire.value().startswith(b"GET /x HTTP/1.1\r\n")
+    assert chain.kind.calls == ["dry", "after"]
+    assert chain.core.filter_counters["dry:reported"] == 1
+    assert chain.core.filter_counters["dry:refused"] == 0
+
+
+def test_an_answer_is_sent_as_the_response(tmp_path):
+    """A filter's Answer is the client's response, with its own headers and a Content-Length."""
+    chain = Chain(tmp_path, [("reply", "answer", "enforce")])
+    chain.send(GET)
+    reply = chain.client.value()
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert b"Content-Length: 8\r\n" in reply and reply.endswith(b"\r\n\r\nanswered")
+    assert chain.core.filter_counters["reply:answered"] == 1
+
+
+def test_a_deferred_decision_holds_the_request_until_it_fires(tmp_path):
+    """A filter returning a Deferred: nothing is forwarded until it fires with None, then the
+    request goes on to the next filter and the upstream."""
+    chain = Chain(tmp_path, [("slow", "deferred", "enforce"), ("next", "pass", "enforce")])
+    chain.send(GET)
+    assert chain.kind.calls == ["slow"] and not chain.reactor.tcpClients
+    chain.kind.built["slow"].pending.callback(None)
+    assert chain.kind.calls == ["slow", "next"]
+    _, wire = chain.upstream()
+    assert wire.value().startswith(b"GET /x ")
+
+
+def test_a_failed_deferred_refuses_with_500(tmp_path):
+    """A filter whose Deferred fails gets the request a 500, counted as an error."""
+    chain = Chain(tmp_path, [("slow", "deferred", "enforce")])
+    chain.send(GET)
+    chain.kind.built["slow"].pending.errback(RuntimeError("lookup failed"))
+    assert chain.client.value().startswith(b"HTTP/1.1 500 ")
+    assert chain.core.filter_counters["slow:error"] == 1
+
+
+def test_a_rewrite_changes_what_is_forwarded_and_the_client_cannot_undo_it(tmp_path):
+    """A Rewrite sets and removes request headers before forwarding; a client naming the set header
+    in its Connection header cannot get it dropped as hop-by-hop."""
+    chain = Chain(tmp_path, [("tenant", "rewrite", "enforce")])
+    chain.send(b"GET /x HTTP/1.1\r\nHost: chat.example\r\nX-Secret: s3cret\r\nX-Tenant: evil\r\n"
+               b"Connection: keep-alive, X-Tenant\r\n\r\n")
+    _, wire = chain.upstream()
+    sent = wire.value()
+    assert b"X-Tenant: acme\r\n" in sent
+    assert b"evil" not in sent and b"X-Secret" not in sent
+
+
+def test_response_hook_changes_the_response_head(tmp_path):
+    """A filter's response hook sees the upstream's response head and its header list is what the
+    client gets (framing kept)."""
+    chain = Chain(tmp_path, [("stamp", "stamp", "enforce")])
+    chain.send(GET)
+    upstream, _ = chain.upstream()
+    upstream.dataReceived(OK)
+    reply = chain.client.value()
+    assert b"X-Stamped: 200\r\n" in reply and b"X-Upstream" not in reply
+    assert b"Content-Length: 2\r\n" in reply and reply.endswith(b"\r\n\r\nok")
+
+
+def _body_chain(tmp_path: Path, limit: int) -> Chain:
+    return Chain(tmp_path, [("body", "body", "enforce")], extra=f"limit = {limit}\n")
+
+
+def test_body_hook_refuses_before_anything_reaches_the_upstream(tmp_path):
+    """A body filter sees the first inspect_body_bytes of the body before the request is forwarded;
+    its refusal answers the client and no upstream connection is made."""
+    chain = _body_chain(tmp_path, 16)
+    chain.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 40\r\n\r\n0123456789EVIL")
+    assert chain.kind.seen == [] and not chain.reactor.tcpClients  # 14 bytes: still collecting
+    chain.send(b"abcdefghij" + b"z" * 16)
+    assert chain.kind.seen == [(b"0123456789EVILab", False)]
+    assert chain.client.value().startswith(b"HTTP/1.1 403 ")
+    assert not chain.reactor.tcpClients
+
+
+def test_body_hook_passes_and_the_whole_body_is_forwarded_in_order(tmp_path):
+    """A body the filter passes is forwarded whole, the inspected bytes first, the rest streamed."""
+    chain = _body_chain(tmp_path, 8)
+    chain.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 20\r\n\r\nhello, ")
+    chain.send(b"world! 123456")
+    assert chain.kind.seen == [(b"hello, w", False)]
+    _, wire = chain.upstream()
+    assert wire.value().endswith(b"\r\n\r\nhello, world! 123456")
+
+
+def test_body_hook_sees_a_short_body_whole(tmp_path):
+    """A body shorter than inspect_body_bytes is inspected once complete, marked complete."""
+    chain = _body_chain(tmp_path, 1024)
+    chain.send(b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+    assert chain.kind.seen == [(b"hello", True)]
+    _, wire = chain.upstream()
+    assert b"Transfer-Encoding: chunked\r\n" in wire.value() and wire.value().endswith(b"5\r\nhello\r\n0\r\n\r\n")
+
+
+def test_body_hook_answers_expect_continue_before_reading(tmp_path):
+    """With Expect: 100-continue the proxy says 100 Continue before collecting the body to inspect,
+    and only once."""
+    chain = _body_chain(tmp_path, 4)
+    chain.send(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\nExpect: 100-continue\r\n\r\n")
+    assert chain.client.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    chain.send(b"benign")
+    upstream, wire = chain.upstream()
+    assert wire.value().endswith(b"\r\n\r\nbenign") and b"Expect" not in wire.value()
+    upstream.dataReceived(OK)
+    assert chain.client.value().count(b"100 Continue") == 1
