@@ -108,6 +108,11 @@ class ClientLeg(WebSocketServerProtocol):  # type: ignore[misc]
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.bridge.leg_closed(self, wasClean, code, reason)
 
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        if self.state == self.STATE_OPEN:
+            self.bridge.leg_failed(self, code, reason)
+        super()._fail_connection(code, reason)
+
 
 class UpstreamLeg(WebSocketClientProtocol):  # type: ignore[misc]
     """The Autobahn client protocol speaking to the upstream."""
@@ -136,6 +141,11 @@ class UpstreamLeg(WebSocketClientProtocol):  # type: ignore[misc]
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.bridge.leg_closed(self, wasClean, code, reason)
+
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        if self.state == self.STATE_OPEN:
+            self.bridge.leg_failed(self, code, reason)
+        super()._fail_connection(code, reason)
 
     def failHandshake(self, reason: str) -> None:
         status_line = getattr(self, "http_status_line", "") or ""
@@ -191,7 +201,9 @@ class RouteSockets:
             autoPingRestartOnAnyTraffic=True,
             perMessageCompressionAccept=_accept_deflate if options.compression else None,
             failByDrop=False,
+            echoCloseCodeReason=True,  # answer a close with its own code and reason, as the peer behind would
         )
+        factory._batched_timer = _TIMER
         self.server_factory = factory
 
     def client_options(self) -> dict[str, Any]:
@@ -208,7 +220,34 @@ class RouteSockets:
             perMessageCompressionOffers=[PerMessageDeflateOffer()] if options.compression else [],
             perMessageCompressionAccept=_accept_deflate_response if options.compression else None,
             failByDrop=False,
+            echoCloseCodeReason=True,
         )
+
+
+class _Timer:
+    """Autobahn's timers (pings, ping and handshake timeouts) at the delay asked
+    for.  txaio's batched timer, Autobahn's default, rounds the due time down to
+    a whole second: a 1 s ping_timeout could fire a millisecond after the ping
+    and drop a healthy peer, a 300 ms ping_interval pinged at once."""
+
+    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> _Call:
+        from twisted.internet import reactor
+
+        return _Call(reactor.callLater(delay, func, *args, **kwargs))  # type: ignore[attr-defined]
+
+
+class _Call:
+    """A timer call whose cancel() may come after it ran (as Autobahn expects)."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+_TIMER = _Timer()
 
 
 def _accept_deflate(offers: list[Any]) -> Any:
@@ -244,6 +283,7 @@ class WebSocketBridge:
         self.upstream: UpstreamLeg | None = None
         self._handshake: defer.Deferred[Any] | None = None
         self._handshake_timer: Any = None
+        self._connecting: defer.Deferred[Any] | None = None
         self._client_open = False
         self._upstream_open = False
         self._pending_to_client: list[tuple[bytes, bool]] = []
@@ -305,15 +345,18 @@ class WebSocketBridge:
         factory.noisy = False
         factory.protocol = UpstreamLeg
         factory.setProtocolOptions(**self.sockets.client_options())
-        if upstream_config.host_header == "client" and head.host:
-            factory.host = head.host
+        factory._batched_timer = _TIMER
+        if upstream_config.host_header == "client" and head.authority:
+            # Host as the client sent it (Autobahn writes "Host: host:port"), not
+            # the client's host name with the upstream's port.
+            factory.host, factory.port = _split_authority(head.authority, 443 if self.front.tls else 80)
         self._handshake = defer.Deferred()
         leg = UpstreamLeg()
         leg.bridge = self
         leg.factory = factory
         self.upstream = leg
         endpoint = server._endpoint()
-        connecting = endpoint.connect(_Prepared(leg))
+        connecting = self._connecting = endpoint.connect(_Prepared(leg))
         connecting.addErrback(self._connect_failed)
         self._handshake_timer = self.reactor.callLater(
             upstream_config.connect_timeout + upstream_config.response_timeout, self._handshake_timed_out)
@@ -330,7 +373,8 @@ class WebSocketBridge:
                 continue
             text = name.decode("latin-1")
             if text in headers:
-                headers[text] += ", " + value.decode("latin-1")  # e.g. two Cookie lines
+                # e.g. two Cookie lines: cookies are separated by "; ", other lists by ", "
+                headers[text] += ("; " if lower == b"cookie" else ", ") + value.decode("latin-1")
             else:
                 headers[text] = value.decode("latin-1")
         front = self.front
@@ -360,6 +404,8 @@ class WebSocketBridge:
         return handshake
 
     def _connect_failed(self, failure: Failure) -> None:
+        if self._handshake is None:
+            return  # nobody waits for it any more (the client left, or it timed out)
         timeout = failure.check(ConnectTimeout, ConnectingCancelledError) is not None
         server = self.exchange.server
         log.warn("WebSocket upstream {server} unreachable: {reason}",
@@ -389,8 +435,12 @@ class WebSocketBridge:
         handshake = self._settle()
         if handshake is None:
             return
-        headers = {}
-        cookies = response.headers.get("set-cookie") if isinstance(response.headers, dict) else None
+        headers: dict[str, Any] = {}
+        # One line each: Autobahn's parsed headers join repeated ones with ", ",
+        # which breaks Set-Cookie (its Expires dates hold commas).
+        raw = getattr(self.upstream, "http_response_data", b"") or b""
+        cookies = [line.split(b":", 1)[1].strip().decode("latin-1") for line in raw.split(b"\r\n")[1:]
+                   if line[:11].lower() == b"set-cookie:"]
         if cookies:
             headers["Set-Cookie"] = cookies
         handshake.callback((response.protocol, headers))
@@ -432,24 +482,37 @@ class WebSocketBridge:
         else:
             self.messages_down += 1
             self.bytes_down += len(payload)
-        for name, message_filter in self.front.core.message_filters(self.exchange.route):
+        counters = self.front.core.filter_counters
+        for route_filter in self.front.core.message_filters(self.exchange.route):
+            name = route_filter.name
             try:
-                verdict = message_filter.message(self.exchange.head, payload, binary, upward)
+                verdict = route_filter.filter.message(self.exchange.head, payload, binary, upward)
             except Exception:
+                counters[f"{name}:error"] += 1
                 log.failure("message filter {name} raised: session closed with 1011", name=name)
                 self.close_both(1011, "internal filter error")
                 return
             if verdict is None:
                 continue
-            if verdict == DROP:
-                self.front.core.counters["websocket_dropped"] += 1
-                return
-            if isinstance(verdict, CloseSession):
-                self.close_both(verdict.code, verdict.reason)
-            else:
+            if verdict != DROP and not isinstance(verdict, CloseSession):
+                counters[f"{name}:error"] += 1
                 log.error("message filter {name} returned {verdict!r}: session closed with 1011",
                           name=name, verdict=verdict)
                 self.close_both(1011, "internal filter error")
+                return
+            what = "dropped a message" if verdict == DROP else f"closed the session with {verdict.code}"
+            if route_filter.report:
+                counters[f"{name}:reported"] += 1
+                log.info("filter {name} (report mode) would have {what} from {client}", name=name, what=what,
+                         client=self.exchange.head.client if self.exchange.head else "-")
+                continue
+            counters[f"{name}:refused"] += 1
+            log.info("filter {name} {what} from {client}", name=name, what=what,
+                     client=self.exchange.head.client if self.exchange.head else "-")
+            if verdict == DROP:
+                self.front.core.counters["websocket_dropped"] += 1
+            else:
+                self.close_both(verdict.code, verdict.reason)
             return
         if upward:
             assert self.upstream is not None
@@ -531,11 +594,30 @@ class WebSocketBridge:
             if leg is not None and _is_open(leg):
                 leg.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:120])
 
+    def leg_failed(self, leg: Any, code: int, reason: str) -> None:
+        """Autobahn fails one leg (1007 invalid UTF-8, 1009 too big, 1002 protocol
+        error): the session ends with that code on both legs, as when chatproxy
+        closes it itself, and the access log says so (not 1001/1011)."""
+        if self.close_code is None:
+            self.close_code = code
+        self._closing = True
+        other = self.upstream if leg is self.client else self.client
+        if other is not None and _is_open(other):
+            other.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:120])
+
     def leg_closed(self, leg: Any, was_clean: bool, code: int | None, reason: str | None) -> None:
         """A leg's connection is gone; make sure the other one goes too."""
+        # Gone, it no longer holds the other leg back: read that one again, or
+        # its answer to the close below waits unread for closeHandshakeTimeout.
+        self.leg_writable(upstream=leg is self.upstream, writable=True)
         if leg is self.upstream and self._handshake is not None:
             self._deny(502, "upstream closed during the handshake")
         other = self.upstream if leg is self.client else self.client
+        if leg is self.client and other is not None and other.transport is None and self._connecting is not None:
+            # The client left while the upstream was still being connected: give
+            # up on it, or the upstream would get a session nobody ever closes.
+            self._settle()
+            self._connecting.cancel()
         if other is not None and _is_open(other):
             lost_code = UPSTREAM_LOST if leg is self.upstream else CLIENT_LOST
             if self.close_code is None:
@@ -543,7 +625,10 @@ class WebSocketBridge:
             self._closing = True
             other.sendCloseFrame(code=lost_code,
                                  reasonUtf8=b"upstream connection lost" if leg is self.upstream else b"client went away")
-        elif other is not None and other.transport is not None and not _is_closed(other):
+        elif (other is not None and other.transport is not None and not _is_closed(other)
+              and getattr(other, "state", None) != other.STATE_CLOSING):
+            # Still handshaking: drop it.  A leg already closing finishes its
+            # close handshake by itself (bounded by closeHandshakeTimeout).
             other.dropConnection(abort=not was_clean)
         if leg is self.client or (other is None or _is_closed(other)):
             self._end()
@@ -594,3 +679,10 @@ def _is_closed(leg: Any) -> bool:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _split_authority(authority: str, default_port: int) -> tuple[str, int]:
+    """``host[:port]`` (host possibly ``[v6]``) -> (host, port or ``default_port``)."""
+    end = authority.find("]") + 1 if authority.startswith("[") else 0
+    host, _, port = authority[end:].partition(":")
+    return authority[:end] + host, int(port) if port.isdigit() else default_port
