@@ -853,7 +853,10 @@ def _read_filter(raw: _RawSection, kinds: Mapping[str, Any]) -> FilterSpec:
         if mode not in ("enforce", "report"):
             raise ConfigError(f"expected enforce or report, got {raw.options['mode'].text!r}",
                               raw.options["mode"].file, raw.name, "mode")
-    options = {k: v.text for k, v in raw.options.items() if k not in ("use", "mode")}
+    from chatproxy.filters import OptionText
+
+    options = {k: OptionText(v.text, Path(v.file).resolve().parent) for k, v in raw.options.items()
+               if k not in ("use", "mode")}
     try:
         built = kinds[use.text].build(options)
     except FilterOptionError as e:

@@ -737,3 +737,21 @@ def test_public_key_from_a_certificate_or_pkcs1_pem(keys: Keys, pki: Any, tmp_pa
                                                          serialization.PublicFormat.PKCS1))
     flt = jwt_kind.build({"public_key_file": str(pkcs1), "algorithms": "RS256, PS256"})
     assert flt.request(head(bearer(jwt.encode(claims(), keys.rsa, algorithm="PS256")))) is None
+
+
+def test_relative_secret_file_is_relative_to_the_config_file(tmp_path, monkeypatch):
+    """secret_file = a relative name is read from beside the configuration file that sets it,
+    whatever the working directory."""
+    from chatproxy.config import load_config
+    from chatproxy.filters import installed_filter_kinds
+
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    (conf_dir / "webhook.secret").write_text("s3cret-s3cret-s3cret-s3cret-s3cret!\n")
+    path = conf_dir / "c.ini"
+    path.write_text("[listen:main]\nendpoint = tcp:8080\n[upstream:app]\nservers = http://127.0.0.1:9\n"
+                    "[route:all]\npath = /\nupstream = app\nfilters = token\n"
+                    "[filter:token]\nuse = jwt\nsecret_file = webhook.secret\nissuer = conn-1\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config([path], filter_kinds=installed_filter_kinds())
+    assert config.filters["token"].kind == "jwt"

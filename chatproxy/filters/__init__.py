@@ -15,6 +15,7 @@ turns refusals and answers into log lines and counts (a dry run).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from attrs import frozen
@@ -35,6 +36,33 @@ class FilterOptionError(Exception):
         super().__init__(message)
         self.option = option
         self.message = message
+
+
+class OptionText(str):
+    """An option value as ``build`` receives it: the text, plus ``directory``,
+    the directory of the configuration file that set it (None when built
+    without a file), against which relative file names are resolved."""
+
+    directory: Path | None
+
+    def __new__(cls, text: str, directory: Path | None = None) -> OptionText:
+        value = super().__new__(cls, text)
+        value.directory = directory
+        return value
+
+
+def option_path(text: str) -> Path:
+    """A file name from an option, ``~`` expanded, relative names resolved
+    against the directory of the file that set the option (like every other
+    path in the configuration).  Without that directory a relative name is
+    refused (raises ValueError)."""
+    path = Path(text.strip()).expanduser()
+    if path.is_absolute():
+        return path
+    directory = getattr(text, "directory", None)
+    if directory is None:
+        raise ValueError(f"must be an absolute path, got {str(text)!r}")
+    return Path(directory) / path
 
 
 # ---------------------------------------------------------------------------

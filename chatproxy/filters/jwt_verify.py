@@ -63,7 +63,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from chatproxy.config import parse_duration, parse_list
-from chatproxy.filters import FilterOptionError, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import FilterOptionError, IFilterFactory, IRequestFilter, Refuse, option_path
 
 log = Logger()
 
@@ -104,18 +104,14 @@ def reject_unknown(kind: str, options: Mapping[str, str], known: Iterable[str]) 
 
 
 def file_path(option: str, text: str) -> Path:
-    """An absolute file path (``~`` expanded) from option ``option``.
-
-    Filter options reach the kind without the file that set them, so a
-    relative path could only be resolved against the working directory,
-    unlike every other path in the configuration; it is refused instead.
-    """
+    """A file path (``~`` expanded) from option ``option``; a relative one is
+    relative to the configuration file that set it."""
     if not text.strip():
         raise FilterOptionError(option, "must not be empty")
-    path = Path(text.strip()).expanduser()
-    if not path.is_absolute():
-        raise FilterOptionError(option, f"must be an absolute path, got {text!r}")
-    return path
+    try:
+        return option_path(text)
+    except ValueError as e:
+        raise FilterOptionError(option, str(e)) from None
 
 
 def read_file(option: str, text: str) -> bytes:
