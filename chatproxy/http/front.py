@@ -493,6 +493,14 @@ class FrontConnection(Protocol):
 
     # -- the upgrade tunnel
 
+    def _release_http_state(self) -> None:
+        """The connection is a WebSocket session from now on: drop what only
+        HTTP parsing needed (long-lived idle sessions should be small)."""
+        self._headers = []
+        self._names = []
+        self._url = b""
+        self.core.sweeper.discard(self)
+
     def start_bridge(self, exchange: Exchange) -> None:
         """Hand this connection to the WebSocket bridge (a bridge-mode route
         accepted the upgrade request; the bridge now answers it)."""
@@ -505,6 +513,7 @@ class FrontConnection(Protocol):
         self.deadline = 0.0
         bridge = WebSocketBridge(self, exchange, self.core.route_sockets(exchange.route))
         self.tunnel = bridge
+        self._release_http_state()
         request = [f"{head.method} {head.target} HTTP/1.1\r\n".encode("latin-1")]
         request.extend(name + b": " + value + b"\r\n" for name, value in head.headers)
         request.append(b"\r\n")
@@ -521,6 +530,7 @@ class FrontConnection(Protocol):
             self._queue.popleft()
         self.deadline = 0.0
         self.tunnel = Tunnel(self, connection, exchange)
+        self._release_http_state()
         buffered, self._upgrade_buffer = self._upgrade_buffer or [], None
         for chunk in buffered:
             self.tunnel.from_client(chunk)
