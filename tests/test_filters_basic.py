@@ -695,3 +695,42 @@ def test_headers_through_twistd(proxy, upstream):
     chunked = send(port, "GET", "/chunked?n=3000&parts=3")
     assert chunked.status == 200 and len(chunked.body) == 3000
     assert chunked.header("X-Content-Type-Options") == "nosniff"
+
+
+@pytest.mark.parametrize(
+    "headers, expected",
+    [
+        ({"Content-Type": "application/json", "Content-Length": "2"}, None),
+        ({"Content-Type": "Application/JSON; charset=utf-8", "Content-Length": "2"}, None),
+        ({"Content-Type": "text/plain", "Content-Length": "2"}, 415),
+        ({"Content-Length": "2"}, 415),
+        ({"Content-Type": "application/json", "Content-Length": "0"}, 400),
+        ({"Content-Type": "application/json"}, 400),
+        ({"Content-Type": "application/json", "Transfer-Encoding": "chunked"}, None),
+    ],
+)
+def test_request_limits_content_types_and_require_body(headers, expected):
+    """content_types allows only the listed media types (415 otherwise, parameters ignored);
+    require_body refuses a request without a body (400): an empty webhook call never passes."""
+    from chatproxy.filters.request_limits import request_limits as kind
+    from chatproxy.http.messages import RequestHead
+
+    flt = kind.build({"content_types": "application/json", "require_body": "yes"})
+    head = RequestHead(method="POST", target="/hook", path="/hook", query="", version="1.1",
+                       headers=tuple((k.encode(), v.encode()) for k, v in headers.items()),
+                       host="h", authority="h", client="192.0.2.1", peer="192.0.2.1", tls=True, listener="main")
+    decision = flt.request(head)
+    assert (decision.status if decision else None) == expected
+
+
+@pytest.mark.parametrize("options, option", [({"content_types": "json"}, "content_types"),
+                                             ({"content_types": ","}, "content_types"),
+                                             ({"require_body": "maybe"}, "require_body")])
+def test_request_limits_new_option_errors(options, option):
+    """Bad content_types or require_body values are errors naming the option."""
+    from chatproxy.filters import FilterOptionError
+    from chatproxy.filters.request_limits import request_limits as kind
+
+    with pytest.raises(FilterOptionError) as error:
+        kind.build(options)
+    assert error.value.option == option

@@ -27,10 +27,11 @@ from typing import Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.config import parse_list, parse_size
+from chatproxy.config import parse_bool, parse_list, parse_size
 from chatproxy.filters import FilterOptionError, IFilterFactory, IRequestFilter, Refuse
 
-_OPTIONS = ("methods", "max_body_bytes", "max_headers", "max_header_bytes", "require_headers")
+_OPTIONS = ("methods", "max_body_bytes", "max_headers", "max_header_bytes", "require_headers", "content_types",
+            "require_body")
 # RFC 9110 5.6.2: a method or a field name is a token.
 TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
@@ -45,7 +46,8 @@ class RequestLimits:
     """Refuses requests outside the configured limits; None means no limit."""
 
     def __init__(self, methods: tuple[str, ...] | None, max_body_bytes: int | None, max_headers: int | None,
-                 max_header_bytes: int | None, require_headers: tuple[str, ...]) -> None:
+                 max_header_bytes: int | None, require_headers: tuple[str, ...],
+                 content_types: tuple[str, ...] = (), require_body: bool = False) -> None:
         self.methods = methods
         self._method_set = frozenset(methods or ())
         self._allow = ((b"Allow", ", ".join(methods).encode("ascii")),) if methods else ()
@@ -55,6 +57,8 @@ class RequestLimits:
         self.max_header_bytes = max_header_bytes
         self.require_headers = require_headers
         self._required = tuple((name, name.lower().encode("ascii")) for name in require_headers)
+        self.content_types = content_types
+        self.require_body = require_body
 
     def request(self, head: Any) -> Refuse | None:
         """The first limit the request breaks, as a refusal, or None."""
@@ -75,6 +79,15 @@ class RequestLimits:
             for name, lower in self._required:
                 if lower not in present:
                     return Refuse(400, f"missing required header {name}")
+        if self.require_body:
+            length = (head.header("content-length") or "").strip()
+            chunked = head.header("transfer-encoding") is not None
+            if not chunked and (not length or length == "0"):
+                return Refuse(400, "a request body is required")
+        if self.content_types:
+            media = (head.header("content-type") or "").split(";", 1)[0].strip().lower()
+            if media not in self.content_types:
+                return Refuse(415, f"content type must be one of: {', '.join(self.content_types)}")
         return None
 
 
@@ -128,7 +141,23 @@ class RequestLimitsKind:
         required: tuple[str, ...] = ()
         if "require_headers" in options:
             required = tuple(dict.fromkeys(_tokens("require_headers", options["require_headers"], "header name")))
+        content_types: tuple[str, ...] = ()
+        if "content_types" in options:
+            content_types = tuple(dict.fromkeys(t.lower() for t in parse_list(options["content_types"])))
+            if not content_types:
+                raise FilterOptionError("content_types", "expected at least one media type")
+            for media in content_types:
+                if not re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", media):
+                    raise FilterOptionError("content_types", f"{media!r} is not a media type such as application/json")
+        require_body = False
+        if "require_body" in options:
+            try:
+                require_body = parse_bool(options["require_body"])
+            except ValueError as e:
+                raise FilterOptionError("require_body", str(e)) from None
         return RequestLimits(
+            content_types=content_types,
+            require_body=require_body,
             methods=methods,
             max_body_bytes=_size("max_body_bytes", options["max_body_bytes"]) if "max_body_bytes" in options else None,
             max_headers=_positive("max_headers", options["max_headers"]) if "max_headers" in options else None,
