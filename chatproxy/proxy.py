@@ -11,6 +11,7 @@ from chatproxy.config import Config, Route
 from chatproxy.filters.chain import RouteFilter
 from chatproxy.http.upstream import UpstreamPools
 from chatproxy.routing import RouteTable
+from chatproxy.stats import Stats
 from chatproxy.timeouts import TimeoutSweeper
 
 if TYPE_CHECKING:
@@ -35,7 +36,9 @@ class ProxyCore:
         self.settings = config.settings
         self.table = RouteTable(config.routes)
         self.sweeper = TimeoutSweeper(reactor, _sweep_interval(config))
-        self.pools = {name: UpstreamPools(reactor, upstream, self.sweeper) for name, upstream in config.upstreams.items()}
+        self.stats = Stats()
+        self.pools = {name: UpstreamPools(reactor, upstream, self.sweeper, self.stats)
+                      for name, upstream in config.upstreams.items()}
         self.access_log = AccessLog(reactor, config.settings.access_log, config.settings.access_log_format)
         self.connections: set[FrontConnection] = set()
         self.websocket_sessions: set[WebSocketBridge] = set()

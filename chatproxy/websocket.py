@@ -640,6 +640,10 @@ class WebSocketBridge:
             return  # logged when the upstream leg closes too
         self._ended = True
         self.front.core.websocket_sessions.discard(self)
+        route = self.exchange.route
+        self.front.core.stats.websocket_session(route.name if route else "", (self.messages_up, self.bytes_up),
+                                                (self.messages_down, self.bytes_down),
+                                                self.close_code if self._client_open else None)
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._settle()

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from twisted.internet.error import ConnectingCancelledError, TimeoutError as ConnectTimeout
-from attrs import evolve
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -82,6 +81,7 @@ class Exchange:
         # before the request is forwarded (0: none is waiting for it).
         self._inspect_limit = 0
         self._sent_continue = False
+        self.matched: Route | None = None  # the route the head matched
         self.names: list[bytes] = []  # the request's header names, lower-cased
         self.connection_named: frozenset[bytes] = frozenset()  # listed in Connection
 
@@ -96,12 +96,11 @@ class Exchange:
         head = self.head
         assert head is not None
         core = self.front.core
-        route = core.table.match(head)
+        route = self.matched  # routed as the head was built
         if route is None:
             self.respond_local(404, "no route for this request")
             return
         self.route = route
-        self.head = head = evolve(head, route=route.name)
         self.body_limit = core.body_limit(route)
         if self.content_length is not None and self.content_length > self.body_limit:
             self.respond_local(413, f"request body larger than {self.body_limit} bytes", close=True)
@@ -523,7 +522,10 @@ class Exchange:
     def _finish(self, aborted: bool = False) -> None:
         self.finished = True
         front = self.front
-        access_log = front.core.access_log
+        core = front.core
+        core.stats.request(self.route.name if self.route else "", self.status, core.sweeper.now() - self.started,
+                           self.bytes_sent, self.body_received)
+        access_log = core.access_log
         if access_log.enabled and (self.head is not None or self.error is not None):
             access_log.log(self.record())
         front.exchange_done(self, aborted)

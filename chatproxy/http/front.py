@@ -311,6 +311,8 @@ class FrontConnection(Protocol):
         client = self.peer
         if self.peer_trusted and forwarded_for:
             client = resolve_client(self.peer, forwarded_for, self.listener.trusted_proxies)
+        listener = self.listener.name
+        route = self.core.table.match(_Facts(listener, host, method, normal, query)) if error is None else None
         head = RequestHead(
             method=method,
             target=target,
@@ -323,10 +325,12 @@ class FrontConnection(Protocol):
             client=client,
             peer=self.peer,
             tls=self.tls,
-            listener=self.listener.name,
+            listener=listener,
+            route=route.name if route is not None else "",
         )
         exchange = Exchange(self, head, error, keep_alive and error is None, upgrade, content_length, chunked,
                             expect_continue)
+        exchange.matched = route
         exchange.names = names
         exchange.connection_named = named
         if error is not None:
@@ -539,6 +543,19 @@ class FrontConnection(Protocol):
         self._read_pauses.clear()
         if self.transport is not None:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+
+class _Facts:
+    """What the route table looks at, gathered before the request head is built."""
+
+    __slots__ = ("listener", "host", "method", "path", "query")
+
+    def __init__(self, listener: str, host: str, method: str, path: str, query: str) -> None:
+        self.listener = listener
+        self.host = host
+        self.method = method
+        self.path = path
+        self.query = query
 
 
 def _no_delay(transport: Any) -> None:

@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from chatproxy.http.messages import Header
 from chatproxy.http.sending import send
+from chatproxy.stats import Stats
 
 if TYPE_CHECKING:
     from chatproxy.config import Upstream, UpstreamServer
@@ -319,7 +320,7 @@ class ServerPool:
     """Idle keep-alive connections to one upstream server, and new ones on demand."""
 
     def __init__(self, reactor: Any, upstream: Upstream, server: UpstreamServer, sweeper: TimeoutSweeper,
-                 tls_creator: Any) -> None:
+                 tls_creator: Any, stats: Stats | None = None) -> None:
         self.reactor = reactor
         self.upstream = upstream
         self.server = server
@@ -327,6 +328,8 @@ class ServerPool:
         self._tls_creator = tls_creator
         self._idle: deque[UpstreamConnection] = deque()
         self._all: set[UpstreamConnection] = set()
+        self.consecutive_failures = 0  # connects that failed in a row (passive health)
+        self.stats = stats if stats is not None else Stats()
 
     def _endpoint(self) -> Any:
         host, port, timeout = self.server.host, self.server.port, self.upstream.connect_timeout
@@ -359,9 +362,15 @@ class ServerPool:
 
         def failed(failure: Failure) -> Failure:
             self.forget(connection)
+            self.consecutive_failures += 1
+            self.stats.connect_failures[self.server.url] += 1
             return failure
 
-        d.addErrback(failed)
+        def connected(protocol: UpstreamConnection) -> UpstreamConnection:
+            self.consecutive_failures = 0
+            return protocol
+
+        d.addCallbacks(connected, failed)
         return d
 
     def release(self, connection: UpstreamConnection) -> None:
@@ -396,12 +405,13 @@ class ServerPool:
 class UpstreamPools:
     """The servers of one upstream, chosen round-robin."""
 
-    def __init__(self, reactor: Any, upstream: Upstream, sweeper: TimeoutSweeper) -> None:
+    def __init__(self, reactor: Any, upstream: Upstream, sweeper: TimeoutSweeper, stats: Stats | None = None) -> None:
         from chatproxy.tls import build_client_tls
 
         self.upstream = upstream
         self.servers = [
-            ServerPool(reactor, upstream, server, sweeper, build_client_tls(upstream, server) if server.tls else None)
+            ServerPool(reactor, upstream, server, sweeper, build_client_tls(upstream, server) if server.tls else None,
+                       stats)
             for server in upstream.servers
         ]
         self._next = 0

@@ -1,0 +1,48 @@
+"""Cheap running totals of what the proxy did, for the metrics endpoint.
+
+Counting happens on the data path, so it is a few dictionary increments per
+request; turning the totals into Prometheus series is left to the scrape
+(:mod:`chatproxy.admin`).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import Counter
+
+# Request duration buckets, seconds (Prometheus' defaults, which suit a proxy).
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Stats:
+    """Totals since start: requests, durations, bytes, upstream connects, WebSocket traffic."""
+
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, int]] = Counter()  # (route, status)
+        self.duration_buckets: dict[str, list[int]] = {}  # route -> counts per bucket (+Inf last)
+        self.duration_sum: dict[str, float] = {}
+        self.bytes_sent: Counter[str] = Counter()  # route -> response body bytes
+        self.bytes_received: Counter[str] = Counter()  # route -> request body bytes
+        self.connect_failures: Counter[str] = Counter()  # upstream server URL
+        self.websocket_messages: Counter[tuple[str, str]] = Counter()  # (route, "up"|"down")
+        self.websocket_bytes: Counter[tuple[str, str]] = Counter()
+        self.websocket_closes: Counter[tuple[str, int]] = Counter()  # (route, close code)
+
+    def request(self, route: str, status: int, duration: float, sent: int, received: int) -> None:
+        """Count one finished request."""
+        self.requests[(route, status)] += 1
+        buckets = self.duration_buckets.get(route)
+        if buckets is None:
+            buckets = self.duration_buckets[route] = [0] * (len(BUCKETS) + 1)
+        buckets[bisect_left(BUCKETS, duration)] += 1
+        self.duration_sum[route] = self.duration_sum.get(route, 0.0) + duration
+        self.bytes_sent[route] += sent
+        self.bytes_received[route] += received
+
+    def websocket_session(self, route: str, up: tuple[int, int], down: tuple[int, int], close: int | None) -> None:
+        """Count one finished WebSocket session: (messages, bytes) each way and its close code."""
+        self.websocket_messages[(route, "up")] += up[0]
+        self.websocket_messages[(route, "down")] += down[0]
+        self.websocket_bytes[(route, "up")] += up[1]
+        self.websocket_bytes[(route, "down")] += down[1]
+        self.websocket_closes[(route, close if close is not None else 1006)] += 1
