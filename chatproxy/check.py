@@ -52,6 +52,8 @@ def describe(config: Config, out: TextIO) -> None:
     out.write("routes (most specific first; anything else gets 404):\n")
     for route in RouteTable(config.routes).routes:
         out.write(describe_route(route) + "\n")
+    if config.admin is not None:
+        out.write(f"admin (healthz, readyz, metrics): {config.admin.endpoint}\n")
     if config.demo is not None:
         out.write(f"demo upstream: {config.demo.endpoint}\n")
 

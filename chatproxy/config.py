@@ -204,6 +204,13 @@ class Demo:
 
 
 @frozen
+class Admin:
+    """The ``[admin]`` section: health and metrics endpoints."""
+
+    endpoint: str = "tcp:9180:interface=127.0.0.1"
+
+
+@frozen
 class Config:
     """The whole validated configuration."""
 
@@ -214,6 +221,7 @@ class Config:
     routes: tuple[Route, ...]
     filters: Mapping[str, FilterSpec]
     demo: Demo | None = None
+    admin: Admin | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -509,6 +517,7 @@ _ROUTE_OPTIONS = {
     "rewrite_path", "filters", "websocket", "max_body_bytes", *_WEBSOCKET_OPTIONS,
 }
 _DEMO_OPTIONS = {"endpoint"}
+_ADMIN_OPTIONS = {"endpoint"}
 
 
 def _read_settings(section: _Section | None) -> Settings:
@@ -890,10 +899,13 @@ def load_config(
     routes: list[Route] = []
     raw_filters: list[_RawSection] = []
     demo: Demo | None = None
+    admin: Admin | None = None
     for raw in raw_sections.values():
         kind = raw.name.split(":", 1)[0] if ":" in raw.name else raw.name
         if raw.name == "chatproxy":
             settings_section = _Section(raw, "chatproxy", _SETTINGS_OPTIONS)
+        elif raw.name == "admin":
+            admin = Admin(_Section(raw, "admin", _ADMIN_OPTIONS).get("endpoint", _endpoint, Admin().endpoint))
         elif raw.name == "demo":
             demo = Demo(_Section(raw, "demo", _DEMO_OPTIONS).require("endpoint", _endpoint))
         elif kind == "listen" and ":" in raw.name:
@@ -912,7 +924,7 @@ def load_config(
             raw_filters.append(raw)
         else:
             raise ConfigError(
-                "unknown section (expected [chatproxy], [demo], [listen:NAME], [upstream:NAME], "
+                "unknown section (expected [chatproxy], [admin], [demo], [listen:NAME], [upstream:NAME], "
                 "[route:NAME] or [filter:NAME])",
                 raw.file,
                 raw.name,
@@ -952,6 +964,7 @@ def load_config(
         routes=tuple(routes),
         filters=filters,
         demo=demo,
+        admin=admin,
     )
     from chatproxy.tls import check_listener_tls
 

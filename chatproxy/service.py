@@ -91,9 +91,14 @@ class ChatproxyService(MultiService):
                 log.info("demo chat upstream listening on {endpoint}", endpoint=self.config.demo.endpoint)
             for listener in self.config.listeners.values():
                 factory = self.listener_factory(core, listener)
-                self.ports[listener.name] = self._listen(f"[listen:{listener.name}]", listener.endpoint, factory)
+                self.ports[f"listen:{listener.name}"] = self._listen(f"[listen:{listener.name}]", listener.endpoint, factory)
                 log.info("[listen:{name}] listening on {endpoint}{tls}", name=listener.name,
                          endpoint=listener.endpoint, tls=" with TLS" if listener.tls else "")
+            if self.config.admin is not None:
+                from chatproxy.admin import admin_site
+
+                self.ports["admin"] = self._listen("[admin]", self.config.admin.endpoint, admin_site(self))
+                log.info("[admin] health and metrics on {endpoint}", endpoint=self.config.admin.endpoint)
         except StartupError as e:
             for port in self.ports.values():
                 if hasattr(port, "stopListening"):

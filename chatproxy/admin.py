@@ -1,0 +1,177 @@
+"""The admin listener: ``/healthz``, ``/readyz`` and ``/metrics`` (Prometheus).
+
+``/healthz`` answers 200 while the process runs.  ``/readyz`` answers 200 only
+when every listener is open and each upstream has at least one server that is
+not failing (fewer than :data:`UNHEALTHY_AFTER` connection attempts failed in a
+row), 503 otherwise, with the reasons.  ``/metrics`` is the Prometheus text
+format, produced with ``prometheus_client`` from the proxy's running totals at
+scrape time (nothing is counted twice on the data path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from chatproxy.stats import BUCKETS
+
+if TYPE_CHECKING:
+    from chatproxy.service import ChatproxyService
+
+UNHEALTHY_AFTER = 3
+
+
+def readiness(service: ChatproxyService) -> list[str]:
+    """Why the proxy is not ready (empty when it is)."""
+    problems = []
+    for name in service.config.listeners:
+        if f"listen:{name}" not in service.ports:
+            problems.append(f"listener {name} is not open")
+    core = service.core
+    if core is None:
+        return problems + ["not started"]
+    for name, pools in core.pools.items():
+        if all(server.consecutive_failures >= UNHEALTHY_AFTER for server in pools.servers):
+            problems.append(f"upstream {name}: every server failed its last {UNHEALTHY_AFTER} connection attempts")
+    return problems
+
+
+class ProxyCollector:
+    """A prometheus_client collector reading the proxy's totals at scrape time."""
+
+    def __init__(self, service: ChatproxyService) -> None:
+        self.service = service
+
+    def collect(self) -> Iterator[Any]:
+        """The metric families."""
+        core = self.service.core
+        if core is None:
+            return
+        stats = core.stats
+        requests = CounterMetricFamily("chatproxy_requests", "Requests answered, by route and status.",
+                                       labels=["route", "status"])
+        for (route, status), count in sorted(stats.requests.items()):
+            requests.add_metric([route, str(status)], count)
+        yield requests
+        duration = HistogramMetricFamily("chatproxy_request_duration_seconds",
+                                         "Time from the request head to the end of the response, by route.",
+                                         labels=["route"])
+        for route, counts in sorted(stats.duration_buckets.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip([*map(str, BUCKETS), "+Inf"], counts):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            duration.add_metric([route], buckets, stats.duration_sum.get(route, 0.0))
+        yield duration
+        for name, help_text, totals in (
+            ("chatproxy_response_body_bytes", "Response body bytes sent to clients, by route.", stats.bytes_sent),
+            ("chatproxy_request_body_bytes", "Request body bytes received from clients, by route.",
+             stats.bytes_received),
+        ):
+            family = CounterMetricFamily(name, help_text, labels=["route"])
+            for route, value in sorted(totals.items()):
+                family.add_metric([route], value)
+            yield family
+        failures = CounterMetricFamily("chatproxy_upstream_connect_failures",
+                                       "Failed connection attempts to upstream servers.", labels=["upstream", "server"])
+        idle = GaugeMetricFamily("chatproxy_upstream_idle_connections", "Idle keep-alive connections in the pool.",
+                                 labels=["upstream", "server"])
+        healthy = GaugeMetricFamily("chatproxy_upstream_server_healthy",
+                                    "1 unless the server's last connection attempts all failed.",
+                                    labels=["upstream", "server"])
+        for name, pools in sorted(core.pools.items()):
+            for server in pools.servers:
+                labels = [name, server.server.url]
+                failures.add_metric(labels, stats.connect_failures.get(server.server.url, 0))
+                idle.add_metric(labels, server.idle_count)
+                healthy.add_metric(labels, 1 if server.consecutive_failures < UNHEALTHY_AFTER else 0)
+        yield failures
+        yield idle
+        yield healthy
+        yield GaugeMetricFamily("chatproxy_client_connections", "Open client connections (HTTP).",
+                                value=len(core.connections))
+        yield GaugeMetricFamily("chatproxy_websocket_sessions", "Open bridged WebSocket sessions.",
+                                value=len(core.websocket_sessions))
+        messages = CounterMetricFamily("chatproxy_websocket_messages",
+                                       "WebSocket messages relayed in finished sessions, by route and direction.",
+                                       labels=["route", "direction"])
+        for (route, direction), count in sorted(stats.websocket_messages.items()):
+            messages.add_metric([route, direction], count)
+        yield messages
+        ws_bytes = CounterMetricFamily("chatproxy_websocket_message_bytes",
+                                       "WebSocket message bytes relayed in finished sessions, by route and direction.",
+                                       labels=["route", "direction"])
+        for (route, direction), count in sorted(stats.websocket_bytes.items()):
+            ws_bytes.add_metric([route, direction], count)
+        yield ws_bytes
+        closes = CounterMetricFamily("chatproxy_websocket_closes", "Finished WebSocket sessions by close code.",
+                                     labels=["route", "code"])
+        for (route, code), count in sorted(stats.websocket_closes.items()):
+            closes.add_metric([route, str(code)], count)
+        yield closes
+        outcomes = CounterMetricFamily("chatproxy_filter_outcomes",
+                                       "Filter decisions by filter and outcome (passed, answered, refused, "
+                                       "reported, error).", labels=["filter", "outcome"])
+        for key, count in sorted(core.filter_counters.items()):
+            name, _, outcome = key.rpartition(":")
+            outcomes.add_metric([name, outcome], count)
+        yield outcomes
+        events = CounterMetricFamily("chatproxy_events", "Other counted events (WebSocket limits and drops).",
+                                     labels=["event"])
+        for event, count in sorted(core.counters.items()):
+            events.add_metric([event], count)
+        yield events
+
+
+class _Text(Resource):
+    isLeaf = True
+
+    def __init__(self, answer: Any) -> None:
+        super().__init__()
+        self.answer = answer
+
+    def render_GET(self, request: Any) -> bytes:
+        status, content_type, body = self.answer()
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", content_type)
+        request.setHeader(b"cache-control", b"no-store")
+        return bytes(body)
+
+
+def admin_site(service: ChatproxyService) -> Site:
+    """The admin endpoints as a twisted.web Site."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProxyCollector(service))  # type: ignore[arg-type]
+
+    def healthz() -> tuple[int, bytes, bytes]:
+        return 200, b"text/plain; charset=utf-8", b"ok\n"
+
+    def readyz() -> tuple[int, bytes, bytes]:
+        problems = readiness(service)
+        if problems:
+            return 503, b"text/plain; charset=utf-8", ("not ready: " + "; ".join(problems) + "\n").encode()
+        return 200, b"text/plain; charset=utf-8", b"ready\n"
+
+    def metrics() -> tuple[int, bytes, bytes]:
+        return 200, CONTENT_TYPE_LATEST.encode("ascii"), generate_latest(registry)
+
+    root = Resource()
+    root.putChild(b"healthz", _Text(healthz))
+    root.putChild(b"readyz", _Text(readyz))
+    root.putChild(b"metrics", _Text(metrics))
+    site = _QuietSite(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
+
+
+class _QuietSite(Site):
+    """No access log for scrapes and probes."""
+
+    def log(self, request: Any) -> None:
+        pass
