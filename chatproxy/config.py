@@ -74,6 +74,7 @@ class Settings:
     max_body_bytes: int = 10 * 1024 * 1024
     header_timeout: float = 15.0
     idle_timeout: float = 60.0
+    drain_timeout: float = 30.0
 
 
 @frozen
@@ -500,7 +501,7 @@ class _Section:
 
 _SETTINGS_OPTIONS = {
     "access_log", "access_log_format", "max_header_bytes", "max_headers", "max_url_bytes",
-    "max_body_bytes", "header_timeout", "idle_timeout",
+    "max_body_bytes", "header_timeout", "idle_timeout", "drain_timeout",
 }
 _LISTEN_OPTIONS = {
     "endpoint", "tls", "certificate", "key", "sni", "min_tls_version", "ciphers",
@@ -533,6 +534,7 @@ def _read_settings(section: _Section | None) -> Settings:
         max_body_bytes=section.get("max_body_bytes", parse_size, d.max_body_bytes),
         header_timeout=section.get("header_timeout", parse_duration, d.header_timeout),
         idle_timeout=section.get("idle_timeout", parse_duration, d.idle_timeout),
+        drain_timeout=section.get("drain_timeout", parse_duration, d.drain_timeout),
     )
 
 

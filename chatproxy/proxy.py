@@ -4,6 +4,8 @@ access log and timeouts, shared by every front connection."""
 from __future__ import annotations
 
 from collections import Counter
+
+from twisted.internet import defer
 from typing import TYPE_CHECKING, Any
 
 from chatproxy.accesslog import AccessLog
@@ -106,6 +108,41 @@ class ProxyCore:
             sockets = RouteSockets(route, upstream.connect_timeout + upstream.response_timeout + 5)
             self._sockets[route.name] = sockets
         return sockets
+
+    def drain(self, timeout: float) -> defer.Deferred[None]:
+        """Let connections finish: idle ones close now, busy ones after their
+        current exchange, WebSocket sessions are closed with 1001 spread over
+        the first half of ``timeout``; whatever is left at ``timeout`` is
+        closed.  Fires when nothing is left."""
+        import random
+
+        done: defer.Deferred[None] = defer.Deferred()
+        for connection in list(self.connections):
+            connection.drain()
+        window = timeout / 2
+        for session in list(self.websocket_sessions):
+            self.reactor.callLater(random.uniform(0, window), session.close_both, 1001, "server shutting down")
+        deadline = self.reactor.seconds() + timeout
+
+        def finish() -> None:
+            if not done.called:
+                done.callback(None)
+
+        def check() -> None:
+            if not self.connections and not self.websocket_sessions:
+                finish()
+                return
+            if self.reactor.seconds() >= deadline:
+                for connection in list(self.connections):
+                    connection.abort()
+                for session in list(self.websocket_sessions):
+                    session.close_both(1001, "server shutting down")
+                self.reactor.callLater(0.5, finish)
+                return
+            self.reactor.callLater(0.05, check)
+
+        check()
+        return done
 
     def start(self) -> None:
         """Start the timeout sweeps."""

@@ -39,6 +39,7 @@ class ChatproxyService(MultiService):
         self.config = config
         self.core: ProxyCore | None = None
         self.ports: dict[str, Any] = {}
+        self._drained: defer.Deferred[None] | None = None
 
     def listener_factory(self, core: ProxyCore, listener: Listener) -> IProtocolFactory:
         """The factory for one listener: gate -> TLS -> HTTP front."""
@@ -109,17 +110,59 @@ class ChatproxyService(MultiService):
         super().privilegedStartService()
 
     def startService(self) -> None:
-        """Start the timeout sweeps and any child services."""
+        """Start the timeout sweeps and any child services; SIGTERM drains."""
         if self.core is None:
             self.privilegedStartService()
         assert self.core is not None
         self.core.start()
         super().startService()
+        if hasattr(self.reactor, "callWhenRunning"):
+            # After the reactor installed its own signal handlers, so ours wins.
+            self.reactor.callWhenRunning(self._handle_sigterm)
+
+    def _handle_sigterm(self) -> None:
+        """Make SIGTERM drain (and exit 0) rather than stop the reactor at once
+        (only in the main thread, where signal handlers can be set)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread() or not hasattr(self.reactor, "callFromThread"):
+            return
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.drain)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+    def drain(self) -> defer.Deferred[None]:
+        """Stop accepting, let in-flight requests finish (up to ``drain_timeout``),
+        close WebSocket sessions with 1001 spread over the first half of that
+        window, then stop the reactor: the process exits 0."""
+        if self._drained is not None:
+            return self._drained
+        timeout = self.config.settings.drain_timeout
+        log.info("SIGTERM: draining (up to {timeout}s): no new connections, in-flight requests finish",
+                 timeout=timeout)
+        self._stop_listening()
+        assert self.core is not None
+        self._drained = self.core.drain(timeout)
+
+        def done(_: Any) -> None:
+            log.info("drained; stopping")
+            if getattr(self.reactor, "running", False):
+                self.reactor.stop()
+
+        self._drained.addBoth(done)
+        return self._drained
+
+    def _stop_listening(self) -> list[defer.Deferred[Any]]:
+        stops = [defer.maybeDeferred(port.stopListening) for port in self.ports.values() if hasattr(port, "stopListening")]
+        self.ports = {}
+        return stops
 
     def stopService(self) -> defer.Deferred[Any]:
         """Stop listening, close connections, flush the access log."""
-        stops = [defer.maybeDeferred(port.stopListening) for port in self.ports.values() if hasattr(port, "stopListening")]
-        self.ports = {}
+        stops = self._stop_listening()
         if self.core is not None:
             for connection in list(self.core.connections):
                 connection.close()

@@ -387,7 +387,7 @@ class Exchange:
                 if changed is not None:
                     out = [h for h in changed if h[0].lower() not in _HOP_AND_LENGTH] + \
                         [h for h in out if h[0].lower() in (b"content-length", b"transfer-encoding")]
-        keep = self.client_keep_alive and not self.close_after and not self.front.closing
+        keep = self.client_keep_alive and not self.close_after and not self.front.closing and not self.front.draining
         if not keep:
             out.append((b"Connection", b"close"))
         elif self.head is not None and self.head.version == "1.0":
@@ -473,7 +473,7 @@ class Exchange:
         if not self.body_done:
             self.discarding = True
             close = True
-        close = close or self.close_after or not self.client_keep_alive or self.front.closing
+        close = close or self.close_after or not self.client_keep_alive or self.front.closing or self.front.draining
         self.close_after = close
         head_only = self.head is not None and self.head.method == "HEAD"
         data = local_response(status, message, close=close, extra=extra, head_only=head_only)

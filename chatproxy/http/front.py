@@ -62,6 +62,7 @@ class FrontConnection(Protocol):
         self.local_port = 0
         self.deadline = 0.0
         self.closing = False
+        self.draining = False  # shutting down: close after the current exchange
         self.client_paused = False
         self.tunnel: Tunnel | WebSocketBridge | None = None
         self._deadline_kind = "header"
@@ -364,7 +365,7 @@ class FrontConnection(Protocol):
         if aborted:
             self.abort(hard=exchange.close_delimited)
             return
-        if exchange.close_after or not exchange.client_keep_alive:
+        if exchange.close_after or not exchange.client_keep_alive or self.draining:
             self.close()
             return
         if len(self._queue) <= 1:
@@ -474,6 +475,14 @@ class FrontConnection(Protocol):
 
     def stopProducing(self) -> None:
         """The transport is going away."""
+
+    def drain(self) -> None:
+        """Shutdown: close now if nothing is going on, else once the current
+        exchange is answered (with ``Connection: close``).  WebSocket
+        sessions are closed by the proxy core, tunnels at the drain deadline."""
+        self.draining = True
+        if self.tunnel is None and not self._queue and not self._in_head:
+            self.close()
 
     def close(self) -> None:
         """Close after what has been written is sent."""

@@ -1,0 +1,78 @@
+"""SIGTERM drains: no new connections, in-flight requests finish, WebSocket sessions get
+1001, and the process exits 0."""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import socket
+import threading
+import time
+
+from conftest import basic_config, free_port
+
+
+def test_sigterm_lets_an_in_flight_request_finish_and_exits_0(proxy, upstream):
+    """A request in flight when SIGTERM arrives gets its complete response (with Connection:
+    close); new connections are refused at once; the process exits with status 0."""
+    port = free_port()
+    process = proxy.start(basic_config(upstream.url, port, settings="access_log = off\ndrain_timeout = 20"),
+                          port=port)
+    result: dict[str, object] = {}
+
+    def slow_request() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        conn.request("GET", "/slow?delay=2")
+        response = conn.getresponse()
+        result["status"] = response.status
+        result["body"] = response.read()
+        result["connection"] = response.getheader("Connection")
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not upstream.requests and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert upstream.requests, "the slow request never reached the upstream"
+    process.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    refused = False
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        refused = True
+    assert refused, "the proxy still accepted connections while draining"
+    thread.join(20)
+    assert result.get("status") == 200 and b'"path": "/slow?delay=2"' in result["body"]  # type: ignore[operator]
+    assert result["connection"] == "close"
+    assert process.process.wait(20) == 0
+    assert "draining" in process.output()
+
+
+def test_sigterm_closes_websocket_sessions_with_1001(proxy, tmp_path):
+    """An open chat session through the bridge is closed with 1001 (going away) when the proxy
+    drains, and the process exits 0."""
+    from pathlib import Path
+
+    from websockets.sync.client import connect
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "etc" / "chatproxy.ini").read_text()
+    https_port, demo_port = free_port(), free_port()
+    text = text.replace("8443", str(https_port)).replace("8081", str(demo_port))
+    text = text.replace("[chatproxy]\n", "[chatproxy]\ndrain_timeout = 4\n")
+    process = proxy.start(text, port=https_port)
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(tmp_path / "tls" / "localhost.crt"))
+    with connect(f"wss://localhost:{https_port}/chat", ssl=context, open_timeout=10) as session:
+        session.send("hello")
+        assert session.recv(timeout=10) == "hello"
+        process.process.send_signal(signal.SIGTERM)
+        try:
+            while True:
+                session.recv(timeout=10)
+        except Exception:
+            pass
+        assert session.close_code == 1001
+    assert process.process.wait(20) == 0
