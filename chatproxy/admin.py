@@ -23,7 +23,7 @@ from chatproxy.stats import BUCKETS
 if TYPE_CHECKING:
     from chatproxy.service import ChatproxyService
 
-UNHEALTHY_AFTER = 3
+from chatproxy.http.upstream import EJECT_AFTER as UNHEALTHY_AFTER  # the same rule as passive ejection
 
 
 def readiness(service: ChatproxyService) -> list[str]:

@@ -592,3 +592,21 @@ def test_forwarded_request_head(make):
     assert b"Via: 1.1 chatproxy" in lines
     assert b"Content-Length: 2" in lines
     assert body == b"ok"
+
+
+def test_round_robin_skips_a_server_whose_connects_keep_failing(make):
+    """Passive ejection: after three failed connection attempts in a row a server is skipped by
+    round-robin for ten seconds, then tried again; the healthy one takes the traffic meanwhile."""
+    h = make(routes="[upstream:two]\nservers = http://127.0.0.1:9901, http://127.0.0.1:9902\n"
+                    "[route:all]\npath = /\nupstream = two\n")
+    pools = h.core.pools["two"]
+    bad, good = pools.servers
+    for _ in range(3):
+        bad.connect()
+        _host, port, factory, _timeout, _bind = h.reactor.tcpClients.pop()
+        factory.clientConnectionFailed(h.reactor.connectors.pop(), Failure(ConnectionRefusedError()))
+    assert bad.consecutive_failures == 3 and not bad.available()
+    assert {id(pools.pick()) for _ in range(6)} == {id(good)}
+    h.advance(10.1, step=0.5)
+    assert bad.available()
+    assert id(bad) in {id(pools.pick()) for _ in range(2)}

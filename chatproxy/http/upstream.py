@@ -29,6 +29,12 @@ if TYPE_CHECKING:
     from chatproxy.timeouts import TimeoutSweeper
 
 
+# Passive health: after this many failed connection attempts in a row a
+# server is skipped by round-robin for EJECTION_SECONDS.
+EJECT_AFTER = 3
+EJECTION_SECONDS = 10.0
+
+
 class ResponseSink(TypingProtocol):
     """What an upstream connection reports to (the front exchange)."""
 
@@ -329,6 +335,7 @@ class ServerPool:
         self._idle: deque[UpstreamConnection] = deque()
         self._all: set[UpstreamConnection] = set()
         self.consecutive_failures = 0  # connects that failed in a row (passive health)
+        self.ejected_until = 0.0  # skipped by round-robin until then
         self.stats = stats if stats is not None else Stats()
 
     def _endpoint(self) -> Any:
@@ -343,6 +350,10 @@ class ServerPool:
         if self.server.tls:
             endpoint = wrapClientTLS(self._tls_creator, endpoint)
         return endpoint
+
+    def available(self) -> bool:
+        """Whether round-robin should send this server requests now."""
+        return not self.ejected_until or self.sweeper.now() >= self.ejected_until
 
     def take_idle(self) -> UpstreamConnection | None:
         """An idle pooled connection, most recently used first, or None."""
@@ -364,10 +375,13 @@ class ServerPool:
             self.forget(connection)
             self.consecutive_failures += 1
             self.stats.connect_failures[self.server.url] += 1
+            if self.consecutive_failures >= EJECT_AFTER:
+                self.ejected_until = self.sweeper.now() + EJECTION_SECONDS
             return failure
 
         def connected(protocol: UpstreamConnection) -> UpstreamConnection:
             self.consecutive_failures = 0
+            self.ejected_until = 0.0
             return protocol
 
         d.addCallbacks(connected, failed)
@@ -417,11 +431,26 @@ class UpstreamPools:
         self._next = 0
 
     def pick(self, avoid: ServerPool | None = None) -> ServerPool:
-        """The next server in turn (another one than ``avoid`` when there is one)."""
-        server = self.servers[self._next % len(self.servers)]
+        """The next healthy server in turn, other than ``avoid`` when there is one.
+
+        A server whose last :data:`EJECT_AFTER` connection attempts failed is
+        skipped for :data:`EJECTION_SECONDS` (passive ejection); then it gets
+        traffic again, and one success makes it healthy.  When every server
+        is ejected, they are tried in turn all the same.
+        """
+        count = len(self.servers)
+        for _ in range(count):
+            server = self.servers[self._next % count]
+            self._next += 1
+            if server is avoid and count > 1:
+                continue
+            if server.available():
+                return server
+        server = self.servers[self._next % count]
         self._next += 1
-        if server is avoid and len(self.servers) > 1:
-            return self.pick()
+        if server is avoid and count > 1:
+            server = self.servers[self._next % count]
+            self._next += 1
         return server
 
     def close_all(self) -> None:
