@@ -18,12 +18,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from chatproxy.http.upstream import EJECT_AFTER
 from chatproxy.stats import BUCKETS
 
 if TYPE_CHECKING:
     from chatproxy.service import ChatproxyService
 
-from chatproxy.http.upstream import EJECT_AFTER as UNHEALTHY_AFTER  # the same rule as passive ejection
+UNHEALTHY_AFTER = EJECT_AFTER  # the same rule as passive ejection
 
 
 def readiness(service: ChatproxyService) -> list[str]:
