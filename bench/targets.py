@@ -68,7 +68,7 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
 # -- nginx
 
 
-def _nginx_config(directory: Path, http_body: str) -> str:
+def _nginx_config(directory: Path, http_body: str, worker_connections: int = 4096) -> str:
     """A complete nginx.conf: one worker, no access log, everything under ``directory``."""
     temp = {kind: directory / kind for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
     return textwrap.dedent(f"""\
@@ -78,7 +78,7 @@ def _nginx_config(directory: Path, http_body: str) -> str:
         pid {directory}/nginx.pid;
         error_log stderr warn;
         events {{
-            worker_connections 4096;
+            worker_connections {worker_connections};
         }}
         http {{
             access_log off;
@@ -92,11 +92,11 @@ def _nginx_config(directory: Path, http_body: str) -> str:
         """) + textwrap.indent(textwrap.dedent(http_body), "    ") + "}\n"
 
 
-def _start_nginx(ctx: Context, name: str, http_body: str) -> Server:
+def _start_nginx(ctx: Context, name: str, http_body: str, worker_connections: int = 4096) -> Server:
     directory = ctx.workdir / name
     directory.mkdir(mode=0o755, exist_ok=True)
     config = directory / "nginx.conf"
-    config.write_text(_nginx_config(directory, http_body))
+    config.write_text(_nginx_config(directory, http_body, worker_connections))
     return ctx.supervisor.start(name, [ctx.nginx, "-p", str(directory), "-e", "stderr", "-c", str(config)])
 
 
