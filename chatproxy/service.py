@@ -22,6 +22,25 @@ from chatproxy.tls import build_server_tls, create_self_signed
 log = Logger()
 
 
+def sd_notify(state: str) -> None:
+    """Tell systemd (``Type=notify``) about our state through ``$NOTIFY_SOCKET``;
+    nothing happens when not started by systemd."""
+    import os
+    import socket
+
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.connect(address)
+            notify.sendall(state.encode("utf-8"))
+    except OSError as e:
+        log.warn("cannot notify systemd at {address}: {error}", address=address, error=e)
+
+
 class StartupError(Exception):
     """The proxy cannot start (a port in use, a certificate that cannot be written)."""
 
@@ -119,6 +138,8 @@ class ChatproxyService(MultiService):
         if hasattr(self.reactor, "callWhenRunning"):
             # After the reactor installed its own signal handlers, so ours wins.
             self.reactor.callWhenRunning(self._handle_sigterm)
+            self.reactor.callWhenRunning(sd_notify, "READY=1\nSTATUS=serving " + ", ".join(
+                f"[listen:{name}] {listener.endpoint}" for name, listener in self.config.listeners.items()))
 
     def _handle_sigterm(self) -> None:
         """Make SIGTERM drain (and exit 0) rather than stop the reactor at once
@@ -143,6 +164,7 @@ class ChatproxyService(MultiService):
         timeout = self.config.settings.drain_timeout
         log.info("SIGTERM: draining (up to {timeout}s): no new connections, in-flight requests finish",
                  timeout=timeout)
+        sd_notify(f"STOPPING=1\nSTATUS=draining (up to {timeout:g}s)")
         self._stop_listening()
         assert self.core is not None
         self._drained = self.core.drain(timeout)

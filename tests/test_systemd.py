@@ -1,0 +1,95 @@
+"""systemd: the shipped units pass `systemd-analyze verify`, and chatproxy started by
+`systemd-socket-activate` serves on the passed socket and reports READY and STOPPING through
+$NOTIFY_SOCKET (a datagram socket this test listens on)."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import RecordingUpstream, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} (Debian package systemd) is missing; .ci/run installs it")
+        pytest.skip(f"{tool} is not installed (Debian package systemd)")
+    return path
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path):
+    """etc/systemd/chatproxy.service and chatproxy.socket are accepted by systemd-analyze verify
+    (with ExecStart pointing at this environment's twistd instead of /opt/chatproxy)."""
+    analyze = _require("systemd-analyze")
+    for unit in ("chatproxy.service", "chatproxy.socket"):
+        text = (ROOT / "etc" / "systemd" / unit).read_text().replace("/opt/chatproxy/bin/", f"{BIN}/")
+        (tmp_path / unit).write_text(text)
+    result = subprocess.run([analyze, "verify", str(tmp_path / "chatproxy.service"), str(tmp_path / "chatproxy.socket")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "chatproxy." not in result.stderr, result.stderr
+    service = (tmp_path / "chatproxy.service").read_text()
+    assert "Type=notify" in service and "User=chatproxy" in service and "--nodaemon --pidfile=" in service
+
+
+def test_socket_activation_and_sd_notify(tmp_path):
+    """Under systemd-socket-activate, a `systemd:` listener serves on the passed socket; chatproxy
+    sends READY=1 once serving and STOPPING=1 when SIGTERM starts the drain, then exits 0."""
+    activate = _require("systemd-socket-activate")
+    upstream = RecordingUpstream()
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(15)
+    port = free_port()
+    config = tmp_path / "chatproxy.ini"
+    config.write_text(
+        "[chatproxy]\naccess_log = off\ndrain_timeout = 5\n"
+        "[listen:public]\nendpoint = systemd:domain=INET:name=https\n"
+        f"[upstream:app]\nservers = {upstream.url}\n[route:all]\npath = /\nupstream = app\n")
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONUNBUFFERED="1")
+    log = (tmp_path / "out.log").open("wb")
+    process = subprocess.Popen(
+        [activate, "-l", f"127.0.0.1:{port}", "--fdname=https", "-E", "NOTIFY_SOCKET",
+         str(BIN / "twistd"), "-n", "--pidfile=", "chatproxy", "--config", str(config)],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while True:  # systemd-socket-activate listens first, then starts chatproxy on the first connection
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+                conn.request("GET", "/echo")
+                response = conn.getresponse()
+                break
+            except (ConnectionRefusedError, ConnectionResetError):
+                assert time.monotonic() < deadline, (tmp_path / "out.log").read_text()
+                time.sleep(0.1)
+        assert response.status == 200 and b'"path": "/echo"' in response.read()
+        messages = [notify.recv(4096).decode()]
+        assert messages[0].startswith("READY=1"), messages
+        assert "systemd:domain=INET:name=https" in messages[0]
+        process.send_signal(signal.SIGTERM)
+        messages.append(notify.recv(4096).decode())
+        assert messages[1].startswith("STOPPING=1"), messages
+        assert process.wait(20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+        log.close()
+        notify.close()
+        upstream.stop()
