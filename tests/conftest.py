@@ -153,6 +153,24 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0, pro
 # The recording upstream
 
 
+def read_request_body(handler: BaseHTTPRequestHandler) -> bytes:
+    """The whole request body a test upstream's handler received (Content-Length or chunked)."""
+    length = handler.headers.get("Content-Length")
+    if length is not None:
+        return handler.rfile.read(int(length))
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        body = b""
+        while True:
+            size = int(handler.rfile.readline().strip().split(b";")[0], 16)
+            if size == 0:
+                while handler.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return body
+            body += handler.rfile.read(size)
+            handler.rfile.readline()
+    return b""
+
+
 class UpstreamHandler(BaseHTTPRequestHandler):
     """A small HTTP/1.1 upstream whose behaviour the path chooses.
 
@@ -171,20 +189,7 @@ class UpstreamHandler(BaseHTTPRequestHandler):
         pass
 
     def _body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is not None:
-            return self.rfile.read(int(length))
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            body = b""
-            while True:
-                size = int(self.rfile.readline().strip().split(b";")[0], 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return body
-                body += self.rfile.read(size)
-                self.rfile.readline()
-        return b""
+        return read_request_body(self)
 
     def _handle(self) -> None:
         url = urlsplit(self.path)

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from conftest import read_request_body
+
 ROOT = Path(__file__).resolve().parent.parent
 ETC = ROOT / "etc"
 WAIT = 10.0  # the bound on every wait in these helpers
@@ -132,20 +134,7 @@ class StandInHandler(BaseHTTPRequestHandler):
         pass
 
     def _body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is not None:
-            return self.rfile.read(int(length))
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            body = b""
-            while True:
-                size = int(self.rfile.readline().strip().split(b";")[0], 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return body
-                body += self.rfile.read(size)
-                self.rfile.readline()
-        return b""
+        return read_request_body(self)
 
     def _handle(self) -> None:
         upgrade = self.headers.get("Upgrade", "").lower() == "websocket"
