@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from processes import BenchError, Server, Supervisor, exit_on_termination_signals, free_ports, wait_until_serving
-from run import BACKGROUND_LIMIT, _find_nginx, _git, _version_of, log_notes, wait_for_quiet
+from run import BACKGROUND_LIMIT, _find_nginx, _git, _ms, _ratio, _version_of, _x, log_notes, wait_for_quiet
 from targets import BENCH_DIR, BODY, Context, make_certificate
 from ws_targets import LOAD, WS_DIR, WS_PATH, WS_TARGETS, WsContext, WsTarget, find_node, start_echo_upstream
 
@@ -506,20 +506,6 @@ def measure_all(targets: list[WsTarget], ctx: WsContext, args: argparse.Namespac
 
 
 # -- reporting
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or denominator is None or denominator == 0.0:
-        return None
-    return numerator / denominator
-
-
-def _x(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f} ms"
 
 
 def _mib(kib: int | None) -> str:
