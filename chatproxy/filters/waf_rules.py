@@ -338,10 +338,6 @@ def rule(id: int, category: str, paranoia: int, severity: str, message: str, pat
     return made
 
 
-def _any(*alternatives: Any) -> str:
-    return "(?:" + "|".join(alternatives) + ")"
-
-
 # ---------------------------------------------------------------------------
 # libinjection (optional): the CRS rules 942100 and 941100
 
