@@ -105,25 +105,12 @@ class HeadersFilter:
         self.response_set = response_set
         self.response_remove = response_remove
         self._rewrite = Rewrite(set=request_set, remove=request_remove) if request_set or request_remove else None
-        self._set_names = frozenset(name.lower() for name, _ in request_set)
         self._edits_response = bool(response_set or response_remove)
 
     def request(self, head: Any) -> Rewrite | None:
-        """The configured request header changes.
-
-        A client could have a header removed on the way to the upstream by
-        naming it in ``Connection`` (hop-by-hop by declaration); the headers
-        this filter sets are taken out of ``Connection`` so they do arrive.
-        """
-        if self._set_names:
-            tokens = [token.strip() for name, value in head.headers if name.lower() == b"connection"
-                      for token in value.split(b",") if token.strip()]
-            if any(token.lower() in self._set_names for token in tokens):
-                kept = [token for token in tokens if token.lower() not in self._set_names]
-                if kept:
-                    return Rewrite(set=self.request_set + ((b"Connection", b", ".join(kept)),),
-                                   remove=self.request_remove)
-                return Rewrite(set=self.request_set, remove=self.request_remove | {b"connection"})
+        """The configured request header changes.  (A client naming a set header
+        in ``Connection`` cannot get it dropped: the chain's rewrite takes
+        set names out of ``Connection`` for every filter.)"""
         return self._rewrite
 
     def response(self, head: Any, status: int, headers: list[Header]) -> list[Header] | None:
