@@ -3,9 +3,10 @@
 ``/healthz`` answers 200 while the process runs.  ``/readyz`` answers 200 only
 when every listener is open and each upstream has at least one server that is
 not failing (fewer than :data:`UNHEALTHY_AFTER` connection attempts failed in a
-row), 503 otherwise, with the reasons.  ``/metrics`` is the Prometheus text
-format, produced with ``prometheus_client`` from the proxy's running totals at
-scrape time (nothing is counted twice on the data path).
+row, and passing its active health checks when it has them), 503 otherwise,
+with the reasons.  ``/metrics`` is the Prometheus text format, produced with
+``prometheus_client`` from the proxy's running totals at scrape time (nothing
+is counted twice on the data path).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def readiness(service: ChatproxyService) -> list[str]:
     if core is None:
         return problems + ["not started"]
     for name, pools in core.pools.items():
-        if all(server.consecutive_failures >= UNHEALTHY_AFTER for server in pools.servers):
-            problems.append(f"upstream {name}: every server failed its last {UNHEALTHY_AFTER} connection attempts")
+        if not any(server.healthy for server in pools.servers):
+            problems.append(f"upstream {name}: no healthy server (each failed its last {UNHEALTHY_AFTER} "
+                            "connection attempts or its active health checks)")
     return problems
 
 
@@ -83,14 +85,15 @@ class ProxyCollector:
         idle = GaugeMetricFamily("chatproxy_upstream_idle_connections", "Idle keep-alive connections in the pool.",
                                  labels=["upstream", "server"])
         healthy = GaugeMetricFamily("chatproxy_upstream_server_healthy",
-                                    "1 unless the server's last connection attempts all failed.",
+                                    "1 unless the server fails its active health checks or its last "
+                                    "connection attempts all failed.",
                                     labels=["upstream", "server"])
         for name, pools in sorted(core.pools.items()):
             for server in pools.servers:
                 labels = [name, server.server.url]
                 failures.add_metric(labels, stats.connect_failures.get(server.server.url, 0))
                 idle.add_metric(labels, server.idle_count)
-                healthy.add_metric(labels, 1 if server.consecutive_failures < UNHEALTHY_AFTER else 0)
+                healthy.add_metric(labels, 1 if server.healthy else 0)
         yield failures
         yield idle
         yield healthy
@@ -127,6 +130,21 @@ class ProxyCollector:
         for event, count in sorted(core.counters.items()):
             events.add_metric([event], count)
         yield events
+        handshakes = CounterMetricFamily("chatproxy_tls_handshake_failures",
+                                         "TLS handshakes with clients that failed, by listener.", labels=["listener"])
+        for listener, count in sorted(stats.tls_handshake_failures.items()):
+            handshakes.add_metric([listener], count)
+        yield handshakes
+        reloads = CounterMetricFamily("chatproxy_config_reloads", "Reloads (SIGHUP) by result.", labels=["result"])
+        for result in ("success", "failure"):
+            reloads.add_metric([result], stats.reloads.get(result, 0))
+        yield reloads
+        yield GaugeMetricFamily("chatproxy_config_last_reload_successful",
+                                "1 if the last reload succeeded (or none was tried), 0 if it was refused.",
+                                value=1 if stats.last_reload_ok else 0)
+        yield GaugeMetricFamily("chatproxy_config_last_reload_success_timestamp_seconds",
+                                "When the configuration in force was loaded (Unix time).",
+                                value=stats.last_reload_success)
 
 
 class _Text(Resource):

@@ -75,6 +75,9 @@ class Settings:
     header_timeout: float = 15.0
     idle_timeout: float = 60.0
     drain_timeout: float = 30.0
+    reload_close_window: float = 10.0
+    workers: int = 0  # 0: one per CPU
+
 
 
 @frozen
@@ -141,6 +144,13 @@ class Upstream:
     response_timeout: float = 60.0
     max_idle_connections: int = 32
     idle_connection_timeout: float = 30.0
+    health_check_path: str | None = None  # None: no active health checks
+    health_check_interval: float = 5.0
+    health_check_timeout: float = 2.0
+    health_check_status: tuple[tuple[int, int], ...] = ((200, 399),)  # inclusive ranges
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    sticky_cookie: str | None = None  # None: no sticky sessions
 
 
 @frozen
@@ -398,9 +408,10 @@ def _endpoint(text: str) -> str:
 
     if not text:
         raise ValueError("must not be empty")
-    if text.split(":", 1)[0] == "systemd" and "LISTEN_FDS" not in os.environ:
-        # Sockets passed by systemd exist only in the activated process, so
-        # elsewhere (``check``) only the form is checked.
+    if text.split(":", 1)[0] == "systemd":
+        # Sockets passed by systemd exist only in the activated process (and
+        # its workers), so only the form is checked here; listening says
+        # when systemd passed no such socket.
         options = dict(part.partition("=")[::2] for part in text.split(":")[1:])
         if options.get("domain") not in ("INET", "INET6", "UNIX") or not (options.get("index") or options.get("name")):
             raise ValueError("a systemd endpoint needs domain=INET|INET6|UNIX and index=N or name=NAME")
@@ -502,6 +513,7 @@ class _Section:
 _SETTINGS_OPTIONS = {
     "access_log", "access_log_format", "max_header_bytes", "max_headers", "max_url_bytes",
     "max_body_bytes", "header_timeout", "idle_timeout", "drain_timeout",
+    "reload_close_window", "workers",
 }
 _LISTEN_OPTIONS = {
     "endpoint", "tls", "certificate", "key", "sni", "min_tls_version", "ciphers",
@@ -510,6 +522,8 @@ _LISTEN_OPTIONS = {
 _UPSTREAM_OPTIONS = {
     "servers", "verify", "ca", "client_certificate", "client_key", "host_header",
     "connect_timeout", "response_timeout", "max_idle_connections", "idle_connection_timeout",
+    "health_check_path", "health_check_interval", "health_check_timeout", "health_check_status",
+    "healthy_threshold", "unhealthy_threshold", "sticky_cookie",
 }
 _WEBSOCKET_OPTIONS = ("max_message_bytes", "max_frame_bytes", "max_buffered_bytes", "ping_interval", "ping_timeout",
                       "idle_timeout", "max_messages_per_second", "compression")
@@ -535,7 +549,19 @@ def _read_settings(section: _Section | None) -> Settings:
         header_timeout=section.get("header_timeout", parse_duration, d.header_timeout),
         idle_timeout=section.get("idle_timeout", parse_duration, d.idle_timeout),
         drain_timeout=section.get("drain_timeout", parse_duration, d.drain_timeout),
+        reload_close_window=section.get("reload_close_window", parse_duration, d.reload_close_window),
+        workers=section.get("workers", _workers, d.workers),
     )
+
+
+def _workers(text: str) -> int:
+    """``workers``: a count of processes, or ``auto`` (0) for one per CPU."""
+    if text.strip().lower() == "auto":
+        return 0
+    count = _positive_int(text)
+    if count > 256:
+        raise ValueError("at most 256 workers")
+    return count
 
 
 def _parse_sni(section: _Section) -> tuple[SniCertificate, ...]:
@@ -666,6 +692,18 @@ def _read_upstream(section: _Section) -> Upstream:
         raise section.error("client_key", "needs client_certificate")
     ca = section.existing_file("ca")
     _check_client_tls_files(section, ca, client_certificate, client_key)
+    health_check_path = section.get("health_check_path", _parse_health_check_path, None)
+    if health_check_path is None:
+        for option in ("health_check_interval", "health_check_timeout", "health_check_status",
+                       "healthy_threshold", "unhealthy_threshold"):
+            if section.has(option):
+                raise section.error(option, "needs health_check_path (no active health checks without it)")
+    health_check_interval = section.get("health_check_interval", parse_duration, d.health_check_interval)
+    health_check_timeout = section.get("health_check_timeout", parse_duration, d.health_check_timeout)
+    if health_check_timeout > health_check_interval:
+        option = "health_check_timeout" if section.has("health_check_timeout") else "health_check_interval"
+        raise section.error(option, f"health_check_timeout ({health_check_timeout:g}s) must not be longer than "
+                                    f"health_check_interval ({health_check_interval:g}s)")
     return Upstream(
         name=name,
         servers=section.require("servers", servers),
@@ -678,7 +716,50 @@ def _read_upstream(section: _Section) -> Upstream:
         response_timeout=section.get("response_timeout", parse_duration, d.response_timeout),
         max_idle_connections=section.get("max_idle_connections", _non_negative_int, d.max_idle_connections),
         idle_connection_timeout=section.get("idle_connection_timeout", parse_duration, d.idle_connection_timeout),
+        health_check_path=health_check_path,
+        health_check_interval=health_check_interval,
+        health_check_timeout=health_check_timeout,
+        health_check_status=section.get("health_check_status", _parse_status_ranges, d.health_check_status),
+        healthy_threshold=section.get("healthy_threshold", _positive_int, d.healthy_threshold),
+        unhealthy_threshold=section.get("unhealthy_threshold", _positive_int, d.unhealthy_threshold),
+        sticky_cookie=section.get("sticky_cookie", _parse_cookie_name, None),
     )
+
+
+def _parse_health_check_path(text: str) -> str:
+    """The path (and optional query) a health check asks for: ``/healthz``."""
+    if not text.startswith("/"):
+        raise ValueError(f"must start with '/', got {text!r}")
+    if any(c.isspace() or ord(c) < 0x21 or ord(c) > 0x7E for c in text) or "#" in text:
+        raise ValueError(f"{text!r}: only printable ASCII without spaces or '#' (percent-encode the rest)")
+    return text
+
+
+def _parse_status_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    """HTTP statuses and inclusive ranges: ``200-399``, ``200, 204``, ``200-299, 401``."""
+    ranges = []
+    for item in parse_list(text):
+        low_text, dash, high_text = item.partition("-")
+        try:
+            low = int(low_text.strip())
+            high = int(high_text.strip()) if dash else low
+        except ValueError:
+            raise ValueError(f"{item!r} is not a status or a range of statuses such as 200-399") from None
+        if not (100 <= low <= 599 and 100 <= high <= 599):
+            raise ValueError(f"{item!r}: statuses are between 100 and 599")
+        if high < low:
+            raise ValueError(f"{item!r}: the range ends before it starts")
+        ranges.append((low, high))
+    if not ranges:
+        raise ValueError("expected at least one status or range, such as 200-399")
+    return tuple(ranges)
+
+
+def _parse_cookie_name(text: str) -> str:
+    """A cookie name (an HTTP token, RFC 6265)."""
+    if not _TOKEN_RE.match(text):
+        raise ValueError(f"{text!r} is not a valid cookie name (letters, digits and !#$%&'*+.^_`|~-)")
+    return text
 
 
 def _parse_hosts(text: str) -> tuple[str, ...]:

@@ -1,24 +1,32 @@
-"""The proxy core for one configuration: route table, upstream pools, filters,
-access log and timeouts, shared by every front connection."""
+"""The proxy core: what lives as long as the process (connections, sessions,
+timeouts, statistics, the access log) and the current :class:`Plan`, which a
+reload replaces."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
-
-from twisted.internet import defer
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import defer
+from twisted.logger import Logger
+
 from chatproxy.accesslog import AccessLog
-from chatproxy.config import Config, Route
-from chatproxy.filters.chain import RouteFilter
+from chatproxy.config import Config, Route, Settings
 from chatproxy.http.upstream import UpstreamPools
+from chatproxy.plan import Plan
 from chatproxy.routing import RouteTable
 from chatproxy.stats import Stats
 from chatproxy.timeouts import TimeoutSweeper
 
 if TYPE_CHECKING:
     from chatproxy.http.front import FrontConnection
-    from chatproxy.websocket import RouteSockets, WebSocketBridge
+    from chatproxy.websocket import WebSocketBridge
+
+log = Logger()
+
+#: The WebSocket close code for sessions a reload ends (RFC 6455 registry: "Service Restart").
+SERVICE_RESTART = 1012
 
 
 def _sweep_interval(config: Config) -> float:
@@ -30,96 +38,114 @@ def _sweep_interval(config: Config) -> float:
 
 
 class ProxyCore:
-    """Everything the data path needs, built from one :class:`Config`."""
+    """Everything the data path needs; :attr:`plan` is the current configuration's part."""
 
     def __init__(self, reactor: Any, config: Config) -> None:
         self.reactor = reactor
-        self.config = config
-        self.settings = config.settings
-        self.table = RouteTable(config.routes)
         self.sweeper = TimeoutSweeper(reactor, _sweep_interval(config))
         self.stats = Stats()
-        self.pools = {name: UpstreamPools(reactor, upstream, self.sweeper, self.stats)
-                      for name, upstream in config.upstreams.items()}
+        self.plan = Plan(reactor, config, self.sweeper, self.stats)
         self.access_log = AccessLog(reactor, config.settings.access_log, config.settings.access_log_format)
         self.connections: set[FrontConnection] = set()
         self.websocket_sessions: set[WebSocketBridge] = set()
         self.counters: Counter[str] = Counter()
         self.filter_counters: Counter[str] = Counter()  # "FILTER:outcome" -> count
-        self._route_filters = {
-            route.name: [RouteFilter(name, config.filters[name].filter, config.filters[name].mode == "report")
-                         for name in route.filters]
-            for route in config.routes
-        }
-        self._message_filters = {
-            name: [f for f in filters if callable(getattr(f.filter, "message", None))]
-            for name, filters in self._route_filters.items()
-        }
-        self._response_filters = {
-            name: [(f.name, f.filter) for f in filters if callable(getattr(f.filter, "response", None))]
-            for name, filters in self._route_filters.items()
-        }
-        self._body_filters = {
-            name: [f for f in filters if callable(getattr(f.filter, "request_body", None))
-                   and isinstance(getattr(f.filter, "inspect_body_bytes", None), int) and f.filter.inspect_body_bytes > 0]
-            for name, filters in self._route_filters.items()
-        }
-        self._body_limits = {
-            route.name: min([route.max_body_bytes if route.max_body_bytes is not None else config.settings.max_body_bytes]
-                            + [int(f.filter.max_body_bytes) for f in self._route_filters[route.name]
-                               if isinstance(getattr(f.filter, "max_body_bytes", None), int) and not f.report])
-            for route in config.routes
-        }
-        self._sockets: dict[str, RouteSockets] = {}
+        self._started = False
 
-    def route_filters(self, route: Route) -> list[RouteFilter]:
-        """The filters of a route, in order."""
-        return self._route_filters[route.name]
+    # The current plan's parts, for code that only needs "what is configured now".
 
-    def response_filters(self, route: Route) -> list[tuple[str, Any]]:
-        """The (name, filter) pairs of a route whose filters see response heads."""
-        return self._response_filters[route.name]
+    @property
+    def config(self) -> Config:
+        """The configuration in force."""
+        return self.plan.config
 
-    def body_filters(self, route: Route) -> list[RouteFilter]:
-        """The filters of a route that read the start of request bodies."""
-        return self._body_filters[route.name]
+    @property
+    def settings(self) -> Settings:
+        """The ``[chatproxy]`` settings in force."""
+        return self.plan.settings
 
-    def body_inspection_limit(self, route: Route) -> int:
-        """How many body bytes the route's body filters want before forwarding (0: none)."""
-        filters = self._body_filters[route.name]
-        return max((int(f.filter.inspect_body_bytes) for f in filters), default=0)
+    @property
+    def table(self) -> RouteTable:
+        """The route table in force."""
+        return self.plan.table
 
-    def body_limit(self, route: Route) -> int:
-        """The request body limit of a route: its own or the global one, or a
-        filter's (``request_limits``) when smaller."""
-        return self._body_limits[route.name]
+    @property
+    def pools(self) -> dict[str, UpstreamPools]:
+        """The upstream pools in force, by upstream name."""
+        return self.plan.pools
 
-    def message_filters(self, route: Route | None) -> list[RouteFilter]:
-        """The filters of a route that look at WebSocket messages."""
-        return self._message_filters[route.name] if route is not None else []
+    def message_filters(self, route: Route | None) -> list[Any]:
+        """The message filters of a route of the plan in force."""
+        return self.plan.message_filters(route)
 
-    def route_sockets(self, route: Route) -> RouteSockets:
-        """The WebSocket server factory and limits of a bridge route (made once)."""
-        sockets = self._sockets.get(route.name)
-        if sockets is None:
-            from chatproxy.websocket import RouteSockets
+    # -- reload
 
-            upstream = self.config.upstreams[route.upstream]
-            sockets = RouteSockets(route, upstream.connect_timeout + upstream.response_timeout + 5)
-            self._sockets[route.name] = sockets
-        return sockets
+    def install(self, plan: Plan) -> int:
+        """Make ``plan`` the one in force (a reload): new requests use it at
+        once; requests already routed finish under the plan they started
+        with.  Pools it no longer uses close once their connections are
+        done; WebSocket sessions it does not keep (see
+        :meth:`Plan.keeps_session`) are closed with 1012 at random moments
+        over ``reload_close_window``.  Returns how many sessions will be closed."""
+        old, self.plan = self.plan, plan
+        for pools in old.retired_pools(plan):
+            pools.retire()
+        if self._started:
+            for pools in plan.new_pools:
+                pools.start_health_checks()
+        interval = _sweep_interval(plan.config)
+        if interval != self.sweeper.interval:
+            self.sweeper.stop()
+            self.sweeper.interval = interval
+            if self._started:
+                self.sweeper.start()
+        self._reopen_access_log(old.settings, plan.settings)
+        return self._close_orphaned_sessions(plan)
+
+    def _reopen_access_log(self, old: Settings, new: Settings) -> None:
+        """A reload reopens the access log file (after log rotation it is a new file)."""
+        replacement = AccessLog(self.reactor, new.access_log, new.access_log_format)
+        previous, self.access_log = self.access_log, replacement
+        previous.close()
+
+    def _close_orphaned_sessions(self, plan: Plan) -> int:
+        window = plan.settings.reload_close_window
+        closing = 0
+        for session in list(self.websocket_sessions):
+            exchange = session.exchange
+            if exchange.route is None or exchange.server is None:
+                continue
+            if plan.keeps_session(exchange.route, exchange.server.upstream, exchange.head.listener):  # type: ignore[union-attr]
+                continue
+            closing += 1
+            self.reactor.callLater(random.uniform(0, window), session.close_both, SERVICE_RESTART,
+                                   "service restart: route changed")
+        for connection in list(self.connections):
+            tunnel = connection.tunnel
+            if tunnel is None or tunnel in self.websocket_sessions:
+                continue
+            exchange = tunnel.exchange
+            if exchange.route is None or exchange.server is None:
+                continue
+            if plan.keeps_session(exchange.route, exchange.server.upstream, exchange.head.listener):  # type: ignore[union-attr]
+                continue
+            closing += 1
+            self.reactor.callLater(random.uniform(0, window), connection.close)
+        return closing
+
+    # -- shutdown
 
     def drain(self, timeout: float) -> defer.Deferred[None]:
         """Let connections finish: idle ones close now, busy ones after their
-        current exchange, WebSocket sessions are closed with 1001 spread over
-        the first half of ``timeout``; whatever is left at ``timeout`` is
-        closed.  Fires when nothing is left."""
-        import random
-
+        current exchange, WebSocket sessions are closed with 1001 and tunnels
+        closed, spread over the first half of ``timeout``; whatever is left
+        at ``timeout`` is closed.  Fires when nothing is left."""
         done: defer.Deferred[None] = defer.Deferred()
+        window = timeout / 2
         for connection in list(self.connections):
             connection.drain()
-        window = timeout / 2
+            if connection.tunnel is not None and connection.tunnel not in self.websocket_sessions:
+                self.reactor.callLater(random.uniform(0, window), connection.close)
         for session in list(self.websocket_sessions):
             self.reactor.callLater(random.uniform(0, window), session.close_both, 1001, "server shutting down")
         deadline = self.reactor.seconds() + timeout
@@ -145,12 +171,17 @@ class ProxyCore:
         return done
 
     def start(self) -> None:
-        """Start the timeout sweeps."""
+        """Start the timeout sweeps and the upstreams' health checks."""
+        self._started = True
         self.sweeper.start()
+        for pools in self.plan.pools.values():
+            pools.start_health_checks()
 
     def stop(self) -> None:
         """Stop timers, close pooled connections and the access log."""
+        self._started = False
         self.sweeper.stop()
-        for pools in self.pools.values():
+        for pools in self.plan.pools.values():
+            pools.stop_health_checks()
             pools.close_all()
         self.access_log.close()

@@ -1,23 +1,32 @@
-"""The running proxy as a Twisted service: listeners, the demo upstream, shutdown."""
+"""The running proxy as a Twisted service: listeners, the demo upstream,
+reload (SIGHUP) and drain (SIGTERM)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import sys
-from typing import Any
+import threading
+import time
+from typing import Any, Sequence
 
+from attrs import define
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from chatproxy.config import Config, Listener
+from chatproxy.config import Config, ConfigError, Listener, load_config
 from chatproxy.gate import GateFactory
 from chatproxy.http.front import FrontFactory
+from chatproxy.plan import Plan
 from chatproxy.proxy import ProxyCore
-from chatproxy.tls import build_server_tls, create_self_signed
+from chatproxy.sharing import shared_endpoint
+from chatproxy.tls import HandshakeCountingTLSFactory, build_server_tls, create_self_signed
 
 log = Logger()
 
@@ -25,12 +34,12 @@ log = Logger()
 def sd_notify(state: str) -> None:
     """Tell systemd (``Type=notify``) about our state through ``$NOTIFY_SOCKET``;
     nothing happens when not started by systemd."""
-    import os
-    import socket
-
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
+    worker = os.environ.get(WORKER_ENV)
+    if worker:
+        state += f"\n{WORKER_ENV}={worker}"  # the master tells its workers apart
     if address.startswith("@"):
         address = "\0" + address[1:]  # an abstract socket
     try:
@@ -41,14 +50,90 @@ def sd_notify(state: str) -> None:
         log.warn("cannot notify systemd at {address}: {error}", address=address, error=e)
 
 
+#: Set in a worker process's environment: its number (1..N).
+WORKER_ENV = "CHATPROXY_WORKER"
+#: Set in a worker process's environment: the master's private directory.
+WORKER_DIR_ENV = "CHATPROXY_WORKER_DIR"
+
+
+def _monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
 class StartupError(Exception):
     """The proxy cannot start (a port in use, a certificate that cannot be written)."""
 
 
-class ChatproxyService(MultiService):
-    """Listens on every configured listener and proxies to the upstreams."""
+def ensure_certificate(listener: Listener) -> None:
+    """Create the self-signed certificate a listener asks for (``create_self_signed``) if its files are missing."""
+    assert listener.certificate is not None and listener.key is not None
+    if listener.create_self_signed and not (listener.certificate.exists() and listener.key.exists()):
+        try:
+            create_self_signed(listener.certificate, listener.key)
+        except OSError as e:
+            raise StartupError(f"[listen:{listener.name}]: cannot create a self-signed certificate: {e}") from None
+        log.info(
+            "[listen:{name}] created a self-signed certificate for localhost: {certificate} (key: {key})",
+            name=listener.name, certificate=str(listener.certificate), key=str(listener.key),
+        )
 
-    def __init__(self, config: Config, reactor: Any = None) -> None:
+
+class SwitchFactory(Factory):
+    """The factory a listening socket keeps for its whole life: each new
+    connection is built by :attr:`current`, which a reload replaces (new
+    certificates, a new ``allow`` list) without closing the socket."""
+
+    noisy = False
+
+    def __init__(self, current: IProtocolFactory) -> None:
+        self.current = current
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """A connection built by the current factory."""
+        return self.current.buildProtocol(addr)
+
+    def startFactory(self) -> None:
+        """The socket opened: start the current factory."""
+        self.current.doStart()
+
+    def stopFactory(self) -> None:
+        """The socket closed: stop the current factory."""
+        self.current.doStop()
+
+    def switch(self, factory: IProtocolFactory) -> None:
+        """New connections are built by ``factory`` from now on."""
+        previous, self.current = self.current, factory
+        if self.numPorts:
+            factory.doStart()
+            previous.doStop()
+
+
+@define
+class _Opened:
+    """One listening socket: its endpoint text, port, and factories."""
+
+    endpoint: str
+    port: Any
+    switch: SwitchFactory
+    front: FrontFactory | None = None  # None for [demo] and [admin]
+
+
+@define
+class _Prepared:
+    """A reload that passed validation: what to open, keep and close."""
+
+    config: Config
+    plan: Plan
+    keep: dict[str, tuple[_Opened, IProtocolFactory, Listener | None]]  # new key -> old socket, new factory
+    open: dict[str, tuple[str, SwitchFactory, FrontFactory | None]]  # new key -> endpoint, factories
+    opened: dict[str, _Opened]
+
+
+class ChatproxyService(MultiService):
+    """Listens on every configured listener and proxies to the upstreams;
+    SIGHUP reloads the configuration, SIGTERM drains."""
+
+    def __init__(self, config: Config, reactor: Any = None, config_paths: Sequence[str] | None = None) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -56,45 +141,86 @@ class ChatproxyService(MultiService):
             reactor = default_reactor
         self.reactor = reactor
         self.config = config
+        self.config_paths = list(config_paths) if config_paths is not None else list(config.sources)
         self.core: ProxyCore | None = None
-        self.ports: dict[str, Any] = {}
+        # In a worker process (workers = N): its number and the master's directory.
+        self.worker = os.environ.get(WORKER_ENV)
+        self.worker_dir = os.environ.get(WORKER_DIR_ENV)
+        self.opened: dict[str, _Opened] = {}
         self._drained: defer.Deferred[None] | None = None
+        self._reloading: defer.Deferred[bool] | None = None
 
-    def listener_factory(self, core: ProxyCore, listener: Listener) -> IProtocolFactory:
-        """The factory for one listener: gate -> TLS -> HTTP front."""
-        factory: IProtocolFactory = FrontFactory(core, listener)
+    @property
+    def ports(self) -> dict[str, Any]:
+        """The open listening ports by key (``listen:NAME``, ``demo``, ``admin``)."""
+        return {key: opened.port for key, opened in self.opened.items()}
+
+    # -- building factories
+
+    def _listener_factory(self, core: ProxyCore, front: FrontFactory, listener: Listener) -> IProtocolFactory:
+        """The factory for one listener: gate -> TLS -> HTTP front (reads the certificates)."""
+        factory: IProtocolFactory = front
         if listener.tls:
-            self._ensure_certificate(listener)
-            factory = TLSMemoryBIOFactory(build_server_tls(listener), False, factory)
+            ensure_certificate(listener)
+            factory = HandshakeCountingTLSFactory(build_server_tls(listener), factory, core.stats.tls_handshake_failures,
+                                                  listener.name)
         if listener.allow is not None:
             factory = GateFactory(factory, listener.allow)
         return factory
 
-    def _ensure_certificate(self, listener: Listener) -> None:
-        assert listener.certificate is not None and listener.key is not None
-        if listener.create_self_signed and not (listener.certificate.exists() and listener.key.exists()):
-            try:
-                create_self_signed(listener.certificate, listener.key)
-            except OSError as e:
-                raise StartupError(f"[listen:{listener.name}]: cannot create a self-signed certificate: {e}") from None
-            log.info(
-                "[listen:{name}] created a self-signed certificate for localhost: {certificate} (key: {key})",
-                name=listener.name, certificate=str(listener.certificate), key=str(listener.key),
-            )
+    def _wanted(self, core: ProxyCore, config: Config) -> dict[str, tuple[str, IProtocolFactory, Listener | None]]:
+        """Every socket ``config`` asks for: key -> (endpoint, factory, listener)."""
+        wanted: dict[str, tuple[str, IProtocolFactory, Listener | None]] = {}
+        if config.demo is not None and self.worker is None:  # the master runs the demo for all workers
+            from chatproxy.demo import demo_site
 
-    def _listen(self, name: str, endpoint_text: str, factory: IProtocolFactory) -> Any:
-        endpoint = serverFromString(self.reactor, endpoint_text)
-        result: list[Any] = []
-        d = endpoint.listen(factory)
-        d.addBoth(result.append)
-        if not result:
-            # Endpoints that listen asynchronously: wait in the reactor.
-            d.addErrback(lambda f: log.failure("cannot listen on {endpoint}", f, endpoint=endpoint_text))
-            return d
-        outcome = result[0]
-        if isinstance(outcome, Failure):
-            raise StartupError(f"{name}: cannot listen on {endpoint_text}: {outcome.getErrorMessage()}")
-        return outcome
+            wanted["demo"] = (config.demo.endpoint, demo_site(), None)
+        for listener in config.listeners.values():
+            wanted[f"listen:{listener.name}"] = (listener.endpoint, FrontFactory(core, listener), listener)
+        if config.admin is not None or self.worker is not None:
+            from chatproxy.admin import admin_site
+
+            wanted["admin"] = (self._admin_endpoint(config), admin_site(self), None)
+        return wanted
+
+    def _admin_endpoint(self, config: Config) -> str:
+        """Where the admin site listens: ``[admin] endpoint``, or in a worker a
+        private UNIX socket the master reads (it serves ``[admin]`` for all)."""
+        if self.worker is None or self.worker_dir is None:
+            assert config.admin is not None
+            return config.admin.endpoint
+        return f"unix:{self.worker_dir}/worker-{self.worker}.sock:mode=600"
+
+    def _listen(self, key: str, endpoint_text: str, factory: IProtocolFactory) -> defer.Deferred[Any]:
+        section = f"[{key}]"
+        try:
+            if self.worker is not None and key.startswith("listen:"):
+                endpoint = shared_endpoint(self.reactor, endpoint_text)
+            else:
+                endpoint = serverFromString(self.reactor, endpoint_text)
+        except Exception as e:
+            return defer.fail(StartupError(f"{section}: cannot listen on {endpoint_text}: {e}"))
+
+        def failed(failure: Failure) -> Failure:
+            if failure.check(StartupError):
+                return failure
+            return Failure(StartupError(f"{section}: cannot listen on {endpoint_text}: {failure.getErrorMessage()}"))
+
+        listening: defer.Deferred[Any] = endpoint.listen(factory)
+        return listening.addErrback(failed)
+
+    def _open(self, key: str, endpoint: str, factory: IProtocolFactory, listener: Listener | None,
+              core: ProxyCore) -> defer.Deferred[_Opened]:
+        """Open one socket for ``key``; its switch factory starts at ``factory``."""
+        front: FrontFactory | None = None
+        if listener is not None:
+            assert isinstance(factory, FrontFactory)
+            front = factory
+            factory = self._listener_factory(core, front, listener)
+        switch = SwitchFactory(factory)
+        return self._listen(key, endpoint, switch).addCallback(lambda port: _Opened(endpoint, port, switch, front))
+
+    # -- start
 
     def privilegedStartService(self) -> None:
         """Open the listening sockets (before twistd drops privileges)."""
@@ -104,56 +230,192 @@ class ChatproxyService(MultiService):
             except OSError as e:
                 raise StartupError(f"[chatproxy] access_log: cannot open {self.config.settings.access_log}: "
                                    f"{e.strerror}") from None
-            if self.config.demo is not None:
-                from chatproxy.demo import demo_site
-
-                self.ports["demo"] = self._listen("[demo]", self.config.demo.endpoint, demo_site())
-                log.info("demo chat upstream listening on {endpoint}", endpoint=self.config.demo.endpoint)
-            for listener in self.config.listeners.values():
-                factory = self.listener_factory(core, listener)
-                self.ports[f"listen:{listener.name}"] = self._listen(f"[listen:{listener.name}]", listener.endpoint, factory)
-                log.info("[listen:{name}] listening on {endpoint}{tls}", name=listener.name,
-                         endpoint=listener.endpoint, tls=" with TLS" if listener.tls else "")
-            if self.config.admin is not None:
-                from chatproxy.admin import admin_site
-
-                self.ports["admin"] = self._listen("[admin]", self.config.admin.endpoint, admin_site(self))
-                log.info("[admin] health and metrics on {endpoint}", endpoint=self.config.admin.endpoint)
+            if self.worker is not None and self.worker_dir is not None:
+                # A socket left by a worker that died: this worker takes its place.
+                stale = f"{self.worker_dir}/worker-{self.worker}.sock"
+                if os.path.exists(stale):
+                    os.unlink(stale)
+            for key, (endpoint, factory, listener) in self._wanted(core, self.config).items():
+                outcome: list[Any] = []
+                self._open(key, endpoint, factory, listener, core).addBoth(outcome.append)
+                if not outcome:
+                    # Endpoints that listen asynchronously: wait in the reactor.
+                    raise StartupError(f"[{key}]: {endpoint} did not open at once")
+                if isinstance(outcome[0], Failure):
+                    outcome[0].raiseException()
+                self.opened[key] = outcome[0]
+                self._log_open(key, endpoint, listener)
         except StartupError as e:
-            for port in self.ports.values():
-                if hasattr(port, "stopListening"):
-                    port.stopListening()
+            for opened in self.opened.values():
+                opened.port.stopListening()
+            self.opened = {}
             sys.stderr.write(f"chatproxy: {e}\n")
             sys.stderr.flush()
             raise SystemExit(1) from None
+        core.stats.last_reload_success = time.time()
         super().privilegedStartService()
 
+    def _log_open(self, key: str, endpoint: str, listener: Listener | None) -> None:
+        if key == "demo":
+            log.info("demo chat upstream listening on {endpoint}", endpoint=endpoint)
+        elif key == "admin":
+            log.info("[admin] health and metrics on {endpoint}", endpoint=endpoint)
+        else:
+            log.info("[{key}] listening on {endpoint}{tls}", key=key, endpoint=endpoint,
+                     tls=" with TLS" if listener is not None and listener.tls else "")
+
     def startService(self) -> None:
-        """Start the timeout sweeps and any child services; SIGTERM drains."""
+        """Start the timeout sweeps and any child services; SIGTERM drains, SIGHUP reloads."""
         if self.core is None:
             self.privilegedStartService()
         assert self.core is not None
         self.core.start()
         super().startService()
         if hasattr(self.reactor, "callWhenRunning"):
-            # After the reactor installed its own signal handlers, so ours wins.
-            self.reactor.callWhenRunning(self._handle_sigterm)
-            self.reactor.callWhenRunning(sd_notify, "READY=1\nSTATUS=serving " + ", ".join(
-                f"[listen:{name}] {listener.endpoint}" for name, listener in self.config.listeners.items()))
+            # After the reactor installed its own signal handlers, so ours win.
+            self.reactor.callWhenRunning(self._handle_signals)
+            self.reactor.callWhenRunning(sd_notify, "READY=1\nSTATUS=" + self._status())
 
-    def _handle_sigterm(self) -> None:
-        """Make SIGTERM drain (and exit 0) rather than stop the reactor at once
-        (only in the main thread, where signal handlers can be set)."""
-        import signal
-        import threading
+    def _status(self) -> str:
+        return "serving " + ", ".join(f"[listen:{name}] {listener.endpoint}"
+                                      for name, listener in self.config.listeners.items())
 
+    def _handle_signals(self) -> None:
+        """SIGTERM drains (and exits 0) rather than stopping the reactor at
+        once; SIGHUP reloads (only in the main thread, where signal handlers
+        can be set)."""
         if threading.current_thread() is not threading.main_thread() or not hasattr(self.reactor, "callFromThread"):
             return
 
         def on_sigterm(signum: int, frame: Any) -> None:
             self.reactor.callFromThread(self.drain)
 
+        def on_sighup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.reload)
+
         signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGHUP, on_sighup)
+
+    # -- reload
+
+    def reload(self) -> defer.Deferred[bool]:
+        """Re-read the configuration files and certificates and apply them
+        (SIGHUP).  Fires True when the new configuration is in force, False
+        when it was refused; then nothing changed and the old one keeps
+        serving.  See :meth:`ProxyCore.install` for what happens to requests
+        and WebSocket sessions."""
+        if self._drained is not None:
+            return defer.succeed(False)
+        if self._reloading is not None:
+            log.info("SIGHUP: a reload is already in progress")
+            return self._reloading
+        assert self.core is not None
+        core = self.core
+        log.info("SIGHUP: reloading {paths}", paths=" ".join(self.config_paths))
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}\nSTATUS=reloading")
+        try:
+            prepared = self._prepare(core, load_config(self.config_paths))
+        except ConfigError as error:
+            return defer.succeed(self._reload_failed(f"configuration error: {error}"))
+        except StartupError as error:
+            return defer.succeed(self._reload_failed(str(error)))
+        except Exception as error:  # an unreadable certificate, a filter that cannot start, ...
+            log.failure("reload: preparing the new configuration failed")
+            return defer.succeed(self._reload_failed(f"{type(error).__name__}: {error}"))
+
+        opening = [
+            self._listen(key, endpoint, switch).addCallback(_record, prepared.opened, key, endpoint, switch, front)
+            for key, (endpoint, switch, front) in prepared.open.items()
+        ]
+
+        def opened(_: Any) -> bool:
+            self._commit(prepared)
+            return True
+
+        def failed(failure: Failure) -> bool:
+            for new in prepared.opened.values():
+                new.port.stopListening()
+            error = failure.value.subFailure.value if isinstance(failure.value, defer.FirstError) else failure.value
+            return self._reload_failed(str(error))
+
+        def finished(result: bool) -> bool:
+            self._reloading = None
+            return result
+
+        self._reloading = d = defer.gatherResults(opening, consumeErrors=True).addCallbacks(opened, failed)
+        d.addBoth(finished)
+        if d.called:  # every socket opened at once
+            self._reloading = None
+        return d
+
+    def _prepare(self, core: ProxyCore, config: Config) -> _Prepared:
+        """Build everything a reload needs without changing what runs: the new
+        plan and, for each wanted socket, either the old socket it keeps (same
+        endpoint) or an endpoint to open.  Raises when certificates or
+        upstream TLS files cannot be loaded."""
+        plan = Plan(self.reactor, config, core.sweeper, core.stats, previous=core.plan)
+        keep: dict[str, tuple[_Opened, IProtocolFactory, Listener | None]] = {}
+        to_open: dict[str, tuple[str, SwitchFactory, FrontFactory | None]] = {}
+        by_endpoint = {(_kind(key), opened.endpoint): opened for key, opened in self.opened.items()}
+        for key, (endpoint, factory, listener) in self._wanted(core, config).items():
+            old = by_endpoint.pop((_kind(key), endpoint), None)
+            if listener is not None:
+                front = old.front if old is not None and old.front is not None else factory
+                assert isinstance(front, FrontFactory)
+                factory = self._listener_factory(core, front, listener)
+                if old is None:
+                    to_open[key] = (endpoint, SwitchFactory(factory), front)
+                    continue
+            if old is not None:
+                keep[key] = (old, factory, listener)
+            else:
+                to_open[key] = (endpoint, SwitchFactory(factory), None)
+        return _Prepared(config, plan, keep, to_open, {})
+
+    def _commit(self, prepared: _Prepared) -> None:
+        """Make a prepared reload the running configuration."""
+        core = self.core
+        assert core is not None
+        opened: dict[str, _Opened] = {}
+        kept_ports = set()
+        for key, (old, factory, listener) in prepared.keep.items():
+            old.switch.switch(factory)
+            if old.front is not None and listener is not None:
+                old.front.listener = listener
+            opened[key] = old
+            kept_ports.add(id(old))
+        opened.update(prepared.opened)
+        closed = [(key, old) for key, old in self.opened.items() if id(old) not in kept_ports]
+        self.opened = opened
+        self.config = prepared.config
+        closing = core.install(prepared.plan)
+        for key, old in closed:
+            old.port.stopListening()
+            log.info("[{key}] closed {endpoint} (not in the new configuration)", key=key, endpoint=old.endpoint)
+            if old.front is not None:
+                for connection in list(core.connections):
+                    if connection.factory is old.front:
+                        connection.drain()
+        for key, new in prepared.opened.items():
+            self._log_open(key, new.endpoint, prepared.config.listeners.get(key.partition(":")[2]))
+        core.stats.reloads["success"] += 1
+        core.stats.last_reload_ok = True
+        core.stats.last_reload_success = time.time()
+        log.info("reload done: {listeners} listener(s), {routes} route(s); {closing} WebSocket session(s) "
+                 "on changed routes close with 1012 over {window:g}s",
+                 listeners=len(prepared.config.listeners), routes=len(prepared.config.routes), closing=closing,
+                 window=prepared.config.settings.reload_close_window)
+        sd_notify("READY=1\nSTATUS=" + self._status())
+
+    def _reload_failed(self, reason: str) -> bool:
+        assert self.core is not None
+        self.core.stats.reloads["failure"] += 1
+        self.core.stats.last_reload_ok = False
+        log.error("reload refused, the previous configuration keeps serving: {reason}", reason=reason)
+        sd_notify("READY=1\nSTATUS=reload refused: " + reason[:200])
+        return False
+
+    # -- drain and stop
 
     def drain(self) -> defer.Deferred[None]:
         """Stop accepting, let in-flight requests finish (up to ``drain_timeout``),
@@ -178,8 +440,8 @@ class ChatproxyService(MultiService):
         return self._drained
 
     def _stop_listening(self) -> list[defer.Deferred[Any]]:
-        stops = [defer.maybeDeferred(port.stopListening) for port in self.ports.values() if hasattr(port, "stopListening")]
-        self.ports = {}
+        stops = [defer.maybeDeferred(opened.port.stopListening) for opened in self.opened.values()]
+        self.opened = {}
         return stops
 
     def stopService(self) -> defer.Deferred[Any]:
@@ -191,3 +453,13 @@ class ChatproxyService(MultiService):
             self.core.stop()
         stops.append(defer.maybeDeferred(super().stopService))
         return defer.gatherResults(stops, consumeErrors=True)
+
+
+def _kind(key: str) -> str:
+    """``listen``, ``demo`` or ``admin``: sockets are only reused within a kind."""
+    return key.partition(":")[0]
+
+
+def _record(port: Any, opened: dict[str, _Opened], key: str, endpoint: str, switch: SwitchFactory,
+            front: FrontFactory | None) -> None:
+    opened[key] = _Opened(endpoint, port, switch, front)

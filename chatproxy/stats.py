@@ -27,6 +27,10 @@ class Stats:
         self.websocket_messages: Counter[tuple[str, str]] = Counter()  # (route, "up"|"down")
         self.websocket_bytes: Counter[tuple[str, str]] = Counter()
         self.websocket_closes: Counter[tuple[str, int]] = Counter()  # (route, close code)
+        self.tls_handshake_failures: Counter[str] = Counter()  # listener name
+        self.reloads: Counter[str] = Counter()  # "success" | "failure"
+        self.last_reload_success = 0.0  # Unix time of the start or of the last successful reload
+        self.last_reload_ok = True  # whether the last reload attempt succeeded
 
     def request(self, route: str, status: int, duration: float, sent: int, received: int) -> None:
         """Count one finished request."""

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.python import usage
 
 from chatproxy.config import ConfigError, load_config
-from chatproxy.service import ChatproxyService
+from twisted.application.service import Service
+
+from chatproxy.service import WORKER_ENV, ChatproxyService
+from chatproxy.sharing import can_share
+from chatproxy.workers import Master, worker_count
 
 
 class Options(usage.Options):
@@ -35,11 +40,14 @@ class Options(usage.Options):
             raise usage.UsageError("give at least one --config FILE")
 
 
-def makeService(options: Options) -> ChatproxyService:
+def makeService(options: Options) -> Service:
     """Load and validate the configuration, then build the service.
 
     A configuration error is printed as one line naming file, section and
-    option, and twistd exits with status 2 without starting anything.
+    option, and twistd exits with status 2 without starting anything.  With
+    ``workers`` above 1 this process becomes the master of that many worker
+    processes (:mod:`chatproxy.workers`); a worker (``CHATPROXY_WORKER`` in
+    its environment) is a single proxy process.
     """
     try:
         config = load_config(options["config"])
@@ -47,4 +55,13 @@ def makeService(options: Options) -> ChatproxyService:
         sys.stderr.write(f"chatproxy: configuration error: {error}\n")
         sys.stderr.flush()
         raise SystemExit(2) from None
-    return ChatproxyService(config)
+    if os.environ.get(WORKER_ENV) or worker_count(config) == 1:
+        return ChatproxyService(config, config_paths=options["config"])
+    unshared = [name for name, listener in config.listeners.items() if not can_share(listener.endpoint)]
+    if unshared:
+        sys.stderr.write(f"chatproxy: configuration error: [listen:{unshared[0]}] endpoint: "
+                         f"{config.listeners[unshared[0]].endpoint} cannot be shared by several worker processes "
+                         "(tcp:, tcp6:, haproxy:tcp: and systemd: can); set [chatproxy] workers = 1\n")
+        sys.stderr.flush()
+        raise SystemExit(2)
+    return Master(config, options["config"])

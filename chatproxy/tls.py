@@ -10,8 +10,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from collections import Counter
+
 from OpenSSL import SSL
 from twisted.internet import ssl
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
@@ -242,3 +246,27 @@ def build_client_tls(upstream: Upstream, server: UpstreamServer) -> Any:
         clientCertificate=client,
         acceptableProtocols=[_ALPN],
     )
+
+
+class _HandshakeCountingTLS(TLSMemoryBIOProtocol):
+    """A server TLS connection that counts a handshake that failed (no shared
+    protocol version or cipher, garbage instead of a ClientHello, ...)."""
+
+    factory: HandshakeCountingTLSFactory
+
+    def _tlsShutdownFinished(self, reason: Failure | None) -> None:
+        if not self._handshakeDone and reason is not None and reason.check(SSL.Error):
+            self.factory.failures[self.factory.listener] += 1
+        super()._tlsShutdownFinished(reason)  # type: ignore[no-untyped-call]
+
+
+class HandshakeCountingTLSFactory(TLSMemoryBIOFactory):
+    """TLS for one listener that counts failed handshakes in ``failures[listener]``."""
+
+    protocol = _HandshakeCountingTLS
+    noisy = False
+
+    def __init__(self, creator: Any, wrapped: Any, failures: Counter[str], listener: str) -> None:
+        super().__init__(creator, False, wrapped)
+        self.failures = failures
+        self.listener = listener

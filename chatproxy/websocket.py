@@ -327,9 +327,9 @@ class WebSocketBridge:
         head = exchange.head
         route = exchange.route
         assert head is not None and route is not None
-        core = self.front.core
-        pools = core.pools[route.upstream]
-        server = pools.pick()
+        pools = exchange.plan.pools[route.upstream]
+        # A sticky cookie chooses the server; a 101 does not set it (an HTTP response does).
+        server = pools.pick() if pools.sticky is None else pools.pick_sticky(head.headers, self.front.tls)[0]
         exchange.server = server
         upstream_config = server.upstream
         path = route.rewrite_path or head.path
@@ -483,7 +483,7 @@ class WebSocketBridge:
             self.messages_down += 1
             self.bytes_down += len(payload)
         counters = self.front.core.filter_counters
-        for route_filter in self.front.core.message_filters(self.exchange.route):
+        for route_filter in self.exchange.plan.message_filters(self.exchange.route):
             name = route_filter.name
             try:
                 verdict = route_filter.filter.message(self.exchange.head, payload, binary, upward)

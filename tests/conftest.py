@@ -366,9 +366,16 @@ class ProxyStarter:
         path.write_text(textwrap.dedent(text))
         return path
 
-    def start(self, text: str | None = None, *, port: int | None, configs: list[Path] | None = None) -> ProxyProcess:
-        """Start twistd on ``text`` (or ``configs``) and wait for ``port``."""
+    def start(self, text: str | None = None, *, port: int | None, configs: list[Path] | None = None,
+              workers: int | None = 1) -> ProxyProcess:
+        """Start twistd on ``text`` (or ``configs``) and wait for ``port``.
+
+        ``workers``: a first layered file sets ``[chatproxy] workers`` (one
+        process unless a test asks for more; a test's own files may still set
+        it); None leaves the files as they are (the default: one per CPU)."""
         paths = configs if configs is not None else [self.write(text or "")]
+        if workers is not None:
+            paths = [self.write(f"[chatproxy]\nworkers = {workers}\n", "00-workers.ini"), *paths]
         process = ProxyProcess(self.dir, paths, port)
         self.processes.append(process)
         return process

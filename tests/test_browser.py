@@ -55,7 +55,8 @@ def quickstart(proxy: Any, tmp_path: Path) -> tuple[int, Path]:
     text = (ROOT / "etc" / "chatproxy.ini").read_text()
     https_port, demo_port = free_port(), free_port()
     assert "8443" in text and "8081" in text
-    proxy.start(text.replace("8443", str(https_port)).replace("8081", str(demo_port)), port=https_port)
+    proxy.start(text.replace("8443", str(https_port)).replace("8081", str(demo_port)), port=https_port,
+                workers=None)  # as shipped: one worker per CPU
     wait_for_port(demo_port)
     certificate = tmp_path / "tls" / "localhost.crt"
     assert certificate.is_file(), "the quick start did not create tls/localhost.crt"

@@ -19,7 +19,7 @@ def _quickstart(proxy, tmp_path):
     https_port, demo_port = free_port(), free_port()
     assert "8443" in text and "8081" in text
     text = text.replace("8443", str(https_port)).replace("8081", str(demo_port))
-    process = proxy.start(text, port=https_port)
+    process = proxy.start(text, port=https_port, workers=None)  # as shipped: one worker per CPU
     wait_for_port(demo_port)
     return process, https_port
 

@@ -46,9 +46,12 @@ def test_units_pass_systemd_analyze_verify(tmp_path):
     assert "Type=notify" in service and "User=chatproxy" in service and "--nodaemon --pidfile=" in service
 
 
-def test_socket_activation_and_sd_notify(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_socket_activation_and_sd_notify(tmp_path, workers):
     """Under systemd-socket-activate, a `systemd:` listener serves on the passed socket; chatproxy
-    sends READY=1 once serving and STOPPING=1 when SIGTERM starts the drain, then exits 0."""
+    sends READY=1 once serving, RELOADING=1 (with MONOTONIC_USEC) and READY=1 again around a SIGHUP
+    reload that keeps the passed socket, and STOPPING=1 when SIGTERM starts the drain, then exits 0;
+    with two workers the master speaks for both and both accept on the passed socket."""
     activate = _require("systemd-socket-activate")
     upstream = RecordingUpstream()
     notify_path = tmp_path / "notify.sock"
@@ -58,7 +61,7 @@ def test_socket_activation_and_sd_notify(tmp_path):
     port = free_port()
     config = tmp_path / "chatproxy.ini"
     config.write_text(
-        "[chatproxy]\naccess_log = off\ndrain_timeout = 5\n"
+        f"[chatproxy]\naccess_log = off\ndrain_timeout = 5\nworkers = {workers}\n"
         "[listen:public]\nendpoint = systemd:domain=INET:name=https\n"
         f"[upstream:app]\nservers = {upstream.url}\n[route:all]\npath = /\nupstream = app\n")
     env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), PYTHONUNBUFFERED="1")
@@ -82,9 +85,20 @@ def test_socket_activation_and_sd_notify(tmp_path):
         messages = [notify.recv(4096).decode()]
         assert messages[0].startswith("READY=1"), messages
         assert "systemd:domain=INET:name=https" in messages[0]
+        with config.open("a") as more:
+            more.write("[route:extra]\npath = /extra\nupstream = app\nrewrite_path = /rewritten\n")
+        process.send_signal(signal.SIGHUP)
+        messages.append(notify.recv(4096).decode())
+        assert messages[1].startswith("RELOADING=1\nMONOTONIC_USEC="), messages
+        messages.append(notify.recv(4096).decode())
+        assert messages[2].startswith("READY=1"), messages
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        conn.request("GET", "/extra")  # the socket systemd passed still serves, with the new route
+        response = conn.getresponse()
+        assert response.status == 200 and b'"path": "/rewritten"' in response.read()
         process.send_signal(signal.SIGTERM)
         messages.append(notify.recv(4096).decode())
-        assert messages[1].startswith("STOPPING=1"), messages
+        assert messages[3].startswith("STOPPING=1"), messages
         assert process.wait(20) == 0
     finally:
         if process.poll() is None:

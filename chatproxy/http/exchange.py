@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from chatproxy.config import Route
     from chatproxy.http.front import FrontConnection
     from chatproxy.http.upstream import ServerPool, UpstreamConnection
+    from chatproxy.plan import Plan
 
 log = Logger()
 
@@ -47,8 +48,9 @@ class Exchange:
 
     def __init__(self, front: FrontConnection, head: RequestHead | None, error: tuple[int, str] | None,
                  keep_alive: bool, upgrade: bool, content_length: int | None, chunked: bool,
-                 expect_continue: bool) -> None:
+                 expect_continue: bool, plan: Plan) -> None:
         self.front = front
+        self.plan = plan  # the configuration this request was routed with, to its end
         self.head = head
         self.error = error
         self.client_keep_alive = keep_alive
@@ -58,7 +60,7 @@ class Exchange:
         self.expect_continue = expect_continue
         self.body_done = not (chunked or (content_length or 0) > 0)
         self.body_received = 0
-        self.body_limit = front.core.settings.max_body_bytes
+        self.body_limit = plan.settings.max_body_bytes
         self.started = front.core.sweeper.now()
         self.active = False
         self.finished = False
@@ -69,7 +71,9 @@ class Exchange:
         self.route: Route | None = None
         self.server: ServerPool | None = None
         self.connection: UpstreamConnection | None = None
-        self.retried = False
+        self.retried = False  # resent once after a pooled connection turned out stale
+        self.connect_retried = False  # another server tried once after a failed connect
+        self.set_cookie: bytes | None = None  # the sticky cookie for the response, when one is due
         self.response_started = False
         self.status = 0
         self.bytes_sent = 0
@@ -95,13 +99,13 @@ class Exchange:
             return
         head = self.head
         assert head is not None
-        core = self.front.core
+        plan = self.plan
         route = self.matched  # routed as the head was built
         if route is None:
             self.respond_local(404, "no route for this request")
             return
         self.route = route
-        self.body_limit = core.body_limit(route)
+        self.body_limit = plan.body_limit(route)
         if self.content_length is not None and self.content_length > self.body_limit:
             self.respond_local(413, f"request body larger than {self.body_limit} bytes", close=True)
             return
@@ -110,9 +114,9 @@ class Exchange:
             # forwarded without its Upgrade, and the connection is not used again.
             self.upgrade = False
             self.close_after = True
-        filters = core.route_filters(route)
+        filters = plan.route_filters(route)
         if filters:
-            run_request_filters(filters, head, self._filtered, core.filter_counters)
+            run_request_filters(filters, head, self._filtered, self.front.core.filter_counters)
         else:
             self._dispatch()
 
@@ -136,7 +140,7 @@ class Exchange:
     def _inspect_or_dispatch(self) -> None:
         """Dispatch, or first collect the body for the route's body filters."""
         assert self.route is not None
-        limit = self.front.core.body_inspection_limit(self.route)
+        limit = self.plan.body_inspection_limit(self.route)
         if limit and not self.body_done and not self.upgrade:
             self._inspect_limit = limit
             if self.expect_continue and not self._sent_continue:
@@ -161,7 +165,7 @@ class Exchange:
         body = b"".join(self._buffer)
         head = self.head
         assert head is not None and self.route is not None
-        run_body_filters(self.front.core.body_filters(self.route), head, body[:limit],
+        run_body_filters(self.plan.body_filters(self.route), head, body[:limit],
                          self.body_done and len(body) <= limit, self._body_filtered,
                          self.front.core.filter_counters)
 
@@ -180,8 +184,12 @@ class Exchange:
         if self.upgrade and self.route.ws.mode == "bridge":
             self.front.start_bridge(self)
             return
-        pools = self.front.core.pools[self.route.upstream]
-        server = pools.pick(avoid=self.server)
+        pools = self.plan.pools[self.route.upstream]
+        if pools.sticky is None:
+            server = pools.pick(avoid=self.server)
+        else:
+            assert self.head is not None
+            server, self.set_cookie = pools.pick_sticky(self.head.headers, self.front.tls, avoid=self.server)
         self.server = server
         connection = None if self.upgrade else server.take_idle()
         if connection is not None:
@@ -196,9 +204,9 @@ class Exchange:
         log.warn("upstream {server} unreachable: {reason}", server=self.server.server.url,
                  reason=failure.getErrorMessage())
         assert self.route is not None
-        if not self.retried and len(self.front.core.pools[self.route.upstream].servers) > 1:
+        if not self.connect_retried and len(self.plan.pools[self.route.upstream].servers) > 1:
             # Nothing was sent: trying another server is always safe.
-            self.retried = True
+            self.connect_retried = True
             self._dispatch()
             return
         timeout = failure.check(ConnectTimeout, ConnectingCancelledError) is not None
@@ -265,7 +273,7 @@ class Exchange:
                 via = value + b", " + via
                 continue
             append(name + b": " + value + b"\r\n")
-        upstream = front.core.config.upstreams[route.upstream]
+        upstream = self.plan.upstream_of(route)
         host = client_host if upstream.host_header == "client" and client_host else server.server.authority.encode("idna")
         append(b"Host: " + host + b"\r\n")
         peer = front.peer.encode("ascii")
@@ -360,6 +368,8 @@ class Exchange:
             out = _end_to_end(headers, names, HOP_BY_HOP)
             upgrade_to = next((v for (_, v), k in zip(headers, names) if k == b"upgrade"), b"websocket")
             out += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade_to)]
+            if self.set_cookie is not None:
+                out.append((b"Set-Cookie", self.set_cookie))
             self._write_head(status, reason, out)
             return
         if self.upgrade:
@@ -378,7 +388,7 @@ class Exchange:
             # the body is read and dropped, and the connection ends afterwards.
             self.close_after = True
         if self.route is not None:
-            for name, response_filter in self.front.core.response_filters(self.route):
+            for name, response_filter in self.plan.response_filters(self.route):
                 try:
                     changed = response_filter.response(self.head, status, out)
                 except Exception:
@@ -387,6 +397,8 @@ class Exchange:
                 if changed is not None:
                     out = [h for h in changed if h[0].lower() not in _HOP_AND_LENGTH] + \
                         [h for h in out if h[0].lower() in (b"content-length", b"transfer-encoding")]
+        if self.set_cookie is not None:
+            out.append((b"Set-Cookie", self.set_cookie))  # sticky sessions: pins the client to this server
         keep = self.client_keep_alive and not self.close_after and not self.front.closing and not self.front.draining
         if not keep:
             out.append((b"Connection", b"close"))
@@ -438,9 +450,7 @@ class Exchange:
         connection, self.connection = self.connection, None
         if self.finished:
             return
-        if (not timeout and not self.response_started and not self.retried and connection is not None
-                and connection.reused and not connection.got_response_bytes and self.head is not None
-                and self.head.method in _IDEMPOTENT and self.content_length in (None, 0) and not self.chunked_in):
+        if self._may_resend(connection, timeout):
             # A pooled connection the server had already closed: send again.
             self.retried = True
             self.server = None
@@ -452,6 +462,21 @@ class Exchange:
             self._abort(reason)
         else:
             self.respond_local(504 if timeout else 502, "upstream timed out" if timeout else "bad gateway")
+
+    def _may_resend(self, connection: UpstreamConnection | None, timeout: bool) -> bool:
+        """Whether a request whose upstream connection failed may be sent again.
+
+        The request head (at least) was already written to that connection,
+        so the server may have acted on it: only an idempotent method (GET,
+        HEAD, OPTIONS, TRACE, PUT, DELETE) is ever resent, and only without a
+        body (a body already sent is not kept to send again).  And only once,
+        when a reused pooled connection failed (not timed out) before any
+        response byte: the server had closed it while it was idle."""
+        head = self.head
+        return (not timeout and not self.retried and not self.response_started and connection is not None
+                and connection.reused and not connection.got_response_bytes and head is not None
+                and head.method in _IDEMPOTENT and not self.chunked_in and self.content_length in (None, 0)
+                and self.body_received == 0)
 
     def upstream_writable(self, writable: bool) -> None:
         """The upstream's send buffer filled (False) or drained (True)."""

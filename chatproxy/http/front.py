@@ -186,6 +186,12 @@ class FrontConnection(Protocol):
     # -- httptools callbacks
 
     def on_message_begin(self) -> None:
+        listener = self.factory.listener
+        if listener is not self.listener:
+            # A reload changed this listener: the next request follows it.
+            self.listener = listener
+            self.peer_trusted = bool(listener.trusted_proxies) and in_networks(self.peer, listener.trusted_proxies)
+        self.settings = self.core.settings
         self._in_head = True
         self._head_bytes = 0
         self._url = b""
@@ -313,7 +319,8 @@ class FrontConnection(Protocol):
         if self.peer_trusted and forwarded_for:
             client = resolve_client(self.peer, forwarded_for, self.listener.trusted_proxies)
         listener = self.listener.name
-        route = self.core.table.match(_Facts(listener, host, method, normal, query)) if error is None else None
+        plan = self.core.plan
+        route = plan.table.match(_Facts(listener, host, method, normal, query)) if error is None else None
         head = RequestHead(
             method=method,
             target=target,
@@ -330,7 +337,7 @@ class FrontConnection(Protocol):
             route=route.name if route is not None else "",
         )
         exchange = Exchange(self, head, error, keep_alive and error is None, upgrade, content_length, chunked,
-                            expect_continue)
+                            expect_continue, plan)
         exchange.matched = route
         exchange.names = names
         exchange.connection_named = named
@@ -524,7 +531,7 @@ class FrontConnection(Protocol):
         head = exchange.head
         assert head is not None and exchange.route is not None
         self.deadline = 0.0
-        bridge = WebSocketBridge(self, exchange, self.core.route_sockets(exchange.route))
+        bridge = WebSocketBridge(self, exchange, exchange.plan.route_sockets(exchange.route))
         self.tunnel = bridge
         self._release_http_state()
         request = [f"{head.method} {head.target} HTTP/1.1\r\n".encode("latin-1")]

@@ -8,8 +8,10 @@ it alive.  Anything else closes it.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
 
 import httptools
@@ -20,6 +22,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from chatproxy.http.health import HealthChecker
 from chatproxy.http.messages import Header
 from chatproxy.http.sending import send
 from chatproxy.stats import Stats
@@ -335,11 +338,23 @@ class ServerPool:
         self._idle: deque[UpstreamConnection] = deque()
         self._all: set[UpstreamConnection] = set()
         self.consecutive_failures = 0  # connects that failed in a row (passive health)
+        self.retired = False  # a reload no longer uses this server's pool
         self.ejected_until = 0.0  # skipped by round-robin until then
+        self.check_healthy = True  # active health checks' verdict (always True without them)
+        self.checker: HealthChecker | None = None  # made by UpstreamPools.start_health_checks
         self.stats = stats if stats is not None else Stats()
+        # Sticky sessions: an opaque, stable id of this server for the cookie
+        # (not the URL itself), and the Set-Cookie values naming it.
+        self.sticky_id = hashlib.sha256(server.url.encode("utf-8")).hexdigest()[:16]
+        if upstream.sticky_cookie is not None:
+            cookie = f"{upstream.sticky_cookie}={self.sticky_id}; Path=/; HttpOnly; SameSite=Lax".encode("ascii")
+            self.set_cookie: tuple[bytes, bytes] = (cookie, cookie + b"; Secure")  # (plain, TLS client)
 
-    def _endpoint(self) -> Any:
-        host, port, timeout = self.server.host, self.server.port, self.upstream.connect_timeout
+    def _endpoint(self, timeout: float | None = None) -> Any:
+        """A client endpoint to this server (TLS-wrapped for https://); ``timeout``
+        overrides the upstream's ``connect_timeout``."""
+        host, port = self.server.host, self.server.port
+        timeout = self.upstream.connect_timeout if timeout is None else timeout
         try:
             address = ipaddress.ip_address(host)
         except ValueError:
@@ -352,8 +367,17 @@ class ServerPool:
         return endpoint
 
     def available(self) -> bool:
-        """Whether round-robin should send this server requests now."""
+        """Whether round-robin should send this server requests now: it passes
+        its active health checks (if any) and is not passively ejected."""
+        if not self.check_healthy:
+            return False
         return not self.ejected_until or self.sweeper.now() >= self.ejected_until
+
+    @property
+    def healthy(self) -> bool:
+        """Health as reported by the admin listener: passing its active checks
+        (if any) and fewer than :data:`EJECT_AFTER` failed connects in a row."""
+        return self.check_healthy and self.consecutive_failures < EJECT_AFTER
 
     def take_idle(self) -> UpstreamConnection | None:
         """An idle pooled connection, most recently used first, or None."""
@@ -388,8 +412,9 @@ class ServerPool:
         return d
 
     def release(self, connection: UpstreamConnection) -> None:
-        """Return a connection after a clean exchange, or close it if the pool is full."""
-        if len(self._idle) >= self.upstream.max_idle_connections:
+        """Return a connection after a clean exchange, or close it if the pool
+        is full or retired (a reload no longer uses this upstream)."""
+        if self.retired or len(self._idle) >= self.upstream.max_idle_connections:
             connection.close()
             return
         connection.deadline = self.sweeper.now() + self.upstream.idle_connection_timeout
@@ -415,6 +440,13 @@ class ServerPool:
         for connection in list(self._all):
             connection.close()
 
+    def retire(self) -> None:
+        """A reload dropped or changed this upstream: close the idle
+        connections now and each busy one when its exchange ends."""
+        self.retired = True
+        while self._idle:
+            self._idle.pop().close()
+
 
 class UpstreamPools:
     """The servers of one upstream, chosen round-robin."""
@@ -429,14 +461,20 @@ class UpstreamPools:
             for server in upstream.servers
         ]
         self._next = 0
+        # The sticky cookie's name, only when it can matter (several servers):
+        # the data path checks this one attribute before any cookie work.
+        self.sticky: bytes | None = (upstream.sticky_cookie.encode("ascii")
+                                     if upstream.sticky_cookie is not None and len(self.servers) > 1 else None)
+        self._by_sticky_id = {server.sticky_id.encode("ascii"): server for server in self.servers}
 
     def pick(self, avoid: ServerPool | None = None) -> ServerPool:
         """The next healthy server in turn, other than ``avoid`` when there is one.
 
-        A server whose last :data:`EJECT_AFTER` connection attempts failed is
+        A server failing its active health checks is skipped while it fails
+        them.  A server whose last :data:`EJECT_AFTER` connection attempts failed is
         skipped for :data:`EJECTION_SECONDS` (passive ejection); then it gets
         traffic again, and one success makes it healthy.  When every server
-        is ejected, they are tried in turn all the same.
+        is unhealthy or ejected, they are tried in turn all the same.
         """
         count = len(self.servers)
         for _ in range(count):
@@ -453,7 +491,60 @@ class UpstreamPools:
             self._next += 1
         return server
 
+    def pick_sticky(self, headers: Sequence[Header], tls: bool,
+                    avoid: ServerPool | None = None) -> tuple[ServerPool, bytes | None]:
+        """The server a request goes to when the upstream has a sticky cookie
+        (:attr:`sticky` is set), and the ``Set-Cookie`` value for the response
+        (None when the request's cookie already names that server).
+
+        The server named by the request's cookie is chosen when it is
+        available (not unhealthy, not ejected) and not ``avoid``; otherwise
+        the next server in turn, and the cookie is set to name it.
+        """
+        name = self.sticky
+        wanted = None
+        if name is not None:
+            for key, value in headers:
+                if len(key) == 6 and key.lower() == b"cookie":
+                    for part in value.split(b";"):
+                        key_part, equals, cookie = part.strip().partition(b"=")
+                        if equals and key_part == name:
+                            wanted = cookie.strip().strip(b'"')
+                            break
+                    if wanted is not None:
+                        break
+        if wanted is not None:
+            server = self._by_sticky_id.get(wanted)
+            if server is not None and server is not avoid and server.available():
+                return server, None
+        server = self.pick(avoid)
+        if name is None or (wanted is not None and self._by_sticky_id.get(wanted) is server):
+            return server, None
+        return server, server.set_cookie[1 if tls else 0]
+
+    def start_health_checks(self) -> None:
+        """Start the active health checks, if the upstream has ``health_check_path`` (idempotent)."""
+        if self.upstream.health_check_path is None:
+            return
+        for server in self.servers:
+            if server.checker is None:
+                server.checker = HealthChecker(server)
+            server.checker.start()
+
+    def stop_health_checks(self) -> None:
+        """Stop the active health checks (a check in progress is abandoned)."""
+        for server in self.servers:
+            if server.checker is not None:
+                server.checker.stop()
+
     def close_all(self) -> None:
         """Close every connection to every server."""
         for server in self.servers:
             server.close_all()
+
+    def retire(self) -> None:
+        """A reload no longer uses this upstream (as configured here): stop
+        its health checks; connections close once their exchanges end."""
+        self.stop_health_checks()
+        for server in self.servers:
+            server.retire()

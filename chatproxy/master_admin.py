@@ -1,0 +1,189 @@
+"""The ``[admin]`` listener of a master with several workers.
+
+Each worker serves its own admin site on a private UNIX socket; the master's
+``/metrics`` asks every worker for its metrics at scrape time and exposes
+them together, each series labelled with ``worker="k"`` (sum them in
+queries: ``sum without (worker) (rate(chatproxy_requests_total[1m]))``), plus
+the master's own (workers running, restarts, reloads).  ``/readyz`` is ready
+when every worker is; ``/healthz`` answers while the master runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+from twisted.internet import defer
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+if TYPE_CHECKING:
+    from chatproxy.workers import Master
+
+#: How long the master waits for a worker's answer.
+WORKER_TIMEOUT = 5.0
+
+
+class _OneRequest(Protocol):
+    """Sends one HTTP/1.0 GET and collects the answer until the worker closes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.received: list[bytes] = []
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(f"GET {self.path} HTTP/1.0\r\n\r\n".encode("ascii"))  # type: ignore[union-attr]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        if not self.done.called:
+            self.done.callback(b"".join(self.received))
+
+
+def _parse(index: int, answer: bytes) -> tuple[int, int, bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    try:
+        status = int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        return index, 0, b"malformed answer"
+    return index, status, body
+
+
+def _ask(master: Master, index: int, path: str) -> defer.Deferred[tuple[int, int, bytes]]:
+    """GET ``path`` from worker ``index``: (index, status, body); status 0 when it did not answer."""
+    endpoint = UNIXClientEndpoint(master.reactor, f"{master.directory}/worker-{index}.sock", timeout=WORKER_TIMEOUT)
+    request = _OneRequest(path)
+    d: defer.Deferred[Any] = connectProtocol(endpoint, request)
+    d.addCallback(lambda _: request.done)
+    d.addTimeout(WORKER_TIMEOUT, master.reactor)
+
+    def failed(failure: Failure) -> tuple[int, int, bytes]:
+        if request.transport is not None:
+            request.transport.abortConnection()  # type: ignore[attr-defined]
+        return index, 0, failure.getErrorMessage().encode("utf-8", "replace")
+
+    d.addCallbacks(lambda answer: _parse(index, answer), failed)
+    return d
+
+
+def _ask_all(master: Master, path: str) -> defer.Deferred[list[tuple[int, int, bytes]]]:
+    return defer.gatherResults([_ask(master, index, path) for index in sorted(master.workers)])
+
+
+def merge_metrics(answers: list[tuple[int, int, bytes]]) -> list[Metric]:
+    """The workers' metric families as one set, each sample labelled with its worker."""
+    merged: dict[str, Metric] = {}
+    for index, status, body in answers:
+        if status != 200:
+            continue
+        for family in text_string_to_metric_families(body.decode("utf-8")):
+            target = merged.get(family.name)
+            if target is None:
+                target = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labels = dict(sample.labels, worker=str(index))
+                target.samples.append(Sample(sample.name, labels, sample.value, sample.timestamp, sample.exemplar))
+    return list(merged.values())
+
+
+class _Collected:
+    """A prometheus_client collector yielding families gathered beforehand."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        """The families."""
+        return iter(self.families)
+
+
+def _master_families(master: Master, answers: list[tuple[int, int, bytes]]) -> list[Metric]:
+    running = GaugeMetricFamily("chatproxy_workers", "Worker processes running, and how many are configured.",
+                                labels=["state"])
+    running.add_metric(["running"], len(master.workers))
+    running.add_metric(["configured"], master.count)
+    running.add_metric(["answering"], sum(1 for _, status, _ in answers if status == 200))
+    restarts = CounterMetricFamily("chatproxy_worker_restarts", "Workers restarted after they died.")
+    restarts.add_metric([], master.restarts)
+    reloads = CounterMetricFamily("chatproxy_master_reloads", "Reloads (SIGHUP) across all workers, by result.",
+                                  labels=["result"])
+    for result, count in sorted(master.reloads.items()):
+        reloads.add_metric([result], count)
+    return [running, restarts, reloads]
+
+
+class _Async(Resource):
+    isLeaf = True
+
+    def __init__(self, master: Master, path: str, answer: Any) -> None:
+        super().__init__()
+        self.master = master
+        self.path = path
+        self.answer = answer
+
+    def render_GET(self, request: Any) -> Any:
+        def respond(answers: list[tuple[int, int, bytes]]) -> None:
+            status, content_type, body = self.answer(self.master, answers)
+            request.setResponseCode(status)
+            request.setHeader(b"content-type", content_type)
+            request.setHeader(b"cache-control", b"no-store")
+            request.write(body)
+            request.finish()
+
+        _ask_all(self.master, self.path).addCallback(respond).addErrback(lambda f: request.processingFailed(f))
+        return NOT_DONE_YET
+
+
+def _metrics(master: Master, answers: list[tuple[int, int, bytes]]) -> tuple[int, bytes, bytes]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collected(_master_families(master, answers) + merge_metrics(answers)))  # type: ignore[arg-type]
+    return 200, CONTENT_TYPE_LATEST.encode("ascii"), generate_latest(registry)
+
+
+def _readyz(master: Master, answers: list[tuple[int, int, bytes]]) -> tuple[int, bytes, bytes]:
+    problems = [f"worker {index}: " + (body.decode("utf-8", "replace").strip() if status else "not answering")
+                for index, status, body in answers if status != 200]
+    if len(master.workers) < master.count:
+        problems.append(f"{master.count - len(master.workers)} worker(s) not running")
+    if problems:
+        return 503, b"text/plain; charset=utf-8", ("not ready: " + "; ".join(problems) + "\n").encode()
+    return 200, b"text/plain; charset=utf-8", b"ready\n"
+
+
+class _Healthz(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        return b"ok\n"
+
+
+def master_admin_site(master: Master) -> Site:
+    """The master's admin endpoints as a twisted.web Site."""
+    root = Resource()
+    root.putChild(b"healthz", _Healthz())
+    root.putChild(b"readyz", _Async(master, "/readyz", _readyz))
+    root.putChild(b"metrics", _Async(master, "/metrics", _metrics))
+    site = _QuietSite(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site
+
+
+class _QuietSite(Site):
+    """No access log for scrapes and probes."""
+
+    def log(self, request: Any) -> None:
+        pass

@@ -1,0 +1,131 @@
+"""What one configuration means for the data path: the route table, each
+route's filters and limits, and the upstream pools.
+
+A :class:`Plan` is built from a validated :class:`~chatproxy.config.Config`
+and never changes.  The proxy core holds the current plan; a reload builds a
+new one and swaps it in, so a request sees one configuration from its first
+byte to its last (each exchange keeps the plan it was routed with) while the
+next request already sees the new one.  Upstream pools whose section did not
+change are carried over to the new plan with their idle keep-alive
+connections.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from chatproxy.config import Config, Route, Upstream
+from chatproxy.filters.chain import RouteFilter
+from chatproxy.http.upstream import UpstreamPools
+from chatproxy.routing import RouteTable
+from chatproxy.stats import Stats
+from chatproxy.timeouts import TimeoutSweeper
+
+if TYPE_CHECKING:
+    from chatproxy.websocket import RouteSockets
+
+
+class Plan:
+    """The route table, per-route filters and limits, and upstream pools of one configuration."""
+
+    def __init__(self, reactor: Any, config: Config, sweeper: TimeoutSweeper, stats: Stats,
+                 previous: Plan | None = None) -> None:
+        self.config = config
+        self.settings = config.settings
+        self.table = RouteTable(config.routes)
+        self.routes = {route.name: route for route in config.routes}
+        self.pools: dict[str, UpstreamPools] = {}
+        self.new_pools: list[UpstreamPools] = []  # made for this plan (not carried over)
+        for name, upstream in config.upstreams.items():
+            kept = previous.pools.get(name) if previous is not None else None
+            if kept is not None and kept.upstream == upstream:
+                self.pools[name] = kept
+            else:
+                self.pools[name] = pools = UpstreamPools(reactor, upstream, sweeper, stats)
+                self.new_pools.append(pools)
+        self._route_filters = {
+            route.name: [RouteFilter(name, config.filters[name].filter, config.filters[name].mode == "report")
+                         for name in route.filters]
+            for route in config.routes
+        }
+        self._message_filters = {
+            name: [f for f in filters if callable(getattr(f.filter, "message", None))]
+            for name, filters in self._route_filters.items()
+        }
+        self._response_filters = {
+            name: [(f.name, f.filter) for f in filters if callable(getattr(f.filter, "response", None))]
+            for name, filters in self._route_filters.items()
+        }
+        self._body_filters = {
+            name: [f for f in filters if callable(getattr(f.filter, "request_body", None))
+                   and isinstance(getattr(f.filter, "inspect_body_bytes", None), int) and f.filter.inspect_body_bytes > 0]
+            for name, filters in self._route_filters.items()
+        }
+        self._body_limits = {
+            route.name: min([route.max_body_bytes if route.max_body_bytes is not None else config.settings.max_body_bytes]
+                            + [int(f.filter.max_body_bytes) for f in self._route_filters[route.name]
+                               if isinstance(getattr(f.filter, "max_body_bytes", None), int) and not f.report])
+            for route in config.routes
+        }
+        self._sockets: dict[str, RouteSockets] = {}
+
+    def retired_pools(self, successor: Plan) -> list[UpstreamPools]:
+        """The pools of this plan that ``successor`` no longer uses."""
+        kept = {id(pools) for pools in successor.pools.values()}
+        return [pools for pools in self.pools.values() if id(pools) not in kept]
+
+    def upstream_of(self, route: Route) -> Upstream:
+        """The upstream section a route of this plan forwards to."""
+        return self.config.upstreams[route.upstream]
+
+    def route_filters(self, route: Route) -> list[RouteFilter]:
+        """The filters of a route, in order."""
+        return self._route_filters[route.name]
+
+    def response_filters(self, route: Route) -> list[tuple[str, Any]]:
+        """The (name, filter) pairs of a route whose filters see response heads."""
+        return self._response_filters[route.name]
+
+    def body_filters(self, route: Route) -> list[RouteFilter]:
+        """The filters of a route that read the start of request bodies."""
+        return self._body_filters[route.name]
+
+    def body_inspection_limit(self, route: Route) -> int:
+        """How many body bytes the route's body filters want before forwarding (0: none)."""
+        filters = self._body_filters[route.name]
+        return max((int(f.filter.inspect_body_bytes) for f in filters), default=0)
+
+    def body_limit(self, route: Route) -> int:
+        """The request body limit of a route: its own or the global one, or a
+        filter's (``request_limits``) when smaller."""
+        return self._body_limits[route.name]
+
+    def message_filters(self, route: Route | None) -> list[RouteFilter]:
+        """The filters of a route that look at WebSocket messages."""
+        return self._message_filters[route.name] if route is not None else []
+
+    def route_sockets(self, route: Route) -> RouteSockets:
+        """The WebSocket server factory and limits of a bridge route (made once)."""
+        sockets = self._sockets.get(route.name)
+        if sockets is None:
+            from chatproxy.websocket import RouteSockets
+
+            upstream = self.config.upstreams[route.upstream]
+            sockets = RouteSockets(route, upstream.connect_timeout + upstream.response_timeout + 5)
+            self._sockets[route.name] = sockets
+        return sockets
+
+    def keeps_session(self, route: Route, upstream: Upstream, listener: str) -> bool:
+        """Whether an established WebSocket session (routed by ``route`` of an
+        earlier plan to ``upstream``, on ``listener``) may stay open under this
+        plan: its route still exists, carries WebSockets the same way, forwards
+        to an upstream with the same servers, and still serves its listener."""
+        current = self.routes.get(route.name)
+        if current is None or not current.websocket or current.ws.mode != route.ws.mode:
+            return False
+        if listener not in self.config.listeners:
+            return False
+        if current.listeners is not None and listener not in current.listeners:
+            return False
+        now = self.config.upstreams.get(current.upstream)
+        return now is not None and current.upstream == route.upstream and now.servers == upstream.servers

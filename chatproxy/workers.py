@@ -1,0 +1,394 @@
+"""``workers = N``: a master process and N worker processes, one reactor each.
+
+The master does not proxy.  It starts N workers (``twistd chatproxy`` with
+the same ``--config`` arguments and ``CHATPROXY_WORKER=k`` in their
+environment), each of which listens on every listener itself (see
+:mod:`chatproxy.sharing`), and it:
+
+- restarts a worker that dies (after a short, growing pause if they keep
+  dying); a worker that dies before it ever served stops everything: the
+  configuration cannot be served (a port in use), so the master exits with
+  that worker's status;
+- passes SIGHUP on to every worker (each reloads as a single process would)
+  after checking the new configuration itself, and starts or stops workers
+  when ``workers`` changed;
+- on SIGTERM passes the drain on and exits 0 once every worker has;
+- speaks for all of them to systemd: workers send their sd_notify states to
+  a socket of the master's, which reports ``READY=1`` once every worker is
+  ready, ``RELOADING=1`` and ``READY=1`` around a reload, ``STOPPING=1``;
+- runs the demo upstream (one chat room for everybody) and the ``[admin]``
+  listener, whose ``/metrics`` and ``/readyz`` gather each worker's (every
+  series gets a ``worker`` label).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import stat
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Sequence
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from chatproxy.config import Config, ConfigError, load_config
+from chatproxy.service import WORKER_DIR_ENV, WORKER_ENV, StartupError, ensure_certificate, sd_notify
+
+log = Logger()
+
+#: A worker that keeps dying is restarted after this pause, doubled per death in a row, at most MAX.
+RESTART_PAUSE = 0.5
+MAX_RESTART_PAUSE = 30.0
+#: Dying after serving this long resets the pause.
+STABLE_AFTER = 60.0
+
+
+def worker_count(config: Config) -> int:
+    """How many workers ``workers`` asks for (``auto``: one per CPU)."""
+    return config.settings.workers or os.cpu_count() or 1
+
+
+def worker_main() -> None:
+    """A worker process's entry point: ``twistd`` (its arguments follow), set
+    to receive SIGTERM when the master dies however it dies, so that no
+    worker outlives its master (Linux's ``PR_SET_PDEATHSIG``)."""
+    master = os.environ.get(MASTER_PID_ENV, "")
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    if master and str(os.getppid()) != master:  # the master died before prctl took effect
+        raise SystemExit(1)
+    from twisted.scripts.twistd import run
+
+    sys.argv[0] = "twistd"
+    run()
+
+
+_PR_SET_PDEATHSIG = 1
+#: Set in a worker's environment: the master's pid.
+MASTER_PID_ENV = "CHATPROXY_MASTER_PID"
+
+
+def _systemd_sockets(env: dict[str, str]) -> int:
+    """How many sockets systemd passed to this process (fds 3, 4, ...).
+
+    Twisted's ``systemd:`` endpoint parser reads ``LISTEN_FDS`` and
+    ``LISTEN_PID`` when it is imported and removes them from the environment;
+    ``LISTEN_FDNAMES`` stays, one name per socket, so the count comes from it
+    then.  Only descriptors that are open sockets count."""
+    if env.get("LISTEN_PID") == str(os.getpid()):
+        count = int(env.get("LISTEN_FDS", "0") or 0)
+    elif "LISTEN_PID" not in env and env.get("LISTEN_FDNAMES"):
+        count = len(env["LISTEN_FDNAMES"].split(":"))
+    else:
+        return 0
+    for fd in range(3, 3 + count):
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                return 0
+        except OSError:
+            return 0
+    return count
+
+
+class _Worker(ProcessProtocol):
+    """One worker process, as the master sees it."""
+
+    def __init__(self, master: Master, index: int) -> None:
+        self.master = master
+        self.index = index
+        self.pid = 0
+        self.ready = False  # sent READY=1 since it started or since the last reload began
+        self.served = False  # has been ready at least once
+        self.started = time.monotonic()
+        self.status = ""
+        self.ended = False
+
+    def connectionMade(self) -> None:
+        self.pid = int(self.transport.pid)  # type: ignore[union-attr]
+        self.transport.closeStdin()  # type: ignore[union-attr]
+
+    def processEnded(self, reason: Failure) -> None:
+        self.ended = True
+        value: Any = reason.value
+        self.master.worker_ended(self, getattr(value, "exitCode", None), getattr(value, "signal", None))
+
+    def signal(self, name: str) -> None:
+        """Send a signal (``HUP``, ``TERM``, ``KILL``) if it still runs."""
+        if not self.ended and self.transport is not None:
+            try:
+                self.transport.signalProcess(name)  # type: ignore[attr-defined]
+            except Exception:  # already gone
+                pass
+
+
+class _NotifyReceiver(DatagramProtocol):
+    """The master's end of its workers' ``NOTIFY_SOCKET``."""
+
+    def __init__(self, master: Master) -> None:
+        self.master = master
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        fields = dict(line.split("=", 1) for line in data.decode("utf-8", "replace").splitlines() if "=" in line)
+        self.master.worker_state(fields)
+
+
+class Master(Service):
+    """Starts, watches and signals the worker processes; see the module docstring."""
+
+    def __init__(self, config: Config, config_paths: Sequence[str], reactor: Any = None,
+                 twistd_args: Sequence[str] = ()) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.config = config
+        self.config_paths = [os.path.abspath(path) for path in config_paths]  # workers may start elsewhere
+        self.twistd_args = list(twistd_args)
+        self.count = worker_count(config)
+        self.workers: dict[int, _Worker] = {}
+        self.restarts = 0
+        self._deaths_in_a_row: dict[int, int] = {}
+        self.directory = ""
+        self.ports: dict[str, Any] = {}
+        self._draining = False
+        self._reloading = False
+        self._ready_sent = False
+        self._exit_status = 0
+        self.reloads: dict[str, int] = {"success": 0, "failure": 0}
+
+    # -- start
+
+    def privilegedStartService(self) -> None:
+        """Make the private directory, the notify socket, the demo and admin listeners."""
+        self.directory = tempfile.mkdtemp(prefix="chatproxy-")
+        os.chmod(self.directory, 0o700)
+        self.ports["notify"] = self.reactor.listenUNIXDatagram(os.path.join(self.directory, "notify"),
+                                                               _NotifyReceiver(self))
+        try:
+            for listener in self.config.listeners.values():
+                if listener.tls:
+                    ensure_certificate(listener)  # once, before the workers load it
+            if self.config.demo is not None:
+                from chatproxy.demo import demo_site
+
+                self.ports["demo"] = self._listen("[demo]", self.config.demo.endpoint, demo_site())
+                log.info("demo chat upstream listening on {endpoint}", endpoint=self.config.demo.endpoint)
+            if self.config.admin is not None:
+                from chatproxy.master_admin import master_admin_site
+
+                self.ports["admin"] = self._listen("[admin]", self.config.admin.endpoint, master_admin_site(self))
+                log.info("[admin] health and metrics of all workers on {endpoint}", endpoint=self.config.admin.endpoint)
+        except (_ListenError, StartupError) as e:
+            for port in self.ports.values():
+                port.stopListening()
+            shutil.rmtree(self.directory, ignore_errors=True)
+            sys.stderr.write(f"chatproxy: {e}\n")
+            sys.stderr.flush()
+            raise SystemExit(1) from None
+        super().privilegedStartService()
+
+    def _listen(self, section: str, endpoint: str, factory: Any) -> Any:
+        outcome: list[Any] = []
+        serverFromString(self.reactor, endpoint).listen(factory).addBoth(outcome.append)
+        if not outcome or isinstance(outcome[0], Failure):
+            reason = outcome[0].getErrorMessage() if outcome else "did not open at once"
+            raise _ListenError(f"{section}: cannot listen on {endpoint}: {reason}")
+        return outcome[0]
+
+    def startService(self) -> None:
+        """Start the workers; SIGHUP and SIGTERM are passed on to them."""
+        if not self.directory:
+            self.privilegedStartService()
+        super().startService()
+        log.info("starting {count} worker processes", count=self.count)
+        for index in range(1, self.count + 1):
+            self._spawn(index)
+        if hasattr(self.reactor, "callWhenRunning"):
+            self.reactor.callWhenRunning(self._handle_signals)
+
+    def _handle_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread() or not hasattr(self.reactor, "callFromThread"):
+            return
+        signal.signal(signal.SIGTERM, lambda signum, frame: self.reactor.callFromThread(self.drain))
+        signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
+
+    def _spawn(self, index: int) -> None:
+        worker = _Worker(self, index)
+        self.workers[index] = worker
+        env = dict(os.environ)
+        env.update({WORKER_ENV: str(index), WORKER_DIR_ENV: self.directory, "PYTHONUNBUFFERED": "1",
+                    MASTER_PID_ENV: str(os.getpid()),
+                    "NOTIFY_SOCKET": os.path.join(self.directory, "notify")})
+        child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        inherited = _systemd_sockets(env)
+        for fd in range(3, 3 + inherited):  # sockets systemd passed: every worker accepts on them
+            child_fds[fd] = fd
+        for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+            env.pop(name, None)
+        if inherited:
+            # LISTEN_PID names the master: a worker reads these as its own (chatproxy.sharing).
+            env.update(LISTEN_FDS=str(inherited), LISTEN_PID=str(os.getpid()),
+                       LISTEN_FDNAMES=os.environ.get("LISTEN_FDNAMES", ""))
+        args = [sys.executable, "-c", "from chatproxy.workers import worker_main; worker_main()",
+                "--nodaemon", "--pidfile=", *self.twistd_args, "chatproxy"]
+        for path in self.config_paths:
+            args += ["--config", path]
+        self.reactor.spawnProcess(worker, sys.executable, args, env=env, childFDs=child_fds)
+        log.info("worker {index} started (pid {pid})", index=index, pid=worker.pid)
+
+    # -- what workers say
+
+    def worker_state(self, fields: dict[str, str]) -> None:
+        """A worker's sd_notify message."""
+        try:
+            worker = self.workers[int(fields.get(WORKER_ENV, "0"))]
+        except (KeyError, ValueError):
+            return
+        if "STATUS" in fields:
+            worker.status = fields["STATUS"]
+        if fields.get("RELOADING") == "1":
+            worker.ready = False
+        if fields.get("READY") == "1":
+            worker.ready = True
+            worker.served = True
+            self._check_ready()
+
+    def _check_ready(self) -> None:
+        if self._draining or not all(w.ready for w in self.workers.values()) or len(self.workers) < self.count:
+            return
+        if self._reloading:
+            self._reloading = False
+            refused = [w.index for w in self.workers.values() if w.status.startswith("reload refused")]
+            self.reloads["failure" if refused else "success"] += 1
+            if refused:
+                log.error("reload refused by worker(s) {workers}; they keep the previous configuration",
+                          workers=", ".join(map(str, refused)))
+            else:
+                log.info("reload done in all {count} workers", count=len(self.workers))
+        elif self._ready_sent:
+            return
+        self._ready_sent = True
+        sd_notify(f"READY=1\nSTATUS=serving with {len(self.workers)} workers: " + ", ".join(
+            f"[listen:{name}] {listener.endpoint}" for name, listener in self.config.listeners.items()))
+
+    def worker_ended(self, worker: _Worker, code: int | None, by_signal: int | None) -> None:
+        """A worker exited: restart it, finish the drain, or give up."""
+        if self.workers.get(worker.index) is not worker:
+            return  # a surplus worker stopped after a reload
+        how = f"status {code}" if by_signal is None else f"signal {by_signal}"
+        if self._draining:
+            del self.workers[worker.index]
+            log.info("worker {index} exited ({how})", index=worker.index, how=how)
+            if not self.workers:
+                self._stop()
+            return
+        if not worker.served:
+            log.error("worker {index} exited ({how}) before it could serve: stopping", index=worker.index, how=how)
+            self._exit_status = code if code else 1
+            self._draining = True
+            del self.workers[worker.index]
+            for other in self.workers.values():
+                other.signal("TERM")
+            if not self.workers:
+                self._stop()
+            return
+        deaths = 0 if time.monotonic() - worker.started > STABLE_AFTER else self._deaths_in_a_row.get(worker.index, 0)
+        self._deaths_in_a_row[worker.index] = deaths + 1
+        pause = min(MAX_RESTART_PAUSE, RESTART_PAUSE * 2 ** deaths)
+        log.warn("worker {index} (pid {pid}) died ({how}); restarting it in {pause:g}s",
+                 index=worker.index, pid=worker.pid, how=how, pause=pause)
+        self.restarts += 1
+        self.reactor.callLater(pause, self._respawn, worker)
+
+    def _respawn(self, worker: _Worker) -> None:
+        if not self._draining and self.workers.get(worker.index) is worker:
+            self._spawn(worker.index)
+            self.workers[worker.index].served = True  # it served before: a later death restarts it again
+
+    # -- reload and drain
+
+    def reload(self) -> None:
+        """SIGHUP: check the configuration, then have every worker reload it."""
+        if self._draining:
+            return
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        try:
+            config = load_config(self.config_paths)
+        except ConfigError as error:
+            self.reloads["failure"] += 1
+            log.error("reload refused, the previous configuration keeps serving: configuration error: {error}",
+                      error=str(error))
+            sd_notify("READY=1\nSTATUS=reload refused: " + str(error)[:200])
+            return
+        self.config = config
+        wanted = worker_count(config)
+        log.info("SIGHUP: reloading {count} workers", count=wanted)
+        self._reloading = True
+        for worker in list(self.workers.values()):
+            if worker.index > wanted:
+                del self.workers[worker.index]
+                worker.signal("TERM")  # drains like a shutdown
+            else:
+                worker.ready = False
+                worker.signal("HUP")
+        self.count = wanted
+        for index in range(1, wanted + 1):
+            if index not in self.workers:
+                self._spawn(index)
+        self._check_ready()
+
+    def drain(self) -> None:
+        """SIGTERM: every worker drains; the master exits 0 when all are gone."""
+        if self._draining:
+            return
+        self._draining = True
+        timeout = self.config.settings.drain_timeout
+        log.info("SIGTERM: draining {count} workers (up to {timeout}s)", count=len(self.workers), timeout=timeout)
+        sd_notify(f"STOPPING=1\nSTATUS=draining (up to {timeout:g}s)")
+        if not self.workers:
+            self._stop()
+            return
+        for worker in self.workers.values():
+            worker.signal("TERM")
+        self.reactor.callLater(timeout + 10, self._kill_stragglers)
+
+    def _kill_stragglers(self) -> None:
+        for worker in self.workers.values():
+            log.warn("worker {index} did not finish draining: killed", index=worker.index)
+            worker.signal("KILL")
+
+    def _stop(self) -> None:
+        if self._exit_status:
+            status = self._exit_status
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, status)
+        if getattr(self.reactor, "running", False):
+            self.reactor.stop()
+
+    def stopService(self) -> defer.Deferred[Any]:
+        """Stop the workers still running (a stop that is not a drain) and the master's listeners."""
+        for worker in self.workers.values():
+            worker.signal("TERM")
+        stops = [defer.maybeDeferred(port.stopListening) for port in self.ports.values()]
+        self.ports = {}
+        if self.directory:
+            self.reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, self.directory, True)
+        super().stopService()
+        return defer.gatherResults(stops, consumeErrors=True)
+
+
+class _ListenError(Exception):
+    """The master cannot open the demo or admin listener."""

@@ -1,0 +1,155 @@
+"""Fast unit tests of what a reload does inside the proxy core (ProxyCore.install and
+Plan.keeps_session) on a memory reactor: which WebSocket sessions stay, how the others are
+closed, which upstream pools are kept, and which plan a request follows."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from chatproxy.config import load_config
+from chatproxy.plan import Plan
+from chatproxy.proxy import SERVICE_RESTART
+from test_front_unit import Harness, ok, request_heads, responses
+
+ROUTES = (
+    "[upstream:ws]\nservers = http://127.0.0.1:9902\n\n"
+    "[route:chat]\npath = /chat\nupstream = ws\nwebsocket = yes\n\n"
+    "[route:lobby]\npath = /lobby\nupstream = ws\nwebsocket = yes\n\n"
+    "[route:all]\npath = /\nupstream = app\n"
+)
+CHAT_ROUTE = "[route:chat]\npath = /chat\nupstream = ws\nwebsocket = yes\n\n"
+
+
+def _harness(tmp_path: Path) -> Harness:
+    """A core with chat and lobby routes (ws upstream, port 9902) and a catch-all (app upstream, port 9901)."""
+    return Harness(tmp_path, settings="reload_close_window = 4", routes=ROUTES)
+
+
+def _base(tmp_path: Path) -> str:
+    """The configuration text the harness started with."""
+    return (tmp_path / "chatproxy.ini").read_text()
+
+
+def _plan(h: Harness, tmp_path: Path, text: str, name: str = "next.ini") -> Plan:
+    path = tmp_path / name
+    path.write_text(text)
+    return Plan(h.reactor, load_config([path]), h.core.sweeper, h.core.stats, previous=h.core.plan)
+
+
+class _Session:
+    """Stands in for a bridged WebSocket session: what install() reads, and its closes."""
+
+    def __init__(self, h: Harness, route: str, listener: str = "main") -> None:
+        plan = h.core.plan
+        matched = plan.routes[route]
+        self.exchange = SimpleNamespace(route=matched, server=SimpleNamespace(upstream=plan.upstream_of(matched)),
+                                        head=SimpleNamespace(listener=listener))
+        self.closes: list[tuple[int, float]] = []
+        self._reactor = h.reactor
+
+    def close_both(self, code: int, reason: str) -> None:
+        self.closes.append((code, self._reactor.seconds()))
+
+
+@pytest.mark.parametrize("change, kept", [
+    (lambda t: t + "\n[route:extra]\npath = /extra\nupstream = app\n", True),
+    (lambda t: t.replace("[upstream:ws]\nservers = http://127.0.0.1:9902\n",
+                         "[upstream:ws]\nservers = http://127.0.0.1:9902\nresponse_timeout = 5\n"), True),
+    (lambda t: t.replace("path = /chat\n", "path = /talk\n"), True),
+    (lambda t: t.replace("[route:chat]\npath = /chat\nupstream = ws\nwebsocket = yes\n\n", ""), False),
+    (lambda t: t.replace("servers = http://127.0.0.1:9902", "servers = http://127.0.0.1:9903"), False),
+    (lambda t: t.replace("upstream = ws\n", "upstream = app\n"), False),
+    (lambda t: t.replace("websocket = yes\n", "websocket = tunnel\n"), False),
+    (lambda t: t.replace("websocket = yes\n", "websocket = no\n"), False),
+    (lambda t: t.replace("[listen:main]", "[listen:other]"), False),
+], ids=["route-added-elsewhere", "upstream-timeout-changed", "route-path-changed", "route-removed",
+        "upstream-servers-changed", "route-now-to-another-upstream", "mode-changed", "websocket-turned-off",
+        "listener-renamed"])
+def test_keeps_session_only_while_route_upstream_and_listener_stay(tmp_path, change, kept):
+    """A session is kept when its route (by name) still carries WebSockets the same way to an
+    upstream with the same servers on the same listener; any other change ends it."""
+    h = _harness(tmp_path)
+    session = _Session(h, "chat")
+    plan = _plan(h, tmp_path, change(_base(tmp_path)))
+    exchange = session.exchange
+    assert plan.keeps_session(exchange.route, exchange.server.upstream, "main") is kept
+
+
+def test_install_closes_orphaned_sessions_with_1012_spread_over_the_window(tmp_path):
+    """Sessions whose route was removed are each closed once with 1012, at moments spread over
+    reload_close_window (not all at once); sessions on an unchanged route are never touched."""
+    random.seed(7)
+    h = _harness(tmp_path)
+    doomed = [_Session(h, "chat") for _ in range(20)]
+    kept = [_Session(h, "lobby") for _ in range(5)]
+    h.core.websocket_sessions.update(doomed + kept)  # type: ignore[arg-type]
+    plan = _plan(h, tmp_path, _base(tmp_path).replace(CHAT_ROUTE, ""))
+    start = h.reactor.seconds()
+    assert h.core.install(plan) == 20
+    assert all(not s.closes for s in doomed)  # nothing closes in the reload's own turn
+    h.advance(4.1)
+    assert all([code for code, _ in s.closes] == [SERVICE_RESTART] for s in doomed)
+    moments = sorted(s.closes[0][1] - start for s in doomed)
+    assert 0 <= moments[0] and moments[-1] <= 4.1
+    assert len({round(m, 2) for m in moments}) > 10, moments  # spread, not one burst
+    assert all(not s.closes for s in kept)
+
+
+def test_unchanged_upstream_pools_are_kept_and_removed_ones_retired(tmp_path):
+    """A reload keeps the pool (and its idle keep-alive connection) of an unchanged upstream;
+    a changed upstream gets a new pool and the old one's idle connections are closed."""
+    h = _harness(tmp_path)
+    front, client = h.client()
+    front.dataReceived(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream, wire = h.accept_upstream()
+    upstream.dataReceived(ok(b"one"))
+    old_app = h.core.pools["app"]
+    assert old_app.servers[0].idle_count == 1
+    old_ws = h.core.pools["ws"]
+    h.core.install(_plan(h, tmp_path, _base(tmp_path).replace("servers = http://127.0.0.1:9902",
+                                                              "servers = http://127.0.0.1:9903")))
+    assert h.core.pools["app"] is old_app and old_app.servers[0].idle_count == 1
+    assert h.core.pools["ws"] is not old_ws and old_ws.servers[0].retired
+    h.core.install(_plan(h, tmp_path, _base(tmp_path).replace("[upstream:app]\n", "[upstream:app]\nconnect_timeout = 3\n"),
+                         "third.ini"))
+    assert old_app.servers[0].retired and old_app.servers[0].idle_count == 0
+    assert wire.disconnecting  # the idle connection of the retired pool was closed
+
+
+def test_the_next_request_on_a_kept_connection_follows_the_new_plan(tmp_path):
+    """A request in flight during a reload finishes under the plan it was routed with (its
+    upstream's pool is retired only after); the next request on the same keep-alive connection
+    is routed by the new plan."""
+    h = _harness(tmp_path)
+    front, client = h.client()
+    front.dataReceived(b"GET /chat/history HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream, wire = _accept(h, 9902)
+    h.core.install(_plan(h, tmp_path, _base(tmp_path).replace(CHAT_ROUTE, "")
+                         .replace("[route:lobby]\npath = /lobby\nupstream = ws\nwebsocket = yes\n\n", "")
+                         .replace("[upstream:ws]\nservers = http://127.0.0.1:9902\n\n", "")))
+    upstream.dataReceived(ok(b"from ws"))
+    assert [m["body"] for m in responses(client.value())] == [b"from ws"]
+    assert wire.disconnecting  # not pooled: its upstream is gone from the configuration
+    front.dataReceived(b"GET /chat/history HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream2, wire2 = _accept(h, 9901)
+    assert request_heads(wire2.value()) == [b"GET /chat/history HTTP/1.1"]
+
+
+def _accept(h: Harness, port: int) -> tuple[Any, Any]:
+    """Complete the oldest pending upstream connection, which must go to ``port``."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    host, got, factory, _timeout, _bind = h.reactor.tcpClients.pop(0)
+    h.reactor.connectors.pop(0)
+    assert (host, got) == ("127.0.0.1", port)
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+    transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 50000),
+                                peerAddress=IPv4Address("TCP", host, port), lenient=True)
+    protocol.makeConnection(transport)
+    return protocol, transport

@@ -1,0 +1,227 @@
+"""``workers = N``: a master and N worker processes of a real twistd share the listeners,
+a dead worker is restarted, reload and drain reach every worker, the admin listener speaks
+for all of them, and configurations the workers cannot serve stop the start cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import free_port, wait_for_port
+from ws_peers import WsUpstream
+
+
+@pytest.fixture
+def ws_upstream():
+    """An echoing WebSocket upstream."""
+    server = WsUpstream()
+    yield server
+    server.stop()
+
+
+def _samples(admin: int, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample called ``name`` on the admin listener's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return [(dict(s.labels), float(s.value)) for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == name]
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _config(main: int, admin: int, app: str, ws: int, workers: int = 2, chat: bool = True) -> str:
+    text = (
+        f"[chatproxy]\naccess_log = off\nworkers = {workers}\nreload_close_window = 1\ndrain_timeout = 10\n\n"
+        f"[admin]\nendpoint = tcp:{admin}:interface=127.0.0.1\n\n"
+        f"[listen:main]\nendpoint = tcp:{main}:interface=127.0.0.1\n\n"
+        f"[upstream:app]\nservers = {app}\n\n[upstream:ws]\nservers = http://127.0.0.1:{ws}\n\n"
+    )
+    if chat:
+        text += "[route:chat]\npath = /chat\nupstream = ws\nwebsocket = yes\n\n"
+    return text + "[route:all]\npath = /\nupstream = app\n"
+
+
+def _worker_pids(output: str) -> dict[int, int]:
+    """The latest pid of each worker, from the master's log."""
+    return {int(index): int(pid) for index, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", output)}
+
+
+def _wait(predicate: Any, message: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.05)
+
+
+def _ready(admin: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=10) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_two_workers_share_the_listener_and_the_admin_listener_speaks_for_both(proxy, upstream, ws_upstream):
+    """With workers = 2 two worker processes accept on the same port (new connections reach
+    both), /readyz is ready when both are, and /metrics carries each worker's series with a
+    worker label plus the master's worker gauges."""
+    main, admin = free_port(), free_port()
+    process = proxy.start(_config(main, admin, upstream.url, ws_upstream.port), port=main, workers=None)
+    wait_for_port(admin)
+    _wait(lambda: _ready(admin), "the master never became ready")
+    assert len(_worker_pids(process.output())) == 2
+
+    def per_worker() -> dict[str, float]:
+        counts: dict[str, float] = {}
+        for labels, value in _samples(admin, "chatproxy_requests_total"):
+            counts[labels["worker"]] = counts.get(labels["worker"], 0) + value
+        return counts
+
+    sent = 0
+    while len(per_worker()) < 2 and sent < 2000:  # new connections are spread by the kernel
+        for _ in range(20):
+            assert _get(main, f"/spread/{sent}")[0] == 200
+            sent += 1
+    counts = per_worker()
+    assert set(counts) == {"1", "2"}, counts
+    assert sum(counts.values()) == sent
+    gauges = {labels["state"]: value for labels, value in _samples(admin, "chatproxy_workers")}
+    assert gauges == {"running": 2, "configured": 2, "answering": 2}
+
+
+def test_a_worker_that_dies_is_restarted_and_serving_goes_on(proxy, upstream, ws_upstream):
+    """A worker killed with SIGKILL is restarted by the master (counted and logged); the other
+    worker serves meanwhile, and the new worker serves once ready."""
+    main, admin = free_port(), free_port()
+    process = proxy.start(_config(main, admin, upstream.url, ws_upstream.port), port=main, workers=None)
+    wait_for_port(admin)
+    _wait(lambda: _ready(admin), "the master never became ready")
+    pids = _worker_pids(process.output())
+    os.kill(pids[1], signal.SIGKILL)
+    _wait(lambda: "worker 1 (pid" in process.output() and "died" in process.output(), "the death was not noticed")
+    for n in range(50):
+        assert _get(main, f"/meanwhile/{n}")[0] == 200
+    _wait(lambda: _worker_pids(process.output())[1] != pids[1], "worker 1 was not restarted")
+    _wait(lambda: _ready(admin), "the restarted worker never became ready")
+    assert _samples(admin, "chatproxy_worker_restarts_total") == [({}, 1.0)]
+    assert _worker_pids(process.output())[2] == pids[2]
+
+
+def test_reload_and_drain_reach_every_worker(proxy, upstream, ws_upstream):
+    """SIGHUP to the master reloads every worker: sessions on a removed route get 1012 whichever
+    worker holds them; a request in flight at SIGTERM completes, every worker exits, and the
+    master exits 0."""
+    from websockets.sync.client import connect
+
+    main, admin = free_port(), free_port()
+    config = proxy.write(_config(main, admin, upstream.url, ws_upstream.port))
+    process = proxy.start(configs=[config], port=main, workers=None)
+    wait_for_port(admin)
+    _wait(lambda: _ready(admin), "the master never became ready")
+    with contextlib.ExitStack() as stack:
+        sessions = [stack.enter_context(connect(f"ws://127.0.0.1:{main}/chat?sid=s{i}", open_timeout=10))
+                    for i in range(8)]
+        for session in sessions:
+            session.send("hi")
+            assert session.recv(timeout=10) == "hi"
+        open_per_worker = {labels["worker"]: value for labels, value in _samples(admin, "chatproxy_websocket_sessions")}
+        config.write_text(_config(main, admin, upstream.url, ws_upstream.port, chat=False))
+        process.process.send_signal(signal.SIGHUP)
+        for session in sessions:
+            with pytest.raises(Exception):
+                while True:
+                    session.recv(timeout=15)
+            assert session.close_code == 1012
+    _wait(lambda: "reload done in all 2 workers" in process.output(), "the master did not see both reloads")
+    reloads = {labels["worker"]: value for labels, value in _samples(admin, "chatproxy_config_reloads_total")
+               if labels["result"] == "success"}
+    assert reloads == {"1": 1, "2": 1}
+    assert sum(open_per_worker.values()) == 8
+    result: dict[str, Any] = {}
+
+    def slow() -> None:
+        result["answer"] = _get(main, "/slow?delay=2")
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    _wait(lambda: any(r["path"].startswith("/slow") for r in upstream.requests), "the slow request never arrived")
+    pids = _worker_pids(process.output())
+    process.process.send_signal(signal.SIGTERM)
+    thread.join(20)
+    assert result["answer"][0] == 200 and b"/slow?delay=2" in result["answer"][1]
+    assert process.process.wait(30) == 0
+    for pid in pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_a_port_the_workers_cannot_open_stops_the_master_with_status_1(proxy, upstream, ws_upstream):
+    """When the workers cannot listen (the port belongs to another program), the master does
+    not restart them for ever: it stops and exits 1, and the reason is in the log."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        process = proxy.start(_config(busy, free_port(), upstream.url, ws_upstream.port), port=None, workers=None)
+        assert process.process.wait(30) == 1
+    output = process.output()
+    assert "[listen:main]: cannot listen on" in output and "before it could serve" in output
+
+
+def test_an_endpoint_workers_cannot_share_is_a_configuration_error(proxy, upstream, tmp_path):
+    """A unix: listener with workers = 2 is refused at start with status 2 and a message naming
+    the listener and the way out (workers = 1)."""
+    text = (f"[chatproxy]\nworkers = 2\n\n[listen:local]\nendpoint = unix:{tmp_path}/proxy.sock\n\n"
+            f"[upstream:app]\nservers = {upstream.url}\n\n[route:all]\npath = /\nupstream = app\n")
+    process = proxy.start(text, port=None, workers=None)
+    assert process.process.wait(30) == 2
+    assert "[listen:local] endpoint" in process.output() and "workers = 1" in process.output()
+
+
+def test_workers_do_not_outlive_a_master_that_is_killed(proxy, upstream, ws_upstream):
+    """If the master is killed outright (SIGKILL, no chance to clean up), its workers stop too
+    and free the port, instead of serving on as orphans."""
+    main, admin = free_port(), free_port()
+    process = proxy.start(_config(main, admin, upstream.url, ws_upstream.port), port=main, workers=None)
+    _wait(lambda: len(_worker_pids(process.output())) == 2, "the workers did not start")
+    pids = _worker_pids(process.output())
+    process.process.kill()
+    process.process.wait(10)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # a zombie that init has not reaped yet counts as gone
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    _wait(lambda: all(gone(pid) for pid in pids.values()), "a worker outlived its master", timeout=30)
+    refused = False
+    try:
+        socket.create_connection(("127.0.0.1", main), timeout=5).close()
+    except OSError:
+        refused = True
+    assert refused
