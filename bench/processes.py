@@ -169,13 +169,15 @@ def wait_until_serving(server: Server, port: int, expected_body: bytes, *, tls: 
                      f"{server.log_tail()}")
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """CPU time (user + system) used so far by the live processes of group ``pgid``.
+def group_cpu_by_process(pgid: int) -> dict[int, float]:
+    """CPU time (user + system) used so far by each live process of group ``pgid``, by pid.
 
-    Read from /proc; processes that already exited are not counted.
+    Read from /proc; processes that already exited are not counted.  A
+    chatproxy master's workers (started with Twisted's ``spawnProcess``,
+    which keeps the process group) are in their master's group.
     """
     ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
+    found: dict[int, float] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -186,8 +188,40 @@ def group_cpu_seconds(pgid: int) -> float:
         # The command name (field 2) may contain spaces: split after its ")".
         fields = stat[stat.rindex(")") + 2:].split()
         if int(fields[2]) == pgid:  # field 5, pgrp
-            total += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
-    return total / ticks
+            found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks  # fields 14, 15: utime, stime
+    return found
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) used so far by the live processes of group ``pgid`` (all of them)."""
+    return sum(group_cpu_by_process(pgid).values())
+
+
+def listening_sockets(port: int) -> int:
+    """How many TCP sockets listen on ``port`` (any address): with SO_REUSEPORT, one per worker."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                count += 1
+    return count
+
+
+def wait_for_listeners(server: Server, port: int, count: int, timeout: float = 20.0) -> None:
+    """Wait until ``count`` sockets listen on ``port`` (every worker of a master has opened it)."""
+    deadline = time.monotonic() + timeout
+    while (found := listening_sockets(port)) < count:
+        if not server.alive:
+            raise BenchError(f"{server.name} exited with status {server.process.returncode}:\n{server.log_tail()}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{server.name}: {found} of {count} sockets listen on port {port} after {timeout:g}s:\n"
+                             f"{server.log_tail()}")
+        time.sleep(0.1)
 
 
 def system_cpu_seconds() -> dict[str, float]:

@@ -33,6 +33,8 @@ class Context:
     upstream_port: int
     certificate: Path
     key: Path
+    #: ``workers`` for the chatproxy-*-workers targets (``--workers``, default one per CPU).
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -44,11 +46,24 @@ class Target:
     tls: bool
     #: Starts the proxy on the given port; None for the upstream itself.
     start: Callable[[Context, int], Server] | None
+    #: Runs ``--workers`` chatproxy workers, each with its own listening socket (SO_REUSEPORT).
+    multi_worker: bool = False
 
     @property
     def nginx_reference(self) -> str:
         """The nginx target this one is compared with (same transport)."""
         return "nginx-tls" if self.tls else "nginx"
+
+    @property
+    def one_worker_reference(self) -> str | None:
+        """For a several-worker chatproxy target, the one-worker target it is compared with."""
+        if not self.multi_worker:
+            return None
+        return "chatproxy-tls" if self.tls else "chatproxy"
+
+    def listening_sockets(self, ctx: Context) -> int:
+        """How many sockets listen on the target's port once it is fully started."""
+        return ctx.workers if self.multi_worker else 1
 
 
 # -- certificates
@@ -152,34 +167,48 @@ def start_nginx_tls(ctx: Context, port: int) -> Server:
 # -- chatproxy
 
 
-def _chatproxy_config(ctx: Context, port: int, tls: bool) -> str:
+def _chatproxy_config(ctx: Context, port: int, tls: bool, workers: int) -> str:
     tls_lines = f"tls = yes\ncertificate = {ctx.certificate}\nkey = {ctx.key}\n" if tls else ""
     return (
-        "[chatproxy]\naccess_log = off\n\n"
+        f"[chatproxy]\naccess_log = off\nworkers = {workers}\n\n"
         f"[listen:main]\nendpoint = tcp:{port}:interface=127.0.0.1:backlog=4096\n{tls_lines}\n"
         f"[upstream:app]\nservers = http://127.0.0.1:{ctx.upstream_port}\nmax_idle_connections = 256\n\n"
         "[route:all]\npath = /\nupstream = app\n"
     )
 
 
-def _start_chatproxy(ctx: Context, port: int, tls: bool) -> Server:
-    name = "chatproxy-tls" if tls else "chatproxy"
+def _start_chatproxy(ctx: Context, port: int, tls: bool, several: bool = False) -> Server:
+    name = ("chatproxy-tls" if tls else "chatproxy") + ("-workers" if several else "")
+    workers = ctx.workers if several else 1
     directory = ctx.workdir / name
     directory.mkdir(exist_ok=True)
     config = directory / "chatproxy.ini"
-    config.write_text(_chatproxy_config(ctx, port, tls))
+    config.write_text(_chatproxy_config(ctx, port, tls, workers))
     return ctx.supervisor.start(name, [TWISTD, "-n", "--pidfile=", "chatproxy", "--config", str(config)],
                                 cwd=directory)
 
 
 def start_chatproxy(ctx: Context, port: int) -> Server:
-    """One chatproxy process (``twistd -n chatproxy``), plain HTTP listener."""
+    """One chatproxy process (``twistd -n chatproxy``, ``workers = 1``), plain HTTP listener."""
     return _start_chatproxy(ctx, port, tls=False)
 
 
 def start_chatproxy_tls(ctx: Context, port: int) -> Server:
-    """One chatproxy process with a TLS listener."""
+    """One chatproxy process (``workers = 1``) with a TLS listener."""
     return _start_chatproxy(ctx, port, tls=True)
+
+
+def start_chatproxy_workers(ctx: Context, port: int) -> Server:
+    """chatproxy with ``workers = ctx.workers``: a master and that many workers, plain HTTP listener.
+
+    The workers are the master's children, in its process group, so stopping
+    and CPU accounting (by process group) cover them."""
+    return _start_chatproxy(ctx, port, tls=False, several=True)
+
+
+def start_chatproxy_tls_workers(ctx: Context, port: int) -> Server:
+    """chatproxy with ``workers = ctx.workers`` and a TLS listener."""
+    return _start_chatproxy(ctx, port, tls=True, several=True)
 
 
 # -- twisted.web.proxy.ReverseProxyResource
@@ -196,7 +225,11 @@ TARGETS: tuple[Target, ...] = (
     Target("direct", "wrk straight to the upstream (no proxy)", False, None),
     Target("nginx", "nginx, 1 worker, reverse proxy with upstream keepalive 64", False, start_nginx),
     Target("nginx-tls", "the same nginx proxy terminating TLS", True, start_nginx_tls),
-    Target("chatproxy", "one chatproxy process (twistd), plain HTTP", False, start_chatproxy),
-    Target("chatproxy-tls", "one chatproxy process (twistd), TLS", True, start_chatproxy_tls),
+    Target("chatproxy", "one chatproxy process (twistd, workers = 1), plain HTTP", False, start_chatproxy),
+    Target("chatproxy-tls", "one chatproxy process (twistd, workers = 1), TLS", True, start_chatproxy_tls),
+    Target("chatproxy-workers", "chatproxy, a master and --workers worker processes, plain HTTP", False,
+           start_chatproxy_workers, multi_worker=True),
+    Target("chatproxy-tls-workers", "chatproxy, a master and --workers worker processes, TLS", True,
+           start_chatproxy_tls_workers, multi_worker=True),
     Target("twisted-rpr", "twisted.web.proxy.ReverseProxyResource, one process", False, start_twisted_rpr),
 )

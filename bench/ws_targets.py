@@ -107,16 +107,27 @@ def start_nginx_ws(ctx: WsContext, port: int, tls: bool) -> Server:
 # -- chatproxy
 
 
-def chatproxy_config(upstream_port: int, port: int, mode: str, tls: bool, certificate: Path, key: Path) -> str:
-    """A chatproxy configuration with one WebSocket route; ``mode`` is ``bridge`` or ``tunnel``."""
+def chatproxy_config(upstream_port: int, port: int, mode: str, tls: bool, certificate: Path, key: Path,
+                     single_worker: bool = True) -> str:
+    """A chatproxy configuration with one WebSocket route; ``mode`` is ``bridge`` or ``tunnel``.
+
+    ``single_worker``: write ``workers = 1`` (one process, as before ``workers`` existed;
+    its default is one per CPU).  Off for a chatproxy that does not know the option."""
     tls_lines = f"tls = yes\ncertificate = {certificate}\nkey = {key}\n" if tls else ""
     websocket = "websocket = yes\nping_interval = 0\n" if mode == "bridge" else "websocket = tunnel\n"
+    workers = "workers = 1\n" if single_worker else ""
     return (
-        "[chatproxy]\naccess_log = off\n\n"
+        f"[chatproxy]\naccess_log = off\n{workers}\n"
         f"[listen:main]\nendpoint = tcp:{port}:interface=127.0.0.1:backlog=4096\n{tls_lines}\n"
         f"[upstream:ws]\nservers = http://127.0.0.1:{upstream_port}\n\n"
         f"[route:ws]\npath = /\nupstream = ws\n{websocket}"
     )
+
+
+def _knows_workers(ctx: WsContext) -> bool:
+    """Whether the chatproxy to run has the ``workers`` option (``--chatproxy-at`` may name an older one)."""
+    sources = [BENCH_DIR.parent] if ctx.chatproxy_path is None else ctx.chatproxy_path
+    return any((source / "chatproxy" / "workers.py").exists() for source in sources)
 
 
 def _start_chatproxy(ctx: WsContext, port: int, tls: bool, mode: str) -> Server:
@@ -125,7 +136,8 @@ def _start_chatproxy(ctx: WsContext, port: int, tls: bool, mode: str) -> Server:
     directory = base.workdir / name
     directory.mkdir(exist_ok=True)
     config = directory / "chatproxy.ini"
-    config.write_text(chatproxy_config(base.upstream_port, port, mode, tls, base.certificate, base.key))
+    config.write_text(chatproxy_config(base.upstream_port, port, mode, tls, base.certificate, base.key,
+                                       _knows_workers(ctx)))
     argv = [TWISTD, "-n", "--pidfile=", "chatproxy", "--config", str(config)]
     if ctx.chatproxy_path is not None:
         pythonpath = os.pathsep.join(filter(None, [*map(str, ctx.chatproxy_path), os.environ.get("PYTHONPATH")]))

@@ -81,6 +81,19 @@ _PR_SET_PDEATHSIG = 1
 MASTER_PID_ENV = "CHATPROXY_MASTER_PID"
 
 
+def _logger_args(argv: Sequence[str]) -> list[str]:
+    """The master's ``--logger`` option (twistd's, before ``chatproxy``), for
+    its workers to log the same way (``chatproxy.journal.observer`` under
+    systemd); workers otherwise log to standard output, which they share."""
+    before = list(argv[1:argv.index("chatproxy")] if "chatproxy" in argv else argv[1:])
+    for i, arg in enumerate(before):
+        if arg.startswith("--logger="):
+            return [arg]
+        if arg == "--logger" and i + 1 < len(before):
+            return [arg, before[i + 1]]
+    return []
+
+
 def _systemd_sockets(env: dict[str, str]) -> int:
     """How many sockets systemd passed to this process (fds 3, 4, ...).
 
@@ -157,7 +170,7 @@ class Master(Service):
         self.reactor = reactor
         self.config = config
         self.config_paths = [os.path.abspath(path) for path in config_paths]  # workers may start elsewhere
-        self.twistd_args = list(twistd_args)
+        self.twistd_args = list(twistd_args) if twistd_args else _logger_args(sys.argv)
         self.count = worker_count(config)
         self.workers: dict[int, _Worker] = {}
         self.restarts = 0

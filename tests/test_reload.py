@@ -43,13 +43,15 @@ def _metric(admin_port: int, name: str, **labels: str) -> float:
     return 0.0
 
 
-def _reload_and_wait(process: Any, admin_port: int, result: str = "success") -> None:
-    """Send SIGHUP and wait (bounded) until the reload counter for ``result`` goes up."""
-    before = _metric(admin_port, "chatproxy_config_reloads_total", result=result)
+def _reload_and_wait(process: Any, admin_port: int, result: str = "success",
+                     counter: str = "chatproxy_config_reloads_total") -> None:
+    """Send SIGHUP and wait (bounded) until the reload counter for ``result`` goes up (with
+    several workers: the master's, which counts a reload once every worker is done)."""
+    before = _metric(admin_port, counter, result=result)
     process.process.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        if _metric(admin_port, "chatproxy_config_reloads_total", result=result) > before:
+        if _metric(admin_port, counter, result=result) > before:
             return
         time.sleep(0.05)
     raise AssertionError(f"no reload with result {result} within 20 s:\n" + process.output()[-3000:])
@@ -151,18 +153,24 @@ class _Load:
                     self.failures.append(f"new connection: {e!r}")
 
 
-def test_reload_under_load_keeps_requests_and_sessions_on_unchanged_routes(proxy, upstream, ws_upstream):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reload_under_load_keeps_requests_and_sessions_on_unchanged_routes(proxy, upstream, ws_upstream, workers):
     """While requests run from several threads (keep-alive and new connections) and WebSocket
     sessions are open, two reloads add a route and a listener, remove a route, then remove the
     listener again: no request fails, sessions on the unchanged route still exchange messages,
     sessions on the removed route end with 1012, the new route and listener serve, and the
-    removed listener refuses connections."""
+    removed listener refuses connections; with one process and with a master and two workers."""
     from websockets.sync.client import connect
 
     main, admin, second = free_port(), free_port(), free_port()
     config = proxy.write(_config(main=main, admin=admin, app=upstream.url, ws=ws_upstream.port))
-    process = proxy.start(configs=[config], port=main)
+    process = proxy.start(configs=[config], port=main, workers=workers)
     wait_for_port(admin)
+    counter = "chatproxy_config_reloads_total" if workers == 1 else "chatproxy_master_reloads_total"
+    deadline = time.monotonic() + 20
+    while workers > 1 and _metric(admin, "chatproxy_workers", state="answering") < workers:
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.05)
     with contextlib.ExitStack() as stack:
         kept = [stack.enter_context(connect(f"ws://127.0.0.1:{main}/chat?sid=k{i}", open_timeout=10))
                 for i in range(4)]
@@ -178,13 +186,13 @@ def test_reload_under_load_keeps_requests_and_sessions_on_unchanged_routes(proxy
                 time.sleep(0.02)
             config.write_text(_config(main=main, admin=admin, app=upstream.url, ws=ws_upstream.port,
                                       extra_listener=second, old_chat=False, new_route=True))
-            _reload_and_wait(process, admin)
+            _reload_and_wait(process, admin, counter=counter)
             during = load.done
             wait_for_port(second)
             assert _get(second, "/via-second")[0] == 200
             config.write_text(_config(main=main, admin=admin, app=upstream.url, ws=ws_upstream.port,
                                       old_chat=False, new_route=True))
-            _reload_and_wait(process, admin)
+            _reload_and_wait(process, admin, counter=counter)
             deadline = time.monotonic() + 20
             while load.done < during + 200 and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -206,7 +214,7 @@ def test_reload_under_load_keeps_requests_and_sessions_on_unchanged_routes(proxy
         assert refused, "the removed listener still accepts connections"
         status, body = _get(main, "/new/x")
         assert status == 200 and b'"path": "/new/x"' in body
-        assert _metric(admin, "chatproxy_config_reloads_total", result="failure") == 0
+        assert _metric(admin, counter, result="failure") == 0
         assert "reload done" in process.output()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import shutil
 import signal
 import socket
@@ -51,7 +52,8 @@ def test_socket_activation_and_sd_notify(tmp_path, workers):
     """Under systemd-socket-activate, a `systemd:` listener serves on the passed socket; chatproxy
     sends READY=1 once serving, RELOADING=1 (with MONOTONIC_USEC) and READY=1 again around a SIGHUP
     reload that keeps the passed socket, and STOPPING=1 when SIGTERM starts the drain, then exits 0;
-    with two workers the master speaks for both and both accept on the passed socket."""
+    with two workers the master speaks for both and both accept on the passed socket.  Logs use
+    the unit's journal format (a <priority> prefix on every line, workers named)."""
     activate = _require("systemd-socket-activate")
     upstream = RecordingUpstream()
     notify_path = tmp_path / "notify.sock"
@@ -68,7 +70,8 @@ def test_socket_activation_and_sd_notify(tmp_path, workers):
     log = (tmp_path / "out.log").open("wb")
     process = subprocess.Popen(
         [activate, "-l", f"127.0.0.1:{port}", "--fdname=https", "-E", "NOTIFY_SOCKET",
-         str(BIN / "twistd"), "-n", "--pidfile=", "chatproxy", "--config", str(config)],
+         str(BIN / "twistd"), "-n", "--pidfile=", "--logger=chatproxy.journal.observer", "chatproxy",
+         "--config", str(config)],
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 15
@@ -100,6 +103,12 @@ def test_socket_activation_and_sd_notify(tmp_path, workers):
         messages.append(notify.recv(4096).decode())
         assert messages[3].startswith("STOPPING=1"), messages
         assert process.wait(20) == 0
+        lines = [line for line in (tmp_path / "out.log").read_text().splitlines()
+                 if not line.startswith(("Listening on", "Communication attempt", "Execing"))]  # the activator's
+        assert lines and all(re.match(r"<[2-7]>", line) for line in lines), lines[:5]
+        assert any("reload done" in line for line in lines)
+        if workers > 1:
+            assert any(line.startswith("<6>worker 2: ") for line in lines)
     finally:
         if process.poll() is None:
             process.kill()
