@@ -347,6 +347,7 @@ class Master(Service):
                       error=str(error))
             sd_notify("READY=1\nSTATUS=reload refused: " + str(error)[:200])
             return
+        self._reopen_master_listeners(self.config, config)
         self.config = config
         wanted = worker_count(config)
         log.info("SIGHUP: reloading {count} workers", count=wanted)
@@ -363,6 +364,30 @@ class Master(Service):
             if index not in self.workers:
                 self._spawn(index)
         self._check_ready()
+
+    def _reopen_master_listeners(self, old: Config, new: Config) -> None:
+        """A reload that changed ``[demo]`` or ``[admin]``: the master's own listeners follow."""
+        for key, before, after in (("demo", old.demo, new.demo), ("admin", old.admin, new.admin)):
+            if before == after:
+                continue
+            port = self.ports.pop(key, None)
+            if port is not None:
+                port.stopListening()
+            if after is None:
+                continue
+            if key == "demo":
+                from chatproxy.demo import demo_site
+
+                factory: Any = demo_site()
+            else:
+                from chatproxy.master_admin import master_admin_site
+
+                factory = master_admin_site(self)
+            try:
+                self.ports[key] = self._listen(f"[{key}]", after.endpoint, factory)
+                log.info("[{key}] now on {endpoint}", key=key, endpoint=after.endpoint)
+            except _ListenError as e:
+                log.error("reload: {error}", error=str(e))
 
     def drain(self) -> None:
         """SIGTERM: every worker drains; the master exits 0 when all are gone."""

@@ -225,3 +225,34 @@ def test_workers_do_not_outlive_a_master_that_is_killed(proxy, upstream, ws_upst
     except OSError:
         refused = True
     assert refused
+
+
+def test_a_reload_that_changes_workers_starts_or_stops_workers(proxy, upstream, ws_upstream):
+    """Raising workers from 2 to 3 in the file and reloading starts a third worker; lowering it
+    back to 2 stops that one (it drains); serving never stops."""
+    main, admin = free_port(), free_port()
+    config = proxy.write(_config(main, admin, upstream.url, ws_upstream.port))
+    process = proxy.start(configs=[config], port=main, workers=None)
+    _wait(lambda: _ready(admin), "the master never became ready")
+
+    def gauges() -> dict[str, float]:
+        return {labels["state"]: value for labels, value in _samples(admin, "chatproxy_workers")}
+
+    config.write_text(_config(main, admin, upstream.url, ws_upstream.port, workers=3))
+    process.process.send_signal(signal.SIGHUP)
+    _wait(lambda: gauges() == {"running": 3, "configured": 3, "answering": 3}, "no third worker")
+    third = _worker_pids(process.output())[3]
+    assert _get(main, "/with-three")[0] == 200
+    config.write_text(_config(main, admin, upstream.url, ws_upstream.port, workers=2))
+    process.process.send_signal(signal.SIGHUP)
+    _wait(lambda: gauges() == {"running": 2, "configured": 2, "answering": 2}, "the third worker stayed")
+
+    def gone() -> bool:
+        try:
+            os.kill(third, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    _wait(gone, "the third worker did not exit")
+    assert _get(main, "/with-two")[0] == 200
