@@ -92,6 +92,17 @@ class Supervisor:
             except Exception as e:  # keep going: the others must be stopped too
                 print(f"warning: could not stop {server.name} (pid {server.process.pid}): {e}")
 
+    def leftovers(self, wait: float = 2.0) -> list[tuple[str, list[int]]]:
+        """The stopped servers whose process group still has processes after up to ``wait``
+        seconds (SIGKILL takes effect, and the orphans are reaped, asynchronously)."""
+        deadline = time.monotonic() + wait
+        while True:
+            found = [(s.name, sorted(group_cpu_by_process(s.process.pid))) for s in self.servers if s.stopped]
+            found = [(name, pids) for name, pids in found if pids]
+            if not found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.1)
+
 
 def _signal_group(pgid: int, signum: int) -> None:
     try:

@@ -1,17 +1,21 @@
 """chatproxy benchmark: one command, loopback only, everything cleaned up.
 
     /work/venv/bin/python bench/run.py [--duration 10] [--connections 32] [--threads 1]
-                                       [--rounds 1] [--wait-for-quiet 60] [--only NAME,...]
+                                       [--rounds 1] [--wait-for-quiet 60] [--workers N] [--only NAME,...]
 
 Starts an upstream (nginx with a fixed small response), then one target at a
 time in front of it -- nginx as a reverse proxy (plain and TLS), chatproxy
-(plain and TLS), ``twisted.web.proxy.ReverseProxyResource`` -- and drives
-each with wrk at the same concurrency: a short warm-up, then the measured
-run.  Prints requests/s, p50 and p99 latency, the ratios to the direct
-connection and to nginx, and the CPU each process used; checks the
-performance targets; writes the results as JSON (and the servers' logs) to
-bench/results/.  nginx and wrk are installed with apt-get if missing.  Every
-process started is stopped on exit, on Ctrl-C and on errors.
+with one process (``workers = 1``, plain and TLS) and with ``--workers``
+worker processes under a master (plain and TLS),
+``twisted.web.proxy.ReverseProxyResource`` -- and drives each with wrk at
+the same concurrency: a short warm-up, then the measured run.  Prints
+requests/s, p50 and p99 latency, the ratios to the direct connection, to
+nginx and (for the several-worker targets) to one worker, and the CPU each
+process used; checks the performance targets; writes the results as JSON
+(and the servers' logs) to bench/results/.  nginx and wrk are installed with
+apt-get if missing.  Every process started (a chatproxy master's workers
+too: they are in its process group) is stopped on exit, on Ctrl-C and on
+errors.
 
 Exit status: 0 if every run was clean, 1 if any run had problems (errors,
 non-2xx responses, a server that died, other processes using the CPUs),
@@ -37,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from processes import (BenchError, Server, Supervisor, exit_on_termination_signals, background_load, free_ports,
-                       group_cpu_seconds, system_cpu_seconds, wait_until_serving)
+                       group_cpu_by_process, system_cpu_seconds, wait_for_listeners, wait_until_serving)
 from targets import BENCH_DIR, BODY, TARGETS, Context, Target, make_certificate, start_upstream
 from wrk import WrkResult, run_wrk
 
@@ -70,6 +74,11 @@ class Outcome:
     server_alive: bool = True
     #: CPU used during the measured run, in cores (1.0 = one core busy throughout).
     cpu: dict[str, float] = field(default_factory=dict)
+    #: The proxy's CPU by process, in cores: its first process (a master) and its children
+    #: (chatproxy's workers, nginx's worker), children in pid order.
+    proxy_processes: dict[str, Any] = field(default_factory=dict)
+    #: For a several-worker target: how many workers it should run.
+    expected_workers: int | None = None
     #: Notable lines of the target's log (condensed: "N x line").
     log_notes: list[str] = field(default_factory=list)
     error: str | None = None
@@ -86,6 +95,9 @@ class Outcome:
             found.append("the server died during the run")
         if self.cpu.get("other", 0.0) > BACKGROUND_LIMIT:
             found.append(f"other processes used {self.cpu['other']:.2f} cores meanwhile")
+        children = self.proxy_processes.get("children")
+        if self.expected_workers is not None and children is not None and len(children) != self.expected_workers:
+            found.append(f"{len(children)} worker processes ran, expected {self.expected_workers}")
         return found + self.other_rounds_problems
 
     @property
@@ -136,6 +148,20 @@ def _git(*args: str) -> str:
     return completed.stdout
 
 
+def chatproxy_changes() -> list[str]:
+    """The files of chatproxy (and its plugin) that differ from the commit, with their
+    modification times: another session may change them while the benchmark runs."""
+    changed = []
+    for line in _git("status", "--porcelain", "--", "chatproxy", "twisted").splitlines():
+        path = BENCH_DIR.parent / line[3:]
+        try:
+            stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
+            changed.append(f"{line[3:]} ({stamp.isoformat(timespec='seconds')})")
+        except OSError:
+            changed.append(line[3:])
+    return changed
+
+
 def machine_info(nginx: str, wrk: str) -> dict[str, Any]:
     """What the benchmark ran on, for the results."""
     import httptools
@@ -150,7 +176,7 @@ def machine_info(nginx: str, wrk: str) -> dict[str, Any]:
     except OSError:
         pass
     commit = _git("rev-parse", "--short", "HEAD").strip()
-    modified = [line[3:] for line in _git("status", "--porcelain", "--", "chatproxy", "twisted").splitlines()]
+    modified = chatproxy_changes()
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
@@ -163,6 +189,7 @@ def machine_info(nginx: str, wrk: str) -> dict[str, Any]:
         "wrk": _version_of([wrk, "-v"]),
         "openssl": _version_of(["openssl", "version"]),
         "chatproxy_commit": commit or "unknown",
+        "chatproxy_commit_at_end": None,
         "chatproxy_uncommitted_changes": modified,
         "load_average_at_start": os.getloadavg(),
     }
@@ -190,35 +217,50 @@ def log_notes(text: str, limit: int = 20) -> list[str]:
 
 
 class _CpuMeter:
-    """CPU used by the servers, by wrk and by everything else between :meth:`start` and :meth:`stop`."""
+    """CPU used by the servers, by wrk and by everything else between :meth:`start` and :meth:`stop`.
+
+    A server counts with its whole process group: a chatproxy master with its
+    workers, an nginx master with its worker."""
 
     def __init__(self, servers: dict[str, Server]) -> None:
         self.servers = servers
         self.before: dict[str, float] = {}
+        self.before_processes: dict[str, dict[int, float]] = {}
+        self.after_processes: dict[str, dict[int, float]] = {}
         self.wall = 0.0
 
-    def _sample(self) -> dict[str, float]:
-        sample = {name: group_cpu_seconds(s.process.pid) for name, s in self.servers.items()}
+    def _sample(self) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
+        processes = {name: group_cpu_by_process(s.process.pid) for name, s in self.servers.items()}
+        sample = {name: sum(by_pid.values()) for name, by_pid in processes.items()}
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once waited for
         sample["wrk"] = usage.ru_utime + usage.ru_stime
         sample.update(system_cpu_seconds())
-        return sample
+        return sample, processes
 
     def start(self) -> None:
         """Take the first sample."""
-        self.before = self._sample()
+        self.before, self.before_processes = self._sample()
         self.wall = time.monotonic()
 
     def stop(self) -> dict[str, float]:
         """Cores used since :meth:`start`: by each server, wrk, "other" processes (not ours),
         interrupts ("irq") and the hypervisor ("steal")."""
-        wall = time.monotonic() - self.wall
-        after = self._sample()
-        cores = {name: (after[name] - self.before[name]) / wall for name in after}
+        self.wall = time.monotonic() - self.wall
+        after, self.after_processes = self._sample()
+        cores = {name: (after[name] - self.before[name]) / self.wall for name in after}
         processes = cores.pop("process")
         ours = sum(cores[name] for name in (*self.servers, "wrk"))
         cores["other"] = max(0.0, processes - ours)
         return {name: round(value, 2) for name, value in cores.items()}
+
+    def by_process(self, name: str) -> dict[str, Any]:
+        """After :meth:`stop`: server ``name``'s cores by process, as ``{"leader": cores,
+        "children": [cores, ...]}`` (children in pid order; a process that started or
+        ended during the run counts from its start or up to the last sample it was in)."""
+        leader = self.servers[name].process.pid
+        before, after = self.before_processes.get(name, {}), self.after_processes.get(name, {})
+        cores = {pid: round((after[pid] - before.get(pid, 0.0)) / self.wall, 2) for pid in after}
+        return {"leader": cores.pop(leader, 0.0), "children": [cores[pid] for pid in sorted(cores)]}
 
 
 def measure(target: Target, ctx: Context, upstream: Server, port: int, wrk: str,
@@ -231,12 +273,17 @@ def measure(target: Target, ctx: Context, upstream: Server, port: int, wrk: str,
         if target.start is not None:
             server = target.start(ctx, port)
             wait_until_serving(server, port, BODY, tls=target.tls)
+            if target.multi_worker:  # the first worker answers: wait for the others' sockets
+                outcome.expected_workers = ctx.workers
+                wait_for_listeners(server, port, target.listening_sockets(ctx))
         run_wrk(outcome.url, duration=WARMUP_SECONDS, connections=args.connections, threads=args.threads, wrk=wrk)
         meter = _CpuMeter({"upstream": upstream} | ({"proxy": server} if server is not None else {}))
         meter.start()
         outcome.result = run_wrk(outcome.url, duration=args.duration, connections=args.connections,
                                  threads=args.threads, wrk=wrk)
         outcome.cpu = meter.stop()
+        if server is not None:
+            outcome.proxy_processes = meter.by_process("proxy")
         time.sleep(SETTLE_SECONDS)
     except BenchError as e:
         outcome.error = str(e)
@@ -278,15 +325,37 @@ def _x(value: float | None) -> str:
 
 
 def ratios(outcomes: list[Outcome]) -> dict[str, dict[str, float | None]]:
-    """For each target: requests/s relative to direct and to nginx (same transport)."""
+    """For each target: requests/s relative to direct and to nginx (same transport), and for
+    the several-worker chatproxy targets to chatproxy with one worker (same transport)."""
     by_name = {o.target.name: o.rps for o in outcomes}
-    return {
-        o.target.name: {
+    found: dict[str, dict[str, float | None]] = {}
+    for o in outcomes:
+        found[o.target.name] = {
             "vs_direct": _ratio(o.rps, by_name.get("direct")),
             "vs_nginx": _ratio(o.rps, by_name.get(o.target.nginx_reference)),
         }
-        for o in outcomes
-    }
+        if o.target.one_worker_reference is not None:
+            found[o.target.name]["vs_one_worker"] = _ratio(o.rps, by_name.get(o.target.one_worker_reference))
+    return found
+
+
+def worker_lines(outcomes: list[Outcome]) -> list[str]:
+    """For each several-worker target: its requests/s against one worker and against nginx,
+    and how its CPU was spread over the master and the workers (reported, not checked)."""
+    ratio = ratios(outcomes)
+    lines = []
+    for o in outcomes:
+        if not o.target.multi_worker:
+            continue
+        r = ratio[o.target.name]
+        line = (f"{o.target.name} ({o.expected_workers} workers): {_x(r.get('vs_one_worker'))} "
+                f"{o.target.one_worker_reference} (1 worker), {_x(r['vs_nginx'])} {o.target.nginx_reference}")
+        if o.proxy_processes:
+            children = o.proxy_processes["children"]
+            line += (f"; CPU: master {o.proxy_processes['leader']:.2f}, workers "
+                     + (" / ".join(f"{c:.2f}" for c in children) or "none"))
+        lines.append(line)
+    return lines
 
 
 def _cpu(o: Outcome) -> str:
@@ -342,9 +411,15 @@ def machine_line(machine: dict[str, Any]) -> str:
     """The machine and software versions in one line."""
     changes = machine["chatproxy_uncommitted_changes"]
     dirty = f" + uncommitted changes to {', '.join(changes)}" if changes else ""
-    return (f"{machine['cpus']} x {machine['cpu_model']}, {machine['kernel']}; Python {machine['python']}, "
+    line = (f"{machine['cpus']} x {machine['cpu_model']}, {machine['kernel']}; Python {machine['python']}, "
             f"Twisted {machine['twisted']}, httptools {machine['httptools']}; {machine['nginx']}; "
             f"{machine['wrk'].split(' Copyright')[0]}; chatproxy {machine['chatproxy_commit']}{dirty}")
+    end = (machine.get("chatproxy_commit_at_end"), machine.get("chatproxy_uncommitted_changes_at_end"))
+    if end[0] is not None and end != (machine["chatproxy_commit"], changes):
+        line += (f"\nwarning: chatproxy changed during the run (at the end: {end[0]}"
+                 + (f" + uncommitted changes to {', '.join(end[1] or [])}" if end[1] else "")
+                 + "): later targets may have run other code")
+    return line
 
 
 def print_report(outcomes: list[Outcome], checks: list[dict[str, Any]], upstream_notes: list[str],
@@ -358,6 +433,9 @@ def print_report(outcomes: list[Outcome], checks: list[dict[str, Any]], upstream
     print(table(outcomes))
     print()
     print("\n".join(check_lines(checks)))
+    if workers := worker_lines(outcomes):
+        print("\nseveral workers (no target; reported only):")
+        print("\n".join(workers))
     for o in outcomes:
         if o.error:
             print(f"\n{o.target.name} failed: {o.error}")
@@ -379,10 +457,13 @@ def save(outcomes: list[Outcome], checks: list[dict[str, Any]], upstream_notes: 
     data = {
         "machine": machine,
         "settings": {"duration": args.duration, "connections": args.connections, "threads": args.threads,
-                     "rounds": args.rounds, "warmup": WARMUP_SECONDS, "body_bytes": len(BODY)},
+                     "rounds": args.rounds, "warmup": WARMUP_SECONDS, "body_bytes": len(BODY),
+                     "workers": args.workers},
         "results": [
             {"target": o.target.name, "description": o.target.description, "url": o.url,
-             "wrk": o.result.as_dict() if o.result else None, "cpu_cores": o.cpu, "server_alive": o.server_alive,
+             "wrk": o.result.as_dict() if o.result else None, "cpu_cores": o.cpu,
+             "proxy_cpu_cores_by_process": o.proxy_processes, "workers": o.expected_workers,
+             "server_alive": o.server_alive,
              "error": o.error, "problems": o.problems(), "log_notes": o.log_notes, "round_rps": o.round_rps,
              **ratio[o.target.name]}
             for o in outcomes
@@ -391,6 +472,7 @@ def save(outcomes: list[Outcome], checks: list[dict[str, Any]], upstream_notes: 
         "checks": checks,
         "table": table(outcomes),
         "check_lines": check_lines(checks),
+        "worker_lines": worker_lines(outcomes),
         "logs": str(logs.relative_to(BENCH_DIR.parent)),
     }
     path = RESULTS_DIR / f"run-{stamp}.json"
@@ -411,12 +493,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="measure every target this many times, interleaved, and report the median round")
     parser.add_argument("--wait-for-quiet", type=float, default=60.0, metavar="SECONDS",
                         help="wait up to this long for other processes to stop using the CPUs before starting")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
+                        help="chatproxy's workers for the chatproxy-workers and chatproxy-tls-workers targets "
+                             "(default: one per CPU, as workers = auto; here %(default)s)")
     parser.add_argument("--only", help="comma-separated targets to run: " + ", ".join(t.name for t in TARGETS))
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.connections < 1 or args.threads < 1 or args.threads > args.connections:
         parser.error("need --duration > 0 and 1 <= --threads <= --connections")
     if args.rounds < 1:
         parser.error("need --rounds >= 1")
+    if not 1 <= args.workers <= 256:
+        parser.error("need 1 <= --workers <= 256")
     return args
 
 
@@ -483,11 +570,16 @@ def run(args: argparse.Namespace) -> int:
         supervisor = Supervisor(log_dir)
         try:
             certificate, key = make_certificate(workdir)
-            ctx = Context(supervisor, workdir, nginx, free_ports(1)[0], certificate, key)
+            ctx = Context(supervisor, workdir, nginx, free_ports(1)[0], certificate, key, args.workers)
             outcomes, upstream_notes = measure_all(targets, ctx, wrk, args)
         finally:
             supervisor.stop_all()
+            for name, pids in supervisor.leftovers():
+                print(f"warning: processes of {name} still running after it was stopped: pids "
+                      f"{', '.join(map(str, pids))}", flush=True)
         checks = check_targets(outcomes)
+        machine["chatproxy_commit_at_end"] = _git("rev-parse", "--short", "HEAD").strip() or "unknown"
+        machine["chatproxy_uncommitted_changes_at_end"] = chatproxy_changes()
         print_report(outcomes, checks, upstream_notes, machine, args)
         path = save(outcomes, checks, upstream_notes, machine, args, log_dir)
     print(f"\nresults: {path.relative_to(BENCH_DIR.parent)}")

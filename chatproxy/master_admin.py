@@ -87,12 +87,16 @@ def merge_metrics(answers: list[tuple[int, int, bytes]]) -> list[Metric]:
     for index, status, body in answers:
         if status != 200:
             continue
-        for family in text_string_to_metric_families(body.decode("utf-8")):
+        try:
+            families = list(text_string_to_metric_families(body.decode("utf-8")))
+        except (ValueError, UnicodeDecodeError):  # a truncated answer: this worker's series are left out
+            continue
+        for family in families:
             target = merged.get(family.name)
             if target is None:
                 target = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
             for sample in family.samples:
-                labels = dict(sample.labels, worker=str(index))
+                labels = {**sample.labels, "worker": str(index)}
                 target.samples.append(Sample(sample.name, labels, sample.value, sample.timestamp, sample.exemplar))
     return list(merged.values())
 
@@ -111,9 +115,9 @@ class _Collected:
 def _master_families(master: Master, answers: list[tuple[int, int, bytes]]) -> list[Metric]:
     running = GaugeMetricFamily("chatproxy_workers", "Worker processes running, and how many are configured.",
                                 labels=["state"])
-    running.add_metric(["running"], len(master.workers))
+    running.add_metric(["running"], sum(1 for worker in master.workers.values() if not worker.ended))
     running.add_metric(["configured"], master.count)
-    running.add_metric(["answering"], sum(1 for _, status, _ in answers if status == 200))
+    running.add_metric(["answering"], sum(1 for _, status, body in answers if status == 200))
     restarts = CounterMetricFamily("chatproxy_worker_restarts", "Workers restarted after they died.")
     restarts.add_metric([], master.restarts)
     reloads = CounterMetricFamily("chatproxy_master_reloads", "Reloads (SIGHUP) across all workers, by result.",

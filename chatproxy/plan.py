@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from chatproxy.config import Config, Route, Upstream
 from chatproxy.filters.chain import RouteFilter
+from chatproxy.http.messages import in_networks
 from chatproxy.http.upstream import UpstreamPools
 from chatproxy.routing import RouteTable
 from chatproxy.stats import Stats
 from chatproxy.timeouts import TimeoutSweeper
+from chatproxy.tls import build_client_tls
 
 if TYPE_CHECKING:
     from chatproxy.websocket import RouteSockets
@@ -36,10 +38,15 @@ class Plan:
         self.routes = {route.name: route for route in config.routes}
         self.pools: dict[str, UpstreamPools] = {}
         self.new_pools: list[UpstreamPools] = []  # made for this plan (not carried over)
+        # Carried-over pools with their client TLS loaded again (files may have changed).
+        self._fresh_tls: list[tuple[UpstreamPools, list[Any]]] = []
         for name, upstream in config.upstreams.items():
             kept = previous.pools.get(name) if previous is not None else None
             if kept is not None and kept.upstream == upstream:
                 self.pools[name] = kept
+                if any(server.tls for server in upstream.servers):
+                    self._fresh_tls.append((kept, [build_client_tls(upstream, server) if server.tls else None
+                                                   for server in upstream.servers]))
             else:
                 self.pools[name] = pools = UpstreamPools(reactor, upstream, sweeper, stats)
                 self.new_pools.append(pools)
@@ -68,6 +75,13 @@ class Plan:
             for route in config.routes
         }
         self._sockets: dict[str, RouteSockets] = {}
+
+    def refresh_tls(self) -> None:
+        """Give carried-over pools the client TLS credentials loaded for this
+        plan: new upstream connections use them; open ones keep theirs."""
+        for pools, creators in self._fresh_tls:
+            pools.replace_tls(creators)
+        self._fresh_tls = []
 
     def retired_pools(self, successor: Plan) -> list[UpstreamPools]:
         """The pools of this plan that ``successor`` no longer uses."""
@@ -115,15 +129,19 @@ class Plan:
             self._sockets[route.name] = sockets
         return sockets
 
-    def keeps_session(self, route: Route, upstream: Upstream, listener: str) -> bool:
+    def keeps_session(self, route: Route, upstream: Upstream, listener: str, peer: str) -> bool:
         """Whether an established WebSocket session (routed by ``route`` of an
-        earlier plan to ``upstream``, on ``listener``) may stay open under this
-        plan: its route still exists, carries WebSockets the same way, forwards
-        to an upstream with the same servers, and still serves its listener."""
+        earlier plan to ``upstream``, on ``listener``, from ``peer``) may stay
+        open under this plan: its route still exists, carries WebSockets the
+        same way, forwards to an upstream with the same servers, still serves
+        its listener, and the listener's ``allow`` still admits the peer."""
         current = self.routes.get(route.name)
         if current is None or not current.websocket or current.ws.mode != route.ws.mode:
             return False
-        if listener not in self.config.listeners:
+        now_listener = self.config.listeners.get(listener)
+        if now_listener is None:
+            return False
+        if now_listener.allow is not None and not in_networks(peer, now_listener.allow):
             return False
         if current.listeners is not None and listener not in current.listeners:
             return False

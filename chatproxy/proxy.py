@@ -80,16 +80,20 @@ class ProxyCore:
 
     # -- reload
 
-    def install(self, plan: Plan) -> int:
+    def install(self, plan: Plan, access_log: AccessLog | None = None) -> int:
         """Make ``plan`` the one in force (a reload): new requests use it at
         once; requests already routed finish under the plan they started
         with.  Pools it no longer uses close once their connections are
-        done; WebSocket sessions it does not keep (see
-        :meth:`Plan.keeps_session`) are closed with 1012 at random moments
-        over ``reload_close_window``.  Returns how many sessions will be closed."""
+        done; kept pools take freshly loaded client TLS credentials;
+        WebSocket sessions it does not keep (see :meth:`Plan.keeps_session`)
+        are closed with 1012 at random moments over ``reload_close_window``,
+        the others follow its message filters from now on.  ``access_log``
+        (opened beforehand, so that failing to open it refuses the reload)
+        replaces the current one.  Returns how many sessions will be closed."""
         old, self.plan = self.plan, plan
         for pools in old.retired_pools(plan):
             pools.retire()
+        plan.refresh_tls()
         if self._started:
             for pools in plan.new_pools:
                 pools.start_health_checks()
@@ -99,39 +103,44 @@ class ProxyCore:
             self.sweeper.interval = interval
             if self._started:
                 self.sweeper.start()
-        self._reopen_access_log(old.settings, plan.settings)
+        if access_log is not None and access_log is not self.access_log:
+            previous, self.access_log = self.access_log, access_log
+            previous.close()
         return self._close_orphaned_sessions(plan)
 
-    def _reopen_access_log(self, old: Settings, new: Settings) -> None:
-        """A reload reopens the access log file (after log rotation it is a new file)."""
-        replacement = AccessLog(self.reactor, new.access_log, new.access_log_format)
-        previous, self.access_log = self.access_log, replacement
-        previous.close()
+    def _doomed(self, exchange: Any, plan: Plan) -> bool:
+        """Whether ``plan`` ends the session ``exchange`` started (and if not, it adopts ``plan``)."""
+        route, head = exchange.route, exchange.head
+        if route is None or head is None or exchange.plan is plan:
+            return False
+        if not plan.keeps_session(route, exchange.plan.upstream_of(route), head.listener, head.peer):
+            return True
+        exchange.plan = plan  # kept: the new configuration's message filters apply from now on
+        return False
 
     def _close_orphaned_sessions(self, plan: Plan) -> int:
         window = plan.settings.reload_close_window
         closing = 0
         for session in list(self.websocket_sessions):
-            exchange = session.exchange
-            if exchange.route is None or exchange.server is None:
-                continue
-            if plan.keeps_session(exchange.route, exchange.server.upstream, exchange.head.listener):  # type: ignore[union-attr]
-                continue
-            closing += 1
-            self.reactor.callLater(random.uniform(0, window), session.close_both, SERVICE_RESTART,
-                                   "service restart: route changed")
+            if self._doomed(session.exchange, plan):
+                closing += 1
+                self.reactor.callLater(random.uniform(0, window), session.close_both, SERVICE_RESTART,
+                                       "service restart: route changed")
         for connection in list(self.connections):
             tunnel = connection.tunnel
             if tunnel is None or tunnel in self.websocket_sessions:
                 continue
-            exchange = tunnel.exchange
-            if exchange.route is None or exchange.server is None:
-                continue
-            if plan.keeps_session(exchange.route, exchange.server.upstream, exchange.head.listener):  # type: ignore[union-attr]
-                continue
-            closing += 1
-            self.reactor.callLater(random.uniform(0, window), connection.close)
+            if self._doomed(tunnel.exchange, plan):
+                closing += 1
+                self.reactor.callLater(random.uniform(0, window), connection.close)
         return closing
+
+    def session_started(self, exchange: Any, close: Any) -> None:
+        """A WebSocket session (or tunnel) whose upgrade was routed before a
+        reload is now established: if the plan in force does not keep it,
+        ``close`` it over the reload window as the reload would have."""
+        if exchange.plan is not self.plan and self._doomed(exchange, self.plan):
+            self.reactor.callLater(random.uniform(0, self.plan.settings.reload_close_window), close)
 
     # -- shutdown
 
@@ -159,10 +168,10 @@ class ProxyCore:
                 finish()
                 return
             if self.reactor.seconds() >= deadline:
+                for session in list(self.websocket_sessions):  # a close frame first, then the abort
+                    session.close_both(1001, "server shutting down")
                 for connection in list(self.connections):
                     connection.abort()
-                for session in list(self.websocket_sessions):
-                    session.close_both(1001, "server shutting down")
                 self.reactor.callLater(0.5, finish)
                 return
             self.reactor.callLater(0.05, check)

@@ -20,6 +20,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from chatproxy.accesslog import AccessLog
 from chatproxy.config import Config, ConfigError, Listener, load_config
 from chatproxy.gate import GateFactory
 from chatproxy.http.front import FrontFactory
@@ -44,6 +45,7 @@ def sd_notify(state: str) -> None:
         address = "\0" + address[1:]  # an abstract socket
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.setblocking(False)  # never wait for the receiver (systemd, or a worker's master)
             notify.connect(address)
             notify.sendall(state.encode("utf-8"))
     except OSError as e:
@@ -124,6 +126,7 @@ class _Prepared:
 
     config: Config
     plan: Plan
+    access_log: AccessLog
     keep: dict[str, tuple[_Opened, IProtocolFactory, Listener | None]]  # new key -> old socket, new factory
     open: dict[str, tuple[str, SwitchFactory, FrontFactory | None]]  # new key -> endpoint, factories
     opened: dict[str, _Opened]
@@ -354,6 +357,9 @@ class ChatproxyService(MultiService):
         endpoint) or an endpoint to open.  Raises when certificates or
         upstream TLS files cannot be loaded."""
         plan = Plan(self.reactor, config, core.sweeper, core.stats, previous=core.plan)
+        access_log = self._reopened_access_log(core, config)
+        if config.settings.workers != self.config.settings.workers and self.worker is None:
+            log.warn("[chatproxy] workers changed: a single process applies that at its next start")
         keep: dict[str, tuple[_Opened, IProtocolFactory, Listener | None]] = {}
         to_open: dict[str, tuple[str, SwitchFactory, FrontFactory | None]] = {}
         by_endpoint = {(_kind(key), opened.endpoint): opened for key, opened in self.opened.items()}
@@ -367,19 +373,42 @@ class ChatproxyService(MultiService):
                     to_open[key] = (endpoint, SwitchFactory(factory), front)
                     continue
             if old is not None:
+                if key == "demo":
+                    factory = old.switch.current  # one demo chat room across reloads
                 keep[key] = (old, factory, listener)
             else:
                 to_open[key] = (endpoint, SwitchFactory(factory), None)
-        return _Prepared(config, plan, keep, to_open, {})
+        return _Prepared(config, plan, access_log, keep, to_open, {})
+
+    def _reopened_access_log(self, core: ProxyCore, config: Config) -> AccessLog:
+        """The access log for the new configuration, opened again (log
+        rotation).  When the same file cannot be opened any more (rotated to a
+        file this user cannot write), the current stream is kept, with a
+        warning; a new ``access_log`` that cannot be opened refuses the reload."""
+        new, old = config.settings, self.config.settings
+        try:
+            return AccessLog(self.reactor, new.access_log, new.access_log_format)
+        except OSError as e:
+            if (new.access_log, new.access_log_format) == (old.access_log, old.access_log_format):
+                log.warn("reload: cannot reopen the access log {path} ({error}); still writing to the file "
+                         "opened before", path=new.access_log, error=e.strerror)
+                return core.access_log
+            raise StartupError(f"[chatproxy] access_log: cannot open {new.access_log}: {e.strerror}") from None
 
     def _commit(self, prepared: _Prepared) -> None:
-        """Make a prepared reload the running configuration."""
+        """Make a prepared reload the running configuration.  Nothing here is
+        expected to fail; if something does, it is logged and the rest of the
+        commit still happens (sockets, counters, systemd), so that the
+        process never stays between two configurations."""
         core = self.core
         assert core is not None
         opened: dict[str, _Opened] = {}
         kept_ports = set()
         for key, (old, factory, listener) in prepared.keep.items():
-            old.switch.switch(factory)
+            try:
+                old.switch.switch(factory)
+            except Exception:
+                log.failure("reload: starting the new factory of [{key}] failed", key=key)
             if old.front is not None and listener is not None:
                 old.front.listener = listener
             opened[key] = old
@@ -388,9 +417,13 @@ class ChatproxyService(MultiService):
         closed = [(key, old) for key, old in self.opened.items() if id(old) not in kept_ports]
         self.opened = opened
         self.config = prepared.config
-        closing = core.install(prepared.plan)
+        closing = 0
+        try:
+            closing = core.install(prepared.plan, prepared.access_log)
+        except Exception:
+            log.failure("reload: installing the new configuration failed part way")
         for key, old in closed:
-            old.port.stopListening()
+            defer.maybeDeferred(old.port.stopListening).addErrback(_log_close_failure, key)
             log.info("[{key}] closed {endpoint} (not in the new configuration)", key=key, endpoint=old.endpoint)
             if old.front is not None:
                 for connection in list(core.connections):
@@ -453,6 +486,10 @@ class ChatproxyService(MultiService):
             self.core.stop()
         stops.append(defer.maybeDeferred(super().stopService))
         return defer.gatherResults(stops, consumeErrors=True)
+
+
+def _log_close_failure(failure: Failure, key: str) -> None:
+    log.failure("reload: closing [{key}] failed", failure, key=key)
 
 
 def _kind(key: str) -> str:

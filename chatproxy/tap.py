@@ -11,8 +11,7 @@ from chatproxy.config import ConfigError, load_config
 from twisted.application.service import Service
 
 from chatproxy.service import WORKER_ENV, ChatproxyService
-from chatproxy.sharing import can_share
-from chatproxy.workers import Master, worker_count
+from chatproxy.workers import Master, unshareable, worker_count
 
 
 class Options(usage.Options):
@@ -57,11 +56,9 @@ def makeService(options: Options) -> Service:
         raise SystemExit(2) from None
     if os.environ.get(WORKER_ENV) or worker_count(config) == 1:
         return ChatproxyService(config, config_paths=options["config"])
-    unshared = [name for name, listener in config.listeners.items() if not can_share(listener.endpoint)]
-    if unshared:
-        sys.stderr.write(f"chatproxy: configuration error: [listen:{unshared[0]}] endpoint: "
-                         f"{config.listeners[unshared[0]].endpoint} cannot be shared by several worker processes "
-                         "(tcp:, tcp6:, haproxy:tcp: and systemd: can); set [chatproxy] workers = 1\n")
+    problem = unshareable(config)
+    if problem is not None:
+        sys.stderr.write(f"chatproxy: configuration error: {problem}\n")
         sys.stderr.flush()
         raise SystemExit(2)
     return Master(config, options["config"])

@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 
 from chatproxy.config import Config, ConfigError, load_config
 from chatproxy.service import WORKER_DIR_ENV, WORKER_ENV, StartupError, ensure_certificate, sd_notify
+from chatproxy.sharing import can_share
 
 log = Logger()
 
@@ -50,6 +51,17 @@ RESTART_PAUSE = 0.5
 MAX_RESTART_PAUSE = 30.0
 #: Dying after serving this long resets the pause.
 STABLE_AFTER = 60.0
+#: How long the master waits for every worker to report a reload.
+RELOAD_DEADLINE = 60.0
+
+
+def unshareable(config: Config) -> str | None:
+    """Why several workers cannot serve ``config`` (a listener they cannot share), or None."""
+    for name, listener in config.listeners.items():
+        if not can_share(listener.endpoint):
+            return (f"[listen:{name}] endpoint: {listener.endpoint} cannot be shared by several worker processes "
+                    "(tcp:, tcp6:, haproxy:tcp: and systemd: can); set [chatproxy] workers = 1")
+    return None
 
 
 def worker_count(config: Config) -> int:
@@ -61,6 +73,10 @@ def worker_main() -> None:
     """A worker process's entry point: ``twistd`` (its arguments follow), set
     to receive SIGTERM when the master dies however it dies, so that no
     worker outlives its master (Linux's ``PR_SET_PDEATHSIG``)."""
+    # SIGHUP's default is to terminate: until the service installs its
+    # handler (once the reactor runs), a reload must not kill the worker.
+    # The master sends it again once the worker is ready.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     master = os.environ.get(MASTER_PID_ENV, "")
     try:
         import ctypes
@@ -128,6 +144,7 @@ class _Worker(ProcessProtocol):
         self.started = time.monotonic()
         self.status = ""
         self.ended = False
+        self.reload_pending = False  # SIGHUP it once it is ready (it was starting when a reload came)
 
     def connectionMade(self) -> None:
         self.pid = int(self.transport.pid)  # type: ignore[union-attr]
@@ -182,15 +199,15 @@ class Master(Service):
         self._ready_sent = False
         self._exit_status = 0
         self.reloads: dict[str, int] = {"success": 0, "failure": 0}
+        self._privileged_done = False
+        self._reload_generation = 0
 
     # -- start
 
     def privilegedStartService(self) -> None:
-        """Make the private directory, the notify socket, the demo and admin listeners."""
-        self.directory = tempfile.mkdtemp(prefix="chatproxy-")
-        os.chmod(self.directory, 0o700)
-        self.ports["notify"] = self.reactor.listenUNIXDatagram(os.path.join(self.directory, "notify"),
-                                                               _NotifyReceiver(self))
+        """Create self-signed certificates and open the demo and admin
+        listeners (before twistd drops privileges, like a single process)."""
+        self._privileged_done = True
         try:
             for listener in self.config.listeners.values():
                 if listener.tls:
@@ -208,7 +225,6 @@ class Master(Service):
         except (_ListenError, StartupError) as e:
             for port in self.ports.values():
                 port.stopListening()
-            shutil.rmtree(self.directory, ignore_errors=True)
             sys.stderr.write(f"chatproxy: {e}\n")
             sys.stderr.flush()
             raise SystemExit(1) from None
@@ -223,9 +239,14 @@ class Master(Service):
         return outcome[0]
 
     def startService(self) -> None:
-        """Start the workers; SIGHUP and SIGTERM are passed on to them."""
-        if not self.directory:
+        """Make the private directory and notify socket (as the user the
+        workers run as), start the workers; SIGHUP and SIGTERM are passed on."""
+        if not self._privileged_done:
             self.privilegedStartService()
+        self.directory = tempfile.mkdtemp(prefix="chatproxy-")
+        os.chmod(self.directory, 0o700)
+        self.ports["notify"] = self.reactor.listenUNIXDatagram(os.path.join(self.directory, "notify"),
+                                                               _NotifyReceiver(self))
         super().startService()
         log.info("starting {count} worker processes", count=self.count)
         for index in range(1, self.count + 1):
@@ -278,6 +299,12 @@ class Master(Service):
         if fields.get("READY") == "1":
             worker.ready = True
             worker.served = True
+            if worker.reload_pending:
+                # It was starting when the reload came: it reloads now, as it may have read the old files.
+                worker.reload_pending = False
+                worker.ready = False
+                worker.signal("HUP")
+                return
             self._check_ready()
 
     def _check_ready(self) -> None:
@@ -314,10 +341,13 @@ class Master(Service):
             self._exit_status = code if code else 1
             self._draining = True
             del self.workers[worker.index]
+            self._forget_ended()
             for other in self.workers.values():
                 other.signal("TERM")
             if not self.workers:
                 self._stop()
+            else:
+                self.reactor.callLater(self.config.settings.drain_timeout + 10, self._kill_stragglers)
             return
         deaths = 0 if time.monotonic() - worker.started > STABLE_AFTER else self._deaths_in_a_row.get(worker.index, 0)
         self._deaths_in_a_row[worker.index] = deaths + 1
@@ -328,9 +358,26 @@ class Master(Service):
         self.reactor.callLater(pause, self._respawn, worker)
 
     def _respawn(self, worker: _Worker) -> None:
-        if not self._draining and self.workers.get(worker.index) is worker:
-            self._spawn(worker.index)
-            self.workers[worker.index].served = True  # it served before: a later death restarts it again
+        if self._draining or self.workers.get(worker.index) is not worker:
+            return
+        try:
+            load_config(self.config_paths)  # a worker reads the files as they are now
+        except ConfigError as error:
+            deaths = self._deaths_in_a_row.get(worker.index, 0)
+            self._deaths_in_a_row[worker.index] = deaths + 1
+            pause = min(MAX_RESTART_PAUSE, RESTART_PAUSE * 2 ** deaths)
+            log.error("worker {index} not restarted: the configuration files do not validate ({error}); "
+                      "trying again in {pause:g}s", index=worker.index, error=str(error), pause=pause)
+            self.reactor.callLater(pause, self._respawn, worker)
+            return
+        self._spawn(worker.index)
+        self.workers[worker.index].served = True  # it served before: a later death restarts it again
+
+    def _forget_ended(self) -> None:
+        """Drop workers that are dead and waiting for a restart (a drain will not restart them)."""
+        for index, worker in list(self.workers.items()):
+            if worker.ended:
+                del self.workers[index]
 
     # -- reload and drain
 
@@ -347,23 +394,52 @@ class Master(Service):
                       error=str(error))
             sd_notify("READY=1\nSTATUS=reload refused: " + str(error)[:200])
             return
+        wanted = worker_count(config)
+        problem = unshareable(config) if wanted > 1 else None
+        if problem is None:
+            try:
+                for listener in config.listeners.values():
+                    if listener.tls:
+                        ensure_certificate(listener)  # once, before the workers load it
+            except StartupError as error:
+                problem = str(error)
+        if problem is not None:
+            self.reloads["failure"] += 1
+            log.error("reload refused, the previous configuration keeps serving: {error}", error=problem)
+            sd_notify("READY=1\nSTATUS=reload refused: " + problem[:200])
+            return
         self._reopen_master_listeners(self.config, config)
         self.config = config
-        wanted = worker_count(config)
         log.info("SIGHUP: reloading {count} workers", count=wanted)
         self._reloading = True
+        self._reload_generation += 1
+        self.reactor.callLater(RELOAD_DEADLINE, self._reload_overdue, self._reload_generation)
         for worker in list(self.workers.values()):
             if worker.index > wanted:
                 del self.workers[worker.index]
                 worker.signal("TERM")  # drains like a shutdown
-            else:
+            elif worker.ready:
                 worker.ready = False
                 worker.signal("HUP")
+            elif not worker.ended:
+                worker.reload_pending = True
         self.count = wanted
         for index in range(1, wanted + 1):
             if index not in self.workers:
                 self._spawn(index)
+                self.workers[index].served = True  # one that fails to start is restarted, not fatal
         self._check_ready()
+
+    def _reload_overdue(self, generation: int) -> None:
+        """A reload some worker never answered: stop waiting for it."""
+        if not self._reloading or generation != self._reload_generation:
+            return
+        silent = [w.index for w in self.workers.values() if not w.ready]
+        self._reloading = False
+        self.reloads["failure"] += 1
+        log.error("reload: worker(s) {workers} did not report back within {deadline:g}s",
+                  workers=", ".join(map(str, silent)), deadline=RELOAD_DEADLINE)
+        sd_notify(f"READY=1\nSTATUS=reload incomplete: worker(s) {', '.join(map(str, silent))} did not answer")
 
     def _reopen_master_listeners(self, old: Config, new: Config) -> None:
         """A reload that changed ``[demo]`` or ``[admin]``: the master's own listeners follow."""
@@ -371,23 +447,26 @@ class Master(Service):
             if before == after:
                 continue
             port = self.ports.pop(key, None)
-            if port is not None:
-                port.stopListening()
-            if after is None:
-                continue
-            if key == "demo":
-                from chatproxy.demo import demo_site
+            closed: defer.Deferred[Any] = defer.maybeDeferred(port.stopListening) if port is not None \
+                else defer.succeed(None)
+            if after is not None:
+                # Listen once the old socket is really closed (it may use the same port).
+                closed.addCallback(self._reopen, key, after.endpoint)
 
-                factory: Any = demo_site()
-            else:
-                from chatproxy.master_admin import master_admin_site
+    def _reopen(self, _: Any, key: str, endpoint: str) -> None:
+        if key == "demo":
+            from chatproxy.demo import demo_site
 
-                factory = master_admin_site(self)
-            try:
-                self.ports[key] = self._listen(f"[{key}]", after.endpoint, factory)
-                log.info("[{key}] now on {endpoint}", key=key, endpoint=after.endpoint)
-            except _ListenError as e:
-                log.error("reload: {error}", error=str(e))
+            factory: Any = demo_site()
+        else:
+            from chatproxy.master_admin import master_admin_site
+
+            factory = master_admin_site(self)
+        try:
+            self.ports[key] = self._listen(f"[{key}]", endpoint, factory)
+            log.info("[{key}] now on {endpoint}", key=key, endpoint=endpoint)
+        except _ListenError as e:
+            log.error("reload: {error}", error=str(e))
 
     def drain(self) -> None:
         """SIGTERM: every worker drains; the master exits 0 when all are gone."""
@@ -397,6 +476,7 @@ class Master(Service):
         timeout = self.config.settings.drain_timeout
         log.info("SIGTERM: draining {count} workers (up to {timeout}s)", count=len(self.workers), timeout=timeout)
         sd_notify(f"STOPPING=1\nSTATUS=draining (up to {timeout:g}s)")
+        self._forget_ended()
         if not self.workers:
             self._stop()
             return
@@ -408,11 +488,17 @@ class Master(Service):
         for worker in self.workers.values():
             log.warn("worker {index} did not finish draining: killed", index=worker.index)
             worker.signal("KILL")
+        self.reactor.callLater(5, self._stop)  # even if a worker's end is never reported
 
     def _stop(self) -> None:
         if self._exit_status:
-            status = self._exit_status
-            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, status)
+            status, directory = self._exit_status, self.directory
+
+            def exit_with_status() -> None:
+                shutil.rmtree(directory, ignore_errors=True)
+                os._exit(status)
+
+            self.reactor.addSystemEventTrigger("after", "shutdown", exit_with_status)
         if getattr(self.reactor, "running", False):
             self.reactor.stop()
 

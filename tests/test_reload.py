@@ -327,3 +327,28 @@ def test_reload_rereads_certificates_and_reopens_the_access_log(proxy, upstream,
     while _metric(admin, "chatproxy_tls_handshake_failures_total", listener="main") < 1:
         assert time.monotonic() < deadline, "the failed handshake was not counted"
         time.sleep(0.05)
+
+
+def test_an_access_log_that_cannot_be_reopened_does_not_block_the_reload(proxy, upstream, ws_upstream, tmp_path):
+    """If the access log path cannot be opened again at reload (rotation left something this
+    user cannot write), the reload still applies, with a warning, and requests are still logged
+    to the file that was open."""
+    main, admin = free_port(), free_port()
+    access_log = tmp_path / "access.log"
+    config = proxy.write(_config(main=main, admin=admin, app=upstream.url, ws=ws_upstream.port,
+                                 access_log=str(access_log)))
+    process = proxy.start(configs=[config], port=main)
+    wait_for_port(admin)
+    assert _get(main, "/first")[0] == 200
+    access_log.rename(tmp_path / "rotated.log")
+    access_log.symlink_to(tmp_path / "missing-directory" / "access.log")  # cannot be opened
+    config.write_text(_config(main=main, admin=admin, app=upstream.url, ws=ws_upstream.port,
+                              access_log=str(access_log), new_route=True))
+    _reload_and_wait(process, admin)
+    assert "cannot reopen the access log" in process.output()
+    status, body = _get(main, "/new/applied")
+    assert status == 200
+    deadline = time.monotonic() + 10
+    while b"/new/applied" not in (tmp_path / "rotated.log").read_bytes():
+        assert time.monotonic() < deadline, "the request was not logged to the file still open"
+        time.sleep(0.05)

@@ -48,7 +48,7 @@ class _Session:
         plan = h.core.plan
         matched = plan.routes[route]
         self.exchange = SimpleNamespace(route=matched, server=SimpleNamespace(upstream=plan.upstream_of(matched)),
-                                        head=SimpleNamespace(listener=listener))
+                                        head=SimpleNamespace(listener=listener, peer="192.0.2.10"), plan=plan)
         self.closes: list[tuple[int, float]] = []
         self._reactor = h.reactor
 
@@ -67,17 +67,20 @@ class _Session:
     (lambda t: t.replace("websocket = yes\n", "websocket = tunnel\n"), False),
     (lambda t: t.replace("websocket = yes\n", "websocket = no\n"), False),
     (lambda t: t.replace("[listen:main]", "[listen:other]"), False),
+    (lambda t: t.replace("[listen:main]\n", "[listen:main]\nallow = 192.0.2.0/24\n"), True),
+    (lambda t: t.replace("[listen:main]\n", "[listen:main]\nallow = 198.51.100.0/24\n"), False),
 ], ids=["route-added-elsewhere", "upstream-timeout-changed", "route-path-changed", "route-removed",
         "upstream-servers-changed", "route-now-to-another-upstream", "mode-changed", "websocket-turned-off",
-        "listener-renamed"])
+        "listener-renamed", "allow-still-admits-peer", "allow-no-longer-admits-peer"])
 def test_keeps_session_only_while_route_upstream_and_listener_stay(tmp_path, change, kept):
     """A session is kept when its route (by name) still carries WebSockets the same way to an
-    upstream with the same servers on the same listener; any other change ends it."""
+    upstream with the same servers on the same listener, whose allow list still admits the
+    client; any of those changing ends it, other changes do not."""
     h = _harness(tmp_path)
     session = _Session(h, "chat")
     plan = _plan(h, tmp_path, change(_base(tmp_path)))
     exchange = session.exchange
-    assert plan.keeps_session(exchange.route, exchange.server.upstream, "main") is kept
+    assert plan.keeps_session(exchange.route, exchange.server.upstream, "main", "192.0.2.10") is kept
 
 
 def test_install_closes_orphaned_sessions_with_1012_spread_over_the_window(tmp_path):
@@ -207,3 +210,42 @@ def test_drain_closes_tunnel_sessions_over_the_first_half_of_the_window(tmp_path
     assert all(len(c.closed_at) == 1 and c.closed_at[0] - start <= 5.05 for c in tunnels)
     assert len({round(c.closed_at[0] - start, 2) for c in tunnels}) > 5
     h.core.connections.difference_update(tunnels)  # type: ignore[arg-type]
+
+
+def test_a_session_routed_before_a_reload_that_removed_its_route_is_closed_once_established(tmp_path):
+    """A WebSocket upgrade routed under the old plan that completes after a reload removed its
+    route is closed over the reload window, as the sessions open at the reload were."""
+    random.seed(11)
+    h = _harness(tmp_path)
+    session = _Session(h, "chat")
+    h.core.install(_plan(h, tmp_path, _base(tmp_path).replace(CHAT_ROUTE, "")))
+    closed: list[float] = []
+    h.core.session_started(session.exchange, lambda: closed.append(h.reactor.seconds()))
+    h.advance(4.1)
+    assert len(closed) == 1
+    kept = _Session(h, "lobby")
+    # Routed under an earlier plan (not the one in force); its route is unchanged.
+    kept.exchange.plan = SimpleNamespace(upstream_of=h.core.plan.upstream_of)
+    h.core.session_started(kept.exchange, lambda: closed.append(-1.0))
+    h.advance(4.1)
+    assert closed[1:] == []
+
+
+def test_a_keep_alive_client_no_longer_allowed_is_refused_at_its_next_request(tmp_path):
+    """When a reload narrows a listener's allow list, a client already connected from an address
+    it no longer admits gets 403 at its next request and the connection closes."""
+    import ipaddress
+
+    from attrs import evolve
+
+    h = _harness(tmp_path)
+    front, client = h.client(peer="192.0.2.10")
+    front.dataReceived(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream, wire = _accept(h, 9901)
+    upstream.dataReceived(ok(b"first"))
+    h.factory.listener = evolve(h.factory.listener, allow=(ipaddress.ip_network("198.51.100.0/24"),))
+    front.dataReceived(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    answers = responses(client.value())
+    assert [a["status"] for a in answers] == [200, 403]
+    assert client.disconnecting
+    assert request_heads(wire.value()) == [b"GET /a HTTP/1.1"]

@@ -256,3 +256,29 @@ def test_a_reload_that_changes_workers_starts_or_stops_workers(proxy, upstream, 
 
     _wait(gone, "the third worker did not exit")
     assert _get(main, "/with-two")[0] == 200
+
+
+def test_a_reload_while_workers_are_still_starting_does_not_stop_the_service(proxy, upstream, ws_upstream):
+    """SIGHUP arriving before the workers are ready neither kills them (SIGHUP's default action)
+    nor takes the master down: they reload once ready and the service serves."""
+    main, admin = free_port(), free_port()
+    process = proxy.start(_config(main, admin, upstream.url, ws_upstream.port), port=None, workers=None)
+    _wait(lambda: "worker 2 started" in process.output(), "the workers were not started")
+    process.process.send_signal(signal.SIGHUP)
+    _wait(lambda: "reload done in all 2 workers" in process.output(), "the reload never completed")
+    assert process.process.poll() is None
+    assert "before it could serve" not in process.output()
+    assert _get(main, "/after-early-reload")[0] == 200
+
+
+def test_sigterm_right_after_a_worker_died_still_ends_the_master(proxy, upstream, ws_upstream):
+    """A worker killed just before SIGTERM (dead, waiting to be restarted) does not keep the
+    master waiting: it drains the other worker and exits 0."""
+    main, admin = free_port(), free_port()
+    process = proxy.start(_config(main, admin, upstream.url, ws_upstream.port), port=main, workers=None)
+    _wait(lambda: _ready(admin), "the master never became ready")
+    pids = _worker_pids(process.output())
+    os.kill(pids[1], signal.SIGKILL)
+    _wait(lambda: "died" in process.output(), "the death was not noticed")
+    process.process.send_signal(signal.SIGTERM)
+    assert process.process.wait(30) == 0

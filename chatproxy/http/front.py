@@ -191,6 +191,8 @@ class FrontConnection(Protocol):
             # A reload changed this listener: the next request follows it.
             self.listener = listener
             self.peer_trusted = bool(listener.trusted_proxies) and in_networks(self.peer, listener.trusted_proxies)
+            if listener.allow is not None and self._peer_known and not in_networks(self.peer, listener.allow):
+                raise _Reject(403, "client address no longer allowed on this listener")
         self.settings = self.core.settings
         self._in_head = True
         self._head_bytes = 0
@@ -533,6 +535,7 @@ class FrontConnection(Protocol):
         self.deadline = 0.0
         bridge = WebSocketBridge(self, exchange, exchange.plan.route_sockets(exchange.route))
         self.tunnel = bridge
+        self.core.session_started(exchange, lambda: bridge.close_both(1012, "service restart: route changed"))
         self._release_http_state()
         request = [f"{head.method} {head.target} HTTP/1.1\r\n".encode("latin-1")]
         request.extend(name + b": " + value + b"\r\n" for name, value in head.headers)
@@ -550,6 +553,7 @@ class FrontConnection(Protocol):
             self._queue.popleft()
         self.deadline = 0.0
         self.tunnel = Tunnel(self, connection, exchange)
+        self.core.session_started(exchange, self.close)
         self._release_http_state()
         buffered, self._upgrade_buffer = self._upgrade_buffer or [], None
         for chunk in buffered:

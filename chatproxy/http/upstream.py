@@ -334,7 +334,7 @@ class ServerPool:
         self.upstream = upstream
         self.server = server
         self.sweeper = sweeper
-        self._tls_creator = tls_creator
+        self._tls_creator = tls_creator  # replaced by UpstreamPools.replace_tls on reload
         self._idle: deque[UpstreamConnection] = deque()
         self._all: set[UpstreamConnection] = set()
         self.consecutive_failures = 0  # connects that failed in a row (passive health)
@@ -521,6 +521,12 @@ class UpstreamPools:
         if name is None or (wanted is not None and self._by_sticky_id.get(wanted) is server):
             return server, None
         return server, server.set_cookie[1 if tls else 0]
+
+    def replace_tls(self, creators: Sequence[Any]) -> None:
+        """New client TLS credentials, one per server (a reload read the files
+        again): connections made from now on use them."""
+        for server, creator in zip(self.servers, creators):
+            server._tls_creator = creator
 
     def start_health_checks(self) -> None:
         """Start the active health checks, if the upstream has ``health_check_path`` (idempotent)."""
