@@ -208,9 +208,10 @@ def group_cpu_seconds(pgid: int) -> float:
     return sum(group_cpu_by_process(pgid).values())
 
 
-def listening_sockets(port: int) -> int:
-    """How many TCP sockets listen on ``port`` (any address): with SO_REUSEPORT, one per worker."""
-    count = 0
+def listening_holders(port: int, pgid: int) -> int:
+    """How many processes of group ``pgid`` hold a socket listening on ``port``
+    (a chatproxy master and each of its workers hold the same socket)."""
+    inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -219,18 +220,27 @@ def listening_sockets(port: int) -> int:
         for line in lines:
             fields = line.split()
             if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
-                count += 1
-    return count
+                inodes.add(f"socket:[{fields[9]}]")
+    holders = 0
+    for pid in group_cpu_by_process(pgid):
+        try:
+            links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        except OSError:
+            continue
+        if links & inodes:
+            holders += 1
+    return holders
 
 
 def wait_for_listeners(server: Server, port: int, count: int, timeout: float = 20.0) -> None:
-    """Wait until ``count`` sockets listen on ``port`` (every worker of a master has opened it)."""
+    """Wait until ``count`` processes of the server's group hold its listening
+    socket (a master and every one of its workers)."""
     deadline = time.monotonic() + timeout
-    while (found := listening_sockets(port)) < count:
+    while (found := listening_holders(port, server.process.pid)) < count:
         if not server.alive:
             raise BenchError(f"{server.name} exited with status {server.process.returncode}:\n{server.log_tail()}")
         if time.monotonic() > deadline:
-            raise BenchError(f"{server.name}: {found} of {count} sockets listen on port {port} after {timeout:g}s:\n"
+            raise BenchError(f"{server.name}: {found} of {count} processes listen on port {port} after {timeout:g}s:\n"
                              f"{server.log_tail()}")
         time.sleep(0.1)
 

@@ -273,9 +273,9 @@ def measure(target: Target, ctx: Context, upstream: Server, port: int, wrk: str,
         if target.start is not None:
             server = target.start(ctx, port)
             wait_until_serving(server, port, BODY, tls=target.tls)
-            if target.multi_worker:  # the first worker answers: wait for the others' sockets
+            if target.multi_worker:  # the first worker answers: wait for the others
                 outcome.expected_workers = ctx.workers
-                wait_for_listeners(server, port, target.listening_sockets(ctx))
+                wait_for_listeners(server, port, target.listening_processes(ctx))
         run_wrk(outcome.url, duration=WARMUP_SECONDS, connections=args.connections, threads=args.threads, wrk=wrk)
         meter = _CpuMeter({"upstream": upstream} | ({"proxy": server} if server is not None else {}))
         meter.start()

@@ -46,7 +46,7 @@ class Target:
     tls: bool
     #: Starts the proxy on the given port; None for the upstream itself.
     start: Callable[[Context, int], Server] | None
-    #: Runs ``--workers`` chatproxy workers, each with its own listening socket (SO_REUSEPORT).
+    #: Runs ``--workers`` chatproxy workers, accepting on the master's listening socket.
     multi_worker: bool = False
 
     @property
@@ -61,9 +61,10 @@ class Target:
             return None
         return "chatproxy-tls" if self.tls else "chatproxy"
 
-    def listening_sockets(self, ctx: Context) -> int:
-        """How many sockets listen on the target's port once it is fully started."""
-        return ctx.workers if self.multi_worker else 1
+    def listening_processes(self, ctx: Context) -> int:
+        """How many processes hold the listening socket once the target is fully
+        started: the master and each of its workers."""
+        return ctx.workers + 1 if self.multi_worker else 1
 
 
 # -- certificates

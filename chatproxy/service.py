@@ -197,8 +197,8 @@ class ChatproxyService(MultiService):
     def _listen(self, key: str, endpoint_text: str, factory: IProtocolFactory) -> defer.Deferred[Any]:
         section = f"[{key}]"
         try:
-            if self.worker is not None and key.startswith("listen:"):
-                endpoint = shared_endpoint(self.reactor, endpoint_text)
+            if self.worker is not None and self.worker_dir is not None and key.startswith("listen:"):
+                endpoint = shared_endpoint(self.reactor, endpoint_text, self.worker_dir, self.worker)
             else:
                 endpoint = serverFromString(self.reactor, endpoint_text)
         except Exception as e:

@@ -1,16 +1,21 @@
 """Listening sockets several worker processes share.
 
-With ``workers = N`` every worker listens on every listener itself: a
-``tcp:``/``tcp6:`` endpoint (also inside ``haproxy:``) is opened with
-``SO_REUSEPORT``, so the kernel spreads new connections over the workers'
-sockets and a reload in one worker opens or closes its own sockets without
-asking anyone; a ``systemd:`` endpoint adopts the socket systemd passed to the
-master, which every worker inherits.  Other endpoint types (``unix:``, …)
-cannot be shared and need ``workers = 1``.
+With ``workers = N`` every worker accepts on every listener.  For a
+``tcp:``/``tcp6:`` endpoint (also inside ``haproxy:``) the master binds one
+``SO_REUSEPORT`` socket per worker (the kernel spreads new connections evenly
+over them; a port something else serves is an error, as with one process)
+and keeps it: a worker fetches its own over a UNIX socket in the master's
+private directory, at start and when a reload adds a listener, and a worker
+that dies leaves its socket, with the connections queued on it, to the
+worker that replaces it.  A
+``systemd:`` endpoint adopts the socket systemd passed to the master, which
+every worker inherits.  Other endpoint types (``unix:``, …) cannot be shared
+and need ``workers = 1``.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from typing import Any
@@ -38,34 +43,100 @@ def can_share(text: str) -> bool:
     return kind in SHAREABLE
 
 
-class ReusePortEndpoint:
-    """A TCP server endpoint whose socket has ``SO_REUSEPORT`` (one per worker, same port)."""
+def bind_listening(reactor: Any, text: str, probe: bool = True) -> socket.socket:
+    """A listening TCP socket with ``SO_REUSEPORT`` for a ``tcp:``/``tcp6:`` (or
+    ``haproxy:tcp:``) endpoint string, bound as Twisted would bind it, for
+    the master to hand to one worker.  Each worker gets its own socket on the
+    port, so the kernel spreads new connections evenly over the workers.
+    ``probe``: first make sure nothing accepts connections there already (a
+    second chatproxy of the same user could otherwise share the port).
+    Raises OSError (a port in use) or ValueError."""
+    endpoint = serverFromString(reactor, text)
+    plain = text
+    if endpoint_kind(text) == "haproxy":
+        endpoint = endpoint._wrappedEndpoint
+        plain = text.split(":", 1)[1]
+    interface = endpoint._interface or ("::" if endpoint_kind(plain) == "tcp6" else "0.0.0.0")
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    if probe and endpoint._port:
+        _refuse_if_served(interface, endpoint._port, family)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((interface, endpoint._port))
+        sock.listen(endpoint._backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
-    def __init__(self, reactor: Any, port: int, interface: str, backlog: int, family: socket.AddressFamily) -> None:
+
+def _refuse_if_served(interface: str, port: int, family: socket.AddressFamily) -> None:
+    """Raise OSError when something already accepts connections on the port."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(interface, interface)
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            pass
+    except OSError:
+        return
+    raise OSError(errno.EADDRINUSE, f"Address already in use (something accepts connections on port {port})")
+
+
+def fetch_socket(directory: str, worker: str, text: str, timeout: float = 10.0) -> tuple[int, socket.AddressFamily]:
+    """Ask the master (over ``DIRECTORY/sockets``) for worker ``worker``'s
+    listening socket for the endpoint string ``text``: a new file descriptor
+    and its family.  Raises OSError with the master's reason when it cannot
+    listen there."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as broker:
+        broker.settimeout(timeout)
+        broker.connect(f"{directory}/{BROKER_SOCKET}")
+        broker.sendall(f"{worker} {text}\n".encode("utf-8"))
+        answer, received = b"", []
+        while not answer.endswith(b"\n"):
+            data, fds, _flags, _address = socket.recv_fds(broker, 4096, 4)
+            if not data:
+                break
+            answer += data
+            received.extend(fds)
+    if not answer.startswith(b"OK") or not received:
+        for fd in received:
+            os.close(fd)
+        raise OSError(answer.decode("utf-8", "replace").removeprefix("ERR ").strip() or "no answer from the master")
+    for extra in received[1:]:
+        os.close(extra)
+    family = socket.AddressFamily(int(answer.split()[1])) if len(answer.split()) > 1 else socket.AF_INET
+    return received[0], family
+
+
+#: The master's UNIX socket that hands listening sockets to workers.
+BROKER_SOCKET = "sockets"
+
+
+class BrokeredEndpoint:
+    """A worker's listener on the socket the master keeps for it (so a worker
+    that dies leaves its socket, and the connections queued on it, to the
+    worker that replaces it)."""
+
+    def __init__(self, reactor: Any, directory: str, worker: str, text: str) -> None:
         self.reactor = reactor
-        self.port = port
-        self.interface = interface
-        self.backlog = backlog
-        self.family = family
+        self.directory = directory
+        self.worker = worker
+        self.text = text
 
     def listen(self, factory: IProtocolFactory) -> defer.Deferred[Any]:
-        """Bind with SO_REUSEPORT and hand the socket to the reactor."""
+        """Fetch the socket from the master and accept on it."""
         try:
-            sock = socket.socket(self.family, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if self.family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind((self.interface, self.port))
-                sock.listen(self.backlog)
-                sock.setblocking(False)
-                port = self.reactor.adoptStreamPort(sock.fileno(), self.family, factory)
-            finally:
-                sock.close()  # the reactor holds its own duplicate
+            fileno, family = fetch_socket(self.directory, self.worker, self.text)
         except OSError as e:
             return defer.fail(e)
-        return defer.succeed(port)
+        try:
+            fdesc.setNonBlocking(fileno)
+            return defer.succeed(self.reactor.adoptStreamPort(fileno, family, factory))
+        except OSError as e:
+            return defer.fail(e)
+        finally:
+            os.close(fileno)  # the reactor holds its own duplicate
 
 
 class InheritedEndpoint:
@@ -107,25 +178,17 @@ def _inherited(reactor: Any, text: str) -> InheritedEndpoint:
     return InheritedEndpoint(reactor, fileno, family)
 
 
-def shared_endpoint(reactor: Any, text: str) -> Any:
-    """The server endpoint a worker listens on for the endpoint string ``text``."""
+def shared_endpoint(reactor: Any, text: str, directory: str, worker: str) -> Any:
+    """The server endpoint worker ``worker`` listens on for the endpoint
+    string ``text`` (``directory``: the master's private directory)."""
     kind = endpoint_kind(text)
     if kind == "systemd":
         return _inherited(reactor, text)
-    endpoint = serverFromString(reactor, text)
-    if kind == "haproxy":
-        wrapped = endpoint._wrappedEndpoint
-        endpoint._wrappedEndpoint = _reuse_port(reactor, wrapped, text)
-        return endpoint
-    if kind in ("tcp", "tcp6"):
-        return _reuse_port(reactor, endpoint, text)
+    if kind in ("tcp", "tcp6") or (kind == "haproxy" and can_share(text)):
+        brokered = BrokeredEndpoint(reactor, directory, worker, text)
+        if kind == "haproxy":
+            endpoint = serverFromString(reactor, text)
+            endpoint._wrappedEndpoint = brokered
+            return endpoint
+        return brokered
     raise ValueError(f"{kind}: endpoints cannot be shared by several workers (set workers = 1)")
-
-
-def _reuse_port(reactor: Any, endpoint: Any, text: str) -> ReusePortEndpoint:
-    """The SO_REUSEPORT twin of a parsed ``tcp:``/``tcp6:`` endpoint."""
-    family = socket.AF_INET6 if "tcp6" in text.split(":", 2)[:2] else socket.AF_INET
-    interface = endpoint._interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
-    if ":" in interface:
-        family = socket.AF_INET6
-    return ReusePortEndpoint(reactor, endpoint._port, interface, endpoint._backlog, family)

@@ -1,14 +1,15 @@
 """``workers = N``: a master process and N worker processes, one reactor each.
 
-The master does not proxy.  It starts N workers (``twistd chatproxy`` with
-the same ``--config`` arguments and ``CHATPROXY_WORKER=k`` in their
-environment), each of which listens on every listener itself (see
+The master does not proxy.  It binds the listeners' TCP sockets, starts N
+workers (``twistd chatproxy`` with the same ``--config`` arguments and
+``CHATPROXY_WORKER=k`` in their environment), each of which accepts on
+its own socket for every listener, bound and kept by the master (see
 :mod:`chatproxy.sharing`), and it:
 
 - restarts a worker that dies (after a short, growing pause if they keep
   dying); a worker that dies before it ever served stops everything: the
-  configuration cannot be served (a port in use), so the master exits with
-  that worker's status;
+  configuration cannot be served, so the master exits with that worker's
+  status;
 - passes SIGHUP on to every worker (each reloads as a single process would)
   after checking the new configuration itself, and starts or stops workers
   when ``workers`` changed;
@@ -26,23 +27,25 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import stat
 import sys
 import tempfile
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import DatagramProtocol, ProcessProtocol
+from twisted.internet.protocol import DatagramProtocol, Factory, ProcessProtocol
+from twisted.protocols.basic import LineOnlyReceiver
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatproxy.config import Config, ConfigError, load_config
 from chatproxy.service import WORKER_DIR_ENV, WORKER_ENV, StartupError, ensure_certificate, sd_notify
-from chatproxy.sharing import can_share
+from chatproxy.sharing import BROKER_SOCKET, bind_listening, can_share, endpoint_kind
 
 log = Logger()
 
@@ -175,6 +178,26 @@ class _NotifyReceiver(DatagramProtocol):
         self.master.worker_state(fields)
 
 
+class _SocketBroker(LineOnlyReceiver):
+    """Hands a worker the master's listening socket for the endpoint it names."""
+
+    delimiter = b"\n"
+
+    def __init__(self, master: Master) -> None:
+        self.master = master
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            worker, endpoint = line.decode("utf-8").split(" ", 1)
+            sock = self.master.listening_socket(endpoint, int(worker))
+        except (OSError, ValueError) as e:
+            self.sendLine(f"ERR {e}".encode("utf-8", "replace"))
+        else:
+            self.transport.sendFileDescriptor(sock.fileno())  # type: ignore[union-attr]
+            self.sendLine(f"OK {int(sock.family)}".encode("ascii"))
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
 class Master(Service):
     """Starts, watches and signals the worker processes; see the module docstring."""
 
@@ -200,6 +223,8 @@ class Master(Service):
         self._exit_status = 0
         self.reloads: dict[str, int] = {"success": 0, "failure": 0}
         self._privileged_done = False
+        # (endpoint text, worker number) -> that worker's listening socket (SO_REUSEPORT)
+        self.sockets: dict[tuple[str, int], socket.socket] = {}
         self._reload_generation = 0
 
     # -- start
@@ -209,6 +234,7 @@ class Master(Service):
         listeners (before twistd drops privileges, like a single process)."""
         self._privileged_done = True
         try:
+            self._bind_listeners(self.config)
             for listener in self.config.listeners.values():
                 if listener.tls:
                     ensure_certificate(listener)  # once, before the workers load it
@@ -225,10 +251,39 @@ class Master(Service):
         except (_ListenError, StartupError) as e:
             for port in self.ports.values():
                 port.stopListening()
+            self._close_sockets()
             sys.stderr.write(f"chatproxy: {e}\n")
             sys.stderr.flush()
             raise SystemExit(1) from None
         super().privilegedStartService()
+
+    def _bind_listeners(self, config: Config) -> None:
+        """Bind every worker's listening socket for ``config``'s TCP listeners
+        (those not bound yet).  Raises StartupError."""
+        for name, listener in config.listeners.items():
+            if endpoint_kind(listener.endpoint) == "systemd":
+                continue
+            try:
+                for index in range(1, worker_count(config) + 1):
+                    self.listening_socket(listener.endpoint, index)
+            except (OSError, ValueError) as e:
+                raise StartupError(f"[listen:{name}]: cannot listen on {listener.endpoint}: {e}") from None
+
+    def listening_socket(self, endpoint: str, worker: int) -> socket.socket:
+        """Worker ``worker``'s listening socket for a TCP endpoint string, bound now if need be."""
+        sock = self.sockets.get((endpoint, worker))
+        if sock is None:
+            first = not any(bound == endpoint for bound, _ in self.sockets)
+            sock = self.sockets[(endpoint, worker)] = bind_listening(self.reactor, endpoint, probe=first)
+        return sock
+
+    def _close_sockets(self, keep: Collection[str] = (), workers: int = 0) -> None:
+        """Close the master's listening sockets for endpoints not in ``keep``
+        or workers above ``workers`` (a worker closes its own copy when it no
+        longer uses it)."""
+        for endpoint, index in list(self.sockets):
+            if endpoint not in keep or index > workers:
+                self.sockets.pop((endpoint, index)).close()
 
     def _listen(self, section: str, endpoint: str, factory: Any) -> Any:
         outcome: list[Any] = []
@@ -247,6 +302,9 @@ class Master(Service):
         os.chmod(self.directory, 0o700)
         self.ports["notify"] = self.reactor.listenUNIXDatagram(os.path.join(self.directory, "notify"),
                                                                _NotifyReceiver(self))
+        broker = Factory.forProtocol(lambda: _SocketBroker(self))
+        broker.noisy = False
+        self.ports["sockets"] = self.reactor.listenUNIX(os.path.join(self.directory, BROKER_SOCKET), broker, mode=0o600)
         super().startService()
         log.info("starting {count} worker processes", count=self.count)
         for index in range(1, self.count + 1):
@@ -401,6 +459,7 @@ class Master(Service):
                 for listener in config.listeners.values():
                     if listener.tls:
                         ensure_certificate(listener)  # once, before the workers load it
+                self._bind_listeners(config)
             except StartupError as error:
                 problem = str(error)
         if problem is not None:
@@ -428,6 +487,8 @@ class Master(Service):
             if index not in self.workers:
                 self._spawn(index)
                 self.workers[index].served = True  # one that fails to start is restarted, not fatal
+        # The workers hold their own copies as long as they use them.
+        self._close_sockets({listener.endpoint for listener in config.listeners.values()}, wanted)
         self._check_ready()
 
     def _reload_overdue(self, generation: int) -> None:
@@ -476,6 +537,7 @@ class Master(Service):
         timeout = self.config.settings.drain_timeout
         log.info("SIGTERM: draining {count} workers (up to {timeout}s)", count=len(self.workers), timeout=timeout)
         sd_notify(f"STOPPING=1\nSTATUS=draining (up to {timeout:g}s)")
+        self._close_sockets()  # once the workers close theirs, new connections are refused
         self._forget_ended()
         if not self.workers:
             self._stop()
@@ -508,6 +570,7 @@ class Master(Service):
             worker.signal("TERM")
         stops = [defer.maybeDeferred(port.stopListening) for port in self.ports.values()]
         self.ports = {}
+        self._close_sockets()
         if self.directory:
             self.reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, self.directory, True)
         super().stopService()

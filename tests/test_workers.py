@@ -174,9 +174,9 @@ def test_reload_and_drain_reach_every_worker(proxy, upstream, ws_upstream):
             os.kill(pid, 0)
 
 
-def test_a_port_the_workers_cannot_open_stops_the_master_with_status_1(proxy, upstream, ws_upstream):
-    """When the workers cannot listen (the port belongs to another program), the master does
-    not restart them for ever: it stops and exits 1, and the reason is in the log."""
+def test_a_port_in_use_stops_the_master_with_status_1(proxy, upstream, ws_upstream):
+    """When a listener's port belongs to another program, the master says so and exits 1 before
+    starting any worker (as one process would), rather than sharing the port with it."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -184,7 +184,30 @@ def test_a_port_the_workers_cannot_open_stops_the_master_with_status_1(proxy, up
         process = proxy.start(_config(busy, free_port(), upstream.url, ws_upstream.port), port=None, workers=None)
         assert process.process.wait(30) == 1
     output = process.output()
-    assert "[listen:main]: cannot listen on" in output and "before it could serve" in output
+    assert "[listen:main]: cannot listen on" in output and "Address already in use" in output
+    assert "worker 1 started" not in output
+
+
+def test_a_second_instance_on_the_same_port_is_refused_not_mixed_in(proxy, upstream, ws_upstream, tmp_path):
+    """A second chatproxy started by mistake on the port of a running one (same user) fails
+    with 'address in use' instead of quietly taking part of the connections."""
+    main, admin = free_port(), free_port()
+    first = proxy.start(_config(main, admin, upstream.url, ws_upstream.port), port=main, workers=None)
+    _wait(lambda: _ready(admin), "the first instance never became ready")
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    from conftest import ProxyStarter
+
+    second = ProxyStarter(second_dir)
+    try:
+        process = second.start(_config(main, free_port(), upstream.url, ws_upstream.port), port=None, workers=None)
+        assert process.process.wait(30) == 1
+        assert "Address already in use" in process.output()
+    finally:
+        second.stop_all()
+    for n in range(20):
+        assert _get(main, f"/still-first/{n}")[0] == 200
+    assert first.process.poll() is None
 
 
 def test_an_endpoint_workers_cannot_share_is_a_configuration_error(proxy, upstream, tmp_path):
