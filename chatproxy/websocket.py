@@ -328,8 +328,11 @@ class WebSocketBridge:
         route = exchange.route
         assert head is not None and route is not None
         pools = exchange.plan.pools[route.upstream]
-        # A sticky cookie chooses the server; a 101 does not set it (an HTTP response does).
-        server = pools.pick() if pools.sticky is None else pools.pick_sticky(head.headers, self.front.tls)[0]
+        # A sticky cookie chooses the server; the client's 101 sets it when it did not name that one.
+        if pools.sticky is None:
+            server = pools.pick()
+        else:
+            server, exchange.set_cookie = pools.pick_sticky(head.headers, self.front.tls)
         exchange.server = server
         upstream_config = server.upstream
         path = route.rewrite_path or head.path
@@ -441,6 +444,8 @@ class WebSocketBridge:
         raw = getattr(self.upstream, "http_response_data", b"") or b""
         cookies = [line.split(b":", 1)[1].strip().decode("latin-1") for line in raw.split(b"\r\n")[1:]
                    if line[:11].lower() == b"set-cookie:"]
+        if self.exchange.set_cookie is not None:
+            cookies.append(self.exchange.set_cookie.decode("latin-1"))  # sticky sessions
         if cookies:
             headers["Set-Cookie"] = cookies
         handshake.callback((response.protocol, headers))

@@ -759,3 +759,39 @@ def test_sticky_cookie_pins_a_client_end_to_end(proxy, pair):
     assert _until(lambda: _get(port, cookie=cookie)[1] == other)
     _status, _body, moved = _get(port, cookie=cookie)
     assert moved is not None and moved.split(";", 1)[0] != cookie
+
+
+def test_sticky_cookie_on_websocket_sessions(proxy):
+    """A WebSocket session through the bridge gets the sticky cookie on its 101 (beside the
+    upstream's own cookies), and a session that sends it back reaches the same server."""
+    from websockets.sync.client import connect
+
+    from ws_peers import WsUpstream
+
+    first, second = WsUpstream(), WsUpstream()
+    try:
+        port = free_port()
+        proxy.start(
+            "[chatproxy]\naccess_log = off\n\n"
+            f"[listen:main]\nendpoint = tcp:{port}:interface=127.0.0.1\n\n"
+            f"[upstream:chat]\nservers = http://127.0.0.1:{first.port}, http://127.0.0.1:{second.port}\n"
+            "sticky_cookie = srv\n\n"
+            "[route:chat]\npath = /\nupstream = chat\nwebsocket = yes\n", port=port)
+        with connect(f"ws://127.0.0.1:{port}/chat?sid=a", open_timeout=10) as session:
+            cookies = session.response.headers.get_all("Set-Cookie")
+            sticky = [c for c in cookies if c.startswith("srv=")]
+            assert len(sticky) == 1 and any(c.startswith("upstream_session=") for c in cookies)
+            session.send("hi")
+            assert session.recv(timeout=10) == "hi"
+        pinned = first if "a" in first.sessions else second
+        cookie = sticky[0].split(";", 1)[0]
+        for n in range(4):
+            with connect(f"ws://127.0.0.1:{port}/chat?sid=b{n}", open_timeout=10,
+                         additional_headers={"Cookie": cookie}) as session:
+                assert not [c for c in session.response.headers.get_all("Set-Cookie") if c.startswith("srv=")]
+                session.send("again")
+                assert session.recv(timeout=10) == "again"
+            assert f"b{n}" in pinned.sessions
+    finally:
+        first.stop()
+        second.stop()
