@@ -226,6 +226,7 @@ class Master(Service):
         # (endpoint text, worker number) -> that worker's listening socket (SO_REUSEPORT)
         self.sockets: dict[tuple[str, int], socket.socket] = {}
         self._reload_generation = 0
+        self._reload_again = False
 
     # -- start
 
@@ -377,6 +378,9 @@ class Master(Service):
                           workers=", ".join(map(str, refused)))
             else:
                 log.info("reload done in all {count} workers", count=len(self.workers))
+            if self._reload_again:
+                self._reload_again = False
+                self.reactor.callLater(0, self.reload)
         elif self._ready_sent:
             return
         self._ready_sent = True
@@ -440,8 +444,13 @@ class Master(Service):
     # -- reload and drain
 
     def reload(self) -> None:
-        """SIGHUP: check the configuration, then have every worker reload it."""
+        """SIGHUP: check the configuration, then have every worker reload it.
+        A SIGHUP during a reload is applied once that one is done."""
         if self._draining:
+            return
+        if self._reloading:
+            log.info("SIGHUP: a reload is in progress; the files will be read again once it is done")
+            self._reload_again = True
             return
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
@@ -501,6 +510,9 @@ class Master(Service):
         log.error("reload: worker(s) {workers} did not report back within {deadline:g}s",
                   workers=", ".join(map(str, silent)), deadline=RELOAD_DEADLINE)
         sd_notify(f"READY=1\nSTATUS=reload incomplete: worker(s) {', '.join(map(str, silent))} did not answer")
+        if self._reload_again:
+            self._reload_again = False
+            self.reactor.callLater(0, self.reload)
 
     def _reopen_master_listeners(self, old: Config, new: Config) -> None:
         """A reload that changed ``[demo]`` or ``[admin]``: the master's own listeners follow."""

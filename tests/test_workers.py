@@ -305,3 +305,26 @@ def test_sigterm_right_after_a_worker_died_still_ends_the_master(proxy, upstream
     _wait(lambda: "died" in process.output(), "the death was not noticed")
     process.process.send_signal(signal.SIGTERM)
     assert process.process.wait(30) == 0
+
+
+def test_a_sighup_during_a_reload_is_applied_after_it(proxy, upstream, ws_upstream):
+    """Two SIGHUPs in quick succession, the file changed in between: both reloads are counted
+    and every worker ends up with the last version of the file."""
+    main, admin = free_port(), free_port()
+    config = proxy.write(_config(main, admin, upstream.url, ws_upstream.port))
+    process = proxy.start(configs=[config], port=main, workers=None)
+    _wait(lambda: _ready(admin), "the master never became ready")
+    base = _config(main, admin, upstream.url, ws_upstream.port)
+    config.write_text(base + "\n[route:new]\npath = /new\nupstream = app\nrewrite_path = /first\n")
+    process.process.send_signal(signal.SIGHUP)
+    config.write_text(base + "\n[route:new]\npath = /new\nupstream = app\nrewrite_path = /second\n")
+    process.process.send_signal(signal.SIGHUP)
+
+    def successes() -> float:
+        return sum(value for labels, value in _samples(admin, "chatproxy_master_reloads_total")
+                   if labels["result"] == "success")
+
+    _wait(lambda: successes() == 2, "the second reload was not applied after the first")
+    for n in range(20):  # new connections: both workers answer
+        status, body = _get(main, f"/new/{n}")
+        assert status == 200 and b'"path": "/second"' in body
