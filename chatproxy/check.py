@@ -9,6 +9,7 @@ from typing import TextIO
 
 from chatproxy.config import Config, ConfigError, Route, load_config
 from chatproxy.routing import RouteTable
+from chatproxy.workers import unshareable, worker_count
 
 
 def describe_route(route: Route) -> str:
@@ -56,6 +57,9 @@ def describe(config: Config, out: TextIO) -> None:
         out.write(f"admin (healthz, readyz, metrics): {config.admin.endpoint}\n")
     if config.demo is not None:
         out.write(f"demo upstream: {config.demo.endpoint}\n")
+    count = worker_count(config)
+    how = "workers = auto: one per CPU" if config.settings.workers == 0 else f"workers = {config.settings.workers}"
+    out.write(f"processes: {'a master and ' + str(count) + ' workers' if count > 1 else 'one'} ({how})\n")
 
 
 def main(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
@@ -70,6 +74,10 @@ def main(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
         config = load_config(args.config)
     except ConfigError as error:
         err.write(f"chatproxy: configuration error: {error}\n")
+        return 2
+    problem = unshareable(config) if worker_count(config) > 1 else None
+    if problem is not None:  # twistd would refuse it the same way
+        err.write(f"chatproxy: configuration error: {problem}\n")
         return 2
     describe(config, out)
     return 0

@@ -275,3 +275,23 @@ def test_twistd_port_in_use(proxy, upstream):
     assert "[listen:main]" in output
     assert f"cannot listen on tcp:{port}:interface=127.0.0.1" in output
     assert "in use" in output
+
+
+def test_check_says_how_many_processes_will_run(tmp_path):
+    """``check`` says whether a master with workers or one process will serve, and refuses
+    (status 2, as twistd would) a unix: listener with several workers."""
+    base = ("[listen:main]\nendpoint = tcp:8080:interface=127.0.0.1\n\n"
+            "[upstream:app]\nservers = http://127.0.0.1:9\n\n[route:all]\npath = /\nupstream = app\n")
+    one = tmp_path / "one.ini"
+    one.write_text("[chatproxy]\nworkers = 1\n\n" + base)
+    result = run_check(one)
+    assert result.returncode == 0 and "processes: one (workers = 1)" in result.stdout
+    four = tmp_path / "four.ini"
+    four.write_text("[chatproxy]\nworkers = 4\n\n" + base)
+    assert "processes: a master and 4 workers (workers = 4)" in run_check(four).stdout
+    local = tmp_path / "local.ini"
+    local.write_text("[chatproxy]\nworkers = 2\n\n" + base.replace("tcp:8080:interface=127.0.0.1",
+                                                                    f"unix:{tmp_path}/p.sock"))
+    refused = run_check(local)
+    assert refused.returncode == 2
+    assert "[listen:main] endpoint" in refused.stderr and "workers = 1" in refused.stderr
