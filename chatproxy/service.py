@@ -26,7 +26,7 @@ from chatproxy.gate import GateFactory
 from chatproxy.http.front import FrontFactory
 from chatproxy.plan import Plan
 from chatproxy.proxy import ProxyCore
-from chatproxy.sharing import shared_endpoint
+from chatproxy.sharing import shared_endpoint, socket_identity
 from chatproxy.tls import HandshakeCountingTLSFactory, build_server_tls, create_self_signed
 
 log = Logger()
@@ -362,9 +362,10 @@ class ChatproxyService(MultiService):
             log.warn("[chatproxy] workers changed: a single process applies that at its next start")
         keep: dict[str, tuple[_Opened, IProtocolFactory, Listener | None]] = {}
         to_open: dict[str, tuple[str, SwitchFactory, FrontFactory | None]] = {}
-        by_endpoint = {(_kind(key), opened.endpoint): opened for key, opened in self.opened.items()}
+        by_endpoint = {(_kind(key), socket_identity(self.reactor, opened.endpoint)): opened
+                       for key, opened in self.opened.items()}
         for key, (endpoint, factory, listener) in self._wanted(core, config).items():
-            old = by_endpoint.pop((_kind(key), endpoint), None)
+            old = by_endpoint.pop((_kind(key), socket_identity(self.reactor, endpoint)), None)
             if listener is not None:
                 front = old.front if old is not None and old.front is not None else factory
                 assert isinstance(front, FrontFactory)

@@ -35,6 +35,22 @@ def endpoint_kind(text: str) -> str:
     return "tcp" if head.isdigit() else head
 
 
+def socket_identity(reactor: Any, text: str) -> str:
+    """What makes two endpoint strings the same listening socket: for TCP the
+    kind, interface and port (``tcp:8080`` and ``tcp:port=8080`` are one
+    socket; a ``haproxy:`` prefix makes another), else the text itself."""
+    prefix, plain = ("haproxy:", text.split(":", 1)[1]) if endpoint_kind(text) == "haproxy" else ("", text)
+    if endpoint_kind(plain) not in ("tcp", "tcp6"):
+        return text
+    try:
+        endpoint = serverFromString(reactor, plain)
+    except Exception:  # not valid here: compared as written
+        return text
+    if not endpoint._port:  # port 0: a new port each time, never the same socket
+        return text
+    return f"{prefix}{endpoint_kind(plain)}:{endpoint._interface}:{endpoint._port}"
+
+
 def can_share(text: str) -> bool:
     """Whether worker processes can share a listener with this endpoint."""
     kind = endpoint_kind(text)

@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 
 from chatproxy.config import Config, ConfigError, load_config
 from chatproxy.service import WORKER_DIR_ENV, WORKER_ENV, StartupError, ensure_certificate, sd_notify
-from chatproxy.sharing import BROKER_SOCKET, bind_listening, can_share, endpoint_kind
+from chatproxy.sharing import BROKER_SOCKET, bind_listening, can_share, endpoint_kind, socket_identity
 
 log = Logger()
 
@@ -223,7 +223,7 @@ class Master(Service):
         self._exit_status = 0
         self.reloads: dict[str, int] = {"success": 0, "failure": 0}
         self._privileged_done = False
-        # (endpoint text, worker number) -> that worker's listening socket (SO_REUSEPORT)
+        # (socket identity of the endpoint, worker number) -> that worker's listening socket (SO_REUSEPORT)
         self.sockets: dict[tuple[str, int], socket.socket] = {}
         self._reload_generation = 0
         self._reload_again = False
@@ -272,14 +272,15 @@ class Master(Service):
 
     def listening_socket(self, endpoint: str, worker: int) -> socket.socket:
         """Worker ``worker``'s listening socket for a TCP endpoint string, bound now if need be."""
-        sock = self.sockets.get((endpoint, worker))
+        identity = socket_identity(self.reactor, endpoint)
+        sock = self.sockets.get((identity, worker))
         if sock is None:
-            first = not any(bound == endpoint for bound, _ in self.sockets)
-            sock = self.sockets[(endpoint, worker)] = bind_listening(self.reactor, endpoint, probe=first)
+            first = not any(bound == identity for bound, _ in self.sockets)
+            sock = self.sockets[(identity, worker)] = bind_listening(self.reactor, endpoint, probe=first)
         return sock
 
     def _close_sockets(self, keep: Collection[str] = (), workers: int = 0) -> None:
-        """Close the master's listening sockets for endpoints not in ``keep``
+        """Close the master's listening sockets for endpoints (socket identities) not in ``keep``
         or workers above ``workers`` (a worker closes its own copy when it no
         longer uses it)."""
         for endpoint, index in list(self.sockets):
@@ -497,7 +498,8 @@ class Master(Service):
                 self._spawn(index)
                 self.workers[index].served = True  # one that fails to start is restarted, not fatal
         # The workers hold their own copies as long as they use them.
-        self._close_sockets({listener.endpoint for listener in config.listeners.values()}, wanted)
+        self._close_sockets({socket_identity(self.reactor, listener.endpoint)
+                             for listener in config.listeners.values()}, wanted)
         self._check_ready()
 
     def _reload_overdue(self, generation: int) -> None:

@@ -352,3 +352,30 @@ def test_an_access_log_that_cannot_be_reopened_does_not_block_the_reload(proxy, 
     while b"/new/applied" not in (tmp_path / "rotated.log").read_bytes():
         assert time.monotonic() < deadline, "the request was not logged to the file still open"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_endpoint_written_differently_keeps_its_socket(proxy, upstream, ws_upstream, workers):
+    """Rewriting a listener's endpoint in another form for the same address (`tcp:P:...` to
+    `tcp:port=P:...`) keeps its socket: the reload succeeds and an open WebSocket session on it
+    stays open, with one process and with workers."""
+    from websockets.sync.client import connect
+
+    main, admin = free_port(), free_port()
+    text = _config(main=main, admin=admin, app=upstream.url, ws=ws_upstream.port)
+    config = proxy.write(text)
+    process = proxy.start(configs=[config], port=main, workers=workers)
+    wait_for_port(admin)
+    counter = "chatproxy_config_reloads_total" if workers == 1 else "chatproxy_master_reloads_total"
+    deadline = time.monotonic() + 20
+    while workers > 1 and _metric(admin, "chatproxy_workers", state="answering") < workers:
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.05)
+    with connect(f"ws://127.0.0.1:{main}/chat?sid=kept", open_timeout=10) as session:
+        config.write_text(text.replace(f"endpoint = tcp:{main}:interface=127.0.0.1",
+                                       f"endpoint = tcp:port={main}:interface=127.0.0.1"))
+        _reload_and_wait(process, admin, counter=counter)
+        session.send("still")
+        assert session.recv(timeout=10) == "still"
+    assert _get(main, "/after")[0] == 200
+    assert _metric(admin, counter, result="failure") == 0
