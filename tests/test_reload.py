@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import os
 import shutil
 import signal
 import socket
@@ -379,3 +380,48 @@ def test_an_endpoint_written_differently_keeps_its_socket(proxy, upstream, ws_up
         assert session.recv(timeout=10) == "still"
     assert _get(main, "/after")[0] == 200
     assert _metric(admin, counter, result="failure") == 0
+
+
+def _wrk() -> str:
+    path = shutil.which("wrk")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("wrk (Debian package wrk) is missing; .ci/run installs it")
+        pytest.skip("wrk is not installed (Debian package wrk)")
+    return path
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_wrk_sees_no_error_across_reloads(proxy, upstream, ws_upstream, workers):
+    """wrk drives keep-alive load while the configuration is reloaded three times (a route
+    added, changed, removed): wrk reports no socket error (connect, read, write, timeout) and
+    no non-2xx response."""
+    import subprocess
+
+    main, admin = free_port(), free_port()
+    base = _config(main=main, admin=admin, app=upstream.url, ws=ws_upstream.port)
+    config = proxy.write(base)
+    process = proxy.start(configs=[config], port=main, workers=workers)
+    wait_for_port(admin)
+    counter = "chatproxy_config_reloads_total" if workers == 1 else "chatproxy_master_reloads_total"
+    deadline = time.monotonic() + 20
+    while workers > 1 and _metric(admin, "chatproxy_workers", state="answering") < workers:
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.05)
+    load = subprocess.Popen([_wrk(), "-t", "1", "-c", "16", "-d", "8s", "--latency", f"http://127.0.0.1:{main}/load"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(1)
+        for extra in ("[route:new]\npath = /new\nupstream = app\n",
+                      "[route:new]\npath = /new\nupstream = app\nrewrite_path = /changed\n", ""):
+            config.write_text(base + "\n" + extra)
+            _reload_and_wait(process, admin, counter=counter)
+            time.sleep(0.5)
+        output, _ = load.communicate(timeout=30)
+    finally:
+        if load.poll() is None:
+            load.kill()
+    assert "requests in" in output, output
+    assert "Socket errors" not in output, output
+    assert "Non-2xx or 3xx responses" not in output, output
+    assert _metric(admin, counter, result="success") == 3
