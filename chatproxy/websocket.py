@@ -15,11 +15,14 @@ from either side is passed on with its code and reason unchanged; an abrupt
 loss of the upstream closes the client with 1011, an abrupt loss of the
 client closes the upstream with 1001.  Each leg's slowness pauses reading
 from the other; bytes sent to a leg that stays paused are counted and past
-``max_buffered_bytes`` the session is closed with 1013.
+``max_buffered_bytes`` the session is closed with 1013.  Once the session
+is closing nothing is relayed any more and both legs are read again, so that
+a held-back leg's answer to the close frame gets through.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +38,9 @@ from autobahn.websocket.compress import (
     PerMessageDeflateResponse,
     PerMessageDeflateResponseAccept,
 )
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
+from autobahn.websocket.xormasker import create_xor_masker  # type: ignore[attr-defined]
 from attrs import evolve
 from twisted.internet import defer
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone, TimeoutError as ConnectTimeout
@@ -46,6 +51,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatproxy.filters import DROP, CloseSession
+from chatproxy.http.sending import send
 from chatproxy.http.messages import FORWARDING, HOP_BY_HOP
 
 if TYPE_CHECKING:
@@ -81,8 +87,153 @@ class _Refused(Exception):
 # The two legs
 
 
-class ClientLeg(WebSocketServerProtocol):  # type: ignore[misc]
+class _FastFrames:
+    """The common case of the relay, done without Autobahn's general machinery:
+    a whole unfragmented, uncompressed text or binary frame of up to 64 KiB in
+    an open session.  Parsing it, masking and framing the message sent on, and
+    writing it (at once when nothing is queued, see
+    :func:`chatproxy.http.sending.send`) otherwise goes through half a dozen
+    Autobahn methods per message, each formatting debug-log arguments and
+    keeping statistics nobody reads; that was most of the bridge's CPU.
+
+    Anything else -- a frame not yet complete, a fragment, a control frame,
+    compression, a limit exceeded, invalid UTF-8, a protocol violation, a
+    session not open -- is left to Autobahn untouched, which handles (and
+    fails) it as before: the checks here only decide whether the fast path
+    applies, never what is an error.
+    """
+
+    data: bytes  # Autobahn's receive buffer
+    _RECEIVE_MASKED: bool  # frames from the peer are masked (it is a client)
+    _SEND_MASKED: bool  # frames to the peer are masked (we are its client)
+
+    def processData(self) -> bool:
+        if _FAST_PATH:
+            try:
+                message = self._whole_small_frame()
+            except AttributeError:  # an Autobahn whose internals differ: its own path from now on
+                _disable_fast_path()
+                message = None
+            if message is not None:
+                payload, binary = message
+                self.onMessage(payload, binary)  # type: ignore[attr-defined]
+                return len(self.data) > 0
+        return super().processData()  # type: ignore[misc,no-any-return]
+
+    def _whole_small_frame(self) -> tuple[bytes, bool] | None:
+        """Take a whole small text/binary frame off the receive buffer when the
+        fast path applies (see the class docstring), else None (nothing taken)."""
+        data = self.data
+        if not (self.current_frame is None and self.state == _OPEN  # type: ignore[attr-defined]
+                and not self.inside_message and self._perMessageCompress is None  # type: ignore[attr-defined]
+                and len(data) >= 2 and (data[0] == 0x81 or data[0] == 0x82)):  # FIN, no RSV, text/binary
+            return None
+        b1 = data[1]
+        masked = b1 >= 0x80
+        if masked != self._RECEIVE_MASKED:
+            return None
+        length = b1 & 0x7F
+        start = 2
+        if length == 126 and len(data) >= 4:
+            length = int.from_bytes(data[2:4], "big")
+            start = 4 if length >= 126 else 0  # not the minimal encoding: Autobahn's to refuse
+        elif length > 125:
+            start = 0  # 64-bit lengths: left to Autobahn
+        if not start:
+            return None
+        key = data[start:start + 4] if masked else b""
+        start += len(key)
+        end = start + length
+        frame_limit = self.maxFramePayloadSize  # type: ignore[attr-defined]
+        message_limit = self.maxMessagePayloadSize  # type: ignore[attr-defined]
+        if len(data) < end or 0 < frame_limit < length or 0 < message_limit < length or self.logFrames:  # type: ignore[attr-defined]
+            return None
+        payload = _unmask(data[start:end], key) if key and length else data[start:end]
+        text = data[0] == 0x81
+        if text and self.utf8validateIncoming and not _is_utf8(payload):  # type: ignore[attr-defined]
+            return None  # Autobahn fails the session with 1007
+        restart_ping = self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic  # type: ignore[attr-defined]
+        self.data = data[end:]
+        if restart_ping:
+            self._cancelAutoPingTimeoutCall()  # type: ignore[attr-defined]
+        return payload, not text
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False, fragmentSize: int | None = None,
+                    sync: bool = False, doNotCompress: bool = False) -> None:
+        length = len(payload)
+        try:
+            general = (not _FAST_PATH or fragmentSize is not None or sync or length > 0xFFFF
+                       or self.state != _OPEN  # type: ignore[attr-defined]
+                       or self._perMessageCompress is not None or self.autoFragmentSize  # type: ignore[attr-defined]
+                       or self.send_queue or self.logFrames  # type: ignore[attr-defined]
+                       or 0 < self.maxMessagePayloadSize < length)  # type: ignore[attr-defined]
+        except AttributeError:  # an Autobahn whose internals differ
+            _disable_fast_path()
+            general = True
+        if general:
+            super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)  # type: ignore[misc]
+            return
+        head = b"\x82" if isBinary else b"\x81"
+        if self._SEND_MASKED:
+            key = random.getrandbits(32).to_bytes(4, "big")  # as Autobahn does
+            if length < 126:
+                frame = head + bytes((0x80 | length,)) + key
+            else:
+                frame = head + b"\xfe" + length.to_bytes(2, "big") + key
+            frame += _unmask(payload, key) if length else b""
+        elif length < 126:
+            frame = head + bytes((length,)) + payload
+        else:
+            frame = head + b"\x7e" + length.to_bytes(2, "big") + payload
+        send(self.transport, frame)  # type: ignore[attr-defined]
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Close frames, pings and pongs, and what the fast path leaves to Autobahn.
+        if sync or chopsize or self.send_queue or self.logOctets:  # type: ignore[attr-defined]
+            super().sendData(data, sync, chopsize)  # type: ignore[misc]
+        else:
+            send(self.transport, data)  # type: ignore[attr-defined]
+
+
+_OPEN = WebSocketProtocol.STATE_OPEN
+#: Whether the fast path is used: it reads Autobahn's protocol attributes, so
+#: an Autobahn whose internals differ turns it off (and is used for everything).
+_FAST_PATH = True
+
+
+def _disable_fast_path() -> None:
+    global _FAST_PATH
+    if _FAST_PATH:
+        _FAST_PATH = False
+        log.warn("this Autobahn version's internals differ from what the WebSocket fast path reads: "
+                 "every frame goes through Autobahn (slower, same behaviour)")
+
+
+def _unmask(payload: bytes, key: bytes) -> bytes:
+    """``payload`` XOR the repeated 4-byte ``key`` (masking and unmasking alike)."""
+    n = len(payload)
+    if n > 1024:
+        return create_xor_masker(key, n).process(payload)  # type: ignore[no-any-return]
+    whole = (key * ((n >> 2) + 1))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(whole, "little")).to_bytes(n, "little")
+
+
+def _is_utf8(payload: bytes) -> bool:
+    """Valid UTF-8 as WebSocket requires it (no surrogates, no overlong forms)."""
+    if payload.isascii():
+        return True
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class ClientLeg(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc]
     """The Autobahn server protocol speaking to the client."""
+
+    _RECEIVE_MASKED = True  # a client masks its frames
+    _SEND_MASKED = False
 
     bridge: WebSocketBridge
 
@@ -114,8 +265,11 @@ class ClientLeg(WebSocketServerProtocol):  # type: ignore[misc]
         super()._fail_connection(code, reason)
 
 
-class UpstreamLeg(WebSocketClientProtocol):  # type: ignore[misc]
+class UpstreamLeg(_FastFrames, WebSocketClientProtocol):  # type: ignore[misc]
     """The Autobahn client protocol speaking to the upstream."""
+
+    _RECEIVE_MASKED = False  # a server does not
+    _SEND_MASKED = True
 
     bridge: WebSocketBridge
 
@@ -565,19 +719,39 @@ class WebSocketBridge:
         self._paused[side] = not writable
         if writable:
             self._excess[side] = 0
+        # Once closing, nothing is relayed any more: the other leg is read on
+        # (see _start_closing), whatever this one's buffer holds.
+        self._read_other(upstream, writable or self._closing)
+
+    def _read_other(self, upstream: bool, read: bool) -> None:
+        """Read from the leg opposite ``upstream`` (the upstream when False) or stop."""
         other = self.client if upstream else self.upstream
         transport = getattr(other, "transport", None) if other is not None else None
         if transport is None:
             return
         if other is self.client:
-            if writable:
+            if read:
                 self.front.resume_reading("websocket")
             else:
                 self.front.pause_reading("websocket")
-        elif writable:
+        elif read:
             transport.resumeProducing()
         else:
             transport.pauseProducing()
+
+    def _start_closing(self) -> None:
+        """The session is closing: nothing is relayed from now on, so neither
+        leg holds the other back any more.  A leg kept unread because the
+        other reads slowly (the 1013 case) must be read again, or its answer
+        to the close frame waits behind the messages it still had queued, and
+        its close handshake ends only at closeHandshakeTimeout, with the
+        connection dropped (the slow leg's close with it)."""
+        if self._closing:
+            return
+        self._closing = True
+        for upstream in (False, True):
+            if self._paused["upstream" if upstream else "client"]:
+                self._read_other(upstream, True)
 
     # -- closing
 
@@ -586,13 +760,13 @@ class WebSocketBridge:
         other = self.upstream if source is self.client else self.client
         if self.close_code is None:
             self.close_code = code if code is not None else 1005
-        self._closing = True
+        self._start_closing()
         if other is not None and _is_open(other):
             other.sendCloseFrame(code=code, reasonUtf8=reason)
 
     def close_both(self, code: int, reason: str) -> None:
         """chatproxy itself ends the session (limits, filters, idle)."""
-        self._closing = True
+        self._start_closing()
         if self.close_code is None:
             self.close_code = code
         for leg in (self.client, self.upstream):
@@ -605,7 +779,7 @@ class WebSocketBridge:
         closes it itself, and the access log says so (not 1001/1011)."""
         if self.close_code is None:
             self.close_code = code
-        self._closing = True
+        self._start_closing()
         other = self.upstream if leg is self.client else self.client
         if other is not None and _is_open(other):
             other.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:120])
@@ -627,7 +801,7 @@ class WebSocketBridge:
             lost_code = UPSTREAM_LOST if leg is self.upstream else CLIENT_LOST
             if self.close_code is None:
                 self.close_code = lost_code
-            self._closing = True
+            self._start_closing()
             other.sendCloseFrame(code=lost_code,
                                  reasonUtf8=b"upstream connection lost" if leg is self.upstream else b"client went away")
         elif (other is not None and other.transport is not None and not _is_closed(other)

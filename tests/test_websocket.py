@@ -764,6 +764,68 @@ def test_invalid_utf8_from_the_upstream_closes_1007(leg2):
     assert leg2.env.log_entry(sid)["websocket"]["close"] == "1007"
 
 
+def test_whole_frames_of_every_length_encoding_batched_in_one_write(leg2):
+    """The bridge parses, masks and frames whole unfragmented messages of up to
+    64 KiB itself (the fast path) and leaves the rest to Autobahn.  Messages at
+    each boundary -- empty, 125/126 bytes (7-bit/16-bit length), 1024/1025
+    (unmasked by chatproxy or by Autobahn's masker), 65535 (the largest on the
+    fast path), 65536 and 70000 (Autobahn) -- as ASCII and multi-byte UTF-8
+    text and as binary, all sent in one write (many frames per read, the last
+    ones possibly cut): every one reaches the upstream exactly, and its echo
+    comes back exactly, in order."""
+    client = leg2.raw()
+    sid = new_sid()
+    try:
+        assert client.handshake(leg2.path("/chat", sid)) == 101
+        sizes = [0, 1, 125, 126, 127, 1023, 1024, 1025, 4096, 65535, 65536, 70000]
+        sent: list[tuple[int, bytes]] = []
+        for size in sizes:
+            sent.append((OP_TEXT, (b"a" * size)))
+            utf8 = ("\u00e9\u2713" * size).encode()[:size]
+            while True:  # cut back to a whole character
+                try:
+                    utf8.decode()
+                    break
+                except UnicodeDecodeError:
+                    utf8 = utf8[:-1]
+            sent.append((OP_TEXT, utf8))
+            sent.append((OP_BINARY, pattern(size, size) if size else b""))
+        client.sock.sendall(b"".join(encode_frame(op, payload) for op, payload in sent))
+        for op, payload in sent:
+            assert client.recv_message() == (op, payload)
+        received = leg2.upstream.session(sid).received
+        assert received == [payload.decode() if op == OP_TEXT else payload for op, payload in sent]
+        client.send(OP_CLOSE, close_payload(1000))
+        assert client.recv_close()[0] == 1000
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("name, frame", [
+    ("unmasked", encode_frame(OP_TEXT, b"hello", mask=False)),
+    ("16-bit length for 5 bytes", b"\x81\xfe\x00\x05" + encode_frame(OP_TEXT, b"hello")[2:]),
+    ("RSV1 without an extension", bytes([0xC1]) + encode_frame(OP_TEXT, b"hello")[1:]),
+    ("reserved opcode", bytes([0x83]) + encode_frame(OP_TEXT, b"hello")[1:]),
+])
+def test_protocol_errors_in_whole_small_frames_still_close_1002(plain, name, frame):
+    """Frames that look like the bridge's fast path (whole, small) but break the
+    protocol are still refused as Autobahn refuses them: the session ends with
+    1002 on both legs and the upstream never gets the message."""
+    client = plain.raw()
+    sid = new_sid()
+    try:
+        assert client.handshake(plain.path("/chat", sid)) == 101
+        client.send(OP_TEXT, b"fine")
+        assert client.recv_message() == (OP_TEXT, b"fine")
+        client.sock.sendall(frame)
+        assert client.recv_close()[0] == 1002, name
+        session = plain.upstream.session(sid).wait_ended()
+        assert session.received == ["fine"]
+        assert session.close_code == 1002
+    finally:
+        client.close()
+
+
 # ---------------------------------------------------------------------------
 # Close
 
@@ -1147,6 +1209,47 @@ def test_max_buffered_bytes_closes_a_slow_reader_with_1013(env):
         client.close()
 
 
+def test_slow_upstream_1013_the_held_back_client_is_read_again(env):
+    """max_buffered_bytes = 64k, the other way round: the upstream reads nothing
+    while the client floods, so chatproxy stops reading the client and closes
+    the session with 1013.  From then on nothing is relayed, so chatproxy reads
+    the client again, discarding its messages: the client can still hand over
+    far more than the socket buffers hold (64 MiB) and then its answer to the
+    close, instead of being stuck until the close handshake times out."""
+    import select
+
+    client = RawClient(env.port)
+    sid = new_sid()
+    try:
+        assert client.handshake(f"/buffered?sid={sid}") == 101
+        client.send(OP_TEXT, b"!deaf")
+        assert client.recv_message() == (OP_TEXT, b"deaf now")
+        frame = encode_frame(OP_BINARY, pattern(262144))
+        rest = b""
+        client.sock.setblocking(False)
+        deadline = time.monotonic() + WAIT
+        while True:  # flood until chatproxy's close frame arrives
+            assert time.monotonic() < deadline, "no close frame from chatproxy"
+            readable, writable, _ = select.select([client.sock], [client.sock], [], 0.5)
+            if readable:
+                break
+            if writable:
+                rest = rest or frame
+                try:
+                    rest = rest[client.sock.send(rest):]
+                except BlockingIOError:
+                    pass
+        client.sock.settimeout(WAIT)
+        client.sock.sendall(rest)  # the frame cut short
+        assert client.recv_close()[0] == 1013
+        for _ in range(64 * MiB // 262144):  # held back, this would block, then be reset
+            client.sock.sendall(frame)
+        client.send(OP_CLOSE, close_payload(1013))
+        assert env.log_entry(sid)["websocket"]["close"] == "1013"
+    finally:
+        client.close()
+
+
 # ---------------------------------------------------------------------------
 # Many sessions, and nothing left behind
 
@@ -1264,3 +1367,23 @@ def test_abrupt_loss_in_tunnel_mode_closes_the_other_side(leg2):
     client.reset()
     assert leg2.upstream.session(sid).wait_ended().close_code == 1006
 
+
+
+def test_fast_path_steps_aside_for_an_autobahn_with_other_internals(monkeypatch):
+    """If Autobahn's protocol lacks an attribute the fast path reads (a future version), the
+    frame goes to Autobahn's own processing and the fast path is turned off for good, instead
+    of the session failing."""
+    from autobahn.twisted.websocket import WebSocketServerProtocol
+
+    import chatproxy.websocket as bridge_module
+
+    calls: list[bytes] = []
+    monkeypatch.setattr(WebSocketServerProtocol, "processData", lambda self: calls.append(self.data) or False)
+    monkeypatch.setattr(bridge_module, "_FAST_PATH", True)
+    leg = bridge_module.ClientLeg()
+    leg.data = b"\x81\x80abcd"  # a whole masked empty text frame
+    leg.state = bridge_module._OPEN
+    leg.current_frame = None  # inside_message, _perMessageCompress, ... are missing
+    assert leg.processData() is False
+    assert calls == [b"\x81\x80abcd"]
+    assert bridge_module._FAST_PATH is False
