@@ -317,6 +317,9 @@ def test_a_sighup_during_a_reload_is_applied_after_it(proxy, upstream, ws_upstre
     base = _config(main, admin, upstream.url, ws_upstream.port)
     config.write_text(base + "\n[route:new]\npath = /new\nupstream = app\nrewrite_path = /first\n")
     process.process.send_signal(signal.SIGHUP)
+    # Once the master has taken the first SIGHUP (two signals sent at once may arrive as one),
+    # the second comes while that reload runs or right after it.
+    _wait(lambda: "SIGHUP: reloading 2 workers" in process.output(), "the first SIGHUP was not taken")
     config.write_text(base + "\n[route:new]\npath = /new\nupstream = app\nrewrite_path = /second\n")
     process.process.send_signal(signal.SIGHUP)
 
