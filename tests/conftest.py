@@ -302,6 +302,13 @@ class RecordingUpstream(ThreadingHTTPServer):
         self.shutdown()
         self.server_close()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection the proxy abandoned (reset) is expected, not worth a traceback."""
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
 
 @pytest.fixture
 def upstream() -> Iterator[RecordingUpstream]:
