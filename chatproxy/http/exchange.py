@@ -33,18 +33,46 @@ _CHUNK_END = b"0\r\n\r\n"
 # itself (Expect), besides the hop-by-hop ones.
 _NOT_FORWARDED = HOP_BY_HOP | {b"host", b"expect", b"content-length"}
 _HOP_AND_LENGTH = HOP_BY_HOP | {b"content-length"}
+# Request headers _upstream_head does more with than pass them on.
+_UPSTREAM_SPECIAL = _NOT_FORWARDED | FORWARDING | {b"via"}
 
 
 def _end_to_end(headers: list[Header], names: list[bytes], drop: frozenset[bytes]) -> list[Header]:
     """The headers whose lower-cased name is not in ``drop`` nor listed in a Connection header."""
     if b"connection" in names:
         listed = {t.strip().lower() for (_, v), n in zip(headers, names) if n == b"connection" for t in v.split(b",")}
-        drop = drop | listed
+        if not listed <= drop:
+            drop = drop | listed
     return [header for header, name in zip(headers, names) if name not in drop]
 
 
 class Exchange:
     """One request on a front connection and the response it gets."""
+
+    # What every exchange starts with (class attributes: an exchange only
+    # stores those it changes, which saves time on every request).
+    body_received = 0
+    active = False
+    finished = False
+    discarding = False
+    route: Route | None = None
+    server: ServerPool | None = None
+    connection: UpstreamConnection | None = None
+    retried = False  # resent once after a pooled connection turned out stale
+    connect_retried = False  # another server tried once after a failed connect
+    set_cookie: bytes | None = None  # the sticky cookie for the response, when one is due
+    response_started = False
+    status = 0
+    bytes_sent = 0
+    out_chunked = False
+    close_delimited = False
+    _buffered = 0
+    # Body inspection: filters that read the first bytes of the body
+    # before the request is forwarded (0: none is waiting for it).
+    _inspect_limit = 0
+    _sent_continue = False
+    matched: Route | None = None  # the route the head matched
+    connection_named: frozenset[bytes] = frozenset()  # listed in Connection
 
     def __init__(self, front: FrontConnection, head: RequestHead | None, error: tuple[int, str] | None,
                  keep_alive: bool, upgrade: bool, content_length: int | None, chunked: bool,
@@ -59,35 +87,13 @@ class Exchange:
         self.chunked_in = chunked
         self.expect_continue = expect_continue
         self.body_done = not (chunked or (content_length or 0) > 0)
-        self.body_received = 0
         self.body_limit = plan.settings.max_body_bytes
         self.started = front.core.sweeper.now()
-        self.active = False
-        self.finished = False
-        self.discarding = False
         # After an upgrade request the parser is done with this connection:
         # unless the upgrade succeeds, the connection ends with this exchange.
         self.close_after = upgrade
-        self.route: Route | None = None
-        self.server: ServerPool | None = None
-        self.connection: UpstreamConnection | None = None
-        self.retried = False  # resent once after a pooled connection turned out stale
-        self.connect_retried = False  # another server tried once after a failed connect
-        self.set_cookie: bytes | None = None  # the sticky cookie for the response, when one is due
-        self.response_started = False
-        self.status = 0
-        self.bytes_sent = 0
-        self.out_chunked = False
-        self.close_delimited = False
         self._buffer: list[bytes] = []
-        self._buffered = 0
-        # Body inspection: filters that read the first bytes of the body
-        # before the request is forwarded (0: none is waiting for it).
-        self._inspect_limit = 0
-        self._sent_continue = False
-        self.matched: Route | None = None  # the route the head matched
         self.names: list[bytes] = []  # the request's header names, lower-cased
-        self.connection_named: frozenset[bytes] = frozenset()  # listed in Connection
 
     # -- starting: route, filters, upstream
 
@@ -249,8 +255,9 @@ class Exchange:
         assert head is not None and route is not None and server is not None
         front = self.front
         path = route.rewrite_path or head.path
-        target = f"{path}?{head.query}" if head.query else path
-        lines = [f"{head.method} {target} HTTP/1.1\r\n".encode("latin-1")]
+        query = head.query
+        lines = [(f"{head.method} {path}?{query} HTTP/1.1\r\n" if query else
+                  f"{head.method} {path} HTTP/1.1\r\n").encode("latin-1")]
         append = lines.append
         trusted = front.peer_trusted
         named = self.connection_named
@@ -259,6 +266,9 @@ class Exchange:
         via = b"1.1 chatproxy"
         client_host = head.authority.encode("latin-1")
         for (name, value), lower in zip(head.headers, self.names):
+            if lower not in _UPSTREAM_SPECIAL and not (named and lower in named):
+                lines += (name, b": ", value, b"\r\n")  # the common case: passed on as it is
+                continue
             if lower in _NOT_FORWARDED or (named and lower in named):
                 continue
             if lower in FORWARDING:
@@ -275,16 +285,17 @@ class Exchange:
             append(name + b": " + value + b"\r\n")
         upstream = self.plan.upstream_of(route)
         host = client_host if upstream.host_header == "client" and client_host else server.server.authority.encode("idna")
-        append(b"Host: " + host + b"\r\n")
-        peer = front.peer.encode("ascii")
-        append(b"X-Forwarded-For: " + (b", ".join(prior_for) + b", " + peer if prior_for else peer) + b"\r\n")
+        lines += (b"Host: ", host, b"\r\nX-Forwarded-For: ")
+        if prior_for:
+            lines += (b", ".join(prior_for), b", ")
+        lines += (front.peer.encode("ascii"), b"\r\n")
         if b"x-forwarded-proto" not in kept_forwarding:
             append(b"X-Forwarded-Proto: https\r\n" if front.tls else b"X-Forwarded-Proto: http\r\n")
         if b"x-forwarded-host" not in kept_forwarding and client_host:
-            append(b"X-Forwarded-Host: " + client_host + b"\r\n")
+            lines += (b"X-Forwarded-Host: ", client_host, b"\r\n")
         if b"x-forwarded-port" not in kept_forwarding:
             append(b"X-Forwarded-Port: %d\r\n" % front.local_port)
-        append(b"Via: " + via + b"\r\n")
+        lines += (b"Via: ", via, b"\r\n")
         if self.chunked_in:
             append(b"Transfer-Encoding: chunked\r\n")
         elif self.content_length is not None:
@@ -352,7 +363,7 @@ class Exchange:
 
     # -- the response from the upstream (ResponseSink)
 
-    def response_head(self, status: int, reason: bytes, headers: list[Header], names: list[bytes], version: str,
+    def response_head(self, status: int, reason: bytes, headers: list[Header], names: list[bytes],
                       body_framing: str) -> None:
         """The upstream's response head: relay it to the client.  ``names`` are
         the header names lower-cased, in the same order."""
@@ -410,7 +421,8 @@ class Exchange:
         self.status = status
         self.response_started = True
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, "Unknown").encode("ascii"))]
-        parts.extend(name + b": " + value + b"\r\n" for name, value in headers)
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
         self.front.write(b"".join(parts))
 

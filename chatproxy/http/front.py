@@ -36,6 +36,9 @@ log = Logger()
 
 _HOST_RE = re.compile(rb"^(?:[A-Za-z0-9._~!$&'()*+,;=%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?$")
 _QUERY_FORBIDDEN = re.compile(r"[^\x21-\x7e]|#")
+# The request headers _make_exchange looks at (the others are only collected).
+_SPECIAL_REQUEST_HEADERS = frozenset(
+    {b"host", b"content-length", b"transfer-encoding", b"expect", b"x-forwarded-for", b"connection"})
 
 
 class _Reject(Exception):
@@ -74,7 +77,9 @@ class FrontConnection(Protocol):
         self._head_bytes = 0
         self._url = b""
         self._headers: list[Header] = []
-        self._names: list[bytes] = []
+        self._max_headers = self.settings.max_headers
+        self._valid_host: bytes | None = None  # the last Host value found well-formed
+        self._routed_host: tuple[bytes, str] = (b"", _routing_host(b""))  # the last Host value and its routing name
         self._pending_error: tuple[int, str] | None = None
         self._upgrade_buffer: list[bytes] | None = None
         self._starting = False
@@ -193,12 +198,12 @@ class FrontConnection(Protocol):
             self.peer_trusted = bool(listener.trusted_proxies) and in_networks(self.peer, listener.trusted_proxies)
             if listener.allow is not None and self._peer_known and not in_networks(self.peer, listener.allow):
                 raise _Reject(403, "client address no longer allowed on this listener")
-        self.settings = self.core.settings
+        self.settings = settings = self.core.settings
+        self._max_headers = settings.max_headers
         self._in_head = True
         self._head_bytes = 0
         self._url = b""
         self._headers = []
-        self._names = []
         if self._deadline_kind == "idle" or not self.deadline:
             self._set_deadline("header", self.settings.header_timeout)
 
@@ -210,8 +215,7 @@ class FrontConnection(Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         headers = self._headers
         headers.append((name, value))
-        self._names.append(name.lower())
-        if len(headers) > self.settings.max_headers:
+        if len(headers) > self._max_headers:
             raise _Reject(431, "too many request headers")
         # (the head's size is checked as bytes arrive, in dataReceived, and
         # once complete, in _make_exchange)
@@ -251,7 +255,8 @@ class FrontConnection(Protocol):
     def _make_exchange(self) -> Exchange:
         parser = self._parser
         headers = self._headers
-        names = self._names
+        names: list[bytes] = []  # lower-cased, in the same order
+        add_name = names.append
         method = parser.get_method().decode("ascii")
         version = parser.get_http_version()
         keep_alive = parser.should_keep_alive()
@@ -263,9 +268,13 @@ class FrontConnection(Protocol):
         forwarded_for: list[str] = []
         error: tuple[int, str] | None = None
         named: frozenset[bytes] = frozenset()
-        head_bytes = len(self._url)
-        for (name, value), lower in zip(headers, names):
-            head_bytes += len(name) + len(value) + 4
+        head_bytes = len(self._url) + 4 * len(headers)
+        for name, value in headers:
+            lower = name.lower()
+            add_name(lower)
+            head_bytes += len(name) + len(value)
+            if lower not in _SPECIAL_REQUEST_HEADERS:
+                continue
             if lower == b"host":
                 hosts.append(value)
             elif lower == b"content-length":
@@ -294,8 +303,11 @@ class FrontConnection(Protocol):
             error = error or (400, "more than one Host header")
         elif not hosts and version == "1.1":
             error = error or (400, "missing Host header")
-        elif hosts and not _HOST_RE.match(host_value):
-            error = error or (400, "malformed Host header")
+        elif hosts and host_value != self._valid_host:
+            if _HOST_RE.match(host_value):
+                self._valid_host = host_value  # keep-alive requests repeat it: checked once
+            else:
+                error = error or (400, "malformed Host header")
         if target.startswith(("http://", "https://")):
             # absolute-form: the authority in the target replaces Host.
             scheme_end = target.index("//") + 2
@@ -316,28 +328,20 @@ class FrontConnection(Protocol):
         except PathError as e:
             error = error or (400, f"rejected path: {e.reason}")
             normal = "/"
-        host = _routing_host(host_value)
+        if host_value != self._routed_host[0]:
+            self._routed_host = (host_value, _routing_host(host_value))
+        host = self._routed_host[1]
         client = self.peer
         if self.peer_trusted and forwarded_for:
             client = resolve_client(self.peer, forwarded_for, self.listener.trusted_proxies)
         listener = self.listener.name
         plan = self.core.plan
         route = plan.table.match(_Facts(listener, host, method, normal, query)) if error is None else None
-        head = RequestHead(
-            method=method,
-            target=target,
-            path=normal,
-            query=query,
-            version=version,
-            headers=tuple(headers),
-            host=host,
-            authority=host_value.decode("latin-1"),
-            client=client,
-            peer=self.peer,
-            tls=self.tls,
-            listener=listener,
-            route=route.name if route is not None else "",
-        )
+        # Positional, in the order of RequestHead's fields (method, target,
+        # path, query, version, headers, host, authority, client, peer, tls,
+        # listener, route): keywords cost about 0.4 µs more per request.
+        head = RequestHead(method, target, normal, query, version, tuple(headers), host, host_value.decode("latin-1"),
+                           client, self.peer, self.tls, listener, route.name if route is not None else "")
         exchange = Exchange(self, head, error, keep_alive and error is None, upgrade, content_length, chunked,
                             expect_continue, plan)
         exchange.matched = route
@@ -369,8 +373,9 @@ class FrontConnection(Protocol):
         """An exchange finished: start the next one, keep alive, or close."""
         if self._queue and self._queue[0] is exchange:
             self._queue.popleft()
-        self.resume_reading("upstream")
-        self.resume_reading("body")
+        if self._read_pauses:
+            self.resume_reading("upstream")
+            self.resume_reading("body")
         if aborted:
             self.abort(hard=exchange.close_delimited)
             return
@@ -378,7 +383,8 @@ class FrontConnection(Protocol):
             self.close()
             return
         if len(self._queue) <= 1:
-            self.resume_reading("pipeline")
+            if self._read_pauses:
+                self.resume_reading("pipeline")
             if self._parsing is not None and self._deadline_kind == "body":
                 # Reading its body resumes: the body timeout starts afresh.
                 self._set_deadline("body", self.settings.idle_timeout)
@@ -519,7 +525,6 @@ class FrontConnection(Protocol):
         """The connection is a WebSocket session from now on: drop what only
         HTTP parsing needed (long-lived idle sessions should be small)."""
         self._headers = []
-        self._names = []
         self._url = b""
         self.core.sweeper.discard(self)
 

@@ -43,7 +43,7 @@ class ResponseSink(TypingProtocol):
 
     front: Any
 
-    def response_head(self, status: int, reason: bytes, headers: list[Header], names: list[bytes], version: str,
+    def response_head(self, status: int, reason: bytes, headers: list[Header], names: list[bytes],
                       body_framing: str) -> None: ...
     def response_body(self, data: bytes) -> None: ...
     def response_complete(self) -> None: ...
@@ -68,7 +68,6 @@ class UpstreamConnection(Protocol):
         self.tunnel: Any = None
         self._parser = httptools.HttpResponseParser(self)
         self._headers: list[Header] = []
-        self._names: list[bytes] = []
         self._reason = b""
         self._head_done = False
         self._framing = "none"
@@ -159,7 +158,6 @@ class UpstreamConnection(Protocol):
         self.sink = sink
         self.exchanges += 1
         self._headers = []
-        self._names = []
         self._head_done = False
         self._method_head = method_head
         self._request_sent = False
@@ -227,16 +225,16 @@ class UpstreamConnection(Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
-        self._names.append(name.lower())
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self._headers = []
-            self._names = []
             self._reason = b""
             return  # interim response: dropped; the final one follows
         self._head_done = True
+        headers = self._headers
+        names = [name.lower() for name, _ in headers]
         framing = "eof"
         if status == 101:
             framing = "upgrade"  # the parser raises HttpParserUpgrade next
@@ -244,7 +242,7 @@ class UpstreamConnection(Protocol):
         elif self._method_head or status in (204, 304):
             framing = "none"
         else:
-            for lower in self._names:
+            for lower in names:
                 if lower == b"transfer-encoding":
                     framing = "chunked"
                     break
@@ -253,10 +251,10 @@ class UpstreamConnection(Protocol):
         self._framing = framing
         if not self._parser.should_keep_alive() or framing == "eof":
             self._reusable = False
-        sink, reason, headers = self.sink, self._reason, self._headers
+        sink, reason = self.sink, self._reason
         self._reason = b""
         assert sink is not None
-        sink.response_head(status, reason, headers, self._names, self._parser.get_http_version(), framing)
+        sink.response_head(status, reason, headers, names, framing)
         if self._method_head and self.sink is sink:
             # httptools cannot be told that a HEAD response has no body: the
             # exchange ends here and this connection is not reused.
@@ -477,6 +475,8 @@ class UpstreamPools:
         is unhealthy or ejected, they are tried in turn all the same.
         """
         count = len(self.servers)
+        if count == 1:
+            return self.servers[0]  # the only choice, available or not
         for _ in range(count):
             server = self.servers[self._next % count]
             self._next += 1
