@@ -12,7 +12,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from chatproxy.accesslog import AccessLog
-from chatproxy.config import Config, Route, Settings
+from chatproxy.config import Config, Settings
 from chatproxy.http.upstream import UpstreamPools
 from chatproxy.plan import Plan
 from chatproxy.routing import RouteTable
@@ -73,10 +73,6 @@ class ProxyCore:
     def pools(self) -> dict[str, UpstreamPools]:
         """The upstream pools in force, by upstream name."""
         return self.plan.pools
-
-    def message_filters(self, route: Route | None) -> list[Any]:
-        """The message filters of a route of the plan in force."""
-        return self.plan.message_filters(route)
 
     # -- reload
 
