@@ -12,7 +12,7 @@ is counted twice on the data path).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -147,19 +147,40 @@ class ProxyCollector:
                                 value=stats.last_reload_success)
 
 
-class _Text(Resource):
+#: What an admin endpoint answers: status, content type, body.
+Answer = tuple[int, bytes, bytes]
+PLAIN = b"text/plain; charset=utf-8"
+HEALTHY: Answer = (200, PLAIN, b"ok\n")
+
+
+def readiness_answer(problems: list[str]) -> Answer:
+    """The ``/readyz`` answer: 200 ``ready``, or 503 with the reasons."""
+    if problems:
+        return 503, PLAIN, ("not ready: " + "; ".join(problems) + "\n").encode()
+    return 200, PLAIN, b"ready\n"
+
+
+def prepare(request: Any, answer: Answer) -> bytes:
+    """Set an admin answer's status and headers on ``request``; returns its body."""
+    status, content_type, body = answer
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"cache-control", b"no-store")
+    return bytes(body)
+
+
+class TextResource(Resource):
+    """An admin endpoint computed at once by ``answer()``."""
+
     isLeaf = True
 
-    def __init__(self, answer: Any) -> None:
+    def __init__(self, answer: Callable[[], Answer]) -> None:
         super().__init__()
         self.answer = answer
 
     def render_GET(self, request: Any) -> bytes:
-        status, content_type, body = self.answer()
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", content_type)
-        request.setHeader(b"cache-control", b"no-store")
-        return bytes(body)
+        """The answer."""
+        return prepare(request, self.answer())
 
 
 def admin_site(service: ChatproxyService) -> Site:
@@ -167,22 +188,18 @@ def admin_site(service: ChatproxyService) -> Site:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(service))  # type: ignore[arg-type]
 
-    def healthz() -> tuple[int, bytes, bytes]:
-        return 200, b"text/plain; charset=utf-8", b"ok\n"
-
-    def readyz() -> tuple[int, bytes, bytes]:
-        problems = readiness(service)
-        if problems:
-            return 503, b"text/plain; charset=utf-8", ("not ready: " + "; ".join(problems) + "\n").encode()
-        return 200, b"text/plain; charset=utf-8", b"ready\n"
-
-    def metrics() -> tuple[int, bytes, bytes]:
+    def metrics() -> Answer:
         return 200, CONTENT_TYPE_LATEST.encode("ascii"), generate_latest(registry)
 
     root = Resource()
-    root.putChild(b"healthz", _Text(healthz))
-    root.putChild(b"readyz", _Text(readyz))
-    root.putChild(b"metrics", _Text(metrics))
+    root.putChild(b"healthz", TextResource(lambda: HEALTHY))
+    root.putChild(b"readyz", TextResource(lambda: readiness_answer(readiness(service))))
+    root.putChild(b"metrics", TextResource(metrics))
+    return quiet_site(root)
+
+
+def quiet_site(root: Resource) -> Site:
+    """A Site for ``root`` that keeps no access log of scrapes and probes and shows no tracebacks."""
     site = _QuietSite(root)
     site.displayTracebacks = False
     site.noisy = False

@@ -11,7 +11,7 @@ when every worker is; ``/healthz`` answers while the master runs.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -24,6 +24,8 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+
+from chatproxy.admin import HEALTHY, Answer, TextResource, prepare, quiet_site, readiness_answer
 
 if TYPE_CHECKING:
     from chatproxy.workers import Master
@@ -128,66 +130,44 @@ def _master_families(master: Master, answers: list[tuple[int, int, bytes]]) -> l
 
 
 class _Async(Resource):
+    """An endpoint answered from every worker's answer to the same path."""
+
     isLeaf = True
 
-    def __init__(self, master: Master, path: str, answer: Any) -> None:
+    def __init__(self, master: Master, path: str, answer: Callable[[Master, list[tuple[int, int, bytes]]], Answer]) -> None:
         super().__init__()
         self.master = master
         self.path = path
         self.answer = answer
 
     def render_GET(self, request: Any) -> Any:
+        """Ask the workers, then answer."""
         def respond(answers: list[tuple[int, int, bytes]]) -> None:
-            status, content_type, body = self.answer(self.master, answers)
-            request.setResponseCode(status)
-            request.setHeader(b"content-type", content_type)
-            request.setHeader(b"cache-control", b"no-store")
-            request.write(body)
+            request.write(prepare(request, self.answer(self.master, answers)))
             request.finish()
 
         _ask_all(self.master, self.path).addCallback(respond).addErrback(lambda f: request.processingFailed(f))
         return NOT_DONE_YET
 
 
-def _metrics(master: Master, answers: list[tuple[int, int, bytes]]) -> tuple[int, bytes, bytes]:
+def _metrics(master: Master, answers: list[tuple[int, int, bytes]]) -> Answer:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collected(_master_families(master, answers) + merge_metrics(answers)))  # type: ignore[arg-type]
     return 200, CONTENT_TYPE_LATEST.encode("ascii"), generate_latest(registry)
 
 
-def _readyz(master: Master, answers: list[tuple[int, int, bytes]]) -> tuple[int, bytes, bytes]:
+def _readyz(master: Master, answers: list[tuple[int, int, bytes]]) -> Answer:
     problems = [f"worker {index}: " + (body.decode("utf-8", "replace").strip() if status else "not answering")
                 for index, status, body in answers if status != 200]
     if len(master.workers) < master.count:
         problems.append(f"{master.count - len(master.workers)} worker(s) not running")
-    if problems:
-        return 503, b"text/plain; charset=utf-8", ("not ready: " + "; ".join(problems) + "\n").encode()
-    return 200, b"text/plain; charset=utf-8", b"ready\n"
-
-
-class _Healthz(Resource):
-    isLeaf = True
-
-    def render_GET(self, request: Any) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        request.setHeader(b"cache-control", b"no-store")
-        return b"ok\n"
+    return readiness_answer(problems)
 
 
 def master_admin_site(master: Master) -> Site:
     """The master's admin endpoints as a twisted.web Site."""
     root = Resource()
-    root.putChild(b"healthz", _Healthz())
+    root.putChild(b"healthz", TextResource(lambda: HEALTHY))
     root.putChild(b"readyz", _Async(master, "/readyz", _readyz))
     root.putChild(b"metrics", _Async(master, "/metrics", _metrics))
-    site = _QuietSite(root)
-    site.displayTracebacks = False
-    site.noisy = False
-    return site
-
-
-class _QuietSite(Site):
-    """No access log for scrapes and probes."""
-
-    def log(self, request: Any) -> None:
-        pass
+    return quiet_site(root)
