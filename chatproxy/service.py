@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from attrs import define
 from twisted.application.service import MultiService
@@ -58,8 +58,25 @@ WORKER_ENV = "CHATPROXY_WORKER"
 WORKER_DIR_ENV = "CHATPROXY_WORKER_DIR"
 
 
-def _monotonic_usec() -> int:
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+def notify_reloading() -> None:
+    """Tell systemd a reload began (``RELOADING=1`` with the monotonic time it asks for)."""
+    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}\nSTATUS=reloading")
+
+
+def announce_refused_reload(reason: str) -> None:
+    """Log a refused reload and tell systemd the previous configuration serves on."""
+    log.error("reload refused, the previous configuration keeps serving: {reason}", reason=reason)
+    sd_notify("READY=1\nSTATUS=reload refused: " + reason[:200])
+
+
+def handle_drain_and_reload(reactor: Any, drain: Callable[[], Any], reload: Callable[[], Any]) -> None:
+    """SIGTERM calls ``drain`` (rather than stopping the reactor at once) and
+    SIGHUP ``reload``, in the reactor thread; only from the main thread, where
+    signal handlers can be set (call it once the reactor runs, after its own)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(reactor, "callFromThread"):
+        return
+    signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(drain))
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
 
 
 class StartupError(Exception):
@@ -284,20 +301,8 @@ class ChatproxyService(MultiService):
                                       for name, listener in self.config.listeners.items())
 
     def _handle_signals(self) -> None:
-        """SIGTERM drains (and exits 0) rather than stopping the reactor at
-        once; SIGHUP reloads (only in the main thread, where signal handlers
-        can be set)."""
-        if threading.current_thread() is not threading.main_thread() or not hasattr(self.reactor, "callFromThread"):
-            return
-
-        def on_sigterm(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.drain)
-
-        def on_sighup(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.reload)
-
-        signal.signal(signal.SIGTERM, on_sigterm)
-        signal.signal(signal.SIGHUP, on_sighup)
+        """SIGTERM drains (and exits 0), SIGHUP reloads."""
+        handle_drain_and_reload(self.reactor, self.drain, self.reload)
 
     # -- reload
 
@@ -315,7 +320,7 @@ class ChatproxyService(MultiService):
         assert self.core is not None
         core = self.core
         log.info("SIGHUP: reloading {paths}", paths=" ".join(self.config_paths))
-        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}\nSTATUS=reloading")
+        notify_reloading()
         try:
             prepared = self._prepare(core, load_config(self.config_paths))
         except ConfigError as error:
@@ -445,8 +450,7 @@ class ChatproxyService(MultiService):
         assert self.core is not None
         self.core.stats.reloads["failure"] += 1
         self.core.stats.last_reload_ok = False
-        log.error("reload refused, the previous configuration keeps serving: {reason}", reason=reason)
-        sd_notify("READY=1\nSTATUS=reload refused: " + reason[:200])
+        announce_refused_reload(reason)
         return False
 
     # -- drain and stop

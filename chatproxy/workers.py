@@ -31,7 +31,6 @@ import socket
 import stat
 import sys
 import tempfile
-import threading
 import time
 from typing import Any, Collection, Sequence
 
@@ -44,7 +43,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatproxy.config import Config, ConfigError, load_config
-from chatproxy.service import WORKER_DIR_ENV, WORKER_ENV, StartupError, ensure_certificate, sd_notify
+from chatproxy.service import (WORKER_DIR_ENV, WORKER_ENV, StartupError, announce_refused_reload, ensure_certificate,
+                               handle_drain_and_reload, notify_reloading, sd_notify)
 from chatproxy.sharing import BROKER_SOCKET, bind_listening, can_share, endpoint_kind, socket_identity
 
 log = Logger()
@@ -312,13 +312,7 @@ class Master(Service):
         for index in range(1, self.count + 1):
             self._spawn(index)
         if hasattr(self.reactor, "callWhenRunning"):
-            self.reactor.callWhenRunning(self._handle_signals)
-
-    def _handle_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread() or not hasattr(self.reactor, "callFromThread"):
-            return
-        signal.signal(signal.SIGTERM, lambda signum, frame: self.reactor.callFromThread(self.drain))
-        signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
+            self.reactor.callWhenRunning(handle_drain_and_reload, self.reactor, self.drain, self.reload)
 
     def _spawn(self, index: int) -> None:
         worker = _Worker(self, index)
@@ -412,9 +406,7 @@ class Master(Service):
             else:
                 self.reactor.callLater(self.config.settings.drain_timeout + 10, self._kill_stragglers)
             return
-        deaths = 0 if time.monotonic() - worker.started > STABLE_AFTER else self._deaths_in_a_row.get(worker.index, 0)
-        self._deaths_in_a_row[worker.index] = deaths + 1
-        pause = min(MAX_RESTART_PAUSE, RESTART_PAUSE * 2 ** deaths)
+        pause = self._restart_pause(worker, stable=time.monotonic() - worker.started > STABLE_AFTER)
         log.warn("worker {index} (pid {pid}) died ({how}); restarting it in {pause:g}s",
                  index=worker.index, pid=worker.pid, how=how, pause=pause)
         self.restarts += 1
@@ -426,15 +418,20 @@ class Master(Service):
         try:
             load_config(self.config_paths)  # a worker reads the files as they are now
         except ConfigError as error:
-            deaths = self._deaths_in_a_row.get(worker.index, 0)
-            self._deaths_in_a_row[worker.index] = deaths + 1
-            pause = min(MAX_RESTART_PAUSE, RESTART_PAUSE * 2 ** deaths)
+            pause = self._restart_pause(worker, stable=False)
             log.error("worker {index} not restarted: the configuration files do not validate ({error}); "
                       "trying again in {pause:g}s", index=worker.index, error=str(error), pause=pause)
             self.reactor.callLater(pause, self._respawn, worker)
             return
         self._spawn(worker.index)
         self.workers[worker.index].served = True  # it served before: a later death restarts it again
+
+    def _restart_pause(self, worker: _Worker, stable: bool) -> float:
+        """How long to wait before (re)starting ``worker``: doubling with each
+        failure in a row (reset when it had served a while: ``stable``)."""
+        deaths = 0 if stable else self._deaths_in_a_row.get(worker.index, 0)
+        self._deaths_in_a_row[worker.index] = deaths + 1
+        return float(min(MAX_RESTART_PAUSE, RESTART_PAUSE * 2 ** deaths))
 
     def _forget_ended(self) -> None:
         """Drop workers that are dead and waiting for a restart (a drain will not restart them)."""
@@ -453,14 +450,12 @@ class Master(Service):
             log.info("SIGHUP: a reload is in progress; the files will be read again once it is done")
             self._reload_again = True
             return
-        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        notify_reloading()
         try:
             config = load_config(self.config_paths)
         except ConfigError as error:
             self.reloads["failure"] += 1
-            log.error("reload refused, the previous configuration keeps serving: configuration error: {error}",
-                      error=str(error))
-            sd_notify("READY=1\nSTATUS=reload refused: " + str(error)[:200])
+            announce_refused_reload(f"configuration error: {error}")
             return
         wanted = worker_count(config)
         problem = unshareable(config) if wanted > 1 else None
@@ -474,8 +469,7 @@ class Master(Service):
                 problem = str(error)
         if problem is not None:
             self.reloads["failure"] += 1
-            log.error("reload refused, the previous configuration keeps serving: {error}", error=problem)
-            sd_notify("READY=1\nSTATUS=reload refused: " + problem[:200])
+            announce_refused_reload(problem)
             return
         self._reopen_master_listeners(self.config, config)
         self.config = config
