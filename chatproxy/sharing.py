@@ -20,8 +20,8 @@ import os
 import socket
 from typing import Any
 
-from twisted.internet import defer, fdesc
-from twisted.internet.endpoints import serverFromString
+from twisted.internet import defer
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.python.systemd import ListenFDs
 
@@ -146,33 +146,12 @@ class BrokeredEndpoint:
             fileno, family = fetch_socket(self.directory, self.worker, self.text)
         except OSError as e:
             return defer.fail(e)
-        try:
-            fdesc.setNonBlocking(fileno)
-            return defer.succeed(self.reactor.adoptStreamPort(fileno, family, factory))
-        except OSError as e:
-            return defer.fail(e)
-        finally:
-            os.close(fileno)  # the reactor holds its own duplicate
+        # Made non-blocking, adopted, and this copy of the descriptor closed.
+        listening: defer.Deferred[Any] = AdoptedStreamServerEndpoint(self.reactor, fileno, family).listen(factory)
+        return listening
 
 
-class InheritedEndpoint:
-    """A socket systemd passed to the master (``LISTEN_FDS``), adopted by a worker."""
-
-    def __init__(self, reactor: Any, fileno: int, family: socket.AddressFamily) -> None:
-        self.reactor = reactor
-        self.fileno = fileno
-        self.family = family
-
-    def listen(self, factory: IProtocolFactory) -> defer.Deferred[Any]:
-        """Accept on the inherited socket (non-blocking: the workers race for each connection)."""
-        try:
-            fdesc.setNonBlocking(self.fileno)
-            return defer.succeed(self.reactor.adoptStreamPort(self.fileno, self.family, factory))
-        except OSError as e:
-            return defer.fail(e)
-
-
-def _inherited(reactor: Any, text: str) -> InheritedEndpoint:
+def _inherited(reactor: Any, text: str) -> AdoptedStreamServerEndpoint:
     """``systemd:domain=INET6:name=https`` (or ``index=N``) in a worker: the
     master's ``LISTEN_PID`` is not ours, so the descriptors are looked up as if it were."""
     options = dict(part.split("=", 1) for part in text.split(":")[1:] if "=" in part)
@@ -191,7 +170,8 @@ def _inherited(reactor: Any, text: str) -> InheritedEndpoint:
             raise ValueError(f"systemd passed no socket with index {index}")
         fileno = descriptors[index]
     family = socket.AF_INET6 if options.get("domain", "INET").upper() == "INET6" else socket.AF_INET
-    return InheritedEndpoint(reactor, fileno, family)
+    # A duplicate: adopting closes it, and the passed socket stays open for a later reload.
+    return AdoptedStreamServerEndpoint(reactor, os.dup(fileno), family)
 
 
 def shared_endpoint(reactor: Any, text: str, directory: str, worker: str) -> Any:
