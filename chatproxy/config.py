@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import configparser
 import ipaddress
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path

@@ -411,3 +411,37 @@ def basic_config(upstream_url: str, port: int, *, tls: PKI | None = None, extra:
         f"[upstream:app]\nservers = {upstream_url}\n\n"
         f"[route:all]\npath = /\nupstream = app\n{route}\n{extra}"
     )
+
+
+# ---------------------------------------------------------------------------
+# Talking to a running proxy
+
+
+def http_get(port: int, path: str, tls: Any = None) -> tuple[int, bytes]:
+    """GET ``path`` on a new connection (over TLS to ``localhost`` with the ``ssl.SSLContext`` ``tls``):
+    status and body."""
+    import http.client
+
+    conn: http.client.HTTPConnection
+    if tls is not None:
+        conn = http.client.HTTPSConnection("localhost", port, timeout=10, context=tls)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def metric_samples(admin_port: int, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample called ``name`` on the admin listener's /metrics (parsed by prometheus_client)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return [(dict(sample.labels), float(sample.value)) for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == name]

@@ -14,14 +14,11 @@ import socket
 import ssl
 import threading
 import time
-import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, wait_for_port
+from conftest import free_port, http_get, metric_samples, wait_for_port
 from ws_peers import WsUpstream
 
 
@@ -35,13 +32,8 @@ def ws_upstream():
 
 def _metric(admin_port: int, name: str, **labels: str) -> float:
     """One sample from the admin listener's /metrics (0 when absent)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return 0.0
+    return next((value for found, value in metric_samples(admin_port, name)
+                 if all(found.get(k) == v for k, v in labels.items())), 0.0)
 
 
 def _reload_and_wait(process: Any, admin_port: int, result: str = "success",
@@ -58,18 +50,15 @@ def _reload_and_wait(process: Any, admin_port: int, result: str = "success",
     raise AssertionError(f"no reload with result {result} within 20 s:\n" + process.output()[-3000:])
 
 
-def _get(port: int, path: str, tls: ssl.SSLContext | None = None) -> tuple[int, bytes]:
-    conn: http.client.HTTPConnection
-    if tls is not None:
-        conn = http.client.HTTPSConnection("localhost", port, timeout=10, context=tls)
-    else:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+def _wait_for_workers(admin: int, workers: int) -> str:
+    """Wait (bounded) until the admin listener answers and, with several workers, every worker
+    does; returns the name of the counter that counts whole reloads (the master's with workers)."""
+    wait_for_port(admin)
+    deadline = time.monotonic() + 20
+    while workers > 1 and _metric(admin, "chatproxy_workers", state="answering") < workers:
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.05)
+    return "chatproxy_config_reloads_total" if workers == 1 else "chatproxy_master_reloads_total"
 
 
 def _config(*, main: int, admin: int, app: str, ws: int, extra_listener: int | None = None,
@@ -147,7 +136,7 @@ class _Load:
         while not self._stop.is_set():
             n += 1
             try:
-                status, body = _get(self.port, f"/load/fresh/{n}")
+                status, body = http_get(self.port, f"/load/fresh/{n}")
                 self._record(status, body)
             except Exception as e:
                 with self._lock:
@@ -166,12 +155,7 @@ def test_reload_under_load_keeps_requests_and_sessions_on_unchanged_routes(proxy
     main, admin, second = free_port(), free_port(), free_port()
     config = proxy.write(_config(main=main, admin=admin, app=upstream.url, ws=ws_upstream.port))
     process = proxy.start(configs=[config], port=main, workers=workers)
-    wait_for_port(admin)
-    counter = "chatproxy_config_reloads_total" if workers == 1 else "chatproxy_master_reloads_total"
-    deadline = time.monotonic() + 20
-    while workers > 1 and _metric(admin, "chatproxy_workers", state="answering") < workers:
-        assert time.monotonic() < deadline, "the workers did not start"
-        time.sleep(0.05)
+    counter = _wait_for_workers(admin, workers)
     with contextlib.ExitStack() as stack:
         kept = [stack.enter_context(connect(f"ws://127.0.0.1:{main}/chat?sid=k{i}", open_timeout=10))
                 for i in range(4)]
@@ -180,7 +164,7 @@ def test_reload_under_load_keeps_requests_and_sessions_on_unchanged_routes(proxy
         for session in kept + doomed:
             session.send("before")
             assert session.recv(timeout=10) == "before"
-        assert _get(main, "/new")[1].find(b'"path": "/new"') >= 0  # served by route "all" for now
+        assert http_get(main, "/new")[1].find(b'"path": "/new"') >= 0  # served by route "all" for now
         with _Load(main) as load:
             deadline = time.monotonic() + 20
             while load.done < 200 and time.monotonic() < deadline:
@@ -190,7 +174,7 @@ def test_reload_under_load_keeps_requests_and_sessions_on_unchanged_routes(proxy
             _reload_and_wait(process, admin, counter=counter)
             during = load.done
             wait_for_port(second)
-            assert _get(second, "/via-second")[0] == 200
+            assert http_get(second, "/via-second")[0] == 200
             config.write_text(_config(main=main, admin=admin, app=upstream.url, ws=ws_upstream.port,
                                       old_chat=False, new_route=True))
             _reload_and_wait(process, admin, counter=counter)
@@ -213,7 +197,7 @@ def test_reload_under_load_keeps_requests_and_sessions_on_unchanged_routes(proxy
         except OSError:
             refused = True
         assert refused, "the removed listener still accepts connections"
-        status, body = _get(main, "/new/x")
+        status, body = http_get(main, "/new/x")
         assert status == 200 and b'"path": "/new/x"' in body
         assert _metric(admin, counter, result="failure") == 0
         assert "reload done" in process.output()
@@ -239,12 +223,12 @@ def test_a_configuration_that_fails_validation_changes_nothing(proxy, upstream, 
         assert "reload refused" in output and f"{config} [route:new] bogus" in output
         session.send("still here")
         assert session.recv(timeout=10) == "still here"
-        status, body = _get(main, "/new/y")
+        status, body = http_get(main, "/new/y")
         assert status == 200  # still routed by "all": the broken file's route is not in force
         config.write_text(broken.replace("bogus = 1\n", "rewrite_path = /rewritten\n"))
         _reload_and_wait(process, admin)
         assert _metric(admin, "chatproxy_config_last_reload_successful") == 1
-        status, body = _get(main, "/new/y")
+        status, body = http_get(main, "/new/y")
         assert status == 200 and b'"path": "/rewritten"' in body
         with pytest.raises(Exception):
             while True:
@@ -269,7 +253,7 @@ def test_a_listener_that_cannot_open_refuses_the_whole_reload(proxy, upstream, w
                                                                                "rewrite_path = /rewritten\n"))
         _reload_and_wait(process, admin, result="failure")
     assert "[listen:second]: cannot listen on" in process.output()
-    status, body = _get(main, "/new/z")
+    status, body = http_get(main, "/new/z")
     assert status == 200 and b'"path": "/new/z"' in body
 
 
@@ -340,14 +324,14 @@ def test_an_access_log_that_cannot_be_reopened_does_not_block_the_reload(proxy, 
                                  access_log=str(access_log)))
     process = proxy.start(configs=[config], port=main)
     wait_for_port(admin)
-    assert _get(main, "/first")[0] == 200
+    assert http_get(main, "/first")[0] == 200
     access_log.rename(tmp_path / "rotated.log")
     access_log.symlink_to(tmp_path / "missing-directory" / "access.log")  # cannot be opened
     config.write_text(_config(main=main, admin=admin, app=upstream.url, ws=ws_upstream.port,
                               access_log=str(access_log), new_route=True))
     _reload_and_wait(process, admin)
     assert "cannot reopen the access log" in process.output()
-    status, body = _get(main, "/new/applied")
+    status, body = http_get(main, "/new/applied")
     assert status == 200
     deadline = time.monotonic() + 10
     while b"/new/applied" not in (tmp_path / "rotated.log").read_bytes():
@@ -366,19 +350,14 @@ def test_an_endpoint_written_differently_keeps_its_socket(proxy, upstream, ws_up
     text = _config(main=main, admin=admin, app=upstream.url, ws=ws_upstream.port)
     config = proxy.write(text)
     process = proxy.start(configs=[config], port=main, workers=workers)
-    wait_for_port(admin)
-    counter = "chatproxy_config_reloads_total" if workers == 1 else "chatproxy_master_reloads_total"
-    deadline = time.monotonic() + 20
-    while workers > 1 and _metric(admin, "chatproxy_workers", state="answering") < workers:
-        assert time.monotonic() < deadline, "the workers did not start"
-        time.sleep(0.05)
+    counter = _wait_for_workers(admin, workers)
     with connect(f"ws://127.0.0.1:{main}/chat?sid=kept", open_timeout=10) as session:
         config.write_text(text.replace(f"endpoint = tcp:{main}:interface=127.0.0.1",
                                        f"endpoint = tcp:port={main}:interface=127.0.0.1"))
         _reload_and_wait(process, admin, counter=counter)
         session.send("still")
         assert session.recv(timeout=10) == "still"
-    assert _get(main, "/after")[0] == 200
+    assert http_get(main, "/after")[0] == 200
     assert _metric(admin, counter, result="failure") == 0
 
 
@@ -402,12 +381,7 @@ def test_wrk_sees_no_error_across_reloads(proxy, upstream, ws_upstream, workers)
     base = _config(main=main, admin=admin, app=upstream.url, ws=ws_upstream.port)
     config = proxy.write(base)
     process = proxy.start(configs=[config], port=main, workers=workers)
-    wait_for_port(admin)
-    counter = "chatproxy_config_reloads_total" if workers == 1 else "chatproxy_master_reloads_total"
-    deadline = time.monotonic() + 20
-    while workers > 1 and _metric(admin, "chatproxy_workers", state="answering") < workers:
-        assert time.monotonic() < deadline, "the workers did not start"
-        time.sleep(0.05)
+    counter = _wait_for_workers(admin, workers)
     load = subprocess.Popen([_wrk(), "-t", "1", "-c", "16", "-d", "8s", "--latency", f"http://127.0.0.1:{main}/load"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -5,7 +5,6 @@ for all of them, and configurations the workers cannot serve stop the start clea
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import re
 import signal
@@ -16,9 +15,8 @@ import urllib.request
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, wait_for_port
+from conftest import free_port, http_get, metric_samples, wait_for_port
 from ws_peers import WsUpstream
 
 
@@ -28,24 +26,6 @@ def ws_upstream():
     server = WsUpstream()
     yield server
     server.stop()
-
-
-def _samples(admin: int, name: str) -> list[tuple[dict[str, str], float]]:
-    """Every sample called ``name`` on the admin listener's /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return [(dict(s.labels), float(s.value)) for family in text_string_to_metric_families(text)
-            for s in family.samples if s.name == name]
-
-
-def _get(port: int, path: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
 
 
 def _config(main: int, admin: int, app: str, ws: int, workers: int = 2, chat: bool = True) -> str:
@@ -92,19 +72,19 @@ def test_two_workers_share_the_listener_and_the_admin_listener_speaks_for_both(p
 
     def per_worker() -> dict[str, float]:
         counts: dict[str, float] = {}
-        for labels, value in _samples(admin, "chatproxy_requests_total"):
+        for labels, value in metric_samples(admin, "chatproxy_requests_total"):
             counts[labels["worker"]] = counts.get(labels["worker"], 0) + value
         return counts
 
     sent = 0
     while len(per_worker()) < 2 and sent < 2000:  # new connections are spread by the kernel
         for _ in range(20):
-            assert _get(main, f"/spread/{sent}")[0] == 200
+            assert http_get(main, f"/spread/{sent}")[0] == 200
             sent += 1
     counts = per_worker()
     assert set(counts) == {"1", "2"}, counts
     assert sum(counts.values()) == sent
-    gauges = {labels["state"]: value for labels, value in _samples(admin, "chatproxy_workers")}
+    gauges = {labels["state"]: value for labels, value in metric_samples(admin, "chatproxy_workers")}
     assert gauges == {"running": 2, "configured": 2, "answering": 2}
 
 
@@ -119,10 +99,10 @@ def test_a_worker_that_dies_is_restarted_and_serving_goes_on(proxy, upstream, ws
     os.kill(pids[1], signal.SIGKILL)
     _wait(lambda: "worker 1 (pid" in process.output() and "died" in process.output(), "the death was not noticed")
     for n in range(50):
-        assert _get(main, f"/meanwhile/{n}")[0] == 200
+        assert http_get(main, f"/meanwhile/{n}")[0] == 200
     _wait(lambda: _worker_pids(process.output())[1] != pids[1], "worker 1 was not restarted")
     _wait(lambda: _ready(admin), "the restarted worker never became ready")
-    assert _samples(admin, "chatproxy_worker_restarts_total") == [({}, 1.0)]
+    assert metric_samples(admin, "chatproxy_worker_restarts_total") == [({}, 1.0)]
     assert _worker_pids(process.output())[2] == pids[2]
 
 
@@ -143,7 +123,7 @@ def test_reload_and_drain_reach_every_worker(proxy, upstream, ws_upstream):
         for session in sessions:
             session.send("hi")
             assert session.recv(timeout=10) == "hi"
-        open_per_worker = {labels["worker"]: value for labels, value in _samples(admin, "chatproxy_websocket_sessions")}
+        open_per_worker = {labels["worker"]: value for labels, value in metric_samples(admin, "chatproxy_websocket_sessions")}
         config.write_text(_config(main, admin, upstream.url, ws_upstream.port, chat=False))
         process.process.send_signal(signal.SIGHUP)
         for session in sessions:
@@ -152,14 +132,14 @@ def test_reload_and_drain_reach_every_worker(proxy, upstream, ws_upstream):
                     session.recv(timeout=15)
             assert session.close_code == 1012
     _wait(lambda: "reload done in all 2 workers" in process.output(), "the master did not see both reloads")
-    reloads = {labels["worker"]: value for labels, value in _samples(admin, "chatproxy_config_reloads_total")
+    reloads = {labels["worker"]: value for labels, value in metric_samples(admin, "chatproxy_config_reloads_total")
                if labels["result"] == "success"}
     assert reloads == {"1": 1, "2": 1}
     assert sum(open_per_worker.values()) == 8
     result: dict[str, Any] = {}
 
     def slow() -> None:
-        result["answer"] = _get(main, "/slow?delay=2")
+        result["answer"] = http_get(main, "/slow?delay=2")
 
     thread = threading.Thread(target=slow)
     thread.start()
@@ -206,7 +186,7 @@ def test_a_second_instance_on_the_same_port_is_refused_not_mixed_in(proxy, upstr
     finally:
         second.stop_all()
     for n in range(20):
-        assert _get(main, f"/still-first/{n}")[0] == 200
+        assert http_get(main, f"/still-first/{n}")[0] == 200
     assert first.process.poll() is None
 
 
@@ -259,13 +239,13 @@ def test_a_reload_that_changes_workers_starts_or_stops_workers(proxy, upstream, 
     _wait(lambda: _ready(admin), "the master never became ready")
 
     def gauges() -> dict[str, float]:
-        return {labels["state"]: value for labels, value in _samples(admin, "chatproxy_workers")}
+        return {labels["state"]: value for labels, value in metric_samples(admin, "chatproxy_workers")}
 
     config.write_text(_config(main, admin, upstream.url, ws_upstream.port, workers=3))
     process.process.send_signal(signal.SIGHUP)
     _wait(lambda: gauges() == {"running": 3, "configured": 3, "answering": 3}, "no third worker")
     third = _worker_pids(process.output())[3]
-    assert _get(main, "/with-three")[0] == 200
+    assert http_get(main, "/with-three")[0] == 200
     config.write_text(_config(main, admin, upstream.url, ws_upstream.port, workers=2))
     process.process.send_signal(signal.SIGHUP)
     _wait(lambda: gauges() == {"running": 2, "configured": 2, "answering": 2}, "the third worker stayed")
@@ -278,7 +258,7 @@ def test_a_reload_that_changes_workers_starts_or_stops_workers(proxy, upstream, 
         return False
 
     _wait(gone, "the third worker did not exit")
-    assert _get(main, "/with-two")[0] == 200
+    assert http_get(main, "/with-two")[0] == 200
 
 
 def test_a_reload_while_workers_are_still_starting_does_not_stop_the_service(proxy, upstream, ws_upstream):
@@ -291,7 +271,7 @@ def test_a_reload_while_workers_are_still_starting_does_not_stop_the_service(pro
     _wait(lambda: "reload done in all 2 workers" in process.output(), "the reload never completed")
     assert process.process.poll() is None
     assert "before it could serve" not in process.output()
-    assert _get(main, "/after-early-reload")[0] == 200
+    assert http_get(main, "/after-early-reload")[0] == 200
 
 
 def test_sigterm_right_after_a_worker_died_still_ends_the_master(proxy, upstream, ws_upstream):
@@ -324,10 +304,10 @@ def test_a_sighup_during_a_reload_is_applied_after_it(proxy, upstream, ws_upstre
     process.process.send_signal(signal.SIGHUP)
 
     def successes() -> float:
-        return sum(value for labels, value in _samples(admin, "chatproxy_master_reloads_total")
+        return sum(value for labels, value in metric_samples(admin, "chatproxy_master_reloads_total")
                    if labels["result"] == "success")
 
     _wait(lambda: successes() == 2, "the second reload was not applied after the first")
     for n in range(20):  # new connections: both workers answer
-        status, body = _get(main, f"/new/{n}")
+        status, body = http_get(main, f"/new/{n}")
         assert status == 200 and b'"path": "/second"' in body
