@@ -211,7 +211,6 @@ class Master(Service):
         self.config = config
         self.config_paths = [os.path.abspath(path) for path in config_paths]  # workers may start elsewhere
         self.twistd_args = list(twistd_args) if twistd_args else _logger_args(sys.argv)
-        self.count = worker_count(config)
         self.workers: dict[int, _Worker] = {}
         self.restarts = 0
         self._deaths_in_a_row: dict[int, int] = {}
@@ -227,6 +226,11 @@ class Master(Service):
         self.sockets: dict[tuple[str, int], socket.socket] = {}
         self._reload_generation = 0
         self._reload_again = False
+
+    @property
+    def count(self) -> int:
+        """How many workers the configuration in force asks for."""
+        return worker_count(self.config)
 
     # -- start
 
@@ -486,7 +490,6 @@ class Master(Service):
                 worker.signal("HUP")
             elif not worker.ended:
                 worker.reload_pending = True
-        self.count = wanted
         for index in range(1, wanted + 1):
             if index not in self.workers:
                 self._spawn(index)
