@@ -13,6 +13,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Protocol, TypeVar
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+T = TypeVar("T", bound=_Named)
 
 
 class BenchError(Exception):
@@ -97,7 +106,7 @@ class Supervisor:
         seconds (SIGKILL takes effect, and the orphans are reaped, asynchronously)."""
         deadline = time.monotonic() + wait
         while True:
-            found = [(s.name, sorted(group_cpu_by_process(s.process.pid))) for s in self.servers if s.stopped]
+            found = [(s.name, group_pids(s.process.pid)) for s in self.servers if s.stopped]
             found = [(name, pids) for name, pids in found if pids]
             if not found or time.monotonic() > deadline:
                 return found
@@ -180,15 +189,9 @@ def wait_until_serving(server: Server, port: int, expected_body: bytes, *, tls: 
                      f"{server.log_tail()}")
 
 
-def group_cpu_by_process(pgid: int) -> dict[int, float]:
-    """CPU time (user + system) used so far by each live process of group ``pgid``, by pid.
-
-    Read from /proc; processes that already exited are not counted.  A
-    chatproxy master's workers (started with Twisted's ``spawnProcess``,
-    which keeps the process group) are in their master's group.
-    """
-    ticks = os.sysconf("SC_CLK_TCK")
-    found: dict[int, float] = {}
+def _group_stats(pgid: int) -> dict[int, list[str]]:
+    """The /proc/PID/stat fields (from field 3 on) of each live process of group ``pgid``, by pid."""
+    found: dict[int, list[str]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -199,8 +202,37 @@ def group_cpu_by_process(pgid: int) -> dict[int, float]:
         # The command name (field 2) may contain spaces: split after its ")".
         fields = stat[stat.rindex(")") + 2:].split()
         if int(fields[2]) == pgid:  # field 5, pgrp
-            found[int(entry.name)] = (int(fields[11]) + int(fields[12])) / ticks  # fields 14, 15: utime, stime
+            found[int(entry.name)] = fields
     return found
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of group ``pgid`` (a server and its children: nginx's or chatproxy's workers)."""
+    return sorted(_group_stats(pgid))
+
+
+def group_cpu_by_process(pgid: int) -> dict[int, float]:
+    """CPU time (user + system) used so far by each live process of group ``pgid``, by pid.
+
+    Read from /proc; processes that already exited are not counted.  A
+    chatproxy master's workers (started with Twisted's ``spawnProcess``,
+    which keeps the process group) are in their master's group.
+    """
+    ticks = os.sysconf("SC_CLK_TCK")
+    # fields 14, 15: utime, stime
+    return {pid: (int(fields[11]) + int(fields[12])) / ticks for pid, fields in _group_stats(pgid).items()}
+
+
+def select_targets(targets: Sequence[T], only: str | None) -> list[T]:
+    """The ``targets`` named in ``--only`` (all of them if not given), in their standard order."""
+    if not only:
+        return list(targets)
+    names = {name.strip() for name in only.split(",") if name.strip()}
+    known = {target.name for target in targets}
+    unknown = names - known
+    if unknown:
+        raise BenchError(f"unknown target(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+    return [target for target in targets if target.name in names]
 
 
 def group_cpu_seconds(pgid: int) -> float:
@@ -222,7 +254,7 @@ def listening_holders(port: int, pgid: int) -> int:
             if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
                 inodes.add(f"socket:[{fields[9]}]")
     holders = 0
-    for pid in group_cpu_by_process(pgid):
+    for pid in group_pids(pgid):
         try:
             links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
         except OSError:

@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from processes import (BenchError, Server, Supervisor, exit_on_termination_signals, background_load, free_ports,
-                       group_cpu_by_process, system_cpu_seconds, wait_for_listeners, wait_until_serving)
+                       group_cpu_by_process, select_targets, system_cpu_seconds, wait_for_listeners,
+                       wait_until_serving)
 from targets import BENCH_DIR, BODY, TARGETS, Context, Target, make_certificate, start_upstream
 from wrk import WrkResult, run_wrk
 
@@ -295,18 +296,6 @@ def measure(target: Target, ctx: Context, upstream: Server, port: int, wrk: str,
     return outcome
 
 
-def select_targets(only: str | None) -> list[Target]:
-    """The targets named in ``--only`` (all of them if not given), in the standard order."""
-    if not only:
-        return list(TARGETS)
-    names = {name.strip() for name in only.split(",") if name.strip()}
-    known = {target.name for target in TARGETS}
-    unknown = names - known
-    if unknown:
-        raise BenchError(f"unknown target(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-    return [target for target in TARGETS if target.name in names]
-
-
 # -- reporting
 
 
@@ -558,7 +547,7 @@ def measure_all(targets: list[Target], ctx: Context, wrk: str, args: argparse.Na
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; 0 if every run was clean, 1 otherwise."""
-    targets = select_targets(args.only)
+    targets = select_targets(TARGETS, args.only)
     nginx, wrk = ensure_tools()
     machine = machine_info(nginx, wrk)
     machine["background_load_at_start"] = round(wait_for_quiet(args.wait_for_quiet), 2)

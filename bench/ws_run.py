@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from processes import BenchError, Server, Supervisor, exit_on_termination_signals, free_ports, wait_until_serving
+from processes import (BenchError, Server, Supervisor, exit_on_termination_signals, free_ports, group_pids,
+                       select_targets, wait_until_serving)
 from run import BACKGROUND_LIMIT, _find_nginx, _git, _ms, _ratio, _version_of, _x, log_notes, wait_for_quiet
 from targets import BENCH_DIR, BODY, Context, make_certificate
 from ws_targets import LOAD, WS_DIR, WS_PATH, WS_TARGETS, WsContext, WsTarget, find_node, start_echo_upstream
@@ -209,21 +210,6 @@ class IdleOutcome:
 
 
 # -- processes and memory
-
-
-def group_pids(pgid: int) -> list[int]:
-    """The live processes of group ``pgid`` (a server and its children, such as nginx's worker)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2:].split()[2]) == pgid:
-            pids.append(int(entry.name))
-    return sorted(pids)
 
 
 def group_rss_kib(pgid: int) -> int:
@@ -447,18 +433,6 @@ def measure_idle(target: WsTarget, ctx: WsContext, port: int, args: argparse.Nam
 
 
 # -- running everything
-
-
-def select_targets(only: str | None) -> list[WsTarget]:
-    """The targets named in ``--only`` (all of them if not given), in the standard order."""
-    if not only:
-        return list(WS_TARGETS)
-    names = {name.strip() for name in only.split(",") if name.strip()}
-    known = {target.name for target in WS_TARGETS}
-    unknown = names - known
-    if unknown:
-        raise BenchError(f"unknown target(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-    return [target for target in WS_TARGETS if target.name in names]
 
 
 def measure_all(targets: list[WsTarget], ctx: WsContext, args: argparse.Namespace) -> tuple[
@@ -801,7 +775,7 @@ def chatproxy_pythonpath(source: Path, shim: Path) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; 0 if every run was clean, 1 otherwise."""
-    targets = select_targets(args.only)
+    targets = select_targets(WS_TARGETS, args.only)
     nginx = _find_nginx()
     if nginx is None and any(t.name == "nginx" for t in targets):
         raise BenchError("nginx is not installed (apt-get install nginx-light, or run bench/run.py once)")
