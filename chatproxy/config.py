@@ -19,6 +19,7 @@ from urllib.parse import unquote_plus, urlsplit
 
 from attrs import field, frozen
 
+from chatproxy.http.messages import CONNECTION_HEADERS, parse_header_lines
 from chatproxy.routing import PathError, normalize_path
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -74,6 +75,7 @@ class Settings:
     header_timeout: float = 15.0
     idle_timeout: float = 60.0
     drain_timeout: float = 30.0
+    close_timeout: float = 5.0
     reload_close_window: float = 10.0
     workers: int = 0  # 0: one per CPU
 
@@ -104,6 +106,7 @@ class Listener:
     create_self_signed: bool = False
     allow: tuple[Network, ...] | None = None
     trusted_proxies: tuple[Network, ...] = ()
+    response_headers: tuple[tuple[bytes, bytes], ...] = ()  # on every answer this listener sends
 
 
 @frozen
@@ -511,12 +514,12 @@ class _Section:
 
 _SETTINGS_OPTIONS = {
     "access_log", "access_log_format", "max_header_bytes", "max_headers", "max_url_bytes",
-    "max_body_bytes", "header_timeout", "idle_timeout", "drain_timeout",
+    "max_body_bytes", "header_timeout", "idle_timeout", "drain_timeout", "close_timeout",
     "reload_close_window", "workers",
 }
 _LISTEN_OPTIONS = {
     "endpoint", "tls", "certificate", "key", "sni", "min_tls_version", "ciphers",
-    "create_self_signed", "allow", "trusted_proxies",
+    "create_self_signed", "allow", "trusted_proxies", "response_headers",
 }
 _UPSTREAM_OPTIONS = {
     "servers", "verify", "ca", "client_certificate", "client_key", "host_header",
@@ -548,6 +551,7 @@ def _read_settings(section: _Section | None) -> Settings:
         header_timeout=section.get("header_timeout", parse_duration, d.header_timeout),
         idle_timeout=section.get("idle_timeout", parse_duration, d.idle_timeout),
         drain_timeout=section.get("drain_timeout", parse_duration, d.drain_timeout),
+        close_timeout=section.get("close_timeout", parse_duration, d.close_timeout),
         reload_close_window=section.get("reload_close_window", parse_duration, d.reload_close_window),
         workers=section.get("workers", _workers, d.workers),
     )
@@ -624,7 +628,18 @@ def _read_listener(section: _Section) -> Listener:
         create_self_signed=create,
         allow=section.get("allow", parse_networks, None),
         trusted_proxies=section.get("trusted_proxies", parse_networks, ()),
+        response_headers=section.get("response_headers", _response_headers, ()),
     )
+
+
+def _response_headers(text: str) -> tuple[tuple[bytes, bytes], ...]:
+    """``response_headers``: ``Name: value`` lines, none of them a connection or framing header."""
+    headers = parse_header_lines(text)
+    for name, _ in headers:
+        if name.lower() in CONNECTION_HEADERS:
+            raise ValueError(f"{name.decode('ascii')} is a hop-by-hop or framing header, which chatproxy "
+                             "manages itself: it cannot be set")
+    return headers
 
 
 def _parse_server(text: str) -> UpstreamServer:

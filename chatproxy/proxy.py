@@ -31,7 +31,7 @@ SERVICE_RESTART = 1012
 
 def _sweep_interval(config: Config) -> float:
     shortest = min(
-        [config.settings.header_timeout, config.settings.idle_timeout]
+        [config.settings.header_timeout, config.settings.idle_timeout, config.settings.close_timeout]
         + [u.response_timeout for u in config.upstreams.values()]
     )
     return max(0.05, min(1.0, shortest / 4))

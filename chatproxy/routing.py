@@ -224,3 +224,34 @@ def _query_satisfied(values: dict[str, list[str]], name: str, required: str | No
     # Every occurrence must carry the value: a server that reads the first of
     # several must not see another value than the one that was allowed.
     return required is None or all(value == required for value in found)
+
+
+#: Methods answered 405 unless the route names them in ``methods``: TRACE
+#: echoes the request back, cookies and credentials included (cross-site
+#: tracing), and TRACK is IIS's name for it.
+TRACE_METHODS = frozenset({"TRACE", "TRACK"})
+
+
+def method_refused(route: Route | None, method: str) -> bool:
+    """Whether ``method`` is answered 405 by the proxy: TRACE and TRACK are,
+    unless the route matched names them in its ``methods``."""
+    return method in TRACE_METHODS and (route is None or route.methods is None or method not in route.methods)
+
+
+_COMMON_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allow_value(route: Route | None) -> bytes:
+    """The ``Allow`` header value of a 405: the route's methods, or the common ones."""
+    methods = sorted(route.methods) if route is not None and route.methods is not None else _COMMON_METHODS
+    return ", ".join(methods).encode("ascii")
+
+
+def websocket_upgrade(route: Route | None, method: str, upgrade: str | None) -> bool:
+    """Whether an upgrade request (``Connection: upgrade`` with an ``Upgrade``
+    header, whose value is ``upgrade``) is a WebSocket handshake chatproxy
+    carries: a GET asking for ``websocket`` on a WebSocket route.  Any other
+    upgrade request is forwarded as an ordinary request, without its Upgrade."""
+    return (route is not None and route.websocket and method == "GET"
+            and upgrade is not None and upgrade.strip().lower() == "websocket")
+

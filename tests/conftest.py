@@ -275,7 +275,7 @@ class UpstreamHandler(BaseHTTPRequestHandler):
         for i in range(0, n, 65536):
             self.wfile.write(data[i : i + 65536])
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = _handle
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_PATCH = do_TRACE = _handle
 
 
 def _pattern(n: int) -> bytes:

@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from conftest import read_request_body
+from ws_peers import wait_until  # noqa: F401 (re-exported for the profile tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 ETC = ROOT / "etc"
@@ -412,13 +413,3 @@ def ws_refused(port: int, host: str, target: str, tls: ssl.SSLContext | None, or
     raise AssertionError(f"the WebSocket handshake on {target} was accepted")
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = WAIT, message: str = "") -> Any:
-    """Poll ``predicate`` until it returns something true (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(message or f"condition not met within {timeout}s")
-        time.sleep(0.02)

@@ -182,6 +182,17 @@ ERROR_CASES = [
     ("servers-missing", LISTEN + "[upstream:app]\nverify = no\n", "upstream:app", "servers", "required option"),
     ("upstream-missing-ca", BASE.replace("servers =", "ca = no-such-ca.pem\nservers ="), "upstream:app", "ca",
      "no such file"),
+    # listener response headers, close timeout
+    ("response-headers-no-colon", LISTEN + "response_headers = Strict-Transport-Security\n" + UPSTREAM + ROUTE,
+     "listen:main", "response_headers", "expected 'Name: value'"),
+    ("response-headers-bad-name", LISTEN + "response_headers = Bad Name: x\n" + UPSTREAM + ROUTE,
+     "listen:main", "response_headers", "'Bad Name' is not a header name"),
+    ("response-headers-framing", LISTEN + "response_headers =\n    X-A: 1\n    Content-Length: 5\n" + UPSTREAM + ROUTE,
+     "listen:main", "response_headers", "Content-Length is a hop-by-hop or framing header"),
+    ("response-headers-hop", LISTEN + "response_headers = Connection: close\n" + UPSTREAM + ROUTE,
+     "listen:main", "response_headers", "Connection is a hop-by-hop"),
+    ("close-timeout-zero", "[chatproxy]\nclose_timeout = 0\n" + BASE, "chatproxy", "close_timeout",
+     "greater than zero"),
     # filters
     ("filter-unknown-kind", BASE + "[filter:f]\nuse = nosuch\n", "filter:f", "use",
      "unknown filter kind 'nosuch' (installed kinds: none)"),
@@ -657,6 +668,19 @@ def test_defaults(tmp_path):
     assert (route.listeners, route.hosts, route.methods) == (None, None, None)
     assert (route.filters, route.query, route.websocket, route.max_body_bytes) == ((), (), False, None)
     assert config.filters == {} and config.demo is None
+
+
+def test_listener_response_headers_and_close_timeout(tmp_path):
+    """``response_headers`` lines become (name, value) pairs in order; ``close_timeout``
+    defaults to 5 s and takes a duration."""
+    text = ("[chatproxy]\nclose_timeout = 750ms\n" + LISTEN
+            + "response_headers =\n    Strict-Transport-Security: max-age=63072000\n    X-Frame-Options: DENY\n"
+            + UPSTREAM + ROUTE)
+    config = load(write(tmp_path, text))
+    assert config.listeners["main"].response_headers == (
+        (b"Strict-Transport-Security", b"max-age=63072000"), (b"X-Frame-Options", b"DENY"))
+    assert config.settings.close_timeout == 0.75
+    assert load(write(tmp_path, BASE, "plain.ini")).settings.close_timeout == 5.0
 
 
 def test_route_path_defaults_to_root_even_with_regex(tmp_path):

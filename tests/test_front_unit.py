@@ -610,3 +610,70 @@ def test_round_robin_skips_a_server_whose_connects_keep_failing(make):
     h.advance(10.1, step=0.5)
     assert bad.available()
     assert id(bad) in {id(pools.pick()) for _ in range(2)}
+
+
+# ---------------------------------------------------------------------------
+# The close path
+
+
+@pytest.mark.parametrize("payload", [
+    b"GET /%2F HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",  # no WebSocket route
+    b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n",
+], ids=["400", "upgrade-not-bridged", "413"])
+def test_a_connection_the_proxy_closes_reads_on_until_the_client_ends(make, payload):
+    """Whatever made the proxy close (here a 400, an upgrade it does not make, a 413): reading
+    from the client is resumed (a paused transport would never see the client's FIN or TLS
+    close_notify), the transport is told to close, and the connection stays counted until the
+    transport reports it gone; bytes arriving meanwhile are dropped."""
+    h = make(settings="max_body_bytes = 1k")
+    front, client = h.client()
+    front.dataReceived(payload)
+    if h.pending_connects:
+        upstream, wire = h.accept_upstream()
+        upstream.dataReceived(ok(b"done"))
+    assert client.disconnecting
+    assert client.producerState == "producing"
+    assert front in h.core.connections
+    written = client.value()
+    front.dataReceived(b"GET /more HTTP/1.1\r\nHost: a\r\n\r\n" + b"x" * 1000)
+    assert client.value() == written and h.pending_connects == 0
+    front.connectionLost(Failure(ConnectionDone()))
+    assert front not in h.core.connections
+
+
+def test_a_client_that_does_not_close_is_cut_off_after_close_timeout(make):
+    """A closed connection whose client neither reads the answer nor closes its end is
+    aborted once ``close_timeout`` has passed, not kept for ever."""
+    h = make(settings="close_timeout = 2s")
+    front, client = h.client()
+    front.dataReceived(b"GET /%2F HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert client.disconnecting and not client.disconnected
+    h.advance(1.5)
+    assert not client.disconnected
+    h.advance(1.0)
+    assert client.disconnected  # abortConnection
+
+
+def test_a_silent_tls_client_before_its_handshake_is_cut_off_too(make):
+    """The close deadline also ends a connection whose close cannot complete on its own
+    (a 408 written before a TLS handshake that never finishes waits in TLS's buffer)."""
+    h = make(settings="header_timeout = 1s\nclose_timeout = 1s")
+    front, client = h.client()
+    h.advance(1.3)
+    assert responses(client.value())[0]["status"] == 408
+    assert client.disconnecting and not client.disconnected
+    h.advance(1.3)
+    assert client.disconnected
+
+
+def test_unknown_method_answers():
+    """What a method llhttp refuses is answered with: 405 for TRACK, 501 for another
+    method name, 400 for bytes that are no method name; the refused request is found
+    behind earlier pipelined ones."""
+    from chatproxy.http.front import _unknown_method_answer
+
+    assert _unknown_method_answer(b"TRACK / HTTP/1.1\r\n\r\n", "e")[0] == 405
+    assert _unknown_method_answer(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nTRACK / HTTP/1.1\r\n", "e")[0] == 405
+    assert _unknown_method_answer(b"BREW /pot HTTP/1.1\r\n", "e") == (501, "method BREW is not implemented")
+    assert _unknown_method_answer(b"\x00\x01garbage", "e")[0] == 400

@@ -240,11 +240,13 @@ PUBLIC_REFUSED = [
 def test_public_listener_refuses_everything_else(env: Env, method: str, target: str, status: int) -> None:
     """On the public listener, the agent routes, the frontend and every near
     miss of the SDK prefixes are refused by chatproxy (404, or 400 for paths
-    servers read in different ways) and never reach Cobrowse."""
+    servers read in different ways) and never reach Cobrowse; the refusal
+    carries the listener's HSTS header like every answer."""
     before = len(env.cobrowse.requests)
     body = b"{}" if method == "POST" else None
     response = env.public().request(method, target, {"Content-Type": "application/json"} if body else {}, body)
     assert response.status == status, (response.status, response.body)
+    assert response.headers["strict-transport-security"] == "max-age=31536000"
     assert len(env.cobrowse.requests) == before
 
 

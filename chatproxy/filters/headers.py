@@ -21,7 +21,6 @@ touched: the proxy writes those itself.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,15 +29,10 @@ from zope.interface import implementer
 
 from chatproxy.config import parse_list
 from chatproxy.filters import FilterOptionError, Header, IFilterFactory, IRequestFilter, Rewrite
-from chatproxy.http.messages import FORWARDING, HOP_BY_HOP
+from chatproxy.http.messages import CONNECTION_HEADERS, FIELD_NAME_RE, FORWARDING, parse_header_lines
 
 _OPTIONS = ("request_set", "request_remove", "response_set", "response_remove")
-TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# A field value: visible characters, spaces and tabs (RFC 9110 5.5).
-_VALUE_RE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
-# Hop-by-hop and framing headers, and Host: never set or removed by this filter.
-CONNECTION_HEADERS = HOP_BY_HOP | {b"content-length", b"host"}
 # In requests, also the headers chatproxy writes or handles itself.
 REQUEST_ONLY = FORWARDING | {b"via", b"expect"}
 
@@ -54,7 +48,7 @@ def _forbidden(option: str, name: str) -> None:
 
 
 def _name(option: str, name: str) -> str:
-    if not TOKEN_RE.fullmatch(name):
+    if not FIELD_NAME_RE.fullmatch(name):
         raise FilterOptionError(option, f"{name!r} is not a header name")
     _forbidden(option, name)
     return name
@@ -62,21 +56,13 @@ def _name(option: str, name: str) -> str:
 
 def parse_set(option: str, text: str) -> tuple[Header, ...]:
     """``Name: value`` lines (blank lines skipped) as header pairs."""
-    headers: list[Header] = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        name, colon, value = line.partition(":")
-        if not colon:
-            raise FilterOptionError(option, f"expected 'Name: value', got {line!r}")
-        name, value = _name(option, name.strip()), value.strip()
-        if not _VALUE_RE.fullmatch(value):
-            raise FilterOptionError(option, f"the value of {name} has characters a header value cannot have")
-        headers.append((name.encode("ascii"), value.encode("latin-1")))
-    if not headers:
-        raise FilterOptionError(option, "expected at least one 'Name: value' line")
-    return tuple(headers)
+    try:
+        headers = parse_header_lines(text)
+    except ValueError as e:
+        raise FilterOptionError(option, str(e)) from None
+    for name, _ in headers:
+        _forbidden(option, name.decode("ascii"))
+    return headers
 
 
 def parse_remove(option: str, text: str) -> frozenset[bytes]:

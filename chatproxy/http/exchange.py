@@ -15,7 +15,10 @@ from twisted.python.failure import Failure
 
 from chatproxy.accesslog import AccessRecord
 from chatproxy.filters.chain import Answer, Decision, Refuse, run_body_filters, run_request_filters
-from chatproxy.http.messages import FORWARDING, HOP_BY_HOP, REASONS, Header, RequestHead, local_response
+from chatproxy.http.messages import (
+    FORWARDING, HOP_BY_HOP, REASONS, Header, RequestHead, local_response, replace_headers,
+)
+from chatproxy.routing import allow_value, method_refused
 
 if TYPE_CHECKING:
     from chatproxy.config import Route
@@ -107,6 +110,9 @@ class Exchange:
         assert head is not None
         plan = self.plan
         route = self.matched  # routed as the head was built
+        if method_refused(route, head.method):
+            self.respond_local(405, f"{head.method} is not allowed", extra=((b"Allow", allow_value(route)),))
+            return
         if route is None:
             self.respond_local(404, "no route for this request")
             return
@@ -115,11 +121,6 @@ class Exchange:
         if self.content_length is not None and self.content_length > self.body_limit:
             self.respond_local(413, f"request body larger than {self.body_limit} bytes", close=True)
             return
-        if self.upgrade and not (route.websocket and (head.header("upgrade") or "").strip().lower() == "websocket"):
-            # Not a WebSocket upgrade on a WebSocket route: the request is
-            # forwarded without its Upgrade, and the connection is not used again.
-            self.upgrade = False
-            self.close_after = True
         filters = plan.route_filters(route)
         if filters:
             run_request_filters(filters, head, self._filtered, self.front.core.filter_counters)
@@ -420,6 +421,9 @@ class Exchange:
     def _write_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
         self.status = status
         self.response_started = True
+        own = self.front.listener.response_headers
+        if own:
+            headers = replace_headers(headers, own)
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, "Unknown").encode("ascii"))]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
@@ -513,7 +517,9 @@ class Exchange:
         close = close or self.close_after or not self.client_keep_alive or self.front.closing or self.front.draining
         self.close_after = close
         head_only = self.head is not None and self.head.method == "HEAD"
-        data = local_response(status, message, close=close, extra=extra, head_only=head_only)
+        own = self.front.listener.response_headers
+        data = local_response(status, message, close=close, extra=replace_headers(extra, own) if own else extra,
+                              head_only=head_only)
         self.status = status
         self.response_started = True
         self.bytes_sent = 0 if head_only else len(data) - data.index(b"\r\n\r\n") - 4

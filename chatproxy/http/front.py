@@ -14,17 +14,20 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import httptools
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHalfCloseableDescriptor, IPushProducer, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatproxy.http.exchange import Exchange
-from chatproxy.http.messages import Header, RequestHead, client_ip, in_networks, local_response, resolve_client
+from chatproxy.http.messages import (
+    Header, RequestHead, client_ip, in_networks, local_response, replace_headers, resolve_client,
+)
 from chatproxy.http.sending import send
 from chatproxy.http.tunnel import Tunnel
-from chatproxy.routing import PathError, normalize_path
+from chatproxy.routing import TRACE_METHODS, PathError, allow_value, normalize_path, websocket_upgrade
 
 if TYPE_CHECKING:
     from chatproxy.config import Listener
@@ -82,6 +85,8 @@ class FrontConnection(Protocol):
         self._routed_host: tuple[bytes, str] = (b"", _routing_host(b""))  # the last Host value and its routing name
         self._pending_error: tuple[int, str] | None = None
         self._upgrade_buffer: list[bytes] | None = None
+        self._upgrade_request: Exchange | None = None  # the request llhttp will stop after (an upgrade)
+        self._body_parser: Any = None  # reads the body of an upgrade request chatproxy does not make
         self._starting = False
         self._stop_parsing = False
         self._peer_known = False
@@ -120,26 +125,32 @@ class FrontConnection(Protocol):
         if not self._peer_known:
             self._peer_known = True
             self._identify_peer()
+        if self.closing:
+            return  # read only to see the client's end (see close)
         if self.tunnel is not None:
             self.tunnel.from_client(data)
             return
         if self._upgrade_buffer is not None:
             self._upgrade_buffer.append(data)
             return
-        if self.closing or self._stop_parsing:
+        if self._stop_parsing:
             return
+        if self._body_parser is not None:
+            self._feed(self._body_parser, data)
+            return
+        if self._feed(self._parser, data) and self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.settings.max_header_bytes:
+                self._stream_error(431, "request head too large")
+
+    def _feed(self, parser: Any, data: bytes) -> bool:
+        """Parse ``data``; False when the parser stopped (an error, an upgrade)."""
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = int(upgrade.args[0]) if upgrade.args else len(data)
-            if self.tunnel is not None:
-                # The bridge took over while the parser was still running.
-                if offset < len(data):
-                    self.tunnel.from_client(data[offset:])
-                return
-            self._upgrade_buffer = [data[offset:]] if offset < len(data) else []
-            self.pause_reading("upgrade")
-            return
+            self._upgraded(data[offset:])
+            return False
         except httptools.HttpParserCallbackError as error:
             context = error.__context__
             if isinstance(context, _Reject):
@@ -147,20 +158,55 @@ class FrontConnection(Protocol):
             else:
                 log.failure("internal error while parsing a request", Failure(context) if context else None)
                 self._stream_error(500, "internal error")
-            return
+            return False
+        except httptools.HttpParserInvalidMethodError as error:
+            if not self._stop_parsing:
+                self._stream_error(*_unknown_method_answer(data, str(error)))
+            return False
         except httptools.HttpParserError as error:
-            self._stream_error(400, f"malformed request: {error}")
+            if not self._stop_parsing:
+                self._stream_error(400, f"malformed request: {error}")
+            return False
+        return True
+
+    def _upgraded(self, rest: bytes) -> None:
+        """llhttp stopped after a request asking to switch protocols (``Connection:
+        upgrade`` with ``Upgrade``); ``rest`` is what followed its head."""
+        if self.tunnel is not None:
+            # The bridge took over while the parser was still running.
+            if rest:
+                self.tunnel.from_client(rest)
             return
-        if self._in_head:
-            self._head_bytes += len(data)
-            if self._head_bytes > self.settings.max_header_bytes:
-                self._stream_error(431, "request head too large")
+        if self._stop_parsing:
+            return  # refused (e.g. a WebSocket handshake with a body): nothing more is read
+        exchange = self._upgrade_request
+        self._upgrade_request = None
+        if exchange is not None and not exchange.upgrade:
+            # An upgrade chatproxy does not make: an ordinary request, whose body
+            # (llhttp left it unparsed) is read with a parser of its own; the
+            # connection ends with this exchange.
+            if exchange.body_done:
+                self.closing_after_queue()
+                return
+            self._body_parser = httptools.HttpRequestParser(_UpgradeRequestBody(self))
+            self._body_parser.feed_data(_body_framing_head(exchange))
+            if rest:
+                self._feed(self._body_parser, rest)
+            return
+        # A WebSocket upgrade: what the client sent after it waits for the bridge or tunnel.
+        self._upgrade_buffer = [rest] if rest else []
+        self.pause_reading("upgrade")
 
     # -- timeouts
 
     def timed_out(self, now: float) -> None:
         """The current deadline passed: header, body or idle timeout."""
         self.deadline = 0.0
+        if self._deadline_kind == "close":
+            log.debug("client {peer} did not close within {seconds}s of being closed: connection reset",
+                     peer=self.peer, seconds=self.settings.close_timeout)
+            self._reset()
+            return
         if self.tunnel is not None or self.closing:
             return
         if self._deadline_kind == "send":
@@ -168,7 +214,7 @@ class FrontConnection(Protocol):
                      seconds=self.settings.idle_timeout)
             if self._queue:
                 self._queue[0].client_gone()
-            self.abort()
+            self._reset()
             return
         if self._deadline_kind == "idle" and not self._queue:
             self.close()
@@ -185,6 +231,8 @@ class FrontConnection(Protocol):
         self._stream_error(408, "request timed out")
 
     def _set_deadline(self, kind: str, seconds: float) -> None:
+        if self.closing and kind != "close":
+            return  # the close deadline stands until the connection is gone
         self._deadline_kind = kind
         self.deadline = self.core.sweeper.now() + seconds
 
@@ -244,7 +292,11 @@ class FrontConnection(Protocol):
             exchange.client_body(body)
 
     def on_message_complete(self) -> None:
-        exchange, self._parsing = self._parsing, None
+        exchange = self._parsing
+        if exchange is not None and self._upgrade_request is exchange and not exchange.upgrade \
+                and not exchange.body_done:
+            return  # llhttp skipped the body of this upgrade request: it is read after (see _upgraded)
+        self._parsing = None
         if self._deadline_kind == "body":
             self.deadline = 0.0
         if exchange is not None and not exchange.body_done:
@@ -342,11 +394,21 @@ class FrontConnection(Protocol):
         # listener, route): keywords cost about 0.4 µs more per request.
         head = RequestHead(method, target, normal, query, version, tuple(headers), host, host_value.decode("latin-1"),
                            client, self.peer, self.tls, listener, route.name if route is not None else "")
-        exchange = Exchange(self, head, error, keep_alive and error is None, upgrade, content_length, chunked,
+        websocket = upgrade and error is None and websocket_upgrade(route, method, head.header("upgrade"))
+        if websocket and (chunked or content_length):
+            error = (400, "a WebSocket handshake has no body")
+            websocket = False
+        exchange = Exchange(self, head, error, keep_alive and error is None, websocket, content_length, chunked,
                             expect_continue, plan)
         exchange.matched = route
         exchange.names = names
         exchange.connection_named = named
+        if upgrade:
+            # llhttp stops after this request (see _upgraded); one chatproxy does
+            # not make is forwarded as an ordinary request, and the connection
+            # is not used again.
+            self._upgrade_request = exchange
+            exchange.close_after = True
         if error is not None:
             # A bad request ends the connection: nothing after it is parsed.
             self.closing_after_queue()
@@ -391,10 +453,7 @@ class FrontConnection(Protocol):
         if self._queue:
             self._start_next()
         elif self._pending_error is not None:
-            status, message = self._pending_error
-            self._log_rejected(status)
-            self.write(local_response(status, message, close=True))
-            self.close()
+            self._answer_error(*self._pending_error)
         elif not self._in_head:
             self._set_deadline("idle", self.settings.idle_timeout)
 
@@ -413,8 +472,14 @@ class FrontConnection(Protocol):
         if self._queue:
             self._pending_error = (status, message)
             return
+        self._answer_error(status, message)
+
+    def _answer_error(self, status: int, message: str) -> None:
+        """Answer a broken request stream, then close."""
         self._log_rejected(status)
-        self.write(local_response(status, message, close=True))
+        extra = ((b"Allow", allow_value(None)),) if status == 405 else ()
+        own = self.listener.response_headers
+        self.write(local_response(status, message, close=True, extra=replace_headers(extra, own) if own else extra))
         self.close()
 
     def _log_rejected(self, status: int) -> None:
@@ -429,6 +494,8 @@ class FrontConnection(Protocol):
 
     def write(self, data: bytes) -> None:
         """Write bytes to the client (gathered while corked)."""
+        if self.closing:
+            return  # nothing goes out after the close (a late upstream byte, a tunnel's last ones)
         if self._corked:
             self._out.append(data)
         elif self.transport is not None:
@@ -450,7 +517,10 @@ class FrontConnection(Protocol):
                 send(self.transport, out[0] if len(out) == 1 else b"".join(out))
 
     def pause_reading(self, reason: str) -> None:
-        """Stop reading from the client for ``reason`` (until resumed for it)."""
+        """Stop reading from the client for ``reason`` (until resumed for it).
+        Not once closing: a closing connection reads on to see the client's end."""
+        if self.closing:
+            return
         if not self._read_pauses and self.transport is not None:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
         self._read_pauses.add(reason)
@@ -500,24 +570,53 @@ class FrontConnection(Protocol):
             self.close()
 
     def close(self) -> None:
-        """Close after what has been written is sent."""
-        if self.transport is not None and not self.closing:
-            self._flush()  # what is corked must go out before the close
-            # A TLS transport does not shut down while a producer is registered.
-            self.transport.unregisterProducer()  # type: ignore[attr-defined]
-            self.transport.loseConnection()
+        """End the connection after what has been written is sent.
+
+        The one way a front connection is ended, whatever ends it (an answer
+        that closes, a timeout, a drain, a reload, an upgrade not bridged,
+        the end of a tunnel).  From here on whatever the client sends is
+        read and dropped: so the client's FIN or TLS close_notify is seen
+        and the socket released at once (a transport left paused would never
+        see it), and bytes the client is still sending (the rest of a refused
+        body, pipelined requests) do not make the kernel reset the
+        connection before the client has read the answer.  A plain TCP
+        connection is half-closed (FIN after the last byte); a TLS one sends
+        its close_notify.  A client that neither reads the answer nor closes
+        within ``close_timeout`` is cut off (:meth:`timed_out`)."""
+        if self.closing:
+            return
+        self._flush()  # what is corked must go out before the close
         self.closing = True
+        transport = self.transport
+        if transport is None:
+            return
+        # A TLS transport does not shut down while a producer is registered.
+        transport.unregisterProducer()  # type: ignore[attr-defined]
+        self._read_pauses.clear()
+        transport.resumeProducing()  # type: ignore[attr-defined]
+        self.core.sweeper.add(self)  # a tunnel's connection had left the sweeper
+        self._set_deadline("close", self.settings.close_timeout)
+        if _half_closeable(transport):
+            transport.loseWriteConnection()  # type: ignore[attr-defined]
+        else:
+            transport.loseConnection()
 
     def abort(self, hard: bool = False) -> None:
         """Close without completing the response: the client must see a broken
         response, never one that looks complete.  ``hard``: the body was being
         delimited by the close itself (HTTP/1.0), so a clean close would make
         it look complete: reset the connection instead."""
-        if hard and self.transport is not None and not self.closing:
-            self.closing = True
+        if hard:
+            self._reset()
+        else:
+            self.close()
+
+    def _reset(self) -> None:
+        """Reset the connection now, whatever is still unsent."""
+        self.closing = True
+        self._out = []
+        if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
-            return
-        self.close()
 
     # -- the upgrade tunnel
 
@@ -570,6 +669,68 @@ class FrontConnection(Protocol):
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
 
+class _UpgradeRequestBody:
+    """Parser callbacks for the body of a request that asked for an upgrade
+    chatproxy does not make: llhttp stops after such a request's head, so its
+    body is framed by a second parser (fed a head with the same framing) and
+    goes to the exchange as any request body does."""
+
+    def __init__(self, front: FrontConnection) -> None:
+        self.front = front
+        self.started = False
+
+    def on_headers_complete(self) -> None:
+        self.started = True
+
+    def on_body(self, body: bytes) -> None:
+        self.front.on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.started:
+            self.started = False
+            self.front.on_message_complete()
+            self.front.closing_after_queue()  # the connection ends with this exchange
+
+
+_REQUEST_LINE_START = re.compile(rb"(?:^|\n)([!#$%&'*+.^_`|~0-9A-Za-z-]+) ")
+
+
+def _unknown_method_answer(data: bytes, error: str) -> tuple[int, str]:
+    """The answer to a request whose method llhttp does not know: 405 for
+    TRACK (TRACE's twin, refused like it), 501 for another method name, 400
+    when it is not a method name at all.  The method is the last line-start
+    token of ``data`` llhttp does not parse (it stopped in that request)."""
+    method = next((m.group(1).decode("ascii") for m in _REQUEST_LINE_START.finditer(data)
+                   if not _llhttp_knows(m.group(1))), "")
+    if method in TRACE_METHODS:
+        return 405, f"{method} is not allowed"
+    if method:
+        return 501, f"method {method[:40]} is not implemented"
+    return 400, f"malformed request: {error}"
+
+
+def _llhttp_knows(method: bytes) -> bool:
+    """Whether llhttp parses ``method`` (it refuses methods it has no name for)."""
+    try:
+        httptools.HttpRequestParser(_NoCallbacks()).feed_data(method + b" / HTTP/1.1\r\n\r\n")
+    except httptools.HttpParserInvalidMethodError:
+        return False
+    except httptools.HttpParserError:
+        return True
+    return True
+
+
+class _NoCallbacks:
+    """A parser target that wants no callbacks."""
+
+
+def _body_framing_head(exchange: Exchange) -> bytes:
+    """A request head framing a body as ``exchange``'s is framed (chunked or by length)."""
+    if exchange.chunked_in:
+        return b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (exchange.content_length or 0)
+
+
 class _Facts:
     """What the route table looks at, gathered before the request head is built."""
 
@@ -581,6 +742,23 @@ class _Facts:
         self.method = method
         self.path = path
         self.query = query
+
+
+def _half_closeable(transport: Any) -> bool:
+    """Whether ending ``transport`` is a half-close (shutdown for writing,
+    reading on until the client's FIN): a plain TCP or UNIX stream, directly
+    or behind a PROXY-protocol wrapper.  Not TLS, which ends with its own
+    close_notify (a TCP half-close under it would skip that)."""
+    if ISSLTransport.providedBy(transport):
+        return False
+    return IHalfCloseableDescriptor.providedBy(_innermost(transport))
+
+
+def _innermost(transport: Any) -> Any:
+    """The socket transport under protocol wrappers (``haproxy:`` endpoints)."""
+    while isinstance(transport, ProtocolWrapper):
+        transport = transport.transport
+    return transport
 
 
 def _no_delay(transport: Any) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 
 from attrs import frozen
@@ -29,6 +30,44 @@ HOP_BY_HOP = frozenset(
 FORWARDING = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port", b"forwarded", b"x-real-ip"}
 )
+
+# Headers that describe the connection or the message framing: chatproxy
+# writes these itself, configuration cannot set or remove them.
+CONNECTION_HEADERS = HOP_BY_HOP | {b"content-length", b"host"}
+
+FIELD_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # a token (RFC 9110 5.6.2)
+_FIELD_VALUE_RE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # visible characters, spaces and tabs (RFC 9110 5.5)
+
+
+def parse_header_lines(text: str) -> tuple[Header, ...]:
+    """``Name: value`` lines (blank lines skipped) as header pairs, for
+    configuration options.  Raises ValueError naming the first bad line."""
+    headers: list[Header] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        name, colon, value = line.partition(":")
+        if not colon:
+            raise ValueError(f"expected 'Name: value', got {line!r}")
+        name, value = name.strip(), value.strip()
+        if not FIELD_NAME_RE.fullmatch(name):
+            raise ValueError(f"{name!r} is not a header name")
+        if not _FIELD_VALUE_RE.fullmatch(value):
+            raise ValueError(f"the value of {name} has characters a header value cannot have")
+        headers.append((name.encode("ascii"), value.encode("latin-1")))
+    if not headers:
+        raise ValueError("expected at least one 'Name: value' line")
+    return tuple(headers)
+
+
+def replace_headers(headers: Sequence[Header], replacements: Sequence[Header]) -> list[Header]:
+    """``headers`` without any header named in ``replacements``, then ``replacements``."""
+    if not replacements:
+        return list(headers)
+    replaced = {name.lower() for name, _ in replacements}
+    return [h for h in headers if h[0].lower() not in replaced] + list(replacements)
+
 
 REASONS = {
     100: "Continue",
