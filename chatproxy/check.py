@@ -1,5 +1,6 @@
 """The ``check`` command: validate a configuration without starting anything,
-and print the listeners and routes it would serve."""
+print the listeners and routes it would serve, and warn (on standard error,
+the exit status unchanged) about values still at a profile's examples."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from typing import TextIO
 
 from chatproxy.config import Config, ConfigError, Route, load_config
+from chatproxy.placeholders import find_placeholders
 from chatproxy.routing import RouteTable
 from chatproxy.workers import unshareable, worker_count
 
@@ -80,4 +82,6 @@ def main(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
         err.write(f"chatproxy: configuration error: {problem}\n")
         return 2
     describe(config, out)
+    for placeholder in find_placeholders(config.raw_values):
+        err.write(f"warning: {placeholder}\n")
     return 0

@@ -224,8 +224,25 @@ class Admin:
 
 
 @frozen
+class RawValue:
+    """One option as the files set it: the text of the value in force (as
+    written, before parsing), the file that set it, and the earlier files
+    whose values for the same option it replaced (in load order)."""
+
+    file: str
+    section: str
+    option: str
+    text: str
+    replaced: tuple[str, ...] = ()
+
+
+@frozen
 class Config:
-    """The whole validated configuration."""
+    """The whole validated configuration.
+
+    ``raw_values`` are the options it was built from, one per option in
+    force, located by file, section and option (sections in the order they
+    first appear, options in the order they were first set)."""
 
     sources: tuple[str, ...]
     settings: Settings
@@ -235,6 +252,7 @@ class Config:
     filters: Mapping[str, FilterSpec]
     demo: Demo | None = None
     admin: Admin | None = None
+    raw_values: tuple[RawValue, ...] = field(default=(), eq=False)
 
 
 # ---------------------------------------------------------------------------
@@ -245,6 +263,7 @@ class Config:
 class _Value:
     text: str
     file: str
+    replaced: tuple[str, ...] = ()  # earlier files that set the same option
 
 
 @frozen
@@ -298,7 +317,9 @@ def _read_raw(files: Iterable[Path]) -> dict[str, _RawSection]:
         for name in parser.sections():
             raw = sections.setdefault(name, _RawSection(name, str(path), {}))
             for option, text in parser.items(name, raw=True):
-                raw.options[option] = _Value(text.strip(), str(path))
+                earlier = raw.options.get(option)
+                replaced = () if earlier is None else (*earlier.replaced, earlier.file)
+                raw.options[option] = _Value(text.strip(), str(path), replaced)
     return sections
 
 
@@ -1062,6 +1083,8 @@ def load_config(
         filters=filters,
         demo=demo,
         admin=admin,
+        raw_values=tuple(RawValue(value.file, raw.name, option, value.text, value.replaced)
+                         for raw in raw_sections.values() for option, value in raw.options.items()),
     )
     from chatproxy.tls import check_listener_tls
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TWISTD, basic_config, free_port
+from chatproxy.placeholders import PROFILES
+from conftest import PKI, TWISTD, basic_config, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 30  # seconds any single command may take
@@ -76,7 +78,7 @@ upstream = app
 
 def test_check_quickstart_config():
     """``check`` on the repository's quick-start etc/chatproxy.ini exits 0 and prints
-    the listeners, upstreams and routes it would serve."""
+    the listeners, upstreams and routes it would serve, and no warning."""
     result = run_check("etc/chatproxy.ini")
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -84,7 +86,7 @@ def test_check_quickstart_config():
     assert "listeners:" in out and "[listen:public] tcp:8443:interface=127.0.0.1" in out and "TLS" in out
     assert "[upstream:demo] http://127.0.0.1:8081" in out
     assert "routes" in out and "[route:demo] path /" in out and "-> upstream demo" in out
-    assert "Traceback" not in result.stderr
+    assert result.stderr == ""  # no warning: localhost and a self-signed certificate are no examples
 
 
 def test_check_quickstart_config_absolute_path(tmp_path):
@@ -173,6 +175,161 @@ def test_check_without_config_is_a_usage_error():
     assert result.returncode != 0
     assert "--config" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# python -m chatproxy check: values left at a profile's examples
+
+WARNING_RE = re.compile(r"warning: (\S+) \[([^\]]+)\] ([a-z_]+): .+")
+SITE_VALUES = {profile.name.removesuffix(".ini"): profile for profile in PROFILES}
+
+
+def warned(stderr: str) -> list[tuple[str, str, str]]:
+    """(file, section, option) of each warning line; every line must be one."""
+    found = []
+    for line in stderr.splitlines():
+        match = WARNING_RE.fullmatch(line)
+        assert match is not None, f"not a warning line naming file, section and option: {line!r}"
+        found.append((match.group(1), match.group(2), match.group(3)))
+    return found
+
+
+def write_secret(directory: Path) -> Path:
+    """A JWT secret file for the Client Channel profile's filters."""
+    secret = directory / "jwt.secret"
+    secret.write_text("a-test-secret-of-32-bytes-or-so!\n")
+    return secret
+
+
+@pytest.mark.parametrize("name", sorted(SITE_VALUES))
+def test_check_warns_about_each_example_value_of_a_profile_alone(tmp_path: Path, pki: PKI, name: str) -> None:
+    """``check`` on a shipped profile as it is (a copy, unchanged, with files
+    where its relative certificate and key names point, so that it loads)
+    exits 0, prints what it serves, and warns on standard error, one line
+    each naming file, section and option, about every value the profile
+    marks SITE:. The Client Channel profile's secret_file is an absolute path
+    that cannot be created here: a second file sets it, and it alone is not
+    reported (a value set again by a later file is the site's)."""
+    profile = SITE_VALUES[name]
+    copy = tmp_path / profile.name
+    copy.write_text(REPO.joinpath("etc", profile.name).read_text())
+    for site in profile.site_values:
+        if site.option in ("certificate", "key"):
+            target = tmp_path / site.text
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes((pki.cert if site.option == "certificate" else pki.key).read_bytes())
+    configs = [copy]
+    expected = {(str(copy), site.section, site.option) for site in profile.site_values}
+    if name == "pega-client-channel":
+        secret = write_secret(tmp_path)
+        configs.append(write(tmp_path / "secret.ini", f"""
+            [filter:pega-token]
+            secret_file = {secret}
+            [filter:sign-for-pega]
+            secret_file = {secret}
+        """))
+        expected -= {(str(copy), "filter:pega-token", "secret_file"), (str(copy), "filter:sign-for-pega", "secret_file")}
+    result = run_check(*configs)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("configuration OK: ")
+    found = warned(result.stderr)
+    assert len(found) == len(set(found))  # one line per option
+    assert set(found) == expected
+    assert all(line.endswith(" is the profile's example value (SITE:)") for line in result.stderr.splitlines())
+    if name == "pega-chat":
+        assert (f"warning: {copy} [upstream:pega] servers: https://mycompany-prod.pegacloud.net "
+                "is the profile's example value (SITE:)") in result.stderr.splitlines()
+
+
+# A site's own values for every option each profile marks SITE: ({cert},
+# {key} and {secret} are test files). The endpoints keep the shipped ports:
+# set again in the site file, they are the site's decision.
+SITE_FILES = {
+    "pega-chat": {
+        ("listen:public", "endpoint"): "tcp:443",
+        ("listen:public", "certificate"): "{cert}",
+        ("listen:public", "key"): "{key}",
+        ("upstream:pega", "servers"): "https://acme-prod.pegacloud.net",
+        ("filter:trusted-origins", "allow"): "https://www.acme-insurance.test, https://chat.acme-insurance.test",
+        ("route:pega-chat", "path"): "/prweb/PRChat/app/AcmeSelfService",
+        ("route:pega-push", "path"): "/prweb/PRPushServlet/app/AcmeSelfService",
+    },
+    "pega-client-channel": {
+        ("listen:public", "endpoint"): "tcp:443",
+        ("listen:public", "certificate"): "{cert}",
+        ("listen:public", "key"): "{key}",
+        ("listen:integration", "endpoint"): "tcp:8080:interface=127.0.0.1",
+        ("listen:integration", "allow"): "127.0.0.1",
+        ("upstream:integration", "servers"): "http://10.1.2.3:8080",
+        ("upstream:digital-messaging", "servers"): "https://dms.acme-insurance.test",
+        ("filter:pega-token", "issuer"): "4f2b8c1e-9d3a-4e7b-a1c5-0d6e8f9a2b3c",
+        ("filter:pega-token", "secret_file"): "{secret}",
+        ("route:client-webhook", "path"): "/acme/client-channel",
+        ("filter:sign-for-pega", "issuer"): "4f2b8c1e-9d3a-4e7b-a1c5-0d6e8f9a2b3c",
+        ("filter:sign-for-pega", "secret_file"): "{secret}",
+        ("route:to-digital-messaging", "rewrite_path"): "/dms/client-channel/4f2b8c1e-9d3a-4e7b-a1c5-0d6e8f9a2b3c",
+    },
+    "cobrowse": {
+        ("listen:public", "endpoint"): "tcp:443",
+        ("listen:public", "certificate"): "{cert}",
+        ("listen:public", "key"): "{key}",
+        ("listen:agents", "endpoint"): "tcp:8443",
+        ("listen:agents", "certificate"): "{cert}",
+        ("listen:agents", "key"): "{key}",
+        ("listen:agents", "allow"): "10.8.0.0/16, 192.168.40.0/24",
+        ("upstream:cobrowse", "servers"): "https://cobrowse.internal.acme-insurance.test",
+        ("filter:agent-networks", "allow"): "10.8.0.0/16, 192.168.40.0/24",
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(SITE_VALUES))
+def test_check_profile_with_a_site_file_prints_no_warning(tmp_path: Path, pki: PKI, name: str) -> None:
+    """``check`` on the shipped profile in etc/ and a site file, loaded after
+    it, that sets every option the profile marks SITE: exits 0 and prints no
+    warning (standard output as without the warnings)."""
+    values = SITE_FILES[name]
+    assert set(values) == {(site.section, site.option) for site in SITE_VALUES[name].site_values}
+    files = {"cert": pki.cert, "key": pki.key, "secret": write_secret(tmp_path)}
+    sections: dict[str, list[str]] = {}
+    for (section, option), text in values.items():
+        sections.setdefault(section, []).append(f"{option} = {text.format(**files)}")
+    site = tmp_path / "site.ini"
+    site.write_text("".join(f"[{section}]\n" + "\n".join(lines) + "\n\n" for section, lines in sections.items()))
+    result = run_check(REPO / "etc" / f"{name}.ini", site)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"configuration OK: {REPO / 'etc' / name}.ini, {site}\n")
+    assert result.stderr == ""
+
+
+def test_check_warns_about_examples_in_any_configuration(tmp_path: Path) -> None:
+    """Outside the profiles too, ``check`` warns (exit 0, standard output
+    unchanged) about example domains, mycompany hosts, MySelfServiceApp and
+    documentation networks, naming the file that set each; the rest of the
+    configuration is not reported."""
+    base = write(tmp_path / "own.ini", """
+        [listen:main]
+        endpoint = tcp:8080:interface=127.0.0.1
+        trusted_proxies = 203.0.113.0/24
+
+        [upstream:app]
+        servers = https://mycompany.pegacloud.net
+
+        [route:chat]
+        hosts = chat.example.org
+        path = /prweb/PRChat/app/MySelfServiceApp
+        upstream = app
+    """)
+    quiet = run_check(base)
+    site = write(tmp_path / "site.ini", "[upstream:app]\nservers = https://pega.acme-insurance.test\n")
+    result = run_check(base, site)
+    assert result.returncode == 0 and quiet.returncode == 0, quiet.stderr + result.stderr
+    assert warned(quiet.stderr) == [(str(base), "listen:main", "trusted_proxies"), (str(base), "upstream:app", "servers"),
+                                    (str(base), "route:chat", "hosts"), (str(base), "route:chat", "path")]
+    assert warned(result.stderr) == [(str(base), "listen:main", "trusted_proxies"), (str(base), "route:chat", "hosts"),
+                                     (str(base), "route:chat", "path")]
+    assert quiet.stdout.replace(str(base), "X") == result.stdout.replace(f"{base}, {site}", "X").replace(
+        "https://pega.acme-insurance.test", "https://mycompany.pegacloud.net")
 
 
 # ---------------------------------------------------------------------------

@@ -193,6 +193,72 @@ def test_origin_missing_allow(headers, expected):
     assert status(flt.request(make_head(headers=headers))) == expected
 
 
+WS_HANDSHAKE = [("Connection", "Upgrade"), ("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"),
+                ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")]
+
+MISSING_CASES = [
+    # (missing, method, headers, expected status)
+    # Neither Origin nor Referer: what `missing` says, by method and handshake.
+    ("deny", "GET", [], 403),
+    ("deny", "HEAD", [], 403),
+    ("deny", "POST", [], 403),
+    ("deny", "GET", WS_HANDSHAKE, 403),
+    ("allow", "GET", [], None),
+    ("allow", "POST", [], None),
+    ("allow", "GET", WS_HANDSHAKE, None),
+    ("allow-get", "GET", [], None),  # a script or image of a no-referrer page
+    ("allow-get", "HEAD", [], None),
+    ("allow-get", "GET", [("Referer", "")], None),  # an empty Referer is no Referer
+    ("allow-get", "GET", [("Connection", "keep-alive")], None),
+    ("allow-get", "GET", WS_HANDSHAKE, 403),  # the WebSocket handshake is checked
+    ("allow-get", "GET", [("Upgrade", "WebSocket")], 403),  # any case, with or without Connection
+    ("allow-get", "GET", [("Upgrade", "h2c, websocket/13")], 403),  # among several protocols, with a version
+    ("allow-get", "GET", [("Upgrade", "h2c"), ("Upgrade", "websocket")], 403),  # in a second Upgrade header
+    ("allow-get", "GET", [("Upgrade", "h2c")], None),  # another protocol is not a WebSocket handshake
+    ("allow-get", "POST", [], 403),
+    ("allow-get", "PUT", [], 403),
+    ("allow-get", "DELETE", [], 403),
+    ("allow-get", "PATCH", [], 403),
+    ("allow-get", "OPTIONS", [], 403),  # a browser's preflight carries Origin; a bare OPTIONS is not a page's
+    ("allow-get", "TRACE", [], 403),
+    ("allow-get", "get", [], 403),  # methods are case-sensitive: "get" is not GET
+    # A header that is present is checked whatever `missing` says.
+    ("allow-get", "GET", [("Origin", "https://www.example.com")], None),
+    ("allow-get", "GET", [("Referer", "https://www.example.com/help")], None),
+    ("allow-get", "POST", [("Origin", "https://www.example.com")], None),
+    ("allow-get", "GET", WS_HANDSHAKE + [("Origin", "https://www.example.com")], None),
+    ("allow-get", "GET", [("Origin", "https://evil.test")], 403),  # a cross-site fetch
+    ("allow-get", "GET", [("Referer", "https://evil.test/page")], 403),  # a script tag on another site
+    ("allow-get", "GET", [("Origin", "null")], 403),
+    ("allow-get", "HEAD", [("Origin", "https://evil.test")], 403),
+    ("allow-get", "OPTIONS", [("Origin", "https://evil.test")], 403),  # an untrusted preflight
+    ("allow-get", "OPTIONS", [("Origin", "https://www.example.com")], None),  # a trusted preflight
+    ("allow", "GET", [("Origin", "https://evil.test")], 403),
+]
+
+
+@pytest.mark.parametrize("missing, method, headers, expected", MISSING_CASES)
+def test_origin_missing_by_method_and_handshake(missing, method, headers, expected):
+    """``missing`` decides only for requests with neither Origin nor Referer:
+    deny refuses them, allow passes them, allow-get passes plain GET and HEAD
+    but refuses WebSocket handshakes (an Upgrade naming websocket) and every
+    other method; an Origin or Referer that is present is checked in every mode."""
+    flt = origin_kind.build({"allow": "https://www.example.com", "missing": missing})
+    assert status(flt.request(make_head(method=method, headers=headers))) == expected
+
+
+@pytest.mark.parametrize("method, headers, reason", [
+    ("GET", WS_HANDSHAKE, "no Origin or Referer header (WebSocket handshakes need one)"),
+    ("POST", [], "no Origin or Referer header (POST requests need one)"),
+    ("OPTIONS", [], "no Origin or Referer header (OPTIONS requests need one)"),
+])
+def test_origin_missing_allow_get_refusal_says_why(method, headers, reason):
+    """With missing = allow-get the refusal says why a request without either
+    header was not let through: a WebSocket handshake, or its method."""
+    flt = origin_kind.build({"allow": "https://www.example.com", "missing": "allow-get"})
+    assert flt.request(make_head(method=method, headers=headers)).reason == reason
+
+
 def test_origin_configured_forms_are_normalised():
     """Configured origins may be written in any case, with the default port, a
     trailing slash, or as Unicode host names (compared as IDNA)."""
@@ -221,7 +287,8 @@ ORIGIN_OPTION_ERRORS = [
     ({"allow": "https://*.com"}, "allow", "at least two labels"),
     ({"allow": "https://exa mple.com"}, "allow", "is not an origin"),
     ({"allow": "https://under_score-.example"}, "allow", "not a valid host name"),
-    ({"allow": "https://a.example", "missing": "maybe"}, "missing", "expected deny or allow"),
+    ({"allow": "https://a.example", "missing": "maybe"}, "missing", "expected deny, allow-get or allow"),
+    ({"allow": "https://a.example", "missing": "allow-post"}, "missing", "expected deny, allow-get or allow"),
     ({"allow": "https://a.example", "origins": "x"}, "origins", "unknown option (origin takes: allow, missing)"),
 ]
 

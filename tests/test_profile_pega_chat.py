@@ -8,8 +8,9 @@ server": exactly the four URL patterns reach Pega (with X-Forwarded-Proto:
 https, TLS ending at chatproxy), everything else (the Pega portal, other
 applications, traversal, case and double-slash variants) is refused without
 reaching it, the trusted origins are enforced on every route and on the
-WebSocket handshake, WebSocket chat works on PRPushServlet only, and the WAF
-is on.
+WebSocket handshake (a plain GET with neither Origin nor Referer, as a
+no-referrer page sends, passes; a handshake or a POST without them does not),
+WebSocket chat works on PRPushServlet only, and the WAF is on.
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ def last_new(pega: StandIn, before: int) -> dict[str, Any]:
 def test_shipped_profile_has_one_app_name_and_the_four_patterns() -> None:
     """The shipped file names the same application in both app routes, has
     exactly the three routes for Pega's four patterns (PRPushServlet the only
-    WebSocket one), and every route runs the allowlist, the origin check and
-    the WAF."""
+    WebSocket one), and every route runs the allowlist, the origin check
+    (lenient only to plain GETs without Origin and Referer) and the WAF."""
     routes = {s.split(":", 1)[1]: PROFILE[s] for s in PROFILE.sections() if s.startswith("route:")}
     assert sorted(routes) == ["pega-chat", "pega-mashup", "pega-push"]
     assert CHAT_PREFIX == f"/prweb/PRChat/app/{APP}" and PUSH_PREFIX == f"/prweb/PRPushServlet/app/{APP}"
@@ -127,6 +128,7 @@ def test_shipped_profile_has_one_app_name_and_the_four_patterns() -> None:
     assert PROFILE["filter:waf"]["use"] == "waf"
     assert "allow" not in PROFILE["listen:public"]  # the listener is open to all
     assert option_list(PROFILE["filter:client-networks"]["allow"]) == ["0.0.0.0/0", "::/0"]
+    assert PROFILE["filter:trusted-origins"]["missing"] == "allow-get"
     assert PROFILE["listen:public"]["tls"] == "yes"
 
 
@@ -297,7 +299,8 @@ ORIGIN_CASES = [
     ("the proxy's own origin", {"Origin": f"https://{HOST}"}, 200),
     ("upper case, default port", {"Origin": "https://WWW.Example.COM:443"}, 200),
     ("Referer of a trusted page", {"Referer": f"{SITE}/help/chat?topic=billing"}, 200),
-    ("neither Origin nor Referer", {}, 403),
+    ("neither Origin nor Referer (no-referrer page)", {}, 200),
+    ("empty Referer", {"Referer": ""}, 200),
     ("other site", {"Origin": "https://evil.example"}, 403),
     ("Origin null", {"Origin": "null"}, 403),
     ("http scheme", {"Origin": "http://www.example.com"}, 403),
@@ -315,14 +318,69 @@ ROUTE_TARGETS = [MASHUP, f"{CHAT_PREFIX}/!STANDARD", f"{PUSH_PREFIX}/?transport=
 @pytest.mark.parametrize("case, headers, status", ORIGIN_CASES, ids=[c for c, _, _ in ORIGIN_CASES])
 def test_trusted_origins_on_every_route(env: Env, target: str, case: str, headers: dict[str, str],
                                         status: int) -> None:
-    """On each of the three routes, a request passes only when its Origin (or,
-    without one, its Referer) is one of the shipped trusted origins; anything
-    else, including no origin at all, gets 403 and never reaches Pega."""
+    """On each of the three routes, a GET passes when its Origin (or, without
+    one, its Referer) is one of the shipped trusted origins, or when it has
+    neither (a page with Referrer-Policy: no-referrer); an untrusted, null or
+    malformed origin gets 403 and never reaches Pega."""
     assert ORIGINS == [SITE, f"https://{HOST}"]
     before = len(env.pega.requests)
     response = env.client().request("GET", target, headers)
     assert response.status == status, (response.status, response.body)
     assert len(env.pega.requests) == before + (1 if status == 200 else 0)
+
+
+def test_mashup_script_without_origin_or_referer_reaches_pega(env: Env) -> None:
+    """The mashup script include, fetched as a page with Referrer-Policy:
+    no-referrer (or a privacy extension) fetches it -- GET or HEAD, neither
+    Origin nor Referer -- reaches Pega, and so does a chat resource below the
+    app route."""
+    before = len(env.pega.requests)
+    client = env.client()
+    assert client.get(MASHUP).status == 200
+    assert client.request("HEAD", MASHUP).status == 200
+    assert client.get(f"{CHAT_PREFIX}/chat.css?v=8.8").status == 200
+    records = env.pega.requests[before:]
+    assert [(r["method"], r["path"]) for r in records] == [
+        ("GET", MASHUP), ("HEAD", MASHUP), ("GET", f"{CHAT_PREFIX}/chat.css?v=8.8")]
+    assert not any(header(r, "Origin") or header(r, "Referer") for r in records)
+
+
+NO_ORIGIN_REFUSED = [
+    ("POST", f"{CHAT_PREFIX}/!STANDARD?pzTransactionId=abc", "POST requests need one"),
+    ("POST", f"{PUSH_PREFIX}/send?sid=x1", "POST requests need one"),
+    ("PUT", f"{CHAT_PREFIX}/!STANDARD", "PUT requests need one"),
+    ("DELETE", f"{PUSH_PREFIX}/?sid=x1", "DELETE requests need one"),
+    ("OPTIONS", f"{CHAT_PREFIX}/!STANDARD", "OPTIONS requests need one"),
+]
+
+
+@pytest.mark.parametrize("method, target, reason", NO_ORIGIN_REFUSED,
+                         ids=[f"{m} {t}" for m, t, _ in NO_ORIGIN_REFUSED])
+def test_other_methods_without_origin_or_referer_are_refused(env: Env, method: str, target: str,
+                                                             reason: str) -> None:
+    """A POST (or any method but GET and HEAD) with neither Origin nor Referer
+    gets 403 saying why, and never reaches Pega; the same request from a
+    trusted origin reaches it (a CORS preflight OPTIONS carries Origin)."""
+    before = len(env.pega.requests)
+    client = env.client()
+    body = b"{}" if method in ("POST", "PUT") else None
+    headers = {"Content-Type": "application/json"} if body else {}
+    refused = client.request(method, target, headers, body)
+    assert refused.status == 403 and reason.encode() in refused.body, (refused.status, refused.body)
+    assert len(env.pega.requests) == before
+    passed = client.request(method, target, dict(headers, Origin=SITE), body)
+    assert passed.status == 200, (passed.status, passed.body)
+    assert last_new(env.pega, before)["method"] == method
+
+
+def test_upgrade_without_origin_on_a_plain_route_is_refused(env: Env) -> None:
+    """A GET asking for a WebSocket without Origin is a handshake, not a plain
+    GET: refused with 403 on the chat and mashup routes too (which would
+    forward it without its Upgrade), and nothing reaches Pega."""
+    before = len(env.pega.requests)
+    assert env.ws_status(f"{CHAT_PREFIX}/?sid=c", origin=None) == 403
+    assert env.ws_status(MASHUP, origin=None) == 403
+    assert len(env.pega.requests) == before
 
 
 def test_allowlist_is_optional_and_one_site_value(pki: PKI, proxy: ProxyStarter, tmp_path: Path) -> None:
@@ -379,7 +437,8 @@ def test_websocket_chat_on_the_push_route(env: Env) -> None:
                          ids=["no origin", "other site", "null", "http"])
 def test_websocket_handshake_from_an_untrusted_origin_is_refused(env: Env, origin: str | None) -> None:
     """A WebSocket handshake on PRPushServlet from a page that is not trusted
-    (or without Origin) gets 403 from chatproxy; Pega never sees it."""
+    (or without Origin and Referer: plain GETs may omit them, handshakes may
+    not) gets 403 from chatproxy; Pega never sees it."""
     before = len(env.pega.requests)
     assert env.ws_status(f"{PUSH_PREFIX}/?sid=evil", origin) == 403
     assert len(env.pega.requests) == before

@@ -5,7 +5,7 @@
     [filter:trusted-origins]
     use = origin
     allow = https://www.example.com, https://*.example.com
-    missing = deny
+    missing = allow-get
 
 A browser names the page that makes a request in ``Origin`` (always on
 WebSocket handshakes, cross-origin requests and POSTs); where it sends no
@@ -17,14 +17,18 @@ origin one or more labels below ``example.com`` (``https://a.example.com``,
 ``https://a.b.example.com``) on the same scheme and port, not
 ``https://example.com`` itself.  ``Origin: null`` (sandboxed frames, files,
 some redirects) is never trusted.  A request with neither header is refused
-unless ``missing = allow``.  Refusals are ``403``.
+with ``missing = deny`` (the default), passes with ``missing = allow``, and
+with ``missing = allow-get`` passes only when it is a plain ``GET`` or
+``HEAD`` (not a WebSocket handshake): a page served with ``Referrer-Policy:
+no-referrer`` loads scripts that way.  A header that is present is checked
+whatever ``missing`` says.  Refusals are ``403``.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,6 +40,8 @@ from chatproxy.config import parse_list
 from chatproxy.filters import FilterOptionError, IFilterFactory, IRequestFilter, Refuse
 
 _OPTIONS = ("allow", "missing")
+MISSING = ("deny", "allow-get", "allow")  # the values of ``missing``
+_LENIENT_METHODS = frozenset({"GET", "HEAD"})
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 # scheme "://" host [":" port], the serialisation of RFC 6454 section 6.2.
@@ -160,14 +166,47 @@ def parse_allowed(item: str) -> tuple[bool, OriginKey]:
     return wildcard, (scheme, host, _port(scheme, port))
 
 
+def websocket_handshake(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether a request head asks for a WebSocket: an ``Upgrade`` header (any
+    of them) lists the protocol ``websocket`` (any case, any version)."""
+    for name, value in headers:
+        if name.lower() == b"upgrade":
+            for token in value.split(b","):
+                if token.split(b"/", 1)[0].strip().lower() == b"websocket":
+                    return True
+    return False
+
+
+def missing_refusal(missing: str, method: str, headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """What happens to a request with neither ``Origin`` nor ``Referer`` under
+    ``missing``: None when it passes, otherwise the reason it is refused.
+
+    ``allow-get`` lets a plain ``GET`` or ``HEAD`` pass (what a page with
+    ``Referrer-Policy: no-referrer`` sends for its scripts and images) and
+    refuses a WebSocket handshake and every other method (``OPTIONS``
+    included: a browser's CORS preflight always carries ``Origin``).
+    """
+    if missing == "allow":
+        return None
+    if missing == "allow-get":
+        if websocket_handshake(headers):
+            return "no Origin or Referer header (WebSocket handshakes need one)"
+        if method not in _LENIENT_METHODS:
+            return f"no Origin or Referer header ({method[:20]} requests need one)"
+        return None
+    return "no Origin or Referer header"
+
+
 @implementer(IRequestFilter)
 class OriginFilter:
     """Passes requests from a trusted origin; refuses the others with 403."""
 
-    def __init__(self, exact: frozenset[OriginKey], wildcards: tuple[OriginKey, ...], missing_allowed: bool) -> None:
+    def __init__(self, exact: frozenset[OriginKey], wildcards: tuple[OriginKey, ...], missing: str = "deny") -> None:
+        if missing not in MISSING:
+            raise ValueError(f"missing must be one of {', '.join(MISSING)}, got {missing!r}")
         self.exact = exact
         self.wildcards = wildcards
-        self.missing_allowed = missing_allowed
+        self.missing = missing
 
     def trusted(self, key: OriginKey) -> bool:
         """Whether an origin is in the allow list."""
@@ -198,9 +237,8 @@ class OriginFilter:
             return None
         referer = head.header("referer")
         if referer is None or not referer.strip():
-            if self.missing_allowed:
-                return None
-            return Refuse(403, "no Origin or Referer header")
+            reason = missing_refusal(self.missing, head.method, head.headers)
+            return None if reason is None else Refuse(403, reason)
         key = referer_origin(referer)
         if key is None:
             return Refuse(403, f"Referer {_quote(referer)} has no origin")
@@ -216,7 +254,7 @@ class OriginKind:
     name = "origin"
 
     def build(self, options: Mapping[str, str]) -> OriginFilter:
-        """Parse ``allow`` (required list of origins) and ``missing`` (deny or allow)."""
+        """Parse ``allow`` (required list of origins) and ``missing`` (deny, allow-get or allow)."""
         for option in options:
             if option not in _OPTIONS:
                 raise FilterOptionError(option, f"unknown option (origin takes: {', '.join(_OPTIONS)})")
@@ -241,9 +279,9 @@ class OriginKind:
             else:
                 exact.add(key)
         missing = options.get("missing", "deny").strip().lower()
-        if missing not in ("deny", "allow"):
-            raise FilterOptionError("missing", f"expected deny or allow, got {options['missing']!r}")
-        return OriginFilter(frozenset(exact), tuple(wildcards), missing == "allow")
+        if missing not in MISSING:
+            raise FilterOptionError("missing", f"expected deny, allow-get or allow, got {options['missing']!r}")
+        return OriginFilter(frozenset(exact), tuple(wildcards), missing)
 
 
 origin = OriginKind()
