@@ -659,16 +659,24 @@ class WebSocketBridge:
                           name=name, verdict=verdict)
                 self.close_both(1011, "internal filter error")
                 return
-            what = "dropped a message" if verdict == DROP else f"closed the session with {verdict.code}"
+            drop = verdict == DROP or route_filter.drop_refused
+            if verdict == DROP:
+                what = "dropped a message"
+            elif drop:
+                what = f"refused a message ({verdict.code}) and dropped it"
+            else:
+                what = f"closed the session with {verdict.code}"
+            client = self.exchange.head.client if self.exchange.head else "-"
+            direction = "client to upstream" if upward else "upstream to client"
             if route_filter.report:
                 counters[f"{name}:reported"] += 1
-                log.info("filter {name} (report mode) would have {what} from {client}", name=name, what=what,
-                         client=self.exchange.head.client if self.exchange.head else "-")
+                log.info("filter {name} (report mode) would have {what}, {direction}, client {client}",
+                         name=name, what=what, direction=direction, client=client)
                 continue
             counters[f"{name}:refused"] += 1
-            log.info("filter {name} {what} from {client}", name=name, what=what,
-                     client=self.exchange.head.client if self.exchange.head else "-")
-            if verdict == DROP:
+            log.info("filter {name} {what}, {direction}, client {client}", name=name, what=what,
+                     direction=direction, client=client)
+            if drop:
                 self.front.core.counters["websocket_dropped"] += 1
             else:
                 self.close_both(verdict.code, verdict.reason)

@@ -31,7 +31,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from conftest import PKI, ProxyStarter, free_port
+from conftest import PKI, ProxyStarter, free_port, metric_samples
 from ws_peers import (
     OP_BINARY,
     OP_CLOSE,
@@ -99,6 +99,7 @@ class Env:
     process: Any
     log_path: Path
     gate: socket.socket  # a listener whose accept queue is full: connecting to it hangs
+    admin_port: int  # the [admin] listener (/metrics)
 
     def client_tls(self) -> ssl.SSLContext:
         return sync_client_tls(self.pki)
@@ -143,12 +144,15 @@ def sync_client_tls(pki: PKI) -> ssl.SSLContext:
 
 
 def proxy_config(pki: PKI, port: int, tls_port: int, up: int, ups: int, upz: int,
-                 log_path: Path, gate: int) -> str:
+                 log_path: Path, gate: int, admin: int) -> str:
     dead = free_port()
     return textwrap.dedent(f"""\
         [chatproxy]
         access_log = {log_path}
         access_log_format = json
+
+        [admin]
+        endpoint = tcp:{admin}:interface=127.0.0.1
 
         [listen:plain]
         endpoint = tcp:{port}:interface=127.0.0.1
@@ -186,6 +190,10 @@ def proxy_config(pki: PKI, port: int, tls_port: int, up: int, ups: int, upz: int
 
         [filter:words]
         use = ws-test-words
+
+        [filter:words-drop]
+        use = ws-test-words
+        refused_message = drop
 
         [route:ws]
         path = /
@@ -246,6 +254,12 @@ def proxy_config(pki: PKI, port: int, tls_port: int, up: int, ups: int, upz: int
         websocket = yes
         filters = words
 
+        [route:filtered-drop]
+        path = /filtered-drop
+        upstream = ws
+        websocket = yes
+        filters = words-drop
+
         [route:tunnel]
         path = /tunnel
         upstream = ws
@@ -297,13 +311,13 @@ def env(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         upstreams.append(ups)
         upz = WsUpstream(compression="deflate")
         upstreams.append(upz)
-        port, tls_port = free_port(), free_port()
+        port, tls_port, admin_port = free_port(), free_port(), free_port()
         log_path = directory / "access.log"
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(plugin_dir), os.environ.get("PYTHONPATH")])))
             process = starter.start(proxy_config(pki, port, tls_port, up.port, ups.port, upz.port,
-                                                 log_path, gate.getsockname()[1]), port=port)
-        yield Env(pki, up, ups, upz, port, tls_port, process, log_path, gate)
+                                                 log_path, gate.getsockname()[1], admin_port), port=port)
+        yield Env(pki, up, ups, upz, port, tls_port, process, log_path, gate, admin_port)
     finally:
         filler.close()
         gate.close()
@@ -1028,6 +1042,42 @@ def test_message_filter_drops_and_closes(env):
     assert (session.close_code, session.close_reason) == (4400, "bad word")
     entry = env.log_entry(sid)
     assert entry["websocket"]["close"] == "4400"
+
+
+def _filter_metric(env: Env, name: str, labels: dict[str, str]) -> float:
+    """The value of one labelled sample of ``name`` on the proxy's /metrics (0 when absent)."""
+    return next((value for found, value in metric_samples(env.admin_port, name) if found == labels), 0.0)
+
+
+def test_refused_message_drop_keeps_the_session(env):
+    """refused_message = drop: a message the filter refuses (CloseSession) is not
+    relayed, in either direction, and the session goes on: the next message on
+    the same session passes.  Each refusal is counted as the filter's
+    ``refused`` outcome and as a ``websocket_dropped`` event on /metrics, and
+    logged in one line naming the filter, the direction and the client."""
+    refused = {"filter": "words-drop", "outcome": "refused"}
+    dropped = {"event": "websocket_dropped"}
+    refused_before = _filter_metric(env, "chatproxy_filter_outcomes_total", refused)
+    dropped_before = _filter_metric(env, "chatproxy_events_total", dropped)
+    with ws_connect(f"ws://localhost:{env.port}/filtered-drop?sid={new_sid()}") as ws:
+        sid = sid_of(ws)
+        ws.send("a BADWORD here")
+        ws.send("after the refusal")
+        assert ws.recv(timeout=WAIT) == "after the refusal"
+        ws.send("!say64 " + base64.b64encode(b"downward BADWORD").decode())  # the command itself passes
+        ws.send("!say downward ok")
+        assert ws.recv(timeout=WAIT) == "downward ok"
+        ws.send("still open")
+        assert ws.recv(timeout=WAIT) == "still open"
+    session = env.up.session(sid).wait_ended()
+    assert "a BADWORD here" not in session.received and "after the refusal" in session.received
+    assert session.close_code == 1000
+    assert env.log_entry(sid)["websocket"]["close"] == "1000"
+    assert _filter_metric(env, "chatproxy_filter_outcomes_total", refused) == refused_before + 2
+    assert _filter_metric(env, "chatproxy_events_total", dropped) == dropped_before + 2
+    for direction in ("client to upstream", "upstream to client"):
+        line = f"filter words-drop refused a message (4400) and dropped it, {direction}, client 127.0.0.1"
+        wait_until(lambda: line in env.process.output(), message=f"no log line {line!r}")
 
 
 # ---------------------------------------------------------------------------
