@@ -264,6 +264,19 @@ class ClientLeg(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc]
             self.bridge.leg_failed(self, code, reason)
         super()._fail_connection(code, reason)
 
+    def _closeConnection(self, abort: bool = False) -> None:
+        # Autobahn ending the connection: through the front connection, which
+        # reads on until the peer's FIN or TLS close_notify (bounded).  Autobahn
+        # asks for an abort also once the close handshake is complete (a server
+        # drops the TCP connection when the peer's close arrives): a reset the
+        # peer may see before it has read the close frame, and on TLS the close
+        # frame never leaves.  Only a close handshake that did not complete
+        # (timed out, dead peer) is aborted.
+        if abort and not self.wasClean:
+            self.bridge.front.abort(hard=True)
+        else:
+            self.bridge.front.close()
+
 
 class UpstreamLeg(_FastFrames, WebSocketClientProtocol):  # type: ignore[misc]
     """The Autobahn client protocol speaking to the upstream."""

@@ -925,6 +925,38 @@ def test_client_closing_tcp_without_close_frame_closes_upstream_1001(leg2):
     assert leg2.upstream.session(sid).wait_ended().close_code == 1001
 
 
+def read_to_end(client: RawClient) -> bytes:
+    """Whatever the client still receives until the connection ends (EOF; on TLS
+    the peer's close_notify or EOF); a reset raises ConnectionResetError."""
+    data, client.buffer = client.buffer, b""
+    while True:
+        chunk = client.sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+def test_failed_client_leg_gets_its_close_frame_and_a_clean_end(env, scheme):
+    """A client breaking the protocol (a frame with RSV bits, no extension)
+    gets chatproxy's 1002 close frame, over TLS as over TCP (not lost to an
+    abort); once it answers with its own close, chatproxy closes the connection
+    cleanly: the socket reads EOF, not a reset."""
+    tls = scheme == "wss"
+    client = RawClient(env.tls_port if tls else env.port, tls=env.pki.client_context() if tls else None)
+    sid = new_sid()
+    try:
+        assert client.handshake(f"/chat?sid={sid}") == 101
+        client.sock.sendall(bytes([0xF1]) + encode_frame(OP_TEXT, b"rsv")[1:])
+        assert client.recv_close()[0] == 1002
+        client.send(OP_CLOSE, close_payload(1002))
+        assert read_to_end(client) == b""
+    finally:
+        client.close()
+    assert env.up.session(sid).wait_ended().close_code == 1002
+    assert env.log_entry(sid)["websocket"]["close"] == "1002"
+
+
 # ---------------------------------------------------------------------------
 # Liveness
 

@@ -87,6 +87,7 @@ class FrontConnection(Protocol):
         self._peer_known = False
         self._corked = False
         self._out: list[bytes] = []
+        self._close_timer: Any = None
 
     # -- connection lifecycle
 
@@ -100,6 +101,8 @@ class FrontConnection(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.closing = True
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
         self.core.sweeper.discard(self)
         self.core.connections.discard(self)
         if self.tunnel is not None:
@@ -450,8 +453,9 @@ class FrontConnection(Protocol):
                 send(self.transport, out[0] if len(out) == 1 else b"".join(out))
 
     def pause_reading(self, reason: str) -> None:
-        """Stop reading from the client for ``reason`` (until resumed for it)."""
-        if not self._read_pauses and self.transport is not None:
+        """Stop reading from the client for ``reason`` (until resumed for it).
+        A connection being closed reads on (see :meth:`close`)."""
+        if not self._read_pauses and self.transport is not None and not self.closing:
             self.transport.pauseProducing()  # type: ignore[attr-defined]
         self._read_pauses.add(reason)
 
@@ -500,13 +504,25 @@ class FrontConnection(Protocol):
             self.close()
 
     def close(self) -> None:
-        """Close after what has been written is sent."""
+        """Close after what has been written is sent.  Reading goes on (what
+        arrives is discarded), so that a TLS peer's close_notify and a TCP FIN
+        are seen (a TLS transport waits for the peer's close_notify before it
+        closes the socket); a close the peer does not complete within
+        ``idle_timeout`` ends in an abort."""
         if self.transport is not None and not self.closing:
             self._flush()  # what is corked must go out before the close
             # A TLS transport does not shut down while a producer is registered.
             self.transport.unregisterProducer()  # type: ignore[attr-defined]
+            self._read_pauses.clear()
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
             self.transport.loseConnection()
+            self._close_timer = self.core.reactor.callLater(self.settings.idle_timeout, self._close_timed_out)
         self.closing = True
+
+    def _close_timed_out(self) -> None:
+        self._close_timer = None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def abort(self, hard: bool = False) -> None:
         """Close without completing the response: the client must see a broken
