@@ -11,9 +11,14 @@ late one 504.
 
 Messages are relayed whole (Autobahn reassembles fragmented messages and
 validates UTF-8), in order, through the route's message filters.  A close
-from either side is passed on with its code and reason unchanged; an abrupt
-loss of the upstream closes the client with 1011, an abrupt loss of the
-client closes the upstream with 1001.  Each leg's slowness pauses reading
+from either side is passed on with its code and reason unchanged, once
+:func:`close_frame_problem` found it valid (payload of 0 or 2-125 bytes,
+code 1000-1003, 1007-1014 or 3000-4999, UTF-8 reason); an invalid one is
+never passed on: its sender gets 1002 and so does the other leg (1002, as
+for any protocol error of a peer: the session ended on a protocol error,
+and the other peer did nothing wrong but is told why), and the access log
+records 1002.  An abrupt loss of the upstream closes the client with 1011,
+an abrupt loss of the client closes the upstream with 1001.  Each leg's slowness pauses reading
 from the other; bytes sent to a leg that stays paused are counted and past
 ``max_buffered_bytes`` the session is closed with 1013.  Once the session
 is closing nothing is relayed any more and both legs are read again, so that
@@ -229,13 +234,83 @@ def _is_utf8(payload: bytes) -> bool:
     return True
 
 
-class ClientLeg(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc]
+#: Close codes a peer may send (RFC 6455 7.4): Autobahn's list of the
+#: allowed ones (1000-1003, 1007-1013), 1014 (registered with IANA since), and
+#: 3000-4999 (see close_frame_problem).  0-999, 1004-1006, 1015-2999 and 5000
+#: up are not: 1005, 1006 and 1015 only stand for "no code", "connection
+#: lost" and "TLS failed" locally, never on the wire.
+_WIRE_CLOSE_CODES = frozenset(WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED) | {1014}
+
+
+def close_frame_problem(length: int, code: int | None, reason: bytes | None) -> str | None:
+    """What is wrong with a close frame received from a peer, or None if it
+    is valid.  ``length`` is its payload length, ``code`` and ``reason`` the
+    status code and reason bytes in it (None when absent).
+
+    Valid (RFC 6455 5.5, 5.5.1, 7.4): an empty payload (no code), or 2 to 125
+    bytes: a code of 1000-1003, 1007-1014 or 3000-4999, then a UTF-8 reason.
+    No I/O: the bridge calls it for every close frame before anything is
+    relayed."""
+    if length == 1:
+        return "close frame with a 1-byte payload"
+    if length > 125:
+        return f"close frame with a {length}-byte payload (control frames carry at most 125)"
+    if code is None:
+        return None if not reason else "close frame with a reason but no code"
+    if code not in _WIRE_CLOSE_CODES and not 3000 <= code <= 4999:
+        return f"invalid close code {code}"
+    if reason and not _is_utf8(reason):
+        return "close reason is not UTF-8"
+    return None
+
+
+def _close_payload_length(leg: Any, code: int | None, reason: bytes | None) -> int:
+    """The payload length of the close frame ``leg`` is processing: from
+    Autobahn's frame header when it has one (a 1-byte payload reaches
+    onCloseFrame as no code at all), else what the code and reason add up to."""
+    length = getattr(getattr(leg, "current_frame", None), "length", None)
+    if isinstance(length, int):
+        return length
+    return (0 if code is None else 2) + len(reason or b"")
+
+
+class _BridgeLeg:
+    """What both legs hand to the bridge: messages, close frames, failures, the end."""
+
+    bridge: WebSocketBridge
+    state: int
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.bridge.relay(self, payload, isBinary)
+
+    def onCloseFrame(self, code: Any, reasonRaw: Any) -> Any:
+        # Checked here, before anything is relayed, whatever Autobahn checked
+        # or will check (it fails a 1-byte payload before calling this, a bad
+        # code only in its own onCloseFrame).
+        problem = close_frame_problem(_close_payload_length(self, code, reasonRaw), code, reasonRaw)
+        if problem is None:
+            self.bridge.close_received(self, code, reasonRaw)
+            return super().onCloseFrame(code, reasonRaw)  # type: ignore[misc]
+        if self.state == _OPEN:
+            self._fail_connection(1002, problem)
+        # The peer sent its close and has ours (1002): the close handshake is
+        # complete, as Autobahn is told (it is not given the invalid code).
+        return super().onCloseFrame(None, None)  # type: ignore[misc]
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.bridge.leg_closed(self, wasClean, code, reason)
+
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        if self.state == _OPEN:
+            self.bridge.leg_failed(self, code, reason)
+        super()._fail_connection(code, reason)  # type: ignore[misc]
+
+
+class ClientLeg(_FastFrames, _BridgeLeg, WebSocketServerProtocol):  # type: ignore[misc]
     """The Autobahn server protocol speaking to the client."""
 
     _RECEIVE_MASKED = True  # a client masks its frames
     _SEND_MASKED = False
-
-    bridge: WebSocketBridge
 
     def onConnect(self, request: Any) -> Any:
         return self.bridge.open_upstream(request)
@@ -248,21 +323,6 @@ class ClientLeg(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc]
         if not self.bridge.refused_status:
             self.bridge.refused_status = code
         super().failHandshake(reason, code, responseHeaders)
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.bridge.relay(self, payload, isBinary)
-
-    def onCloseFrame(self, code: Any, reasonRaw: Any) -> Any:
-        self.bridge.close_received(self, code, reasonRaw)
-        return super().onCloseFrame(code, reasonRaw)
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.bridge.leg_closed(self, wasClean, code, reason)
-
-    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
-        if self.state == self.STATE_OPEN:
-            self.bridge.leg_failed(self, code, reason)
-        super()._fail_connection(code, reason)
 
     def _closeConnection(self, abort: bool = False) -> None:
         # Autobahn ending the connection: through the front connection, which
@@ -278,13 +338,11 @@ class ClientLeg(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc]
             self.bridge.front.close()
 
 
-class UpstreamLeg(_FastFrames, WebSocketClientProtocol):  # type: ignore[misc]
+class UpstreamLeg(_FastFrames, _BridgeLeg, WebSocketClientProtocol):  # type: ignore[misc]
     """The Autobahn client protocol speaking to the upstream."""
 
     _RECEIVE_MASKED = False  # a server does not
     _SEND_MASKED = True
-
-    bridge: WebSocketBridge
 
     def connectionMade(self) -> None:
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -298,21 +356,6 @@ class UpstreamLeg(_FastFrames, WebSocketClientProtocol):  # type: ignore[misc]
 
     def onOpen(self) -> None:
         self.bridge.upstream_open()
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.bridge.relay(self, payload, isBinary)
-
-    def onCloseFrame(self, code: Any, reasonRaw: Any) -> Any:
-        self.bridge.close_received(self, code, reasonRaw)
-        return super().onCloseFrame(code, reasonRaw)
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.bridge.leg_closed(self, wasClean, code, reason)
-
-    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
-        if self.state == self.STATE_OPEN:
-            self.bridge.leg_failed(self, code, reason)
-        super()._fail_connection(code, reason)
 
     def failHandshake(self, reason: str) -> None:
         status_line = getattr(self, "http_status_line", "") or ""

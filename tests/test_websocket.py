@@ -890,6 +890,52 @@ def test_close_without_status_code(leg2):
         client.close()
 
 
+INVALID_CLOSES = [(f"code {code}", close_payload(code, "x")) for code in (0, 999, 1004, 1005, 1006, 1015, 1016,
+                                                                         2999, 5000)]
+INVALID_CLOSES += [("1-byte payload", b"\x03"), ("reason not UTF-8", close_payload(1000) + b"bad \xc3\x28")]
+
+
+@pytest.mark.parametrize("name, payload", INVALID_CLOSES, ids=[name for name, _ in INVALID_CLOSES])
+def test_invalid_close_from_the_client_is_not_relayed(leg2, name, payload):
+    """A client's invalid close frame (a code not allowed on the wire, a 1-byte
+    payload, a reason that is not UTF-8) is never passed on: the client gets
+    1002 and then a clean end of the connection, the upstream gets 1002 (not
+    the invalid bytes), and the access log says 1002."""
+    client = leg2.raw()
+    sid = new_sid()
+    try:
+        assert client.handshake(leg2.path("/chat", sid)) == 101
+        client.send(OP_TEXT, b"fine")
+        assert client.recv_message() == (OP_TEXT, b"fine")
+        client.send(OP_CLOSE, payload)
+        assert client.recv_close()[0] == 1002
+        assert read_to_end(client) == b""
+    finally:
+        client.close()
+    session = leg2.upstream.session(sid).wait_ended()
+    assert (session.received, session.close_code) == (["fine"], 1002)
+    assert leg2.env.log_entry(sid)["websocket"]["close"] == "1002"
+
+
+@pytest.mark.parametrize("name, payload", INVALID_CLOSES, ids=[name for name, _ in INVALID_CLOSES])
+def test_invalid_close_from_the_upstream_is_not_relayed(leg2, name, payload):
+    """The same invalid close frames sent by the upstream: the upstream gets 1002
+    on its own leg, the client gets 1002 (the code chatproxy uses for the other
+    leg) and, once it answers, a clean end; the access log says 1002."""
+    client = leg2.raw()
+    sid = new_sid()
+    try:
+        assert client.handshake(leg2.path("/chat", sid)) == 101
+        client.send(OP_TEXT, b"!rawclose " + payload.hex().encode())
+        assert client.recv_close()[0] == 1002
+        client.send(OP_CLOSE, close_payload(1002))
+        assert read_to_end(client) == b""
+    finally:
+        client.close()
+    assert leg2.upstream.session(sid).wait_ended().close_code == 1002
+    assert leg2.env.log_entry(sid)["websocket"]["close"] == "1002"
+
+
 def test_abrupt_upstream_loss_closes_the_client_with_1011(leg):
     """The upstream's TCP connection is reset without a close frame: the client is
     closed with 1011 and the log records 1011."""
@@ -1449,6 +1495,40 @@ def test_abrupt_loss_in_tunnel_mode_closes_the_other_side(leg2):
     client.reset()
     assert leg2.upstream.session(sid).wait_ended().close_code == 1006
 
+
+
+@pytest.mark.parametrize("length, code, reason, problem", [
+    (0, None, None, None),
+    (2, 1000, None, None),
+    (5, 1000, b"bye", None),
+    (2, 1001, None, None), (2, 1002, None, None), (2, 1003, None, None),
+    (2, 1007, None, None), (2, 1011, None, None), (2, 1013, None, None), (2, 1014, None, None),
+    (2, 3000, None, None), (2, 4999, None, None),
+    (11, 4000, "é ✓".encode(), None),
+    (125, 1000, b"r" * 123, None),
+    (2, 0, None, "invalid close code 0"),
+    (2, 999, None, "invalid close code 999"),
+    (2, 1004, None, "invalid close code 1004"),
+    (2, 1005, None, "invalid close code 1005"),
+    (2, 1006, None, "invalid close code 1006"),
+    (2, 1015, None, "invalid close code 1015"),
+    (2, 1016, None, "invalid close code 1016"),
+    (2, 2999, None, "invalid close code 2999"),
+    (2, 5000, None, "invalid close code 5000"),
+    (2, 65535, None, "invalid close code 65535"),
+    (1, None, None, "close frame with a 1-byte payload"),
+    (126, 1000, b"r" * 124, "close frame with a 126-byte payload (control frames carry at most 125)"),
+    (4, 1000, b"\xc3\x28", "close reason is not UTF-8"),
+    (5, 1000, b"\xed\xa0\x80", "close reason is not UTF-8"),  # a surrogate
+    (4, 1000, b"\xc0\xaf", "close reason is not UTF-8"),  # overlong
+])
+def test_close_frame_rule(length, code, reason, problem):
+    """The close-frame rule (RFC 6455 5.5, 7.4), a pure function: a payload of 0
+    or 2-125 bytes, a code of 1000-1003, 1007-1014 or 3000-4999, a UTF-8 reason;
+    anything else is named."""
+    from chatproxy.websocket import close_frame_problem
+
+    assert close_frame_problem(length, code, reason) == problem
 
 
 def test_fast_path_steps_aside_for_an_autobahn_with_other_internals(monkeypatch):
