@@ -145,7 +145,7 @@ def sync_client_tls(pki: PKI) -> ssl.SSLContext:
 
 def proxy_config(pki: PKI, port: int, tls_port: int, up: int, ups: int, upz: int,
                  log_path: Path, gate: int, admin: int) -> str:
-    dead = free_port()
+    dead, demo = free_port(), free_port()
     return textwrap.dedent(f"""\
         [chatproxy]
         access_log = {log_path}
@@ -153,6 +153,9 @@ def proxy_config(pki: PKI, port: int, tls_port: int, up: int, ups: int, upz: int
 
         [admin]
         endpoint = tcp:{admin}:interface=127.0.0.1
+
+        [demo]
+        endpoint = tcp:{demo}:interface=127.0.0.1
 
         [listen:plain]
         endpoint = tcp:{port}:interface=127.0.0.1
@@ -187,6 +190,9 @@ def proxy_config(pki: PKI, port: int, tls_port: int, up: int, ups: int, upz: int
 
         [upstream:untrusted]
         servers = https://localhost:{ups}
+
+        [upstream:autobahn]
+        servers = http://127.0.0.1:{demo}
 
         [filter:words]
         use = ws-test-words
@@ -288,6 +294,12 @@ def proxy_config(pki: PKI, port: int, tls_port: int, up: int, ups: int, upz: int
         [route:untrusted]
         path = /untrusted
         upstream = untrusted
+        websocket = yes
+
+        [route:autobahn-echo]
+        path = /autobahn-echo
+        rewrite_path = /chat
+        upstream = autobahn
         websocket = yes
         """)
 
@@ -844,8 +856,8 @@ def test_protocol_errors_in_whole_small_frames_still_close_1002(plain, name, fra
 # Close
 
 
-CLOSES = [(1000, "bye"), (1001, "going away"), (1008, "policy violated"), (1011, "oops"), (4000, "app code"),
-          (4999, "last app code é")]
+CLOSES = [(1000, "bye"), (1001, "going away"), (1008, "policy violated"), (1011, "oops"), (1014, "bad gateway"),
+          (4000, "app code"), (4999, "last app code é")]
 
 
 @pytest.mark.parametrize("code,reason", CLOSES)
@@ -934,6 +946,114 @@ def test_invalid_close_from_the_upstream_is_not_relayed(leg2, name, payload):
         client.close()
     assert leg2.upstream.session(sid).wait_ended().close_code == 1002
     assert leg2.env.log_entry(sid)["websocket"]["close"] == "1002"
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+def test_messages_in_flight_reach_the_client_before_its_failure_close(env, scheme):
+    """Autobahn testsuite case 3.4, behind chatproxy: a text message, then a
+    frame with RSV = 7, then a ping, in one write, to an echo upstream (the
+    demo chat, Autobahn: it answers frames in order, so it echoes the message
+    before it answers chatproxy's close).  The client gets the echo first (it
+    was in flight when the client failed), then its 1002 close, and no pong
+    (nothing but the close is sent to a peer once it broke the protocol);
+    answering the close ends the connection cleanly."""
+    tls = scheme == "wss"
+    client = RawClient(env.tls_port if tls else env.port, tls=env.pki.client_context() if tls else None)
+    sid = new_sid()
+    try:
+        assert client.handshake(f"/autobahn-echo?sid={sid}") == 101
+        client.sock.sendall(encode_frame(OP_TEXT, b"hello") + bytes([0xF1]) + encode_frame(OP_TEXT, b"rsv")[1:]
+                            + encode_frame(OP_PING, b"ping"))
+        frames = [client.recv_frame()[1:]]
+        while frames[-1][0] != OP_CLOSE:
+            frames.append(client.recv_frame()[1:])
+        assert frames[0] == (OP_TEXT, b"hello")
+        assert [op for op, _ in frames] == [OP_TEXT, OP_CLOSE]
+        assert frames[1][1][:2] == close_payload(1002)
+        client.send(OP_CLOSE, close_payload(1002))
+        assert read_to_end(client) == b""
+    finally:
+        client.close()
+    entry = env.log_entry(sid)["websocket"]
+    assert (entry["messages_up"], entry["messages_down"], entry["close"]) == ("1", "1", "1002")
+
+
+def test_client_close_is_answered_after_what_the_upstream_still_sent(env):
+    """A client that reads nothing while the upstream floods it (so chatproxy
+    holds the upstream back) closes with 1000: the upstream gets the close at
+    once, and the client, reading again, still gets every message the
+    upstream sent before answering, then the upstream's answer (its code and
+    reason passed through) and a clean end."""
+    client = RawClient(env.port, rcvbuf=16384)
+    sid = new_sid()
+    try:
+        assert client.handshake(f"/flood?sid={sid}") == 101
+        client.send(OP_TEXT, b"!flood %d %d" % (512 * MiB, 65536))
+        session = env.up.session(sid)
+        previous = -1
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and session.sent_bytes != previous:  # until the upstream is held back
+            previous = session.sent_bytes
+            time.sleep(0.5)
+        assert 0 < session.sent_bytes < 64 * MiB
+        client.send(OP_CLOSE, close_payload(1000, "bye"))
+        received = 0
+        while True:
+            op, payload = client.recv_message()
+            if op == OP_CLOSE:
+                break
+            received += len(payload)
+        assert payload == close_payload(1000, "bye")
+        assert session.wait_ended().close_code == 1000
+        assert received >= session.sent_bytes
+        assert read_to_end(client) == b""
+    finally:
+        client.close()
+    entry = env.log_entry(sid)["websocket"]
+    assert entry["close"] == "1000" and int(entry["bytes_down"]) == received
+
+
+def test_client_close_is_answered_when_the_upstream_never_answers(env):
+    """The upstream stops reading, so it never answers the client's close that
+    chatproxy passes on: the wait is bounded by the close handshake timeout
+    (5 s), after which the upstream connection is dropped and the client's
+    close answered with its own code and reason; the connection then ends
+    cleanly."""
+    client = RawClient(env.port)
+    sid = new_sid()
+    try:
+        assert client.handshake(f"/chat?sid={sid}") == 101
+        client.send(OP_TEXT, b"!deaf")
+        assert client.recv_message() == (OP_TEXT, b"deaf now")
+        client.send(OP_CLOSE, close_payload(1000, "bye"))
+        assert client.recv_close() == (1000, "bye")
+        assert read_to_end(client) == b""
+    finally:
+        client.close()
+    assert env.log_entry(sid)["websocket"]["close"] == "1000"
+
+
+def test_upstream_close_still_relays_what_the_client_sent_before_answering(leg2):
+    """The upstream closes with 4000: the client gets that close; a message the
+    client sends before its answer is still relayed to the upstream (whose
+    close is answered only with the client's answer, passed through); then
+    the connection ends cleanly."""
+    client = leg2.raw()
+    sid = new_sid()
+    try:
+        assert client.handshake(leg2.path("/chat", sid)) == 101
+        client.send(OP_TEXT, b"!close 4000 bye")
+        assert client.recv_close() == (4000, "bye")
+        client.send(OP_TEXT, b"sent before my answer")
+        client.send(OP_CLOSE, close_payload(4000, "bye too"))
+        assert read_to_end(client) == b""
+    finally:
+        client.close()
+    session = leg2.upstream.session(sid).wait_ended()
+    assert session.close_code == 4000
+    entry = leg2.env.log_entry(sid)["websocket"]
+    assert (entry["messages_up"], entry["close"]) == ("2", "4000")
+    assert entry["bytes_up"] == str(len(b"!close 4000 bye") + len(b"sent before my answer"))
 
 
 def test_abrupt_upstream_loss_closes_the_client_with_1011(leg):
