@@ -856,6 +856,17 @@ def test_protocol_errors_in_whole_small_frames_still_close_1002(plain, name, fra
 # Close
 
 
+def read_to_end(client: RawClient) -> bytes:
+    """Whatever the client still receives until the connection ends (EOF; on TLS
+    the peer's close_notify or EOF); a reset raises ConnectionResetError."""
+    data, client.buffer = client.buffer, b""
+    while True:
+        chunk = client.sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
 CLOSES = [(1000, "bye"), (1001, "going away"), (1008, "policy violated"), (1011, "oops"), (1014, "bad gateway"),
           (4000, "app code"), (4999, "last app code é")]
 
@@ -1089,17 +1100,6 @@ def test_client_closing_tcp_without_close_frame_closes_upstream_1001(leg2):
     assert client.handshake(leg2.path("/chat", sid)) == 101
     client.close()
     assert leg2.upstream.session(sid).wait_ended().close_code == 1001
-
-
-def read_to_end(client: RawClient) -> bytes:
-    """Whatever the client still receives until the connection ends (EOF; on TLS
-    the peer's close_notify or EOF); a reset raises ConnectionResetError."""
-    data, client.buffer = client.buffer, b""
-    while True:
-        chunk = client.sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
 
 
 @pytest.mark.parametrize("scheme", ["ws", "wss"])
