@@ -207,6 +207,9 @@ class FilterSpec:
     options: Mapping[str, str]
     filter: Any = field(eq=False)
     mode: str = "enforce"  # "report": log and count what would be refused, let it pass
+    # What a refusal by the WebSocket message hook does: "close" ends the
+    # session (the hook's CloseSession), "drop" drops only that message.
+    refused_message: str = "close"
 
 
 @frozen
@@ -974,16 +977,12 @@ def _read_filter(raw: _RawSection, kinds: Mapping[str, Any]) -> FilterSpec:
     installed = ", ".join(sorted(kinds)) or "none"
     if use.text not in kinds:
         raise ConfigError(f"unknown filter kind {use.text!r} (installed kinds: {installed})", use.file, raw.name, "use")
-    mode = "enforce"
-    if "mode" in raw.options:
-        mode = raw.options["mode"].text.lower()
-        if mode not in ("enforce", "report"):
-            raise ConfigError(f"expected enforce or report, got {raw.options['mode'].text!r}",
-                              raw.options["mode"].file, raw.name, "mode")
+    mode = _read_filter_choice(raw, "mode", ("enforce", "report"))
+    refused_message = _read_filter_choice(raw, "refused_message", ("close", "drop"))
     from chatproxy.filters import OptionText
 
     options = {k: OptionText(v.text, Path(v.file).resolve().parent) for k, v in raw.options.items()
-               if k not in ("use", "mode")}
+               if k not in _GENERIC_FILTER_OPTIONS}
     try:
         built = kinds[use.text].build(options)
     except FilterOptionError as e:
@@ -991,7 +990,22 @@ def _read_filter(raw: _RawSection, kinds: Mapping[str, Any]) -> FilterSpec:
         raise ConfigError(e.message, file, raw.name, e.option) from None
     except Exception as e:  # a third-party kind's bug must not become a traceback
         raise ConfigError(f"filter kind {use.text!r} failed to build: {e!r}", use.file, raw.name) from None
-    return FilterSpec(name, use.text, options, built, mode)
+    return FilterSpec(name, use.text, options, built, mode, refused_message)
+
+
+#: Options every ``[filter:NAME]`` section takes; the kind's ``build`` never sees them.
+_GENERIC_FILTER_OPTIONS = ("use", "mode", "refused_message")
+
+
+def _read_filter_choice(raw: _RawSection, option: str, choices: tuple[str, ...]) -> str:
+    """A generic filter option that is one of ``choices`` (the first is the default)."""
+    if option not in raw.options:
+        return choices[0]
+    value = raw.options[option]
+    text = value.text.lower()
+    if text not in choices:
+        raise ConfigError(f"expected {' or '.join(choices)}, got {value.text!r}", value.file, raw.name, option)
+    return text
 
 
 def _check_name(raw: _RawSection, kind: str) -> None:

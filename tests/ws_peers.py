@@ -92,8 +92,10 @@ class WsUpstream:
     ``!badutf8`` send a text frame that is not UTF-8; ``!fragments`` send one
     text message in three frames; ``!stopread`` stop reading until
     :meth:`resume`; ``!deaf`` stop reading the socket altogether (no pongs).
-    ``!say TEXT`` send TEXT (``!say64 BASE64``: the text decoded).  A ``greet`` query parameter makes the upstream
-    speak first; with ``sink`` it keeps what it receives (no echo).
+    ``!say TEXT`` send TEXT (``!say64 BASE64``: the text decoded).  ``!rawclose HEX`` write a close frame
+    with that payload straight to the socket (``websockets`` would refuse an invalid one), then read on.
+    A ``greet`` query parameter makes the upstream speak first; with ``sink`` it keeps what it receives
+    (no echo).
     """
 
     SUBPROTOCOLS = ("chat.v2", "chat.v1")
@@ -266,6 +268,10 @@ class WsUpstream:
             await ws.send(command[5:])
         elif verb == "say64":
             await ws.send(base64.b64decode(words[1]).decode())
+        elif verb == "rawclose":
+            assert ws.transport is not None
+            payload = bytes.fromhex(words[1]) if len(words) > 1 else b""
+            ws.transport.write(bytes([0x88, len(payload)]) + payload)
 
 
 # ---------------------------------------------------------------------------

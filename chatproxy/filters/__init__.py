@@ -9,7 +9,9 @@ registered exactly the same way as a third party's.
 A filter's request hook returns a decision: ``None`` passes the request on;
 :class:`Refuse` and :class:`Answer` end it; :class:`Rewrite` changes its
 headers and passes it on.  Every section also takes ``mode = report``, which
-turns refusals and answers into log lines and counts (a dry run).
+turns refusals and answers into log lines and counts (a dry run), and
+``refused_message = drop``, with which a WebSocket message the message hook
+refuses (a :class:`CloseSession`) is dropped and the session goes on.
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ class IRequestFilter(Interface):
     - ``message(head, payload, binary, upward)``: the WebSocket message hook,
       for every message of a session on a bridge route (``upward`` is True
       from client to upstream); returns None (pass), :data:`DROP`, or a
-      :class:`CloseSession`.
+      :class:`CloseSession` (a refusal: the session ends, or with
+      ``refused_message = drop`` the message is dropped).
     - ``max_body_bytes``: an attribute; the route's request body limit is the
       smallest of its filters' and its own.
     - ``inspect_body_bytes`` (an int attribute) with ``request_body(head,
@@ -149,8 +152,9 @@ class IFilterFactory(IPlugin):
     name = Attribute("The unique kind name used in config: ``use = NAME``.")
 
     def build(options: Mapping[str, str]) -> IRequestFilter:
-        """Validate ``options`` (everything in the section except ``use`` and
-        ``mode``) and return the filter, or raise :class:`FilterOptionError`."""
+        """Validate ``options`` (everything in the section except ``use``,
+        ``mode`` and ``refused_message``) and return the filter, or raise
+        :class:`FilterOptionError`."""
 
 
 def installed_filter_kinds() -> dict[str, Any]:

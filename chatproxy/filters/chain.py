@@ -31,11 +31,14 @@ Decision = Refuse | Answer | None
 
 @frozen
 class RouteFilter:
-    """One filter as a route runs it: its section name, the object, its mode."""
+    """One filter as a route runs it: its section name, the object, its mode, and
+    whether a WebSocket message its message hook refuses is dropped
+    (``refused_message = drop``) instead of ending the session."""
 
     name: str
     filter: Any
     report: bool = False
+    drop_refused: bool = False
 
 
 def apply_rewrite(head: Any, rewrite: Rewrite) -> Any:
