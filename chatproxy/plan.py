@@ -126,7 +126,8 @@ class Plan:
             from chatproxy.websocket import RouteSockets
 
             upstream = self.config.upstreams[route.upstream]
-            sockets = RouteSockets(route, upstream.connect_timeout + upstream.response_timeout + 5)
+            sockets = RouteSockets(route, upstream.connect_timeout + upstream.response_timeout + 5,
+                                   self.settings.close_timeout)
             self._sockets[route.name] = sockets
         return sockets
 

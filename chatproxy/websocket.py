@@ -28,7 +28,7 @@ leg get its close frame: the other peer's answer, passed through (or its
 own code echoed if the other leg went away), or its failure's code.  Nothing
 is relayed from a leg after its peer's close or its failure, and nothing is
 sent on a leg after its close frame.  The wait is bounded by the other
-leg's close handshake timeout (5 s).  chatproxy's own closes (limits,
+leg's close handshake timeout (``close_timeout``).  chatproxy's own closes (limits,
 filters, idle, reload, drain) close both legs at once.  Once a leg's close
 handshake is complete its connection ends cleanly (the client leg through
 the front connection, which reads on until the client's FIN or TLS
@@ -401,10 +401,14 @@ class ClientLeg(_FastFrames, _BridgeLeg, WebSocketServerProtocol):  # type: igno
         self.bridge.client_open()
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
-        # Autobahn refusing the client's handshake itself (malformed), or our denial.
+        # Autobahn refusing the client's handshake itself (malformed), or our
+        # denial: an answer with the listener's response headers, framed (no
+        # body) and saying the connection ends.
         if not self.bridge.refused_status:
             self.bridge.refused_status = code
-        super().failHandshake(reason, code, responseHeaders)
+        headers = list(responseHeaders or []) + self.bridge.own_headers() + [("Content-Length", "0"),
+                                                                             ("Connection", "close")]
+        super().failHandshake(reason, code, headers)
 
     def _closeConnection(self, abort: bool = False) -> None:
         # Autobahn ending the connection: through the front connection, which
@@ -475,10 +479,11 @@ class _PauseOther:
 class RouteSockets:
     """The Autobahn server factory and limits for one WebSocket route."""
 
-    def __init__(self, route: Route, open_timeout: float) -> None:
+    def __init__(self, route: Route, open_timeout: float, close_timeout: float) -> None:
         options = route.ws
         self.route = route
         self.options = options
+        self.close_timeout = close_timeout
         factory = WebSocketServerFactory()
         factory.noisy = False
         factory.protocol = ClientLeg
@@ -487,7 +492,7 @@ class RouteSockets:
             maxFramePayloadSize=options.max_frame_bytes,
             maxMessagePayloadSize=options.max_message_bytes,
             openHandshakeTimeout=open_timeout,
-            closeHandshakeTimeout=5,
+            closeHandshakeTimeout=close_timeout,
             autoPingInterval=options.ping_interval or 0,
             autoPingTimeout=options.ping_timeout or 0,
             autoPingRestartOnAnyTraffic=True,
@@ -504,7 +509,7 @@ class RouteSockets:
             maxFramePayloadSize=options.max_frame_bytes,
             maxMessagePayloadSize=options.max_message_bytes,
             openHandshakeTimeout=0,
-            closeHandshakeTimeout=5,
+            closeHandshakeTimeout=self.close_timeout,
             autoPingInterval=options.ping_interval or 0,
             autoPingTimeout=options.ping_timeout or 0,
             autoPingRestartOnAnyTraffic=True,
@@ -737,7 +742,12 @@ class WebSocketBridge:
             cookies.append(self.exchange.set_cookie.decode("latin-1"))  # sticky sessions
         if cookies:
             headers["Set-Cookie"] = cookies
+        headers.update(self.own_headers())
         handshake.callback((response.protocol, headers))
+
+    def own_headers(self) -> list[tuple[str, str]]:
+        """The listener's ``response_headers``, for the answers Autobahn writes (the 101, a refusal)."""
+        return [(name.decode("ascii"), value.decode("latin-1")) for name, value in self.front.listener.response_headers]
 
     # -- open
 

@@ -388,9 +388,9 @@ def test_connect_is_refused(proxy, app_upstream):
 
 
 def test_every_kind_of_answer_carries_the_listeners_response_headers(proxy, pki, app_upstream):
-    """With ``response_headers`` on a TLS listener, HSTS is on a proxied 200 (replacing the
-    upstream's own value), a 404 (no route), a 403 (a filter), a 429 (rate limit), a 502
-    (upstream down), a filter's answer and a 101 (WebSocket tunnel)."""
+    """With ``response_headers`` on a TLS listener, HSTS is on a proxied 200, a 404 (no
+    route), a 403 (a filter), a 429 (rate limit), a 502 (upstream down), the 101 of a
+    WebSocket tunnel and of a bridged session, and a bridged handshake the upstream refused."""
     from ws_peers import WsUpstream
 
     ws = WsUpstream()
@@ -402,7 +402,8 @@ def test_every_kind_of_answer_carries_the_listeners_response_headers(proxy, pki,
             "[route:denied]\npath = /denied\nupstream = app\nfilters = deny\n\n"
             "[route:limited]\npath = /limited\nupstream = app\nfilters = slow\n\n"
             f"[upstream:ws]\nservers = http://127.0.0.1:{ws.port}\n\n"
-            "[route:tunnel]\npath = /tunnel\nupstream = ws\nwebsocket = tunnel\n"
+            "[route:tunnel]\npath = /tunnel\nupstream = ws\nwebsocket = tunnel\n\n"
+            "[route:bridge]\npath = /bridge\nupstream = ws\nwebsocket = yes\n"
         )
         proxy.start(_config(f"tcp:{port}:interface=127.0.0.1", app_upstream, pki=pki, extra=extra), port=port)
         target = Target(port=port, tls=pki.client_context())
@@ -419,19 +420,26 @@ def test_every_kind_of_answer_carries_the_listeners_response_headers(proxy, pki,
         }
         get("/limited")
         answers[429] = get("/limited")
-        sock = target.connect()
-        try:
-            sock.sendall(b"GET /tunnel HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-                         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = sock.recv(4096)
-                assert chunk
-                data += chunk
-            answers[101] = Outcome(data, "open")
-        finally:
-            sock.close()
+        def handshake(path: str) -> Outcome:
+            sock = target.connect()
+            try:
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n"
+                             "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+                             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = sock.recv(4096)
+                    assert chunk, data
+                    data += chunk
+                return Outcome(data, "open")
+            finally:
+                sock.close()
+
+        answers[101] = handshake("/tunnel")
+        answers["101 bridge"] = handshake("/bridge")
+        answers["403 bridge"] = handshake("/bridge/refuse/403")  # the upstream refuses: its status
         for status, outcome in answers.items():
+            status = int(str(status)[:3])
             assert outcome.status == status, (status, outcome)
             assert outcome.header("Strict-Transport-Security") == HSTS, (status, outcome)
             assert outcome.header("X-Content-Type-Options") == "nosniff", (status, outcome)
