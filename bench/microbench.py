@@ -19,9 +19,9 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from chatproxy.config import load_config
-from chatproxy.http.front import FrontFactory
-from chatproxy.http.upstream import UpstreamConnection
-from chatproxy.proxy import ProxyCore
+from chatproxy.proxy.front import FrontFactory
+from chatproxy.proxy.upstream import UpstreamConnection
+from chatproxy.proxy.core import ProxyCore
 
 CONFIG = """
 [chatproxy]

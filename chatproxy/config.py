@@ -20,7 +20,7 @@ from urllib.parse import unquote_plus, urlsplit
 from attrs import field, frozen
 
 from chatproxy.http.messages import CONNECTION_HEADERS, parse_header_lines
-from chatproxy.routing import PathError, normalize_path
+from chatproxy.http.paths import PathError, normalize_path
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
@@ -1100,7 +1100,7 @@ def load_config(
         raw_values=tuple(RawValue(value.file, raw.name, option, value.text, value.replaced)
                          for raw in raw_sections.values() for option, value in raw.options.items()),
     )
-    from chatproxy.tls import check_listener_tls
+    from chatproxy.proxy.tls import check_listener_tls
 
     for listener in listeners.values():
         try:

@@ -14,8 +14,8 @@ from zope.interface import implementer
 
 from chatproxy.config import load_config
 from chatproxy.filters import Answer, IFilterFactory, IRequestFilter, Refuse, Rewrite
-from chatproxy.http.front import FrontFactory
-from chatproxy.proxy import ProxyCore
+from chatproxy.proxy.front import FrontFactory
+from chatproxy.proxy.core import ProxyCore
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Upstream: yes\r\n\r\nok"
 

@@ -16,8 +16,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from chatproxy.config import load_config
-from chatproxy.http.front import FrontConnection, FrontFactory
-from chatproxy.proxy import ProxyCore
+from chatproxy.proxy.front import FrontConnection, FrontFactory
+from chatproxy.proxy.core import ProxyCore
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
 
@@ -695,7 +695,7 @@ def test_unknown_method_answers():
     """What a method llhttp refuses is answered with: 405 for TRACK, 501 for another
     method name, 400 for bytes that are no method name; the refused request is found
     behind earlier pipelined ones."""
-    from chatproxy.http.front import _unknown_method_answer
+    from chatproxy.proxy.front import _unknown_method_answer
 
     assert _unknown_method_answer(b"TRACK / HTTP/1.1\r\n\r\n", "e")[0] == 405
     assert _unknown_method_answer(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nTRACK / HTTP/1.1\r\n", "e")[0] == 405

@@ -1,4 +1,4 @@
-"""The journal log format (twistd --logger chatproxy.journal.observer): a syslog priority
+"""The journal log format (twistd --logger chatproxy.process.journal.observer): a syslog priority
 prefix on every line, tracebacks included, and the worker's number in workers."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import io
 
 from twisted.logger import Logger, LogLevel, globalLogPublisher
 
-from chatproxy.journal import format_for_journal, observer
+from chatproxy.process.journal import format_for_journal, observer
 
 
 def _event(level: LogLevel, text: str, **extra: object) -> dict[str, object]:

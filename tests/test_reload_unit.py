@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from chatproxy.config import load_config
-from chatproxy.plan import Plan
-from chatproxy.proxy import SERVICE_RESTART
+from chatproxy.proxy.plan import Plan
+from chatproxy.proxy.core import SERVICE_RESTART
 from test_front_unit import Harness, ok, request_heads, responses
 
 ROUTES = (

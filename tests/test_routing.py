@@ -1,4 +1,4 @@
-"""Fast unit tests of chatproxy.routing: path normalisation and route matching."""
+"""Fast unit tests of chatproxy.proxy.routing: path normalisation and route matching."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import re
 import pytest
 
 from chatproxy.config import QueryRequirement, Route
-from chatproxy.routing import PathError, RequestFacts, RouteTable, normalize_path, path_has_prefix
+from chatproxy.http.paths import PathError, normalize_path
+from chatproxy.proxy.routing import RequestFacts, RouteTable, path_has_prefix
 
 # ---------------------------------------------------------------------------
 # normalize_path

@@ -70,7 +70,7 @@ def test_socket_activation_and_sd_notify(tmp_path, workers):
     log = (tmp_path / "out.log").open("wb")
     process = subprocess.Popen(
         [activate, "-l", f"127.0.0.1:{port}", "--fdname=https", "-E", "NOTIFY_SOCKET",
-         str(BIN / "twistd"), "-n", "--pidfile=", "--logger=chatproxy.journal.observer", "chatproxy",
+         str(BIN / "twistd"), "-n", "--pidfile=", "--logger=chatproxy.process.journal.observer", "chatproxy",
          "--config", str(config)],
         cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -25,7 +25,7 @@ import pytest
 
 from chatproxy.config import parse_networks
 from chatproxy.http.messages import client_ip, in_networks, resolve_client
-from chatproxy.tls import DEFAULT_CIPHERS
+from chatproxy.proxy.tls import DEFAULT_CIPHERS
 from conftest import PKI, RecordingUpstream, free_port, wait_for_port
 
 OPENSSL = shutil.which("openssl")

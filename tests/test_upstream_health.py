@@ -1,7 +1,7 @@
 """Upstream health, sticky sessions and the retry rules.
 
-Fast unit tests drive :class:`chatproxy.http.health.HealthChecker`,
-:class:`chatproxy.http.upstream.UpstreamPools` and exchanges on a
+Fast unit tests drive :class:`chatproxy.proxy.health.HealthChecker`,
+:class:`chatproxy.proxy.upstream.UpstreamPools` and exchanges on a
 ``MemoryReactorClock`` (the ``Harness`` of ``test_front_unit``); the
 configuration tests load INI files; the end-to-end tests run a real
 ``twistd chatproxy`` in front of two real upstream servers on loopback.
@@ -28,12 +28,12 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from chatproxy.admin import ProxyCollector, readiness
+from chatproxy.process.admin import ProxyCollector, readiness
 from chatproxy.config import ConfigError, Upstream, UpstreamServer, load_config
-from chatproxy.http.upstream import UpstreamPools
-from chatproxy.proxy import ProxyCore
-from chatproxy.stats import Stats
-from chatproxy.timeouts import TimeoutSweeper
+from chatproxy.proxy.upstream import UpstreamPools
+from chatproxy.proxy.core import ProxyCore
+from chatproxy.proxy.stats import Stats
+from chatproxy.proxy.timeouts import TimeoutSweeper
 from conftest import free_port, wait_for_port
 from test_front_unit import Harness, header, make, ok, request_heads, responses  # noqa: F401 (make: fixture)
 
@@ -94,11 +94,11 @@ def make_pools(servers: tuple[str, ...] = (URL_A, URL_B), **options: Any) -> tup
 
 @contextmanager
 def captured_log() -> Iterator[list[str]]:
-    """The formatted texts of log events emitted by chatproxy.http.health meanwhile."""
+    """The formatted texts of log events emitted by chatproxy.proxy.health meanwhile."""
     texts: list[str] = []
 
     def observe(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == "chatproxy.http.health":
+        if event.get("log_namespace") == "chatproxy.proxy.health":
             texts.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observe)

@@ -1646,7 +1646,7 @@ def test_close_frame_rule(length, code, reason, problem):
     """The close-frame rule (RFC 6455 5.5, 7.4), a pure function: a payload of 0
     or 2-125 bytes, a code of 1000-1003, 1007-1014 or 3000-4999, a UTF-8 reason;
     anything else is named."""
-    from chatproxy.websocket import close_frame_problem
+    from chatproxy.proxy.websocket.bridge import close_frame_problem
 
     assert close_frame_problem(length, code, reason) == problem
 
@@ -1657,7 +1657,7 @@ def test_fast_path_steps_aside_for_an_autobahn_with_other_internals(monkeypatch)
     of the session failing."""
     from autobahn.twisted.websocket import WebSocketServerProtocol
 
-    import chatproxy.websocket as bridge_module
+    import chatproxy.proxy.websocket.bridge as bridge_module
 
     calls: list[bytes] = []
     monkeypatch.setattr(WebSocketServerProtocol, "processData", lambda self: calls.append(self.data) or False)

@@ -1,1 +1,2 @@
-"""The HTTP/1.1 data path: front (client) connections, upstream connections and pools."""
+"""HTTP vocabulary without I/O, shared by the configuration, the filters and
+the data path: request heads, header rules, locally made responses, paths."""

@@ -1,10 +1,10 @@
-"""twistd plugin: ``twistd chatproxy`` (the service is built in :mod:`chatproxy.tap`)."""
+"""twistd plugin: ``twistd chatproxy`` (the service is built in :mod:`chatproxy.process.tap`)."""
 
 from twisted.application.service import ServiceMaker
 
 chatproxy = ServiceMaker(
     "chatproxy",
-    "chatproxy.tap",
+    "chatproxy.process.tap",
     "TLS-terminating reverse proxy for customer-service chat backends.",
     "chatproxy",
 )

@@ -20,14 +20,14 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatproxy.accesslog import AccessLog
+from chatproxy.proxy.accesslog import AccessLog
 from chatproxy.config import Config, ConfigError, Listener, load_config
-from chatproxy.gate import GateFactory
-from chatproxy.http.front import FrontFactory
-from chatproxy.plan import Plan
-from chatproxy.proxy import ProxyCore
-from chatproxy.sharing import shared_endpoint, socket_identity
-from chatproxy.tls import HandshakeCountingTLSFactory, build_server_tls, create_self_signed
+from chatproxy.proxy.gate import GateFactory
+from chatproxy.proxy.front import FrontFactory
+from chatproxy.proxy.plan import Plan
+from chatproxy.proxy.core import ProxyCore
+from chatproxy.process.sharing import shared_endpoint, socket_identity
+from chatproxy.proxy.tls import HandshakeCountingTLSFactory, build_server_tls, create_self_signed
 
 log = Logger()
 
@@ -198,7 +198,7 @@ class ChatproxyService(MultiService):
         for listener in config.listeners.values():
             wanted[f"listen:{listener.name}"] = (listener.endpoint, FrontFactory(core, listener), listener)
         if config.admin is not None or self.worker is not None:
-            from chatproxy.admin import admin_site
+            from chatproxy.process.admin import admin_site
 
             wanted["admin"] = (self._admin_endpoint(config), admin_site(self), None)
         return wanted

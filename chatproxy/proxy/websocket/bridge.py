@@ -72,13 +72,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatproxy.filters import DROP, CloseSession
-from chatproxy.http.sending import send
+from chatproxy.proxy.sending import send
 from chatproxy.http.messages import FORWARDING, HOP_BY_HOP
 
 if TYPE_CHECKING:
     from chatproxy.config import Route
-    from chatproxy.http.exchange import Exchange
-    from chatproxy.http.front import FrontConnection
+    from chatproxy.proxy.exchange import Exchange
+    from chatproxy.proxy.front import FrontConnection
 
 log = Logger()
 
@@ -113,7 +113,7 @@ class _FastFrames:
     a whole unfragmented, uncompressed text or binary frame of up to 64 KiB in
     an open session.  Parsing it, masking and framing the message sent on, and
     writing it (at once when nothing is queued, see
-    :func:`chatproxy.http.sending.send`) otherwise goes through half a dozen
+    :func:`chatproxy.proxy.sending.send`) otherwise goes through half a dozen
     Autobahn methods per message, each formatting debug-log arguments and
     keeping statistics nobody reads; that was most of the bridge's CPU.
 

@@ -10,8 +10,8 @@ from typing import TextIO
 
 from chatproxy.config import Config, ConfigError, Route, load_config
 from chatproxy.placeholders import find_placeholders
-from chatproxy.routing import RouteTable
-from chatproxy.workers import unshareable, worker_count
+from chatproxy.proxy.routing import RouteTable
+from chatproxy.process.workers import unshareable, worker_count
 
 
 def describe_route(route: Route) -> str:

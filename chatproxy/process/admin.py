@@ -19,11 +19,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from chatproxy.http.upstream import EJECT_AFTER
-from chatproxy.stats import BUCKETS
+from chatproxy.proxy.upstream import EJECT_AFTER
+from chatproxy.proxy.stats import BUCKETS
 
 if TYPE_CHECKING:
-    from chatproxy.service import ChatproxyService
+    from chatproxy.process.service import ChatproxyService
 
 UNHEALTHY_AFTER = EJECT_AFTER  # the same rule as passive ejection
 

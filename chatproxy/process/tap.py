@@ -10,8 +10,8 @@ from twisted.python import usage
 from chatproxy.config import ConfigError, load_config
 from twisted.application.service import Service
 
-from chatproxy.service import WORKER_ENV, ChatproxyService
-from chatproxy.workers import Master, unshareable, worker_count
+from chatproxy.process.service import WORKER_ENV, ChatproxyService
+from chatproxy.process.workers import Master, unshareable, worker_count
 
 
 class Options(usage.Options):
@@ -45,7 +45,7 @@ def makeService(options: Options) -> Service:
     A configuration error is printed as one line naming file, section and
     option, and twistd exits with status 2 without starting anything.  With
     ``workers`` above 1 this process becomes the master of that many worker
-    processes (:mod:`chatproxy.workers`); a worker (``CHATPROXY_WORKER`` in
+    processes (:mod:`chatproxy.process.workers`); a worker (``CHATPROXY_WORKER`` in
     its environment) is a single proxy process.
     """
     try:

@@ -25,10 +25,10 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from chatproxy.admin import HEALTHY, Answer, TextResource, prepare, quiet_site, readiness_answer
+from chatproxy.process.admin import HEALTHY, Answer, TextResource, prepare, quiet_site, readiness_answer
 
 if TYPE_CHECKING:
-    from chatproxy.workers import Master
+    from chatproxy.process.workers import Master
 
 #: How long the master waits for a worker's answer.
 WORKER_TIMEOUT = 5.0

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 from chatproxy.config import Config, Route, Upstream
 from chatproxy.filters.chain import RouteFilter
 from chatproxy.http.messages import in_networks
-from chatproxy.http.upstream import UpstreamPools
-from chatproxy.routing import RouteTable
-from chatproxy.stats import Stats
-from chatproxy.timeouts import TimeoutSweeper
-from chatproxy.tls import build_client_tls
+from chatproxy.proxy.upstream import UpstreamPools
+from chatproxy.proxy.routing import RouteTable
+from chatproxy.proxy.stats import Stats
+from chatproxy.proxy.timeouts import TimeoutSweeper
+from chatproxy.proxy.tls import build_client_tls
 
 if TYPE_CHECKING:
-    from chatproxy.websocket import RouteSockets
+    from chatproxy.proxy.websocket.bridge import RouteSockets
 
 
 class Plan:
@@ -123,7 +123,7 @@ class Plan:
         """The WebSocket server factory and limits of a bridge route (made once)."""
         sockets = self._sockets.get(route.name)
         if sockets is None:
-            from chatproxy.websocket import RouteSockets
+            from chatproxy.proxy.websocket.bridge import RouteSockets
 
             upstream = self.config.upstreams[route.upstream]
             sockets = RouteSockets(route, upstream.connect_timeout + upstream.response_timeout + 5,

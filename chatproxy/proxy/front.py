@@ -21,19 +21,20 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatproxy.http.exchange import Exchange
+from chatproxy.proxy.exchange import Exchange
 from chatproxy.http.messages import (
     Header, RequestHead, client_ip, in_networks, local_response, replace_headers, resolve_client,
 )
-from chatproxy.http.sending import send
-from chatproxy.http.tunnel import Tunnel
-from chatproxy.routing import TRACE_METHODS, PathError, allow_value, normalize_path, websocket_upgrade
+from chatproxy.proxy.sending import send
+from chatproxy.proxy.tunnel import Tunnel
+from chatproxy.http.paths import PathError, normalize_path
+from chatproxy.proxy.routing import TRACE_METHODS, allow_value, websocket_upgrade
 
 if TYPE_CHECKING:
     from chatproxy.config import Listener
-    from chatproxy.websocket import WebSocketBridge
-    from chatproxy.http.upstream import UpstreamConnection
-    from chatproxy.proxy import ProxyCore
+    from chatproxy.proxy.websocket.bridge import WebSocketBridge
+    from chatproxy.proxy.upstream import UpstreamConnection
+    from chatproxy.proxy.core import ProxyCore
 
 log = Logger()
 
@@ -483,7 +484,7 @@ class FrontConnection(Protocol):
         self.close()
 
     def _log_rejected(self, status: int) -> None:
-        from chatproxy.accesslog import AccessRecord
+        from chatproxy.proxy.accesslog import AccessRecord
 
         if self.core.access_log.enabled:
             now = self.core.sweeper.now()
@@ -630,7 +631,7 @@ class FrontConnection(Protocol):
     def start_bridge(self, exchange: Exchange) -> None:
         """Hand this connection to the WebSocket bridge (a bridge-mode route
         accepted the upgrade request; the bridge now answers it)."""
-        from chatproxy.websocket import WebSocketBridge
+        from chatproxy.proxy.websocket.bridge import WebSocketBridge
 
         if self._queue and self._queue[0] is exchange:
             self._queue.popleft()

@@ -2,7 +2,7 @@
 
 Counting happens on the data path, so it is a few dictionary increments per
 request; turning the totals into Prometheus series is left to the scrape
-(:mod:`chatproxy.admin`).
+(:mod:`chatproxy.process.admin`).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 if TYPE_CHECKING:
-    from chatproxy.http.upstream import ServerPool
+    from chatproxy.proxy.upstream import ServerPool
 
 log = Logger()
 

@@ -4,7 +4,7 @@ The master does not proxy.  It binds the listeners' TCP sockets, starts N
 workers (``twistd chatproxy`` with the same ``--config`` arguments and
 ``CHATPROXY_WORKER=k`` in their environment), each of which accepts on
 its own socket for every listener, bound and kept by the master (see
-:mod:`chatproxy.sharing`), and it:
+:mod:`chatproxy.process.sharing`), and it:
 
 - restarts a worker that dies (after a short, growing pause if they keep
   dying); a worker that dies before it ever served stops everything: the
@@ -43,9 +43,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatproxy.config import Config, ConfigError, load_config
-from chatproxy.service import (WORKER_DIR_ENV, WORKER_ENV, StartupError, announce_refused_reload, ensure_certificate,
+from chatproxy.process.service import (WORKER_DIR_ENV, WORKER_ENV, StartupError, announce_refused_reload, ensure_certificate,
                                handle_drain_and_reload, notify_reloading, sd_notify)
-from chatproxy.sharing import BROKER_SOCKET, bind_listening, can_share, endpoint_kind, socket_identity
+from chatproxy.process.sharing import BROKER_SOCKET, bind_listening, can_share, endpoint_kind, socket_identity
 
 log = Logger()
 
@@ -102,7 +102,7 @@ MASTER_PID_ENV = "CHATPROXY_MASTER_PID"
 
 def _logger_args(argv: Sequence[str]) -> list[str]:
     """The master's ``--logger`` option (twistd's, before ``chatproxy``), for
-    its workers to log the same way (``chatproxy.journal.observer`` under
+    its workers to log the same way (``chatproxy.process.journal.observer`` under
     systemd); workers otherwise log to standard output, which they share."""
     before = list(argv[1:argv.index("chatproxy")] if "chatproxy" in argv else argv[1:])
     for i, arg in enumerate(before):
@@ -249,7 +249,7 @@ class Master(Service):
                 self.ports["demo"] = self._listen("[demo]", self.config.demo.endpoint, demo_site())
                 log.info("demo chat upstream listening on {endpoint}", endpoint=self.config.demo.endpoint)
             if self.config.admin is not None:
-                from chatproxy.master_admin import master_admin_site
+                from chatproxy.process.master_admin import master_admin_site
 
                 self.ports["admin"] = self._listen("[admin]", self.config.admin.endpoint, master_admin_site(self))
                 log.info("[admin] health and metrics of all workers on {endpoint}", endpoint=self.config.admin.endpoint)
@@ -332,10 +332,10 @@ class Master(Service):
         for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
             env.pop(name, None)
         if inherited:
-            # LISTEN_PID names the master: a worker reads these as its own (chatproxy.sharing).
+            # LISTEN_PID names the master: a worker reads these as its own (chatproxy.process.sharing).
             env.update(LISTEN_FDS=str(inherited), LISTEN_PID=str(os.getpid()),
                        LISTEN_FDNAMES=os.environ.get("LISTEN_FDNAMES", ""))
-        args = [sys.executable, "-c", "from chatproxy.workers import worker_main; worker_main()",
+        args = [sys.executable, "-c", "from chatproxy.process.workers import worker_main; worker_main()",
                 "--nodaemon", "--pidfile=", *self.twistd_args, "chatproxy"]
         for path in self.config_paths:
             args += ["--config", path]
@@ -531,7 +531,7 @@ class Master(Service):
 
             factory: Any = demo_site()
         else:
-            from chatproxy.master_admin import master_admin_site
+            from chatproxy.process.master_admin import master_admin_site
 
             factory = master_admin_site(self)
         try:

@@ -13,18 +13,18 @@ from twisted.internet.error import ConnectingCancelledError, TimeoutError as Con
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatproxy.accesslog import AccessRecord
+from chatproxy.proxy.accesslog import AccessRecord
 from chatproxy.filters.chain import Answer, Decision, Refuse, run_body_filters, run_request_filters
 from chatproxy.http.messages import (
     FORWARDING, HOP_BY_HOP, REASONS, Header, RequestHead, local_response, replace_headers,
 )
-from chatproxy.routing import allow_value, method_refused
+from chatproxy.proxy.routing import allow_value, method_refused
 
 if TYPE_CHECKING:
     from chatproxy.config import Route
-    from chatproxy.http.front import FrontConnection
-    from chatproxy.http.upstream import ServerPool, UpstreamConnection
-    from chatproxy.plan import Plan
+    from chatproxy.proxy.front import FrontConnection
+    from chatproxy.proxy.upstream import ServerPool, UpstreamConnection
+    from chatproxy.proxy.plan import Plan
 
 log = Logger()
 

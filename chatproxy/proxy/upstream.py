@@ -22,14 +22,14 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatproxy.http.health import HealthChecker
+from chatproxy.proxy.health import HealthChecker
 from chatproxy.http.messages import Header
-from chatproxy.http.sending import send
-from chatproxy.stats import Stats
+from chatproxy.proxy.sending import send
+from chatproxy.proxy.stats import Stats
 
 if TYPE_CHECKING:
     from chatproxy.config import Upstream, UpstreamServer
-    from chatproxy.timeouts import TimeoutSweeper
+    from chatproxy.proxy.timeouts import TimeoutSweeper
 
 
 # Passive health: after this many failed connection attempts in a row a
@@ -450,7 +450,7 @@ class UpstreamPools:
     """The servers of one upstream, chosen round-robin."""
 
     def __init__(self, reactor: Any, upstream: Upstream, sweeper: TimeoutSweeper, stats: Stats | None = None) -> None:
-        from chatproxy.tls import build_client_tls
+        from chatproxy.proxy.tls import build_client_tls
 
         self.upstream = upstream
         self.servers = [

@@ -11,17 +11,17 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from chatproxy.accesslog import AccessLog
+from chatproxy.proxy.accesslog import AccessLog
 from chatproxy.config import Config, Settings
-from chatproxy.http.upstream import UpstreamPools
-from chatproxy.plan import Plan
-from chatproxy.routing import RouteTable
-from chatproxy.stats import Stats
-from chatproxy.timeouts import TimeoutSweeper
+from chatproxy.proxy.upstream import UpstreamPools
+from chatproxy.proxy.plan import Plan
+from chatproxy.proxy.routing import RouteTable
+from chatproxy.proxy.stats import Stats
+from chatproxy.proxy.timeouts import TimeoutSweeper
 
 if TYPE_CHECKING:
-    from chatproxy.http.front import FrontConnection
-    from chatproxy.websocket import WebSocketBridge
+    from chatproxy.proxy.front import FrontConnection
+    from chatproxy.proxy.websocket.bridge import WebSocketBridge
 
 log = Logger()
 

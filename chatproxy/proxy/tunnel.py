@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 from attrs import evolve
 
 if TYPE_CHECKING:
-    from chatproxy.http.exchange import Exchange
-    from chatproxy.http.front import FrontConnection
-    from chatproxy.http.upstream import UpstreamConnection
+    from chatproxy.proxy.exchange import Exchange
+    from chatproxy.proxy.front import FrontConnection
+    from chatproxy.proxy.upstream import UpstreamConnection
 
 
 class Tunnel:

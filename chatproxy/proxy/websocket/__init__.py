@@ -1,0 +1,1 @@
+"""The WebSocket bridge: Autobahn on both legs, whole messages relayed between them."""
