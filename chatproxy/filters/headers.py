@@ -28,7 +28,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from chatproxy.config import parse_list
-from chatproxy.filters import FilterOptionError, Header, IFilterFactory, IRequestFilter, Rewrite
+from chatproxy.filters import Filter, FilterOptionError, Header, IFilterFactory, IRequestFilter, Rewrite
 from chatproxy.http.messages import CONNECTION_HEADERS, FIELD_NAME_RE, FORWARDING, parse_header_lines
 
 _OPTIONS = ("request_set", "request_remove", "response_set", "response_remove")
@@ -80,7 +80,7 @@ def edit(headers: Sequence[Header], set_: tuple[Header, ...], remove: frozenset[
 
 
 @implementer(IRequestFilter)
-class HeadersFilter:
+class HeadersFilter(Filter):
     """Sets and removes request headers (a Rewrite) and response headers (the
     response hook).  Never refuses."""
 

@@ -23,14 +23,14 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from chatproxy.config import Network, parse_networks
-from chatproxy.filters import FilterOptionError, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import Filter, FilterOptionError, IFilterFactory, IRequestFilter, Refuse
 from chatproxy.http.messages import in_networks
 
 _OPTIONS = ("allow", "deny")
 
 
 @implementer(IRequestFilter)
-class IPAllowlist:
+class IPAllowlist(Filter):
     """Passes requests whose client address is allowed and not denied; refuses
     the others with 403.  ``allow`` None means every address not denied."""
 

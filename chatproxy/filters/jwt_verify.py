@@ -63,7 +63,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from chatproxy.config import parse_duration, parse_list
-from chatproxy.filters import FilterOptionError, IFilterFactory, IRequestFilter, Refuse, option_path
+from chatproxy.filters import Filter, FilterOptionError, IFilterFactory, IRequestFilter, Refuse, option_path
 
 log = Logger()
 
@@ -381,7 +381,7 @@ class _Refused(Exception):
 
 
 @implementer(IRequestFilter)
-class JWTVerify:
+class JWTVerify(Filter):
     """Passes requests whose ``Authorization: Bearer`` token verifies; refuses the others with 401.
 
     Either ``key`` (a secret or a public key, used with ``algorithms``) or

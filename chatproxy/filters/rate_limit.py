@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.filters import CloseSession, FilterOptionError, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import CloseSession, Filter, FilterOptionError, IFilterFactory, IRequestFilter, Refuse
 
 log = Logger()
 
@@ -158,7 +158,7 @@ def retry_after(wait: float) -> int:
 
 
 @implementer(IRequestFilter)
-class RateLimit:
+class RateLimit(Filter):
     """Refuses requests over ``rate`` per second (bursts of ``burst``) per key
     with 429 and ``Retry-After``; closes WebSocket sessions whose client sends
     messages faster than ``message_rate`` with 1008."""

@@ -28,7 +28,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from chatproxy.config import parse_bool, parse_list, parse_size
-from chatproxy.filters import FilterOptionError, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import Filter, FilterOptionError, IFilterFactory, IRequestFilter, Refuse
 
 _OPTIONS = ("methods", "max_body_bytes", "max_headers", "max_header_bytes", "require_headers", "content_types",
             "require_body")
@@ -42,7 +42,7 @@ def header_bytes(headers: tuple[tuple[bytes, bytes], ...]) -> int:
 
 
 @implementer(IRequestFilter)
-class RequestLimits:
+class RequestLimits(Filter):
     """Refuses requests outside the configured limits; None means no limit."""
 
     def __init__(self, methods: tuple[str, ...] | None, max_body_bytes: int | None, max_headers: int | None,

@@ -47,7 +47,7 @@ from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from chatproxy.config import parse_list, parse_size
-from chatproxy.filters import CloseSession, FilterOptionError, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import CloseSession, Filter, FilterOptionError, IFilterFactory, IRequestFilter, Refuse
 from chatproxy.filters import waf_rules
 from chatproxy.filters.waf_rules import (
     ALLOWED_CHARSETS,
@@ -301,7 +301,7 @@ class _Plan:
 
 
 @implementer(IRequestFilter)
-class WebApplicationFirewall:
+class WebApplicationFirewall(Filter):
     """Anomaly-scoring inspection of requests and WebSocket messages.
 
     ``use_libinjection``: None uses libinjection when it is installed; False
