@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from attrs import evolve, frozen
 from twisted.internet import defer
@@ -56,6 +56,8 @@ a :class:`CloseSession` ends the session."""
 _FILTER_ERROR = Refuse(500, "internal filter error")
 _SESSION_ERROR = CloseSession(1011, "internal filter error")
 _DECISIONS = (Refuse, Answer, Rewrite)
+_RAISED = object()  # the hook raised (no result)
+_T = TypeVar("_T")
 
 
 @frozen
@@ -217,16 +219,11 @@ class FilterChain:
             try:
                 changed = flt.filter.response(head, status, headers)
             except Exception:
-                self.counters[f"{flt.name}:error"] += 1
-                log.failure("response hook of filter {name} failed: answered 500 instead", name=flt.name)
-                return _FILTER_ERROR
+                return self._failed(flt, "response", _FILTER_ERROR)
             if changed is None:
                 continue
             if not isinstance(changed, list):
-                self.counters[f"{flt.name}:error"] += 1
-                log.error("response hook of filter {name} returned {result!r}, not None or a list of headers: "
-                          "answered 500 instead", name=flt.name, result=changed)
-                return _FILTER_ERROR
+                return self._failed(flt, "response", _FILTER_ERROR, changed)
             if flt.report:
                 self.counters[f"{flt.name}:reported"] += 1
                 log.info("filter {name} (report mode) would have changed the headers of the {status} answer to "
@@ -244,20 +241,27 @@ class FilterChain:
             try:
                 verdict = flt.filter.message(head, payload, binary, upward)
             except Exception:
-                self.counters[f"{flt.name}:error"] += 1
-                log.failure("message hook of filter {name} failed: session closed with 1011", name=flt.name)
-                return _SESSION_ERROR
+                return self._failed(flt, "message", _SESSION_ERROR)
             if verdict is None:
                 continue
             if verdict != DROP and not isinstance(verdict, CloseSession):
-                self.counters[f"{flt.name}:error"] += 1
-                log.error("message hook of filter {name} returned {verdict!r}: session closed with 1011",
-                          name=flt.name, verdict=verdict)
-                return _SESSION_ERROR
+                return self._failed(flt, "message", _SESSION_ERROR, verdict)
             outcome = self._message_refused(flt, verdict, head, upward)
             if outcome is not None:
                 return outcome
         return None
+
+    def _failed(self, flt: RouteFilter, hook: str, outcome: _T, result: Any = _RAISED) -> _T:
+        """A hook raised (called in its ``except``) or returned ``result``, which it
+        may not: counted and logged; ``outcome`` is what the chain does instead."""
+        self.counters[f"{flt.name}:error"] += 1
+        instead = "answered 500 instead" if isinstance(outcome, Refuse) else "session closed with 1011"
+        if result is _RAISED:
+            log.failure("{hook} hook of filter {name} failed: {instead}", hook=hook, name=flt.name, instead=instead)
+        else:
+            log.error("{hook} hook of filter {name} returned {result!r}: {instead}", hook=hook, name=flt.name,
+                      result=result, instead=instead)
+        return outcome
 
     def _message_refused(self, flt: RouteFilter, verdict: CloseSession | str, head: RequestHead,
                          upward: bool) -> MessageVerdict:
