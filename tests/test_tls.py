@@ -24,7 +24,8 @@ from typing import Any
 import pytest
 
 from chatproxy.config import parse_networks
-from chatproxy.http.messages import client_ip, in_networks, resolve_client
+from chatproxy.http.messages import client_ip, in_networks
+from chatproxy.proxy.forwarding import resolve_client
 from chatproxy.proxy.tls import DEFAULT_CIPHERS
 from conftest import PKI, RecordingUpstream, free_port, wait_for_port
 

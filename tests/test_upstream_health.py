@@ -388,8 +388,8 @@ def test_unknown_or_unavailable_sticky_server_gets_a_new_cookie(sticky):
 def test_sticky_cookie_is_secure_for_a_tls_client(sticky):
     """A client on a TLS connection gets the cookie with the Secure attribute."""
     h = sticky
+    h.factory.listener = __import__("attrs").evolve(h.factory.listener, tls=True)  # as a TLS listener's
     front, client = h.client()
-    front.tls = True
     exchange(h, front, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
     assert header(responses(client.value())[0], "set-cookie").endswith("; HttpOnly; SameSite=Lax; Secure")
 

@@ -118,19 +118,12 @@ class FilterChain:
         limits = [_int_attribute(f, "max_body_bytes") for f in self.filters if not f.report]
         #: The smallest ``max_body_bytes`` of the filters (not in report mode), or None.
         self.max_body_bytes = min((limit for limit in limits if limit is not None), default=None)
+        #: Whether a filter has a response hook; a message hook (plain attributes: read on every response).
+        self.sees_responses = bool(self._response)
+        self.sees_messages = bool(self._message)
 
     def __bool__(self) -> bool:
         return bool(self.filters)
-
-    @property
-    def sees_responses(self) -> bool:
-        """Whether a filter of the chain has a response hook."""
-        return bool(self._response)
-
-    @property
-    def sees_messages(self) -> bool:
-        """Whether a filter of the chain has a message hook."""
-        return bool(self._message)
 
     # -- request and body hooks
 

@@ -95,9 +95,11 @@ REASONS = {
 }
 
 
-@frozen
+@frozen(slots=False)
 class RequestHead:
-    """One client request head as the router and filters see it.
+    """One client request head as the router and filters see it (immutable;
+    built on every request, so without slots: a frozen slotted class costs
+    twice as much to build).
 
     ``path`` is the normalised path (what matching used and what is
     forwarded, unless the route rewrites it); ``query`` is the raw query
@@ -173,27 +175,3 @@ def in_networks(host: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address in network for network in networks)
-
-
-def resolve_client(peer: str, forwarded_for: Sequence[str],
-                   trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str:
-    """The client address: walk ``X-Forwarded-For`` right to left through trusted proxies.
-
-    Only when the TCP peer is a trusted proxy is the header believed; the
-    first address (from the right) that is not a trusted proxy is the client.
-    """
-    if not trusted or not in_networks(peer, trusted):
-        return peer
-    candidate = peer
-    for hop in reversed(forwarded_for):
-        hop = hop.strip()
-        if hop.startswith("[") and "]" in hop:
-            hop = hop[1 : hop.index("]")]
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
-            return candidate
-        candidate = client_ip(hop)
-        if not in_networks(candidate, trusted):
-            return candidate
-    return candidate

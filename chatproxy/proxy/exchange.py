@@ -1,31 +1,36 @@
-"""One request/response exchange on a front connection.
+"""One request/response exchange: a request value, the route's filters, an
+upstream connection, the response, one access-log line.
 
-The exchange routes the request head, runs the route's filters, takes an
-upstream connection (pooled, or new), streams the request body to it and the
-response back to the client, and writes one access-log line at the end.
+An exchange is built from a complete :class:`~chatproxy.proxy.request.Request`
+(or a :class:`~chatproxy.proxy.request.Rejection`) and the plan it was routed
+with.  It runs the route's filter chain, takes an upstream connection (pooled,
+or new), streams the request body to it and the response back, and ends with
+one access-log line.  What it needs from the side of the client is the
+:class:`ClientSide` interface: an HTTP/1.1 front connection implements it, and
+so can anything else that carries one request and its response.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.error import ConnectingCancelledError, TimeoutError as ConnectTimeout
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatproxy.proxy.accesslog import AccessRecord
 from chatproxy.filters import Answer, Refuse
 from chatproxy.filters.chain import Decision, FilterChain
-from chatproxy.http.messages import (
-    FORWARDING, HOP_BY_HOP, REASONS, Header, RequestHead, local_response, replace_headers,
-)
-from chatproxy.proxy.routing import allow_value, method_refused
+from chatproxy.http.messages import HOP_BY_HOP, REASONS, Header, RequestHead, local_response, replace_headers
+from chatproxy.proxy.accesslog import AccessRecord
+from chatproxy.proxy.forwarding import Connection, upstream_headers
+from chatproxy.proxy.request import Rejection, Request
+from chatproxy.proxy.routing import TRACE_METHODS, allow_value, method_refused
 
 if TYPE_CHECKING:
-    from chatproxy.config import Route
-    from chatproxy.proxy.front import FrontConnection
-    from chatproxy.proxy.upstream import ServerPool, UpstreamConnection
+    from chatproxy.config import Listener, Route
+    from chatproxy.proxy.core import ProxyCore
     from chatproxy.proxy.plan import Plan
+    from chatproxy.proxy.upstream import ServerPool, UpstreamConnection
 
 log = Logger()
 
@@ -33,12 +38,48 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _BODY_BUFFER_LIMIT = 65536
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNK_END = b"0\r\n\r\n"
+_PLAIN_TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 # Request headers chatproxy replaces with its own (Host, framing) or handles
 # itself (Expect), besides the hop-by-hop ones.
 _NOT_FORWARDED = HOP_BY_HOP | {b"host", b"expect", b"content-length"}
 _HOP_AND_LENGTH = HOP_BY_HOP | {b"content-length"}
-# Request headers _upstream_head does more with than pass them on.
-_UPSTREAM_SPECIAL = _NOT_FORWARDED | FORWARDING | {b"via"}
+
+
+class ClientSide(Protocol):
+    """What an exchange needs from the side of the client: where its
+    response goes and how reading the request is paced.  An HTTP/1.1 front
+    connection is one; an HTTP/2 stream can be another."""
+
+    core: ProxyCore
+    listener: Listener
+    connection: Connection
+    closing: bool
+    draining: bool
+    client_paused: bool
+
+    def write(self, data: bytes) -> None:
+        """Send response bytes to the client."""
+
+    def cork(self) -> None:
+        """Gather writes until :meth:`uncork` (to send them as one)."""
+
+    def uncork(self) -> None:
+        """Send what was gathered since :meth:`cork`."""
+
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading the request (body) for ``reason``."""
+
+    def resume_reading(self, reason: str) -> None:
+        """Read again, as far as ``reason`` is concerned."""
+
+    def exchange_done(self, exchange: Exchange, aborted: bool) -> None:
+        """The exchange ended (``aborted``: its response must look broken)."""
+
+    def start_bridge(self, exchange: Exchange) -> None:
+        """Hand the connection to the WebSocket bridge (a bridge route's upgrade passed its filters)."""
+
+    def start_tunnel(self, exchange: Exchange, connection: UpstreamConnection, leftover: bytes) -> None:
+        """Relay bytes both ways from now on (the upstream accepted a tunnel route's upgrade)."""
 
 
 def _end_to_end(headers: list[Header], names: list[bytes], drop: frozenset[bytes]) -> list[Header]:
@@ -50,8 +91,13 @@ def _end_to_end(headers: list[Header], names: list[bytes], drop: frozenset[bytes
     return [header for header, name in zip(headers, names) if name not in drop]
 
 
+def _connection_tokens(head: RequestHead, names: tuple[bytes, ...]) -> frozenset[bytes]:
+    return frozenset(token.strip().lower() for (_, value), lower in zip(head.headers, names)
+                     if lower == b"connection" for token in value.split(b",") if token.strip())
+
+
 class Exchange:
-    """One request on a front connection and the response it gets."""
+    """One request on a client side and the response it gets."""
 
     # What every exchange starts with (class attributes: an exchange only
     # stores those it changes, which saves time on every request).
@@ -60,6 +106,7 @@ class Exchange:
     finished = False
     discarding = False
     route: Route | None = None
+    chain: FilterChain | None = None  # the route's filters, once started
     server: ServerPool | None = None
     connection: UpstreamConnection | None = None
     retried = False  # resent once after a pooled connection turned out stale
@@ -75,30 +122,36 @@ class Exchange:
     # before the request is forwarded (0: none is waiting for it).
     _inspect_limit = 0
     _sent_continue = False
-    matched: Route | None = None  # the route the head matched
-    chain: FilterChain | None = None  # the route's filters, once routed
-    connection_named: frozenset[bytes] = frozenset()  # listed in Connection
 
-    def __init__(self, front: FrontConnection, head: RequestHead | None, error: tuple[int, str] | None,
-                 keep_alive: bool, upgrade: bool, content_length: int | None, chunked: bool,
-                 expect_continue: bool, plan: Plan) -> None:
-        self.front = front
+    def __init__(self, client: ClientSide, request: Request | Rejection, plan: Plan) -> None:
+        self.client = client
         self.plan = plan  # the configuration this request was routed with, to its end
-        self.head = head
-        self.error = error
-        self.client_keep_alive = keep_alive
-        self.upgrade = upgrade
-        self.content_length = content_length
-        self.chunked_in = chunked
-        self.expect_continue = expect_continue
-        self.body_done = not (chunked or (content_length or 0) > 0)
+        self.request = request
+        self.head: RequestHead = request.head
+        self.content_length = request.content_length
+        self.chunked_in = request.chunked
+        self.body_done = not (request.chunked or (request.content_length or 0) > 0)
+        # What an upstream connection reading the response corks: the client (a bound method, no extra call).
+        self.cork = client.cork
+        self.uncork = client.uncork
         self.body_limit = plan.settings.max_body_bytes
-        self.started = front.core.sweeper.now()
+        self.started = client.core.sweeper.now()
         # After an upgrade request the parser is done with this connection:
         # unless the upgrade succeeds, the connection ends with this exchange.
-        self.close_after = upgrade
+        self.close_after = request.upgrade
         self._buffer: list[bytes] = []
-        self.names: list[bytes] = []  # the request's header names, lower-cased
+        if isinstance(request, Rejection):
+            self.error: tuple[int, str] | None = (request.status, request.message)
+            self.client_keep_alive = self.upgrade = self.expect_continue = False
+            self.names: tuple[bytes, ...] = tuple(name.lower() for name, _ in request.head.headers)
+            self.connection_named: frozenset[bytes] = frozenset()
+        else:
+            self.error = None
+            self.client_keep_alive = request.keep_alive
+            self.upgrade = request.websocket  # an upgrade the proxy carries
+            self.expect_continue = request.expect_continue
+            self.names = request.names
+            self.connection_named = request.connection_named
 
     # -- starting: route, filters, upstream
 
@@ -108,23 +161,21 @@ class Exchange:
         if self.error is not None:
             self.respond_local(self.error[0], self.error[1], close=True)
             return
-        head = self.head
-        assert head is not None
-        plan = self.plan
-        route = self.matched  # routed as the head was built
-        if method_refused(route, head.method):
+        assert isinstance(self.request, Request)
+        route, head = self.request.route, self.head
+        if head.method in TRACE_METHODS and method_refused(route, head.method):
             self.respond_local(405, f"{head.method} is not allowed", extra=((b"Allow", allow_value(route)),))
             return
         if route is None:
             self.respond_local(404, "no route for this request")
             return
         self.route = route
-        self.body_limit = plan.body_limit(route)
+        self.body_limit = self.plan.body_limit(route)
         if self.content_length is not None and self.content_length > self.body_limit:
             self.respond_local(413, f"request body larger than {self.body_limit} bytes", close=True)
             return
-        chain = self.chain = plan.chain(route)
-        if chain:
+        chain = self.chain = self.plan.chains[route.name]
+        if chain.filters:
             chain.request(head, self._filtered)
         else:
             self._dispatch()
@@ -135,68 +186,67 @@ class Exchange:
         if head is not self.head:
             # A filter rewrote the headers: what is forwarded follows.
             self.head = head
-            self.names = [name.lower() for name, _ in head.headers]
-            self.connection_named = frozenset(
-                token.strip().lower() for (name, value), lower in zip(head.headers, self.names)
-                if lower == b"connection" for token in value.split(b",") if token.strip())
+            self.names = tuple(name.lower() for name, _ in head.headers)
+            self.connection_named = _connection_tokens(head, self.names)
         if decision is None:
             self._inspect_or_dispatch()
-        elif isinstance(decision, Refuse):
+        else:
+            self._decided(decision)
+
+    def _decided(self, decision: Refuse | Answer) -> None:
+        """A filter refused or answered the request."""
+        if isinstance(decision, Refuse):
             self.respond_local(decision.status, decision.reason or None, extra=decision.headers)
         else:
             self.respond_answer(decision)
 
     def _inspect_or_dispatch(self) -> None:
         """Dispatch, or first collect the body for the route's body filters."""
-        assert self.route is not None
-        limit = self.chain.inspect_body_bytes if self.chain is not None else 0
-        if limit and not self.body_done and not self.upgrade:
+        limit = self.chain.inspect_body_bytes if self.chain is not None and not self.upgrade else 0
+        if limit and (not self.body_done or self._buffered):
             self._inspect_limit = limit
-            if self.expect_continue and not self._sent_continue:
-                self._sent_continue = True
-                self.front.write(_CONTINUE)
-            self._maybe_inspect()
-            return
-        if limit and self.body_done and self._buffered and not self.upgrade:
-            self._inspect_limit = limit
+            if not self.body_done and self.expect_continue:
+                self._send_continue()
             self._maybe_inspect()
             return
         self._dispatch()
+
+    def _send_continue(self) -> None:
+        if not self._sent_continue:
+            self._sent_continue = True
+            self.client.write(_CONTINUE)
 
     def _maybe_inspect(self) -> None:
         """Run the body filters once enough of the body (or all of it) is here."""
         if not self._inspect_limit or self.finished:
             return
         if not self.body_done and self._buffered < self._inspect_limit:
-            self.front.resume_reading("body")  # keep reading up to the inspection limit
+            self.client.resume_reading("body")  # keep reading up to the inspection limit
             return
         limit, self._inspect_limit = self._inspect_limit, 0
         body = b"".join(self._buffer)
-        head = self.head
-        assert head is not None and self.chain is not None
-        self.chain.body(head, body[:limit], self.body_done and len(body) <= limit, self._body_filtered)
+        assert self.chain is not None
+        self.chain.body(self.head, body[:limit], self.body_done and len(body) <= limit, self._body_filtered)
 
     def _body_filtered(self, decision: Decision, head: RequestHead) -> None:
         if self.finished:
             return
         if decision is None:
             self._dispatch()
-        elif isinstance(decision, Refuse):
-            self.respond_local(decision.status, decision.reason or None, extra=decision.headers)
         else:
-            self.respond_answer(decision)
+            self._decided(decision)
 
     def _dispatch(self) -> None:
         assert self.route is not None
         if self.upgrade and self.route.ws.mode == "bridge":
-            self.front.start_bridge(self)
+            self.client.start_bridge(self)
             return
         pools = self.plan.pools[self.route.upstream]
         if pools.sticky is None:
             server = pools.pick(avoid=self.server)
         else:
-            assert self.head is not None
-            server, self.set_cookie = pools.pick_sticky(self.head.headers, self.front.tls, avoid=self.server)
+            server, self.set_cookie = pools.pick_sticky(self.head.headers, self.client.connection.tls,
+                                                        avoid=self.server)
         self.server = server
         connection = None if self.upgrade else server.take_idle()
         if connection is not None:
@@ -207,10 +257,9 @@ class Exchange:
     def _connect_failed(self, failure: Failure) -> None:
         if self.finished:
             return
-        assert self.server is not None
+        assert self.server is not None and self.route is not None
         log.warn("upstream {server} unreachable: {reason}", server=self.server.server.url,
                  reason=failure.getErrorMessage())
-        assert self.route is not None
         if not self.connect_retried and len(self.plan.pools[self.route.upstream].servers) > 1:
             # Nothing was sent: trying another server is always safe.
             self.connect_retried = True
@@ -226,18 +275,17 @@ class Exchange:
                 connection.pool.release(connection)
             return
         self.connection = connection
-        connection.begin(self, self._upstream_head(), self.head.method == "HEAD")  # type: ignore[union-attr]
-        if self.front.client_paused:
+        connection.begin(self, self._upstream_head(), self.head.method == "HEAD")
+        if self.client.client_paused:
             connection.pause_reading()
-        if self.expect_continue and not self.body_done and self._buffered == 0 and not self._sent_continue:
-            self._sent_continue = True
-            self.front.write(_CONTINUE)
+        if self.expect_continue and not self.body_done and self._buffered == 0:
+            self._send_continue()
         if self._buffer:
             for chunk in self._buffer:
                 connection.send_body(self._frame(chunk))
             self._buffer = []
             self._buffered = 0
-            self.front.resume_reading("body")
+            self.client.resume_reading("body")
         if self.body_done:
             self._end_request_body(connection)
 
@@ -252,59 +300,28 @@ class Exchange:
         connection.request_sent()
 
     def _upstream_head(self) -> bytes:
+        """The request head as the upstream gets it (see :mod:`chatproxy.proxy.forwarding`)."""
         head, route, server = self.head, self.route, self.server
-        assert head is not None and route is not None and server is not None
-        front = self.front
+        assert route is not None and server is not None
         path = route.rewrite_path or head.path
-        query = head.query
-        lines = [(f"{head.method} {path}?{query} HTTP/1.1\r\n" if query else
-                  f"{head.method} {path} HTTP/1.1\r\n").encode("latin-1")]
-        append = lines.append
-        trusted = front.peer_trusted
-        named = self.connection_named
-        prior_for: list[bytes] = []
-        kept_forwarding: set[bytes] = set()
-        via = b"1.1 chatproxy"
-        client_host = head.authority.encode("latin-1")
-        for (name, value), lower in zip(head.headers, self.names):
-            if lower not in _UPSTREAM_SPECIAL and not (named and lower in named):
-                lines += (name, b": ", value, b"\r\n")  # the common case: passed on as it is
-                continue
-            if lower in _NOT_FORWARDED or (named and lower in named):
-                continue
-            if lower in FORWARDING:
-                if trusted:
-                    if lower == b"x-forwarded-for":
-                        prior_for.append(value)
-                    else:
-                        kept_forwarding.add(lower)
-                        append(name + b": " + value + b"\r\n")
-                continue
-            if lower == b"via":
-                via = value + b", " + via
-                continue
-            append(name + b": " + value + b"\r\n")
-        upstream = self.plan.upstream_of(route)
-        host = client_host if upstream.host_header == "client" and client_host else server.server.authority.encode("idna")
-        lines += (b"Host: ", host, b"\r\nX-Forwarded-For: ")
-        if prior_for:
-            lines += (b", ".join(prior_for), b", ")
-        lines += (front.peer.encode("ascii"), b"\r\n")
-        if b"x-forwarded-proto" not in kept_forwarding:
-            append(b"X-Forwarded-Proto: https\r\n" if front.tls else b"X-Forwarded-Proto: http\r\n")
-        if b"x-forwarded-host" not in kept_forwarding and client_host:
-            lines += (b"X-Forwarded-Host: ", client_host, b"\r\n")
-        if b"x-forwarded-port" not in kept_forwarding:
-            append(b"X-Forwarded-Port: %d\r\n" % front.local_port)
-        lines += (b"Via: ", via, b"\r\n")
+        line = f"{head.method} {path}?{head.query} HTTP/1.1\r\n" if head.query else f"{head.method} {path} HTTP/1.1\r\n"
+        lines = [line.encode("latin-1")]
+        client_host = head.authority
+        if self.plan.upstream_of(route).host_header == "client" and client_host:
+            lines += (b"Host: ", client_host.encode("latin-1"), b"\r\n")
+        else:
+            lines += (b"Host: ", server.server.authority.encode("idna"), b"\r\n")
+        for name, value in upstream_headers(head.headers, self.names, self.connection_named, self.client.connection,
+                                            client_host, _NOT_FORWARDED):
+            lines += (name, b": ", value, b"\r\n")
         if self.chunked_in:
-            append(b"Transfer-Encoding: chunked\r\n")
+            lines.append(b"Transfer-Encoding: chunked\r\n")
         elif self.content_length is not None:
-            append(b"Content-Length: %d\r\n" % self.content_length)
+            lines.append(b"Content-Length: %d\r\n" % self.content_length)
         if self.upgrade:
             upgrade = head.header("upgrade") or "websocket"
-            append(b"Connection: Upgrade\r\nUpgrade: " + upgrade.encode("latin-1") + b"\r\n")
-        append(b"\r\n")
+            lines.append(b"Connection: Upgrade\r\nUpgrade: " + upgrade.encode("latin-1") + b"\r\n")
+        lines.append(b"\r\n")
         return b"".join(lines)
 
     # -- the request body from the client
@@ -319,20 +336,22 @@ class Exchange:
             return
         if self.connection is not None:
             self.connection.send_body(self._frame(data))
-        else:
-            self._buffer.append(data)
-            self._buffered += len(data)
-            if self._inspect_limit:
-                self._maybe_inspect()
-            if self._buffered > max(_BODY_BUFFER_LIMIT, self._inspect_limit) and self.connection is None:
-                self.front.pause_reading("body")
+            return
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._inspect_limit:
+            self._maybe_inspect()
+        if self._buffered > max(_BODY_BUFFER_LIMIT, self._inspect_limit) and self.connection is None:
+            self.client.pause_reading("body")
 
     def client_body_done(self) -> None:
         """The request body is complete."""
         self.body_done = True
-        if self.connection is not None and not self.discarding:
+        if self.discarding:
+            return
+        if self.connection is not None:
             self._end_request_body(self.connection)
-        elif self._inspect_limit and not self.discarding:
+        elif self._inspect_limit:
             self._maybe_inspect()
 
     def _body_too_large(self) -> None:
@@ -341,9 +360,7 @@ class Exchange:
             self.error = (413, message)
             self.discarding = True
             return
-        if self.connection is not None:
-            self.connection.abandon()
-            self.connection = None
+        self._give_up_upstream()
         if self.response_started:
             self._abort("request body over the limit after the response began")
         else:
@@ -351,9 +368,7 @@ class Exchange:
 
     def client_body_failed(self, status: int, message: str) -> None:
         """The request body was malformed (bad chunk framing)."""
-        if self.connection is not None:
-            self.connection.abandon()
-            self.connection = None
+        self._give_up_upstream()
         if not self.active:
             self.error = (status, message)
             return
@@ -361,6 +376,11 @@ class Exchange:
             self._abort(message)
         elif not self.finished:
             self.respond_local(status, message, close=True)
+
+    def _give_up_upstream(self) -> None:
+        if self.connection is not None:
+            self.connection.abandon()
+            self.connection = None
 
     # -- the response from the upstream (ResponseSink)
 
@@ -371,51 +391,66 @@ class Exchange:
         if self.finished:
             return
         if status == 101:
-            if not self.upgrade:
-                assert self.connection is not None
-                self.connection.abandon()
-                self.connection = None
-                self.respond_local(502, "upstream switched protocols without being asked")
-                return
-            out = _end_to_end(headers, names, HOP_BY_HOP)
-            upgrade_to = next((v for (_, v), k in zip(headers, names) if k == b"upgrade"), b"websocket")
-            out += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade_to)]
-            if self.set_cookie is not None:
-                out.append((b"Set-Cookie", self.set_cookie))
-            self._relay_head(status, reason, out)
+            self._switching(reason, headers, names)
             return
         if self.upgrade:
             # The upstream refused the upgrade: relay its answer, then close.
             self.close_after = True
         out = _end_to_end(headers, names, HOP_BY_HOP if body_framing in ("length", "none") else _HOP_AND_LENGTH)
         if body_framing in ("chunked", "eof"):
-            if self.head is not None and self.head.version == "1.1":
-                out.append((b"Transfer-Encoding", b"chunked"))
-                self.out_chunked = True
-            else:
-                self.close_after = True
-                self.close_delimited = True
+            self._reframe(out)
         if not self.body_done:
             # The upstream answered before the whole body arrived: the rest of
             # the body is read and dropped, and the connection ends afterwards.
             self.close_after = True
         if self.set_cookie is not None:
             out.append((b"Set-Cookie", self.set_cookie))  # sticky sessions: pins the client to this server
-        keep = self.client_keep_alive and not self.close_after and not self.front.closing and not self.front.draining
-        if not keep:
-            out.append((b"Connection", b"close"))
-        elif self.head is not None and self.head.version == "1.0":
-            out.append((b"Connection", b"keep-alive"))
+        out += self._connection_header()
         self._relay_head(status, reason, out)
+
+    def _switching(self, reason: bytes, headers: list[Header], names: list[bytes]) -> None:
+        """The upstream answered 101: relayed if an upgrade was asked for, else 502."""
+        if not self.upgrade:
+            self._give_up_upstream()
+            self.respond_local(502, "upstream switched protocols without being asked")
+            return
+        out = _end_to_end(headers, names, HOP_BY_HOP)
+        upgrade_to = next((v for (_, v), k in zip(headers, names) if k == b"upgrade"), b"websocket")
+        out += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade_to)]
+        if self.set_cookie is not None:
+            out.append((b"Set-Cookie", self.set_cookie))
+        self._relay_head(101, reason, out)
+
+    def _reframe(self, out: list[Header]) -> None:
+        """A chunked or read-until-close response: chunked to an HTTP/1.1
+        client, delimited by closing the connection for HTTP/1.0."""
+        if self.head.version == "1.1":
+            out.append((b"Transfer-Encoding", b"chunked"))
+            self.out_chunked = True
+        else:
+            self.close_after = True
+            self.close_delimited = True
+
+    def _connection_header(self) -> list[Header]:
+        """``Connection: close`` when the connection ends after this response,
+        ``keep-alive`` for an HTTP/1.0 client it stays open for."""
+        client = self.client
+        if not self.client_keep_alive or self.close_after or client.closing or client.draining:
+            return [(b"Connection", b"close")]
+        if self.head.version == "1.0":
+            return [(b"Connection", b"keep-alive")]
+        return []
 
     def _relay_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
         """Send the upstream's response head on, as the route's filters and the
         listener have it; a failing response hook answers 500 instead."""
+        chain = self.chain
+        if (chain is None or not chain.sees_responses) and not self.client.listener.response_headers:
+            self._write_head(status, reason, headers)  # nothing to change: the common case
+            return
         final = self._answer_headers(status, headers)
         if final is None:
-            if self.connection is not None:
-                self.connection.abandon()
-                self.connection = None
+            self._give_up_upstream()
             self.respond_local(500, "internal filter error", hooks=False)
             return
         self._write_head(status, reason, final)
@@ -427,14 +462,14 @@ class Exchange:
         stay), then with the listener's ``response_headers``.  None when a
         response hook failed."""
         chain = self.chain
-        if chain is not None and chain.sees_responses and self.head is not None:
+        if chain is not None and chain.sees_responses:
             changed = chain.response(self.head, status, headers)
             if isinstance(changed, Refuse):
                 return None
             if changed is not headers:
                 headers = [h for h in changed if h[0].lower() not in _HOP_AND_LENGTH] + \
                     [h for h in headers if h[0].lower() in _HOP_AND_LENGTH]
-        own = self.front.listener.response_headers
+        own = self.client.listener.response_headers
         return replace_headers(headers, own) if own else headers
 
     def _write_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
@@ -444,7 +479,7 @@ class Exchange:
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
-        self.front.write(b"".join(parts))
+        self.client.write(b"".join(parts))
 
     def response_body(self, data: bytes) -> None:
         """Response body bytes from the upstream."""
@@ -452,9 +487,9 @@ class Exchange:
             return
         self.bytes_sent += len(data)
         if self.out_chunked:
-            self.front.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self.client.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
-            self.front.write(data)
+            self.client.write(data)
 
     def response_complete(self) -> None:
         """The upstream's response ended cleanly."""
@@ -462,7 +497,7 @@ class Exchange:
         if self.finished:
             return
         if self.out_chunked:
-            self.front.write(_CHUNK_END)
+            self.client.write(_CHUNK_END)
         if not self.body_done:
             self.discarding = True
             self.close_after = True
@@ -475,7 +510,7 @@ class Exchange:
         if self.finished:
             connection.abandon()
             return
-        self.front.start_tunnel(self, connection, leftover)
+        self.client.start_tunnel(self, connection, leftover)
 
     def upstream_failed(self, reason: str, timeout: bool) -> None:
         """The upstream connection failed or timed out during the exchange."""
@@ -488,8 +523,7 @@ class Exchange:
             self.server = None
             self._dispatch()
             return
-        log.warn("{method} {target}: {reason}", method=self.head.method if self.head else "-",
-                 target=self.head.target if self.head else "-", reason=reason)
+        log.warn("{method} {target}: {reason}", method=self.head.method, target=self.head.target, reason=reason)
         if self.response_started:
             self._abort(reason)
         else:
@@ -504,18 +538,17 @@ class Exchange:
         body (a body already sent is not kept to send again).  And only once,
         when a reused pooled connection failed (not timed out) before any
         response byte: the server had closed it while it was idle."""
-        head = self.head
-        return (not timeout and not self.retried and not self.response_started and connection is not None
-                and connection.reused and not connection.got_response_bytes and head is not None
-                and head.method in _IDEMPOTENT and not self.chunked_in and self.content_length in (None, 0)
-                and self.body_received == 0)
+        if timeout or self.retried or self.response_started or connection is None:
+            return False
+        return (connection.reused and not connection.got_response_bytes and self.head.method in _IDEMPOTENT
+                and not self.request.has_body and self.body_received == 0)
 
     def upstream_writable(self, writable: bool) -> None:
         """The upstream's send buffer filled (False) or drained (True)."""
         if writable:
-            self.front.resume_reading("upstream")
+            self.client.resume_reading("upstream")
         else:
-            self.front.pause_reading("upstream")
+            self.client.pause_reading("upstream")
 
     # -- endings
 
@@ -531,24 +564,20 @@ class Exchange:
         if not self.body_done:
             self.discarding = True
             close = True
-        close = close or self.close_after or not self.client_keep_alive or self.front.closing or self.front.draining
+        client = self.client
+        close = close or self.close_after or not self.client_keep_alive or client.closing or client.draining
         self.close_after = close
-        head_only = self.head is not None and self.head.method == "HEAD"
-        headers: list[Header] | None = [(b"Content-Type", b"text/plain; charset=utf-8"), *extra]
-        assert headers is not None
-        if hooks:
-            headers = self._answer_headers(status, headers)
-        else:
-            own = self.front.listener.response_headers
-            headers = replace_headers(headers, own) if own else headers
+        headers = self._answer_headers(status, [_PLAIN_TEXT, *extra]) if hooks else \
+            replace_headers([_PLAIN_TEXT, *extra], client.listener.response_headers)
         if headers is None:
             self.respond_local(500, "internal filter error", close=close, hooks=False)
             return
+        head_only = self.head.method == "HEAD"
         data = local_response(status, message, close=close, headers=headers, head_only=head_only)
         self.status = status
         self.response_started = True
         self.bytes_sent = 0 if head_only else len(data) - data.index(b"\r\n\r\n") - 4
-        self.front.write(data)
+        client.write(data)
         self._finish()
 
     def respond_answer(self, answer: Answer) -> None:
@@ -556,18 +585,17 @@ class Exchange:
         if not self.body_done:
             self.discarding = True
             self.close_after = True
-        close = self.close_after or not self.client_keep_alive
-        headers = [(n, v) for n, v in answer.headers if n.lower() not in HOP_BY_HOP and n.lower() != b"content-length"]
+        headers = [(n, v) for n, v in answer.headers if n.lower() not in _HOP_AND_LENGTH]
         headers.append((b"Content-Length", b"%d" % len(answer.body)))
-        if close:
+        if self.close_after or not self.client_keep_alive:
             headers.append((b"Connection", b"close"))
         final = self._answer_headers(answer.status, headers)
         if final is None:
             self.respond_local(500, "internal filter error", hooks=False)
             return
         self._write_head(answer.status, b"", final)
-        if self.head is None or self.head.method != "HEAD":
-            self.front.write(answer.body)
+        if self.head.method != "HEAD":
+            self.client.write(answer.body)
             self.bytes_sent = len(answer.body)
         self._finish()
 
@@ -575,49 +603,42 @@ class Exchange:
         """The response cannot be completed: close the client connection
         without anything that would make a truncated body look complete."""
         self.close_after = True
-        if self.connection is not None:
-            self.connection.abandon()
-            self.connection = None
+        self._give_up_upstream()
         self._finish(aborted=True)
 
     def client_gone(self) -> None:
         """The client connection closed before this exchange ended."""
         if self.finished:
             return
-        if self.connection is not None:
-            self.connection.abandon()
-            self.connection = None
+        self._give_up_upstream()
         if not self.response_started:
             self.status = 499
         self._finish(aborted=True)
 
     def _finish(self, aborted: bool = False) -> None:
         self.finished = True
-        front = self.front
-        core = front.core
+        core = self.client.core
         core.stats.request(self.route.name if self.route else "", self.status, core.sweeper.now() - self.started,
                            self.bytes_sent, self.body_received)
-        access_log = core.access_log
-        if access_log.enabled and (self.head is not None or self.error is not None):
-            access_log.log(self.record())
-        front.exchange_done(self, aborted)
+        if core.access_log.enabled:
+            core.access_log.log(self.record())
+        self.client.exchange_done(self, aborted)
 
     def record(self) -> AccessRecord:
         """The access-log record of this exchange."""
         head = self.head
-        now = self.front.core.sweeper.now()
         return AccessRecord(
-            client=head.client if head else self.front.peer,
-            method=head.method if head else "-",
-            target=head.target if head else "-",
-            version=head.version if head else "1.1",
+            client=head.client,
+            method=head.method,
+            target=head.target,
+            version=head.version,
             status=self.status,
             bytes_sent=self.bytes_sent,
-            duration=now - self.started,
+            duration=self.client.core.sweeper.now() - self.started,
             route=self.route.name if self.route else "",
             upstream=self.server.server.url if self.server else "",
-            referer=(head.header("referer") or "") if head else "",
-            user_agent=(head.header("user-agent") or "") if head else "",
-            host=head.host if head else "",
+            referer=head.header("referer") or "",
+            user_agent=head.header("user-agent") or "",
+            host=head.host,
             started=self.started,
         )

@@ -21,14 +21,14 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from chatproxy.http.messages import Header, client_ip, in_networks, local_response, replace_headers
+from chatproxy.proxy.accesslog import AccessRecord
 from chatproxy.proxy.exchange import Exchange
-from chatproxy.http.messages import (
-    Header, RequestHead, client_ip, in_networks, local_response, replace_headers, resolve_client,
-)
+from chatproxy.proxy.forwarding import Connection, connection_of
+from chatproxy.proxy.request import HostMemo, Rejection, decide
+from chatproxy.proxy.routing import TRACE_METHODS, allow_value
 from chatproxy.proxy.sending import send
 from chatproxy.proxy.tunnel import Tunnel
-from chatproxy.http.paths import PathError, normalize_path
-from chatproxy.proxy.routing import TRACE_METHODS, allow_value, websocket_upgrade
 
 if TYPE_CHECKING:
     from chatproxy.config import Listener
@@ -37,13 +37,6 @@ if TYPE_CHECKING:
     from chatproxy.proxy.core import ProxyCore
 
 log = Logger()
-
-_HOST_RE = re.compile(rb"^(?:[A-Za-z0-9._~!$&'()*+,;=%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?$")
-_QUERY_FORBIDDEN = re.compile(r"[^\x21-\x7e]|#")
-# The request headers _make_exchange looks at (the others are only collected).
-_SPECIAL_REQUEST_HEADERS = frozenset(
-    {b"host", b"content-length", b"transfer-encoding", b"expect", b"x-forwarded-for", b"connection"})
-
 
 class _Reject(Exception):
     """Raised inside a parser callback to refuse the request with ``status``."""
@@ -62,11 +55,9 @@ class FrontConnection(Protocol):
         self.factory = factory
         self.core: ProxyCore = factory.core
         self.listener: Listener = factory.listener
-        self.tls = self.listener.tls
         self.settings = self.core.settings
         self.peer = "-"
-        self.peer_trusted = False
-        self.local_port = 0
+        self.connection = Connection(self.peer, self.listener.name, self.listener.tls)
         self.deadline = 0.0
         self.closing = False
         self.draining = False  # shutting down: close after the current exchange
@@ -82,8 +73,7 @@ class FrontConnection(Protocol):
         self._url = b""
         self._headers: list[Header] = []
         self._max_headers = self.settings.max_headers
-        self._valid_host: bytes | None = None  # the last Host value found well-formed
-        self._routed_host: tuple[bytes, str] = (b"", _routing_host(b""))  # the last Host value and its routing name
+        self._hosts = HostMemo()
         self._pending_error: tuple[int, str] | None = None
         self._upgrade_buffer: list[bytes] | None = None
         self._upgrade_request: Exchange | None = None  # the request llhttp will stop after (an upgrade)
@@ -119,8 +109,12 @@ class FrontConnection(Protocol):
         behind a ``haproxy:`` endpoint the PROXY header has set them by then."""
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self.peer = client_ip(peer.host) if hasattr(peer, "host") else "unix"
-        self.peer_trusted = bool(self.listener.trusted_proxies) and in_networks(self.peer, self.listener.trusted_proxies)
-        self.local_port = getattr(self.transport.getHost(), "port", 0)  # type: ignore[union-attr]
+        port = getattr(self.transport.getHost(), "port", 0)  # type: ignore[union-attr]
+        self._connection_facts(port)
+
+    def _connection_facts(self, port: int) -> None:
+        listener = self.listener
+        self.connection = connection_of(self.peer, listener.name, listener.tls, port, listener.trusted_proxies)
 
     def dataReceived(self, data: bytes) -> None:
         if not self._peer_known:
@@ -136,39 +130,38 @@ class FrontConnection(Protocol):
             return
         if self._stop_parsing:
             return
-        if self._body_parser is not None:
-            self._feed(self._body_parser, data)
+        self._feed(self._body_parser or self._parser, data)
+
+    def _feed(self, parser: Any, data: bytes) -> None:
+        """Parse ``data``; answer what breaks the stream (malformed, too large)."""
+        try:
+            parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
+            self._parse_stopped(error, data)
             return
-        if self._feed(self._parser, data) and self._in_head:
+        if self._in_head:
             self._head_bytes += len(data)
             if self._head_bytes > self.settings.max_header_bytes:
                 self._stream_error(431, "request head too large")
 
-    def _feed(self, parser: Any, data: bytes) -> bool:
-        """Parse ``data``; False when the parser stopped (an error, an upgrade)."""
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            offset = int(upgrade.args[0]) if upgrade.args else len(data)
+    def _parse_stopped(self, error: Exception, data: bytes) -> None:
+        """The parser stopped in ``data``: an upgrade, or a request it refuses."""
+        if isinstance(error, httptools.HttpParserUpgrade):
+            offset = int(error.args[0]) if error.args else len(data)
             self._upgraded(data[offset:])
-            return False
-        except httptools.HttpParserCallbackError as error:
+        elif isinstance(error, httptools.HttpParserCallbackError):
             context = error.__context__
             if isinstance(context, _Reject):
                 self._stream_error(context.status, context.message)
             else:
                 log.failure("internal error while parsing a request", Failure(context) if context else None)
                 self._stream_error(500, "internal error")
-            return False
-        except httptools.HttpParserInvalidMethodError as error:
-            if not self._stop_parsing:
-                self._stream_error(*_unknown_method_answer(data, str(error)))
-            return False
-        except httptools.HttpParserError as error:
-            if not self._stop_parsing:
-                self._stream_error(400, f"malformed request: {error}")
-            return False
-        return True
+        elif self._stop_parsing:
+            return  # what follows an upgrade request's body, on a connection that ends
+        elif isinstance(error, httptools.HttpParserInvalidMethodError):
+            self._stream_error(*_unknown_method_answer(data, str(error)))
+        else:
+            self._stream_error(400, f"malformed request: {error}")
 
     def _upgraded(self, rest: bytes) -> None:
         """llhttp stopped after a request asking to switch protocols (``Connection:
@@ -244,7 +237,7 @@ class FrontConnection(Protocol):
         if listener is not self.listener:
             # A reload changed this listener: the next request follows it.
             self.listener = listener
-            self.peer_trusted = bool(listener.trusted_proxies) and in_networks(self.peer, listener.trusted_proxies)
+            self._connection_facts(self.connection.port)
             if listener.allow is not None and self._peer_known and not in_networks(self.peer, listener.allow):
                 raise _Reject(403, "client address no longer allowed on this listener")
         self.settings = settings = self.core.settings
@@ -306,111 +299,20 @@ class FrontConnection(Protocol):
     # -- building the exchange from the parsed head
 
     def _make_exchange(self) -> Exchange:
+        """The exchange of the request whose head was just parsed."""
         parser = self._parser
-        headers = self._headers
-        names: list[bytes] = []  # lower-cased, in the same order
-        add_name = names.append
-        method = parser.get_method().decode("ascii")
-        version = parser.get_http_version()
-        keep_alive = parser.should_keep_alive()
         upgrade = parser.should_upgrade()
-        content_length: int | None = None
-        chunked = False
-        expect_continue = False
-        hosts: list[bytes] = []
-        forwarded_for: list[str] = []
-        error: tuple[int, str] | None = None
-        named: frozenset[bytes] = frozenset()
-        head_bytes = len(self._url) + 4 * len(headers)
-        for name, value in headers:
-            lower = name.lower()
-            add_name(lower)
-            head_bytes += len(name) + len(value)
-            if lower not in _SPECIAL_REQUEST_HEADERS:
-                continue
-            if lower == b"host":
-                hosts.append(value)
-            elif lower == b"content-length":
-                content_length = int(value)
-            elif lower == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    error = (501, "only the chunked transfer coding is supported")
-                chunked = True
-            elif lower == b"expect":
-                if value.strip().lower() == b"100-continue":
-                    expect_continue = True
-                else:
-                    error = (417, "unsupported expectation")
-            elif lower == b"x-forwarded-for" and self.peer_trusted:
-                forwarded_for.extend(value.decode("latin-1").split(","))
-            elif lower == b"connection":
-                named = named | {t.strip().lower() for t in value.split(b",") if t.strip()}
-        if head_bytes > self.settings.max_header_bytes:
-            error = (431, "request head too large")
-        if version not in ("1.0", "1.1"):
-            error = (505, "only HTTP/1.0 and HTTP/1.1 are supported")
-        target = self._url.decode("latin-1")
-        path, query = target, ""
-        host_value = hosts[0] if hosts else b""
-        if len(hosts) > 1:
-            error = error or (400, "more than one Host header")
-        elif not hosts and version == "1.1":
-            error = error or (400, "missing Host header")
-        elif hosts and host_value != self._valid_host:
-            if _HOST_RE.match(host_value):
-                self._valid_host = host_value  # keep-alive requests repeat it: checked once
-            else:
-                error = error or (400, "malformed Host header")
-        if target.startswith(("http://", "https://")):
-            # absolute-form: the authority in the target replaces Host.
-            scheme_end = target.index("//") + 2
-            slash = target.find("/", scheme_end)
-            authority = target[scheme_end : slash if slash >= 0 else len(target)]
-            path = target[slash:] if slash >= 0 else "/"
-            host_value = authority.encode("latin-1")
-            if not authority or not _HOST_RE.match(host_value):
-                error = error or (400, "malformed request target")
-        elif not target.startswith("/"):
-            error = error or (400, "unsupported request target form")
-        if "?" in path:
-            path, query = path.split("?", 1)
-            if _QUERY_FORBIDDEN.search(query):
-                error = error or (400, "malformed query string")
-        try:
-            normal = normalize_path(path)
-        except PathError as e:
-            error = error or (400, f"rejected path: {e.reason}")
-            normal = "/"
-        if host_value != self._routed_host[0]:
-            self._routed_host = (host_value, _routing_host(host_value))
-        host = self._routed_host[1]
-        client = self.peer
-        if self.peer_trusted and forwarded_for:
-            client = resolve_client(self.peer, forwarded_for, self.listener.trusted_proxies)
-        listener = self.listener.name
         plan = self.core.plan
-        route = plan.table.match(_Facts(listener, host, method, normal, query)) if error is None else None
-        # Positional, in the order of RequestHead's fields (method, target,
-        # path, query, version, headers, host, authority, client, peer, tls,
-        # listener, route): keywords cost about 0.4 µs more per request.
-        head = RequestHead(method, target, normal, query, version, tuple(headers), host, host_value.decode("latin-1"),
-                           client, self.peer, self.tls, listener, route.name if route is not None else "")
-        websocket = upgrade and error is None and websocket_upgrade(route, method, head.header("upgrade"))
-        if websocket and (chunked or content_length):
-            error = (400, "a WebSocket handshake has no body")
-            websocket = False
-        exchange = Exchange(self, head, error, keep_alive and error is None, websocket, content_length, chunked,
-                            expect_continue, plan)
-        exchange.matched = route
-        exchange.names = names
-        exchange.connection_named = named
+        request = decide(parser.get_method().decode("ascii"), parser.get_http_version(), parser.should_keep_alive(),
+                         upgrade, self._url, self._headers, self.connection, plan.table,
+                         self.settings.max_header_bytes, self._hosts)
+        exchange = Exchange(self, request, plan)
         if upgrade:
             # llhttp stops after this request (see _upgraded); one chatproxy does
             # not make is forwarded as an ordinary request, and the connection
             # is not used again.
             self._upgrade_request = exchange
-            exchange.close_after = True
-        if error is not None:
+        if isinstance(request, Rejection):
             # A bad request ends the connection: nothing after it is parsed.
             self.closing_after_queue()
         return exchange
@@ -484,8 +386,6 @@ class FrontConnection(Protocol):
         self.close()
 
     def _log_rejected(self, status: int) -> None:
-        from chatproxy.proxy.accesslog import AccessRecord
-
         if self.core.access_log.enabled:
             now = self.core.sweeper.now()
             self.core.access_log.log(AccessRecord(self.peer, "-", self._url.decode("latin-1")[:200] or "-", "1.1",
@@ -732,19 +632,6 @@ def _body_framing_head(exchange: Exchange) -> bytes:
     return b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % (exchange.content_length or 0)
 
 
-class _Facts:
-    """What the route table looks at, gathered before the request head is built."""
-
-    __slots__ = ("listener", "host", "method", "path", "query")
-
-    def __init__(self, listener: str, host: str, method: str, path: str, query: str) -> None:
-        self.listener = listener
-        self.host = host
-        self.method = method
-        self.path = path
-        self.query = query
-
-
 def _half_closeable(transport: Any) -> bool:
     """Whether ending ``transport`` is a half-close (shutdown for writing,
     reading on until the client's FIN): a plain TCP or UNIX stream, directly
@@ -770,13 +657,6 @@ def _no_delay(transport: Any) -> None:
             set_no_delay(True)
         except OSError:
             pass
-
-
-def _routing_host(value: bytes) -> str:
-    host = value.decode("latin-1").lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0].rstrip(".") if ":" in host else host.rstrip(".")
 
 
 class FrontFactory(Factory):

@@ -56,13 +56,14 @@ class Plan:
             else:
                 self.pools[name] = pools = UpstreamPools(reactor, upstream, sweeper, stats)
                 self.new_pools.append(pools)
-        self._chains = {
+        #: The filter chain of each route, by route name.
+        self.chains = {
             route.name: FilterChain([RouteFilter(name, config.filters[name].filter, config.filters[name].mode == "report",
                                                  config.filters[name].refused_message == "drop")
                                      for name in route.filters], stats.filter_outcomes)
             for route in config.routes
         }
-        self._body_limits = {route.name: _body_limit(route, config.settings.max_body_bytes, self._chains[route.name])
+        self._body_limits = {route.name: _body_limit(route, config.settings.max_body_bytes, self.chains[route.name])
                              for route in config.routes}
         self._sockets: dict[str, RouteSockets] = {}
 
@@ -84,7 +85,7 @@ class Plan:
 
     def chain(self, route: Route) -> FilterChain:
         """The filter chain of a route of this plan."""
-        return self._chains[route.name]
+        return self.chains[route.name]
 
     def body_limit(self, route: Route) -> int:
         """The request body limit of a route: its own or the global one, or a

@@ -39,10 +39,10 @@ EJECTION_SECONDS = 10.0
 
 
 class ResponseSink(TypingProtocol):
-    """What an upstream connection reports to (the front exchange)."""
+    """What an upstream connection reports to (an exchange)."""
 
-    front: Any
-
+    def cork(self) -> None: ...
+    def uncork(self) -> None: ...
     def response_head(self, status: int, reason: bytes, headers: list[Header], names: list[bytes],
                       body_framing: str) -> None: ...
     def response_body(self, data: bytes) -> None: ...
@@ -101,20 +101,19 @@ class UpstreamConnection(Protocol):
         self._got_bytes = True
         if self._head_done:
             self.deadline = self.pool.sweeper.now() + self.pool.upstream.response_timeout
-        front = sink.front
-        front.cork()  # what this read produces for the client goes out in one send
+        sink.cork()  # what this read produces for the client goes out in one send
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = int(upgrade.args[0]) if upgrade.args else len(data)
             self.deadline = 0.0
             self.sink = None
-            front.uncork()
+            sink.uncork()
             sink.response_upgraded(data[offset:])
         except httptools.HttpParserError as error:
             self._fail(f"malformed response from upstream: {error}", timeout=False)
         finally:
-            front.uncork()
+            sink.uncork()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._closed = True

@@ -73,7 +73,8 @@ from zope.interface import implementer
 
 from chatproxy.filters import CloseSession
 from chatproxy.proxy.sending import send
-from chatproxy.http.messages import FORWARDING, HOP_BY_HOP
+from chatproxy.http.messages import HOP_BY_HOP
+from chatproxy.proxy.forwarding import upstream_headers
 
 if TYPE_CHECKING:
     from chatproxy.config import Route
@@ -86,10 +87,10 @@ log = Logger()
 UPSTREAM_LOST = 1011
 CLIENT_LOST = 1001
 # Request headers the bridge does not copy to the upstream handshake: the
-# handshake's own (Autobahn writes fresh ones), hop-by-hop ones, and those
-# chatproxy sets itself.
-_NOT_COPIED = HOP_BY_HOP | FORWARDING | {
-    b"host", b"origin", b"user-agent", b"content-length", b"via",
+# handshake's own (Autobahn writes fresh ones) and hop-by-hop ones; the
+# forwarding headers follow chatproxy's policy (forwarding.upstream_headers).
+_NOT_COPIED = HOP_BY_HOP | {
+    b"host", b"origin", b"user-agent", b"content-length",
     b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
     b"sec-websocket-protocol", b"sec-websocket-accept", b"pragma", b"cache-control",
 }
@@ -626,7 +627,7 @@ class WebSocketBridge:
         if pools.sticky is None:
             server = pools.pick()
         else:
-            server, exchange.set_cookie = pools.pick_sticky(head.headers, self.front.tls)
+            server, exchange.set_cookie = pools.pick_sticky(head.headers, self.front.connection.tls)
         exchange.server = server
         upstream_config = server.upstream
         path = route.rewrite_path or head.path
@@ -646,7 +647,7 @@ class WebSocketBridge:
         if upstream_config.host_header == "client" and head.authority:
             # Host as the client sent it (Autobahn writes "Host: host:port"), not
             # the client's host name with the upstream's port.
-            factory.host, factory.port = _split_authority(head.authority, 443 if self.front.tls else 80)
+            factory.host, factory.port = _split_authority(head.authority, 443 if self.front.connection.tls else 80)
         self._handshake = defer.Deferred()
         leg = UpstreamLeg()
         leg.bridge = self
@@ -660,37 +661,19 @@ class WebSocketBridge:
         return self._handshake
 
     def _upstream_headers(self) -> dict[str, str]:
+        """The handshake's headers for the upstream, as a plain request's
+        (:func:`chatproxy.proxy.forwarding.upstream_headers`), without those
+        Autobahn writes itself; repeated ones joined (cookies with "; ")."""
         exchange = self.exchange
         head = exchange.head
-        assert head is not None
-        named = exchange.connection_named
         headers: dict[str, str] = {}
-        for (name, value), lower in zip(head.headers, exchange.names):
-            if lower in _NOT_COPIED or lower in named:
-                continue
-            text = name.decode("latin-1")
+        for name, value in upstream_headers(head.headers, exchange.names, exchange.connection_named,
+                                            self.front.connection, head.authority, _NOT_COPIED):
+            text, value_text = name.decode("latin-1"), value.decode("latin-1")
             if text in headers:
-                # e.g. two Cookie lines: cookies are separated by "; ", other lists by ", "
-                headers[text] += ("; " if lower == b"cookie" else ", ") + value.decode("latin-1")
+                headers[text] += ("; " if text.lower() == "cookie" else ", ") + value_text
             else:
-                headers[text] = value.decode("latin-1")
-        front = self.front
-        prior = [v.decode("latin-1") for (n, v), lower in zip(head.headers, exchange.names)
-                 if lower == b"x-forwarded-for"] if front.peer_trusted else []
-        headers["X-Forwarded-For"] = ", ".join(prior + [front.peer])
-        kept = {lower for lower in exchange.names if lower in FORWARDING} if front.peer_trusted else set()
-        if front.peer_trusted:
-            for (name, value), lower in zip(head.headers, exchange.names):
-                if lower in FORWARDING and lower != b"x-forwarded-for":
-                    headers[name.decode("latin-1")] = value.decode("latin-1")
-        if b"x-forwarded-proto" not in kept:
-            headers["X-Forwarded-Proto"] = "https" if front.tls else "http"
-        if b"x-forwarded-host" not in kept and head.authority:
-            headers["X-Forwarded-Host"] = head.authority
-        if b"x-forwarded-port" not in kept:
-            headers["X-Forwarded-Port"] = str(front.local_port)
-        via = head.header("via")
-        headers["Via"] = f"{via}, 1.1 chatproxy" if via else "1.1 chatproxy"
+                headers[text] = value_text
         return headers
 
     def _settle(self) -> defer.Deferred[Any] | None:
