@@ -9,7 +9,7 @@ import sys
 from typing import TextIO
 
 from chatproxy.config import Config, ConfigError, Route, load_config
-from chatproxy.placeholders import find_placeholders
+from chatproxy.config.placeholders import find_placeholders
 from chatproxy.proxy.routing import RouteTable
 from chatproxy.process.workers import unshareable, worker_count
 

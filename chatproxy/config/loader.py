@@ -17,12 +17,42 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote_plus, urlsplit
 
-from attrs import field, frozen
+from attrs import frozen
+from cryptography import x509
+from OpenSSL import crypto
+from twisted.internet import ssl
+from twisted.internet.endpoints import serverFromString
 
+from chatproxy.config.model import (
+    Admin,
+    Config,
+    Demo,
+    FilterSpec,
+    Listener,
+    QueryRequirement,
+    RawValue,
+    Route,
+    Settings,
+    SniCertificate,
+    Upstream,
+    UpstreamServer,
+    WebSocketOptions,
+)
+from chatproxy.config.values import (
+    parse_bool,
+    parse_choice,
+    parse_duration,
+    parse_int,
+    parse_list,
+    parse_networks,
+    parse_size,
+    parse_text,
+)
 from chatproxy.http.messages import CONNECTION_HEADERS, parse_header_lines
 from chatproxy.http.paths import PathError, normalize_path
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+__all__ = ["ConfigError", "load_config"]
+
 T = TypeVar("T")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -56,206 +86,6 @@ class ConfigError(Exception):
             where.append(self.option)
         prefix = " ".join(where)
         return f"{prefix}: {self.message}" if prefix else self.message
-
-
-# ---------------------------------------------------------------------------
-# The model
-
-
-@frozen
-class Settings:
-    """Process-wide settings from ``[chatproxy]``."""
-
-    access_log: str | None = "-"
-    access_log_format: str = "combined"
-    max_header_bytes: int = 32768
-    max_headers: int = 100
-    max_url_bytes: int = 8192
-    max_body_bytes: int = 10 * 1024 * 1024
-    header_timeout: float = 15.0
-    idle_timeout: float = 60.0
-    drain_timeout: float = 30.0
-    close_timeout: float = 5.0
-    reload_close_window: float = 10.0
-    workers: int = 0  # 0: one per CPU
-
-
-
-@frozen
-class SniCertificate:
-    """One extra certificate chosen when the client's SNI names ``host``."""
-
-    host: str
-    certificate: Path
-    key: Path
-
-
-@frozen
-class Listener:
-    """A ``[listen:NAME]`` section: where clients connect and how."""
-
-    name: str
-    endpoint: str
-    source: str
-    tls: bool = False
-    certificate: Path | None = None
-    key: Path | None = None
-    sni: tuple[SniCertificate, ...] = ()
-    min_tls_version: str = "1.2"
-    ciphers: str | None = None
-    create_self_signed: bool = False
-    allow: tuple[Network, ...] | None = None
-    trusted_proxies: tuple[Network, ...] = ()
-    response_headers: tuple[tuple[bytes, bytes], ...] = ()  # on every answer this listener sends
-
-
-@frozen
-class UpstreamServer:
-    """One server of an upstream: ``scheme://host:port``."""
-
-    url: str
-    scheme: str
-    host: str
-    port: int
-
-    @property
-    def tls(self) -> bool:
-        """Whether this server is reached over TLS."""
-        return self.scheme == "https"
-
-    @property
-    def authority(self) -> str:
-        """``host[:port]`` as written in a Host header for this server."""
-        default = 443 if self.tls else 80
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == default else f"{host}:{self.port}"
-
-
-@frozen
-class Upstream:
-    """An ``[upstream:NAME]`` section: the servers a route forwards to."""
-
-    name: str
-    servers: tuple[UpstreamServer, ...]
-    verify: bool = True
-    ca: Path | None = None
-    client_certificate: Path | None = None
-    client_key: Path | None = None
-    host_header: str = "client"
-    connect_timeout: float = 5.0
-    response_timeout: float = 60.0
-    max_idle_connections: int = 32
-    idle_connection_timeout: float = 30.0
-    health_check_path: str | None = None  # None: no active health checks
-    health_check_interval: float = 5.0
-    health_check_timeout: float = 2.0
-    health_check_status: tuple[tuple[int, int], ...] = ((200, 399),)  # inclusive ranges
-    healthy_threshold: int = 2
-    unhealthy_threshold: int = 3
-    sticky_cookie: str | None = None  # None: no sticky sessions
-
-
-@frozen
-class QueryRequirement:
-    """A query parameter a route requires (``value`` None: present with any value)."""
-
-    name: str
-    value: str | None
-
-
-@frozen
-class WebSocketOptions:
-    """How a route carries WebSocket sessions (bridge mode limits and liveness)."""
-
-    mode: str = "bridge"  # "bridge" (Autobahn on both legs) or "tunnel" (bytes spliced)
-    max_message_bytes: int = 16 * 1024 * 1024
-    max_frame_bytes: int = 16 * 1024 * 1024
-    max_buffered_bytes: int = 32 * 1024 * 1024
-    ping_interval: float = 30.0  # 0: no pings
-    ping_timeout: float = 10.0
-    idle_timeout: float = 0.0  # 0: sessions may stay silent for ever
-    max_messages_per_second: float = 0.0  # 0: no limit
-    compression: bool = False
-
-
-@frozen
-class Route:
-    """A ``[route:NAME]`` section: which requests go to which upstream."""
-
-    name: str
-    upstream: str
-    order: int
-    listeners: tuple[str, ...] | None = None
-    hosts: tuple[str, ...] | None = None
-    path: str = "/"
-    path_regex: re.Pattern[str] | None = None
-    query: tuple[QueryRequirement, ...] = ()
-    methods: frozenset[str] | None = None
-    rewrite_path: str | None = None
-    filters: tuple[str, ...] = ()
-    websocket: bool = False
-    max_body_bytes: int | None = None
-    ws: WebSocketOptions = WebSocketOptions()
-
-
-@frozen
-class FilterSpec:
-    """A ``[filter:NAME]`` section: a configured instance of a filter kind."""
-
-    name: str
-    kind: str
-    options: Mapping[str, str]
-    filter: Any = field(eq=False)
-    mode: str = "enforce"  # "report": log and count what would be refused, let it pass
-    # What a refusal by the WebSocket message hook does: "close" ends the
-    # session (the hook's CloseSession), "drop" drops only that message.
-    refused_message: str = "close"
-
-
-@frozen
-class Demo:
-    """The ``[demo]`` section: the bundled demo chat upstream."""
-
-    endpoint: str
-
-
-@frozen
-class Admin:
-    """The ``[admin]`` section: health and metrics endpoints."""
-
-    endpoint: str = "tcp:9180:interface=127.0.0.1"
-
-
-@frozen
-class RawValue:
-    """One option as the files set it: the text of the value in force (as
-    written, before parsing), the file that set it, and the earlier files
-    whose values for the same option it replaced (in load order)."""
-
-    file: str
-    section: str
-    option: str
-    text: str
-    replaced: tuple[str, ...] = ()
-
-
-@frozen
-class Config:
-    """The whole validated configuration.
-
-    ``raw_values`` are the options it was built from, one per option in
-    force, located by file, section and option (sections in the order they
-    first appear, options in the order they were first set)."""
-
-    sources: tuple[str, ...]
-    settings: Settings
-    listeners: Mapping[str, Listener]
-    upstreams: Mapping[str, Upstream]
-    routes: tuple[Route, ...]
-    filters: Mapping[str, FilterSpec]
-    demo: Demo | None = None
-    admin: Admin | None = None
-    raw_values: tuple[RawValue, ...] = field(default=(), eq=False)
 
 
 # ---------------------------------------------------------------------------
@@ -327,110 +157,28 @@ def _read_raw(files: Iterable[Path]) -> dict[str, _RawSection]:
 
 
 # ---------------------------------------------------------------------------
-# Value parsers: each takes the text and returns the value or raises ValueError
-
-
-_TRUE = {"yes", "true", "on", "1"}
-_FALSE = {"no", "false", "off", "0"}
-
-
-def parse_bool(text: str) -> bool:
-    """``yes/no``, ``true/false``, ``on/off``, ``1/0``."""
-    lowered = text.lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError(f"expected yes or no, got {text!r}")
-
-
-def parse_list(text: str) -> list[str]:
-    """Items separated by commas and/or newlines, blanks dropped."""
-    return [item.strip() for item in re.split(r"[,\n]", text) if item.strip()]
-
-
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
-               "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
-
-
-def parse_size(text: str) -> int:
-    """A byte count: ``65536``, ``64k``, ``10m``, ``1g`` (binary units)."""
-    match = re.fullmatch(r"(\d+)\s*([a-zA-Z]*)", text.strip())
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"expected a size such as 65536, 64k or 10m, got {text!r}")
-    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
-
-
-_TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """A duration in seconds: ``30``, ``1.5``, ``250ms``, ``2m``, ``1h``."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", text.strip().lower())
-    if not match or match.group(2) not in _TIME_UNITS:
-        raise ValueError(f"expected a duration such as 30, 1.5s, 250ms or 2m, got {text!r}")
-    value = float(match.group(1)) * _TIME_UNITS[match.group(2)]
-    if value <= 0:
-        raise ValueError("must be greater than zero")
-    return value
+# Value parsers of the core sections (the shared ones are in values.py)
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
+    return parse_int(text, minimum=1)
 
 
 def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise ValueError("must not be negative")
-    return value
-
-
-def parse_networks(text: str) -> tuple[Network, ...]:
-    """A list of IPv4/IPv6 networks (CIDR) or single addresses."""
-    networks: list[Network] = []
-    for item in parse_list(text):
-        try:
-            network = ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            raise ValueError(f"{item!r} is not an IP address or network (CIDR)") from None
-        if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
-            mapped = network.network_address.ipv4_mapped
-            if mapped is not None:
-                network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
-        networks.append(network)
-    if not networks:
-        raise ValueError("expected at least one network")
-    return tuple(networks)
+    return parse_int(text, minimum=0)
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
-        if text.lower() not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}, got {text!r}")
-        return text.lower()
+        return parse_choice(text, allowed)
 
     return parse
 
 
-def _text(text: str) -> str:
-    if not text:
-        raise ValueError("must not be empty")
-    return text
-
-
 def _endpoint(text: str) -> str:
+    # Imported here, not at the top: importing the reactor installs the
+    # default one, and twistd must choose the reactor before that.
     from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
 
     if not text:
         raise ValueError("must not be empty")
@@ -648,7 +396,7 @@ def _read_listener(section: _Section) -> Listener:
         key=key,
         sni=_parse_sni(section),
         min_tls_version=section.get("min_tls_version", _choice("1.2", "1.3"), "1.2"),
-        ciphers=section.get("ciphers", _text, None),
+        ciphers=section.get("ciphers", parse_text, None),
         create_self_signed=create,
         allow=section.get("allow", parse_networks, None),
         trusted_proxies=section.get("trusted_proxies", parse_networks, ()),
@@ -685,10 +433,6 @@ def _parse_server(text: str) -> UpstreamServer:
 def _check_client_tls_files(section: _Section, ca: Path | None, certificate: Path | None, key: Path | None) -> None:
     """Load an upstream's CA and client certificate/key as the proxy will, so a
     bad file or a key that does not match is a config error, not a traceback."""
-    from cryptography import x509
-    from OpenSSL import crypto
-    from twisted.internet import ssl
-
     if ca is not None:
         try:
             x509.load_pem_x509_certificates(ca.read_bytes())
