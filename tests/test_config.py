@@ -24,6 +24,7 @@ from chatproxy.config import (
     parse_size,
 )
 from chatproxy.filters import FilterOptionError
+from chatproxy.proxy.validate import validate
 
 LISTEN = """
 [listen:main]
@@ -48,11 +49,19 @@ def write(directory: Path, text: str, name: str = "chatproxy.ini") -> Path:
     return path
 
 
-def load(paths: list[Path] | Path, kinds: Any = None) -> Any:
-    """load_config with no installed filter kinds unless ``kinds`` is given."""
+def load_built(paths: list[Path] | Path, kinds: Any = None) -> tuple[Any, dict[str, Any]]:
+    """load_config, then the data path's validate (filters built, listener TLS
+    loaded) with no installed filter kinds unless ``kinds`` is given: the
+    configuration and its built filters."""
     if isinstance(paths, Path):
         paths = [paths]
-    return load_config(paths, filter_kinds={} if kinds is None else kinds)
+    config = load_config(paths)
+    return config, validate(config, {} if kinds is None else kinds)
+
+
+def load(paths: list[Path] | Path, kinds: Any = None) -> Any:
+    """The configuration as :func:`load_built` loads and validates it."""
+    return load_built(paths, kinds)[0]
 
 
 def config_error(paths: list[Path] | Path, kinds: Any = None) -> ConfigError:
@@ -387,7 +396,7 @@ def test_empty_directory(tmp_path):
 def test_no_paths_at_all():
     """load_config with no paths says a --config FILE is needed."""
     with pytest.raises(ConfigError, match="--config"):
-        load_config([], filter_kinds={})
+        load_config([])
 
 
 def test_undecodable_file(tmp_path):
@@ -469,11 +478,11 @@ def test_filter_built_and_attached(tmp_path):
     """A valid filter section is built with its options (minus ``use``) and a route can name it."""
     path = write(tmp_path, BASE + "filters = limit\n[filter:limit]\nuse = ratelimit\nrate = 5\nburst = 10\n")
     kind = FakeKind("ratelimit")
-    config = load(path, {"ratelimit": kind})
+    config, built = load_built(path, {"ratelimit": kind})
     spec = config.filters["limit"]
     assert spec.kind == "ratelimit"
     assert dict(spec.options) == {"rate": "5", "burst": "10"}
-    assert spec.filter == ("built", "ratelimit", {"rate": "5", "burst": "10"})
+    assert built["limit"] == ("built", "ratelimit", {"rate": "5", "burst": "10"})
     assert kind.built_with == [{"rate": "5", "burst": "10"}]
     assert config.routes[0].filters == ("limit",)
 

@@ -13,6 +13,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface import implementer
 
 from chatproxy.config import load_config
+from chatproxy.proxy.validate import validate
 from chatproxy.filters import Answer, IFilterFactory, IRequestFilter, Refuse, Rewrite
 from chatproxy.proxy.front import FrontFactory
 from chatproxy.proxy.core import ProxyCore
@@ -117,9 +118,9 @@ class Chain:
             f"[route:all]\npath = /\nupstream = app\nfilters = {', '.join(f[0] for f in filters)}\n" + sections
         )
         self.kind = Kind()
-        self.config = load_config([path], filter_kinds={"scripted": self.kind})
+        self.config = load_config([path])
         self.reactor = MemoryReactorClock()
-        self.core = ProxyCore(self.reactor, self.config)
+        self.core = ProxyCore(self.reactor, self.config, validate(self.config, {"scripted": self.kind}))
         factory = FrontFactory(self.core, self.config.listeners["main"])
         self.front = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
         self.client = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 8080),

@@ -15,6 +15,7 @@ import attrs
 import pytest
 
 from chatproxy.config import ConfigError, load_config
+from chatproxy.proxy.validate import validate
 from chatproxy.filters import CloseSession, FilterOptionError, IFilterFactory, IRequestFilter, Refuse, \
     installed_filter_kinds
 from chatproxy.filters.rate_limit import RateLimit, TokenBuckets, parse_rate, rate_limit, retry_after
@@ -328,13 +329,13 @@ def test_build_errors_name_the_option(options: dict[str, str], option: str, frag
 
 
 def test_config_error_names_file_section_and_option(tmp_path: Path) -> None:
-    """Through load_config, a bad rate_limit option is reported with the file,
+    """Through load_config and validate, a bad rate_limit option is reported with the file,
     the ``[filter:NAME]`` section and the option."""
     path = tmp_path / "chatproxy.ini"
     path.write_text(basic_config("http://127.0.0.1:9", 8080, route="filters = limit",
                                  extra="[filter:limit]\nuse = rate_limit\nrate = 5\nburst = none\n"))
     with pytest.raises(ConfigError) as info:
-        load_config([path], filter_kinds={"rate_limit": rate_limit})
+        validate(load_config([path]), {"rate_limit": rate_limit})
     error = info.value
     assert (error.file, error.section, error.option) == (str(path), "filter:limit", "burst")
     assert str(path) in str(error) and "[filter:limit]" in str(error) and "burst" in str(error)

@@ -18,6 +18,7 @@ import pytest
 from twisted.logger import Logger, formatEvent
 
 from chatproxy.config import ConfigError, load_config
+from chatproxy.proxy.validate import validate
 from chatproxy.filters import CloseSession, FilterOptionError, IFilterFactory, IRequestFilter, Refuse, installed_filter_kinds
 from chatproxy.filters import waf as waf_module
 from chatproxy.filters import waf_rules
@@ -548,16 +549,16 @@ def test_build_accepts_every_option():
 
 
 def test_config_errors_name_file_section_and_option(tmp_path):
-    """Through load_config, an option error names the file, the [filter:NAME] section
+    """Through load_config and validate, an option error names the file, the [filter:NAME] section
     and the option."""
     path = tmp_path / "chat.ini"
     path.write_text("[listen:main]\nendpoint = tcp:0\n\n[filter:firewall]\nuse = waf\ndisable_rules = 942100, 1\n")
     with pytest.raises(ConfigError) as info:
-        load_config([path])
+        validate(load_config([path]))
     assert str(info.value).startswith(f"{path} [filter:firewall] disable_rules: unknown rule id 1")
     path.write_text("[listen:main]\nendpoint = tcp:0\n\n[filter:firewall]\nuse = waf\nparanoia = 0\n")
     with pytest.raises(ConfigError) as info:
-        load_config([path])
+        validate(load_config([path]))
     assert str(info.value) == f"{path} [filter:firewall] paranoia: expected a paranoia level from 1 to 4, got 0"
 
 

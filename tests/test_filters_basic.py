@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from chatproxy.config import ConfigError, load_config
+from chatproxy.proxy.validate import validate
 from chatproxy.filters import FilterOptionError, IFilterFactory, IRequestFilter, Refuse, Rewrite, installed_filter_kinds
 from chatproxy.filters.chain import apply_rewrite
 from chatproxy.filters.headers import headers as headers_kind
@@ -495,11 +496,12 @@ def test_headers_forwarding_headers_may_be_edited_in_responses():
      "hop-by-hop or framing"),
 ])
 def test_option_errors_name_file_section_and_option(tmp_path, kind, lines, option, message):
-    """load_config reports a kind's FilterOptionError with the file, [filter:NAME] and the option."""
+    """Loading (load_config, then the data path's validate) reports a kind's
+    FilterOptionError with the file, [filter:NAME] and the option."""
     path = tmp_path / "chat.ini"
     path.write_text(f"[listen:main]\nendpoint = tcp:0\n\n[filter:guard]\nuse = {kind}\n{lines}\n")
     with pytest.raises(ConfigError) as info:
-        load_config([path])
+        validate(load_config([path]))
     error = info.value
     assert (error.file, error.section, error.option) == (str(path), "filter:guard", option)
     assert str(error).startswith(f"{path} [filter:guard] {option}: ")
@@ -511,7 +513,7 @@ def test_section_wide_error_names_file_and_section(tmp_path):
     path = tmp_path / "chat.ini"
     path.write_text("[listen:main]\nendpoint = tcp:0\n\n[filter:guard]\nuse = ip_allowlist\n")
     with pytest.raises(ConfigError) as info:
-        load_config([path])
+        validate(load_config([path]))
     assert str(info.value) == f"{path} [filter:guard]: ip_allowlist needs allow, deny or both"
 
 

@@ -14,10 +14,10 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import unquote_plus, urlsplit
 
-from attrs import frozen
+from attrs import Factory, define, frozen
 from cryptography import x509
 from OpenSSL import crypto
 from twisted.internet import ssl
@@ -48,6 +48,7 @@ from chatproxy.config.values import (
     parse_size,
     parse_text,
 )
+from chatproxy.config.values import OptionText
 from chatproxy.http.messages import CONNECTION_HEADERS, parse_header_lines
 from chatproxy.http.paths import PathError, normalize_path
 
@@ -711,30 +712,22 @@ def _read_websocket_options(section: _Section, mode: str) -> WebSocketOptions:
     return options
 
 
-def _read_filter(raw: _RawSection, kinds: Mapping[str, Any]) -> FilterSpec:
-    from chatproxy.filters import FilterOptionError
-
+def _read_filter(raw: _RawSection) -> FilterSpec:
+    """A filter section as its kind will get it; the kind itself is looked up,
+    and the filter built, by the data path (``chatproxy.proxy.validate``)."""
     name = raw.name.split(":", 1)[1]
     if "use" not in raw.options:
         raise ConfigError("required option is missing", raw.file, raw.name, "use")
-    use = raw.options["use"]
-    installed = ", ".join(sorted(kinds)) or "none"
-    if use.text not in kinds:
-        raise ConfigError(f"unknown filter kind {use.text!r} (installed kinds: {installed})", use.file, raw.name, "use")
-    mode = _read_filter_choice(raw, "mode", ("enforce", "report"))
-    refused_message = _read_filter_choice(raw, "refused_message", ("close", "drop"))
-    from chatproxy.filters import OptionText
-
-    options = {k: OptionText(v.text, Path(v.file).resolve().parent) for k, v in raw.options.items()
-               if k not in _GENERIC_FILTER_OPTIONS}
-    try:
-        built = kinds[use.text].build(options)
-    except FilterOptionError as e:
-        file = raw.options[e.option].file if e.option in raw.options else raw.file
-        raise ConfigError(e.message, file, raw.name, e.option) from None
-    except Exception as e:  # a third-party kind's bug must not become a traceback
-        raise ConfigError(f"filter kind {use.text!r} failed to build: {e!r}", use.file, raw.name) from None
-    return FilterSpec(name, use.text, options, built, mode, refused_message)
+    return FilterSpec(
+        name=name,
+        kind=raw.options["use"].text,
+        options={option: OptionText(value.text, Path(value.file).resolve().parent)
+                 for option, value in raw.options.items() if option not in _GENERIC_FILTER_OPTIONS},
+        mode=_read_filter_choice(raw, "mode", ("enforce", "report")),
+        refused_message=_read_filter_choice(raw, "refused_message", ("close", "drop")),
+        files={option: value.file for option, value in raw.options.items()},
+        source=raw.file,
+    )
 
 
 #: Options every ``[filter:NAME]`` section takes; the kind's ``build`` never sees them.
@@ -758,101 +751,110 @@ def _check_name(raw: _RawSection, kind: str) -> None:
         raise ConfigError(f"a [{kind}:NAME] section needs a NAME of letters, digits, '.', '_' or '-'", raw.file, raw.name)
 
 
-def load_config(
-    paths: Sequence[str | Path],
-    filter_kinds: Mapping[str, Any] | None = None,
-) -> Config:
-    """Read and validate the configuration files ``paths`` (later ones win).
+@define
+class _Sections:
+    """The sections of the files, each read as it comes (references between
+    them are checked afterwards)."""
 
-    ``filter_kinds`` maps kind names to ``IFilterFactory`` providers; by
-    default the installed plugins are used.  Raises :class:`ConfigError`.
-    """
-    files = _expand_sources(paths)
-    raw_sections = _read_raw(files)
-    settings_section: _Section | None = None
-    listeners: dict[str, Listener] = {}
-    upstreams: dict[str, Upstream] = {}
-    routes: list[Route] = []
-    raw_filters: list[_RawSection] = []
+    settings: _Section | None = None
+    listeners: dict[str, Listener] = Factory(dict)
+    upstreams: dict[str, Upstream] = Factory(dict)
+    routes: list[Route] = Factory(list)
+    filters: dict[str, FilterSpec] = Factory(dict)
     demo: Demo | None = None
     admin: Admin | None = None
-    for raw in raw_sections.values():
-        kind = raw.name.split(":", 1)[0] if ":" in raw.name else raw.name
-        if raw.name == "chatproxy":
-            settings_section = _Section(raw, "chatproxy", _SETTINGS_OPTIONS)
-        elif raw.name == "admin":
-            admin = Admin(_Section(raw, "admin", _ADMIN_OPTIONS).get("endpoint", _endpoint, Admin().endpoint))
-        elif raw.name == "demo":
-            demo = Demo(_Section(raw, "demo", _DEMO_OPTIONS).require("endpoint", _endpoint))
-        elif kind == "listen" and ":" in raw.name:
-            _check_name(raw, kind)
-            listener = _read_listener(_Section(raw, "listen:NAME", _LISTEN_OPTIONS))
-            listeners[listener.name] = listener
-        elif kind == "upstream" and ":" in raw.name:
-            _check_name(raw, kind)
-            upstream = _read_upstream(_Section(raw, "upstream:NAME", _UPSTREAM_OPTIONS))
-            upstreams[upstream.name] = upstream
-        elif kind == "route" and ":" in raw.name:
-            _check_name(raw, kind)
-            routes.append(_read_route(_Section(raw, "route:NAME", _ROUTE_OPTIONS), len(routes)))
-        elif kind == "filter" and ":" in raw.name:
-            _check_name(raw, kind)
-            raw_filters.append(raw)
-        else:
-            raise ConfigError(
-                "unknown section (expected [chatproxy], [admin], [demo], [listen:NAME], [upstream:NAME], "
-                "[route:NAME] or [filter:NAME])",
-                raw.file,
-                raw.name,
-            )
-    settings = _read_settings(settings_section)
-    if raw_filters:
-        from chatproxy.filters import installed_filter_kinds
 
-        kinds = installed_filter_kinds() if filter_kinds is None else filter_kinds
-        filters = {spec.name: spec for spec in (_read_filter(raw, kinds) for raw in raw_filters)}
-    else:
-        filters = {}
-    if not listeners:
-        raise ConfigError("no [listen:NAME] section: the proxy would not listen anywhere", str(files[-1]))
-    for route in routes:
+    def read(self, raw: _RawSection) -> None:
+        """Read one section into its place."""
+        kind = raw.name.split(":", 1)[0]
+        if raw.name == "chatproxy":
+            self.settings = _Section(raw, "chatproxy", _SETTINGS_OPTIONS)  # read once every section is in
+        elif raw.name == "admin":
+            self.admin = Admin(_Section(raw, "admin", _ADMIN_OPTIONS).get("endpoint", _endpoint, Admin().endpoint))
+        elif raw.name == "demo":
+            self.demo = Demo(_Section(raw, "demo", _DEMO_OPTIONS).require("endpoint", _endpoint))
+        elif kind in _NAMED_SECTIONS and ":" in raw.name:
+            _check_name(raw, kind)
+            _NAMED_SECTIONS[kind](self, raw)
+        else:
+            raise ConfigError("unknown section (expected [chatproxy], [admin], [demo], [listen:NAME], "
+                              "[upstream:NAME], [route:NAME] or [filter:NAME])", raw.file, raw.name)
+
+    def add_listener(self, raw: _RawSection) -> None:
+        """A ``[listen:NAME]`` section."""
+        listener = _read_listener(_Section(raw, "listen:NAME", _LISTEN_OPTIONS))
+        self.listeners[listener.name] = listener
+
+    def add_upstream(self, raw: _RawSection) -> None:
+        """An ``[upstream:NAME]`` section."""
+        upstream = _read_upstream(_Section(raw, "upstream:NAME", _UPSTREAM_OPTIONS))
+        self.upstreams[upstream.name] = upstream
+
+    def add_route(self, raw: _RawSection) -> None:
+        """A ``[route:NAME]`` section."""
+        self.routes.append(_read_route(_Section(raw, "route:NAME", _ROUTE_OPTIONS), len(self.routes)))
+
+    def add_filter(self, raw: _RawSection) -> None:
+        """A ``[filter:NAME]`` section."""
+        spec = _read_filter(raw)
+        self.filters[spec.name] = spec
+
+
+_NAMED_SECTIONS: dict[str, Callable[[_Sections, _RawSection], None]] = {
+    "listen": _Sections.add_listener,
+    "upstream": _Sections.add_upstream,
+    "route": _Sections.add_route,
+    "filter": _Sections.add_filter,
+}
+
+
+def _check_references(sections: _Sections, raw_sections: Mapping[str, _RawSection]) -> None:
+    """Every route names existing upstream, listener and filter sections."""
+    for route in sections.routes:
         raw = raw_sections[f"route:{route.name}"]
 
         def located(option: str) -> tuple[str, str, str]:
             return (raw.options[option].file if option in raw.options else raw.file, raw.name, option)
 
-        if route.upstream not in upstreams:
-            known = ", ".join(sorted(upstreams)) or "none defined"
+        if route.upstream not in sections.upstreams:
+            known = ", ".join(sorted(sections.upstreams)) or "none defined"
             raise ConfigError(f"no [upstream:{route.upstream}] section (upstreams: {known})", *located("upstream"))
         for listener_name in route.listeners or ():
-            if listener_name not in listeners:
-                known = ", ".join(sorted(listeners))
+            if listener_name not in sections.listeners:
+                known = ", ".join(sorted(sections.listeners))
                 raise ConfigError(f"no [listen:{listener_name}] section (listeners: {known})", *located("listeners"))
         for filter_name in route.filters:
-            if filter_name not in filters:
-                known = ", ".join(sorted(filters)) or "none defined"
+            if filter_name not in sections.filters:
+                known = ", ".join(sorted(sections.filters)) or "none defined"
                 raise ConfigError(f"no [filter:{filter_name}] section (filters: {known})", *located("filters"))
-    config = Config(
+
+
+def load_config(paths: Sequence[str | Path]) -> Config:
+    """Read and validate the configuration files ``paths`` (later ones win).
+
+    Raises :class:`ConfigError`.  Filter sections are read, not built, and
+    listener certificates are checked to exist, not loaded: the data path's
+    :func:`chatproxy.proxy.validate.validate` does that, with errors located
+    the same way.
+    """
+    files = _expand_sources(paths)
+    raw_sections = _read_raw(files)
+    sections = _Sections()
+    for raw in raw_sections.values():
+        sections.read(raw)
+    settings = _read_settings(sections.settings)
+    if not sections.listeners:
+        raise ConfigError("no [listen:NAME] section: the proxy would not listen anywhere", str(files[-1]))
+    _check_references(sections, raw_sections)
+    return Config(
         sources=tuple(str(f) for f in files),
         settings=settings,
-        listeners=listeners,
-        upstreams=upstreams,
-        routes=tuple(routes),
-        filters=filters,
-        demo=demo,
-        admin=admin,
+        listeners=sections.listeners,
+        upstreams=sections.upstreams,
+        routes=tuple(sections.routes),
+        filters=sections.filters,
+        demo=sections.demo,
+        admin=sections.admin,
         raw_values=tuple(RawValue(value.file, raw.name, option, value.text, value.replaced)
                          for raw in raw_sections.values() for option, value in raw.options.items()),
     )
-    from chatproxy.proxy.tls import check_listener_tls
-
-    for listener in listeners.values():
-        try:
-            check_listener_tls(listener)
-        except ConfigError as error:
-            # Name the file that set the offending option (files are layered).
-            options = raw_sections[f"listen:{listener.name}"].options
-            if error.option in options:
-                error.file = options[error.option].file
-            raise
-    return config

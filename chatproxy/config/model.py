@@ -6,11 +6,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
 from attrs import field, frozen
 
-from chatproxy.config.values import Network
+from chatproxy.config.values import Network, OptionText
 
 __all__ = [
     "Admin",
@@ -167,16 +165,33 @@ class Route:
 
 @frozen
 class FilterSpec:
-    """A ``[filter:NAME]`` section: a configured instance of a filter kind."""
+    """A ``[filter:NAME]`` section: which kind (``use``), the options its
+    ``build`` gets, and the generic options every section takes.
+
+    The filter itself is not here: the data path builds it (once per
+    :class:`~chatproxy.proxy.plan.Plan`, see :mod:`chatproxy.proxy.validate`).
+    ``options`` are every option but ``use``, ``mode`` and
+    ``refused_message``, each an :class:`~chatproxy.config.OptionText` that
+    knows the directory of the file that set it; ``files`` says which file set
+    each option of the section (the generic ones included) and ``source``
+    where the section first appears, so that errors name them."""
 
     name: str
     kind: str
-    options: Mapping[str, str]
-    filter: Any = field(eq=False)
+    options: Mapping[str, OptionText]
     mode: str = "enforce"  # "report": log and count what would be refused, let it pass
     # What a refusal by the WebSocket message hook does: "close" ends the
     # session (the hook's CloseSession), "drop" drops only that message.
     refused_message: str = "close"
+    files: Mapping[str, str] = field(factory=dict, eq=False)
+    source: str = field(default="", eq=False)
+
+    def file_of(self, option: str | None) -> str | None:
+        """The file to name in an error about ``option`` (None: about the
+        section as a whole): the file that set it, else the section's first."""
+        if option is not None and option in self.files:
+            return self.files[option]
+        return self.source or None
 
 
 @frozen
