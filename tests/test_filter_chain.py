@@ -13,8 +13,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from zope.interface import implementer
 
 from chatproxy.config import load_config
+from chatproxy.filters import DROP, Answer, CloseSession, Filter, IFilterFactory, IRequestFilter, Refuse, Rewrite
+from chatproxy.filters.chain import FilterChain, RouteFilter
+from chatproxy.http.messages import RequestHead
 from chatproxy.proxy.validate import validate
-from chatproxy.filters import Answer, IFilterFactory, IRequestFilter, Refuse, Rewrite
 from chatproxy.proxy.front import FrontFactory
 from chatproxy.proxy.core import ProxyCore
 
@@ -79,6 +81,13 @@ class ResponseStamper:
         return [h for h in headers if h[0].lower() != b"x-upstream"] + [(b"X-Stamped", b"%d" % status)]
 
 
+class BrokenResponse(Filter):
+    """A filter whose response hook raises (a bug)."""
+
+    def response(self, head: Any, status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        raise RuntimeError("response hook bug")
+
+
 @implementer(IFilterFactory)
 class Kind:
     """A fake filter kind building the filters above from options."""
@@ -97,6 +106,8 @@ class Kind:
             flt: Any = BodyInspector(int(options["limit"]), self.seen)
         elif behaviour == "stamp":
             flt = ResponseStamper()
+        elif behaviour == "stamp-raise":
+            flt = BrokenResponse()
         else:
             flt = Scripted(label, behaviour, self.calls)
         self.built[label] = flt
@@ -286,3 +297,103 @@ def test_body_hook_answers_expect_continue_before_reading(tmp_path):
     assert wire.value().endswith(b"\r\n\r\nbenign") and b"Expect" not in wire.value()
     upstream.dataReceived(OK)
     assert chain.client.value().count(b"100 Continue") == 1
+
+
+def test_response_hooks_see_the_proxys_own_answers_on_the_route(tmp_path):
+    """The route's response hooks also run on the answers the proxy makes for a routed request:
+    a filter's refusal and a 502 for an upstream that cannot be reached carry the stamp."""
+    chain = Chain(tmp_path, [("stamp", "stamp", "enforce"), ("b", "refuse", "enforce")])
+    chain.send(GET)
+    reply = chain.client.value()
+    assert reply.startswith(b"HTTP/1.1 403 ") and b"X-Stamped: 403\r\n" in reply
+    other = Chain(tmp_path, [("stamp", "stamp", "enforce")])
+    other.send(GET)
+    from twisted.internet.error import ConnectionRefusedError
+    from twisted.python.failure import Failure
+
+    _host, _port, factory, _timeout, _bind = other.reactor.tcpClients.pop(0)
+    factory.clientConnectionFailed(other.reactor.connectors.pop(0), Failure(ConnectionRefusedError()))
+    reply = other.client.value()
+    assert reply.startswith(b"HTTP/1.1 502 ") and b"X-Stamped: 502\r\n" in reply
+
+
+def test_a_failing_response_hook_answers_500_instead(tmp_path):
+    """A response hook that raises fails closed, like the request hooks: the client gets 500
+    instead of the upstream's response, the upstream connection is given up, the error is
+    counted under the filter's name."""
+    chain = Chain(tmp_path, [("broken", "stamp-raise", "enforce")])
+    chain.send(GET)
+    upstream, wire = chain.upstream()
+    upstream.dataReceived(OK)
+    reply = chain.client.value()
+    assert reply.startswith(b"HTTP/1.1 500 ") and b"X-Upstream" not in reply and b"ok" not in reply.split(b"\r\n\r\n")[1]
+    assert chain.core.filter_counters["broken:error"] == 1
+    assert wire.disconnecting
+
+
+def test_report_mode_response_hook_changes_nothing(tmp_path):
+    """A response hook in report mode is run, counted as reported, and the response goes out
+    as the upstream sent it."""
+    chain = Chain(tmp_path, [("stamp", "stamp", "report")])
+    chain.send(GET)
+    upstream, _ = chain.upstream()
+    upstream.dataReceived(OK)
+    reply = chain.client.value()
+    assert b"X-Upstream: yes\r\n" in reply and b"X-Stamped" not in reply
+    assert chain.core.filter_counters["stamp:reported"] == 1
+
+
+def _head() -> RequestHead:
+    return RequestHead("GET", "/ws", "/ws", "", "1.1", (), "chat.example", "chat.example", "192.0.2.7",
+                       "192.0.2.7", False, "main", "all")
+
+
+class _Messages(Filter):
+    """A Filter subclass with only a message hook: refuses messages containing ``bad``."""
+
+    def __init__(self, behaviour: str = "refuse") -> None:
+        self.behaviour = behaviour
+        self.seen: list[bytes] = []
+
+    def message(self, head: Any, payload: bytes, binary: bool, upward: bool) -> Any:
+        self.seen.append(payload)
+        if self.behaviour == "raise":
+            raise RuntimeError("message hook bug")
+        if self.behaviour == "garbage":
+            return 7
+        return CloseSession(4400, "bad word") if b"bad" in payload else None
+
+
+@pytest.mark.parametrize("behaviour, report, drop, verdict, counted", [
+    ("refuse", False, False, CloseSession(4400, "bad word"), "refused"),
+    ("refuse", False, True, DROP, "refused"),
+    ("refuse", True, False, None, "reported"),
+    ("raise", False, False, CloseSession(1011, "internal filter error"), "error"),
+    ("garbage", False, False, CloseSession(1011, "internal filter error"), "error"),
+])
+def test_message_hook_rules(behaviour, report, drop, verdict, counted):
+    """The chain's message hook: a refusal closes the session with the filter's code, or drops
+    the message with refused_message = drop; report mode relays it; a failing hook closes with
+    1011; each counted under the filter's name.  A message that passes is relayed (None)."""
+    from collections import Counter
+
+    counters: Counter[str] = Counter()
+    flt = _Messages(behaviour)
+    chain = FilterChain([RouteFilter("words", flt, report, drop)], counters)
+    assert chain.sees_messages and not chain.sees_responses and chain.inspect_body_bytes == 0
+    assert chain.message(_head(), b"this is bad", False, True) == verdict
+    assert counters[f"words:{counted}"] == 1
+    if behaviour == "refuse":
+        assert chain.message(_head(), b"fine", False, True) is None
+
+
+def test_only_the_hooks_a_filter_overrides_are_called():
+    """A Filter subclass's hooks left as the base class defines them are not called by the
+    chain: a filter with only a message hook sees no response heads and holds no body."""
+    from collections import Counter
+
+    chain = FilterChain([RouteFilter("words", _Messages())], Counter())
+    assert chain.sees_messages and not chain.sees_responses
+    assert chain.inspect_body_bytes == 0 and chain.max_body_bytes is None
+    headers = [(b"X-A", b"1")]
+    assert chain.response(_head(), 200, headers) is headers

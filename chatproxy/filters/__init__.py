@@ -20,30 +20,38 @@ refuses (a :class:`CloseSession`) is dropped and the session goes on.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
 from twisted.plugin import IPlugin, getPlugins
-from zope.interface import Attribute, Interface
+from zope.interface import Attribute, Interface, implementer
 
 from chatproxy.config.values import Network, OptionText, option_path
 from chatproxy.filters.options import REQUIRED, FilterOptionError, FilterOptions
-from chatproxy.http.messages import Header
+from chatproxy.http.messages import Header, RequestHead
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
 
 __all__ = [
     "DROP",
     "REQUIRED",
     "Answer",
     "CloseSession",
+    "Filter",
     "FilterOptionError",
     "FilterOptions",
     "Header",
     "IFilterFactory",
     "IRequestFilter",
+    "MessageVerdict",
     "Network",
     "OptionText",
     "Refuse",
+    "RequestDecision",
+    "RequestHead",
     "Rewrite",
+    "implements_hook",
     "installed_filter_kinds",
     "option_path",
 ]
@@ -98,34 +106,90 @@ class CloseSession:
 
 
 class IRequestFilter(Interface):
-    """A filter on a route: sees each request head before it is forwarded.
+    """A filter on a route: sees each request head before it is forwarded,
+    and, through its optional hooks, the start of request bodies, response
+    heads and WebSocket messages.
 
-    Optional hooks, used when the filter object has them:
-
-    - ``response(head, status, headers)``: sees the response head before it
-      is relayed; returns a new list of ``(name, value)`` headers, or None
-      to leave them as they are.
-    - ``message(head, payload, binary, upward)``: the WebSocket message hook,
-      for every message of a session on a bridge route (``upward`` is True
-      from client to upstream); returns None (pass), :data:`DROP`, or a
-      :class:`CloseSession` (a refusal: the session ends, or with
-      ``refused_message = drop`` the message is dropped).
-    - ``max_body_bytes``: an attribute; the route's request body limit is the
-      smallest of its filters' and its own.
-    - ``inspect_body_bytes`` (an int attribute) with ``request_body(head,
-      body, complete)``: the body hook.  The request is held until that many
-      bytes of its body (or all of it, if shorter) have arrived; the hook sees
-      them (``complete`` says whether that is the whole body) and returns a
-      decision as ``request`` does (a Rewrite is ignored there).  Only then is
-      the request forwarded, the held bytes first.
+    ``request`` is required.  The other hooks and attributes are optional: a
+    filter has the ones it needs, and the route's
+    :class:`~chatproxy.filters.chain.FilterChain` calls only those.  Every
+    hook is called with the request's head as the filters before it left it
+    (a :class:`chatproxy.http.messages.RequestHead`).  How failures, report
+    mode and counters are handled is the chain's, the same for every hook.
     """
 
-    def request(request: Any) -> Any:
-        """Decide about one request head (a ``chatproxy.http.messages.RequestHead``).
+    inspect_body_bytes = Attribute(
+        """Optional (int): with ``request_body``, how many bytes of each request
+        body the filter reads before the request is forwarded (0: none).""")
 
-        Returns None, :class:`Refuse`, :class:`Answer` or :class:`Rewrite`, or a
-        Deferred firing with one of them.
-        """
+    max_body_bytes = Attribute(
+        """Optional (int): a request body limit; the route's limit is the
+        smallest of its filters' and its own (larger bodies get 413).""")
+
+    def request(head: RequestHead) -> RequestDecision | Deferred[RequestDecision]:
+        """Decide about one request head: None passes it on, :class:`Rewrite`
+        changes its headers and passes it on, :class:`Refuse` and
+        :class:`Answer` end it.  May return a Deferred firing with one."""
+
+    def request_body(head: RequestHead, body: bytes, complete: bool) -> RequestDecision | Deferred[RequestDecision]:
+        """Optional.  Decide about the first ``inspect_body_bytes`` bytes of a
+        request body (``complete``: that is the whole body); the request is
+        held until then.  Returns as ``request`` does (a Rewrite is ignored)."""
+
+    def response(head: RequestHead, status: int, headers: list[Header]) -> list[Header] | None:
+        """Optional.  See a response head before it is sent to the client (the
+        upstream's, or the proxy's own answer on the route): return the new
+        list of headers, or None to leave them.  Connection and framing
+        headers are the proxy's and stay as they were."""
+
+    def message(head: RequestHead, payload: bytes, binary: bool, upward: bool) -> MessageVerdict:
+        """Optional.  See one whole WebSocket message of a session on a bridge
+        route (``upward``: from the client to the upstream): return None to
+        relay it, :data:`DROP` to drop it, or a :class:`CloseSession`."""
+
+
+RequestDecision = Refuse | Answer | Rewrite | None
+"""What a request (or body) hook returns."""
+
+MessageVerdict = CloseSession | str | None
+"""What a message hook returns: None, :data:`DROP` or a :class:`CloseSession`."""
+
+
+@implementer(IRequestFilter)
+class Filter:
+    """A base class for filters: every optional hook of
+    :class:`IRequestFilter`, doing nothing.  A filter overrides the hooks it
+    needs; the route's chain calls only those (a hook left as defined here is
+    never called).  ``request`` passes every request unless overridden."""
+
+    inspect_body_bytes: int = 0
+    max_body_bytes: int | None = None
+
+    def request(self, head: RequestHead) -> RequestDecision | Deferred[RequestDecision]:
+        """Pass the request on (override to decide)."""
+        return None
+
+    def request_body(self, head: RequestHead, body: bytes, complete: bool) -> RequestDecision | Deferred[RequestDecision]:
+        """Pass the body (override, and set ``inspect_body_bytes``, to read bodies)."""
+        return None
+
+    def response(self, head: RequestHead, status: int, headers: list[Header]) -> list[Header] | None:
+        """Leave the response head as it is (override to change it)."""
+        return None
+
+    def message(self, head: RequestHead, payload: bytes, binary: bool, upward: bool) -> MessageVerdict:
+        """Relay the message (override to look at WebSocket messages)."""
+        return None
+
+
+def implements_hook(flt: object, hook: str) -> bool:
+    """Whether ``flt`` has the optional ``hook`` (``request_body``,
+    ``response``, ``message``): a method of its own, not :class:`Filter`'s
+    do-nothing one."""
+    method = getattr(flt, hook, None)
+    if not callable(method):
+        return False
+    return not (isinstance(flt, Filter) and getattr(type(flt), hook, None) is getattr(Filter, hook))
 
 
 class IFilterFactory(IPlugin):

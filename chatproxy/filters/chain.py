@@ -1,32 +1,63 @@
-"""Running a route's request filters in order.
+"""One route's filters and the one set of rules every hook runs by.
 
-Each filter's ``request(head)`` returns None (pass on), a :class:`Refuse`, an
-:class:`Answer` or a :class:`Rewrite`, or a Deferred firing with one of them.
-A filter that raises (or fails, or returns anything else) refuses the request
-with 500; the error is logged with the filter's name and nothing else is
-affected.  A filter in ``mode = report`` has its refusals and answers logged
-and counted as ``reported`` and the request goes on.  Every outcome is counted
-per filter: ``passed``, ``answered``, ``refused``, ``reported``, ``error``.
+A :class:`FilterChain` is built per route by the plan.  It calls the hooks
+of :class:`~chatproxy.filters.IRequestFilter` in the route's order:
+
+============  ===========================================  =========================
+hook          returns                                      a filter that fails [#]_
+============  ===========================================  =========================
+request       None, Rewrite, Refuse, Answer (or Deferred)  refuses with 500
+request_body  None, Refuse, Answer (or Deferred) [#]_      refuses with 500
+response      None, or the new list of headers             the answer becomes a 500
+message       None, DROP, CloseSession                     closes the session, 1011
+============  ===========================================  =========================
+
+.. [#] a Rewrite returned there is ignored: the request hooks decided the head.
+.. [#] raises, fails its Deferred or returns anything else: counted as
+   ``error``, logged with a traceback and the filter's name; no other filter,
+   request or session is affected.
+
+The first refusal or answer ends a request hook run; the first DROP or
+CloseSession ends a message's.  A filter in ``mode = report`` is run the same
+way, but what it would have refused, answered, changed or dropped is logged
+and counted as ``reported`` and the request, response or message goes on
+unchanged.  ``refused_message = drop`` turns a filter's CloseSession into a
+DROP.  Outcomes are counted per filter (``FILTER:outcome``): ``passed``
+(request and body hooks), ``refused``, ``answered``, ``reported``,
+``error``.  Responses and messages that pass are not counted per filter:
+messages are counted per session instead.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from attrs import evolve, frozen
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatproxy.filters import Answer, Refuse, Rewrite
+from chatproxy.filters import DROP, Answer, CloseSession, Header, Refuse, Rewrite, implements_hook
+from chatproxy.http.messages import RequestHead
 
 log = Logger()
 
-__all__ = ["Answer", "Decision", "Refuse", "Rewrite", "RouteFilter", "run_body_filters", "run_request_filters"]
+__all__ = ["Decision", "FilterChain", "MessageVerdict", "RouteFilter", "apply_rewrite"]
 
 Decision = Refuse | Answer | None
+"""What a request or body hook run ends with: None passes the request on."""
+
+MessageVerdict = CloseSession | str | None
+"""What a message hook run ends with: None relays it, :data:`DROP` drops it,
+a :class:`CloseSession` ends the session."""
+
+_FILTER_ERROR = Refuse(500, "internal filter error")
+_SESSION_ERROR = CloseSession(1011, "internal filter error")
+_DECISIONS = (Refuse, Answer, Rewrite)
+_RAISED = object()  # the hook raised (no result)
+_T = TypeVar("_T")
 
 
 @frozen
@@ -40,8 +71,12 @@ class RouteFilter:
     report: bool = False
     drop_refused: bool = False
 
+    def has(self, hook: str) -> bool:
+        """Whether the filter implements the optional ``hook``."""
+        return implements_hook(self.filter, hook)
 
-def apply_rewrite(head: Any, rewrite: Rewrite) -> Any:
+
+def apply_rewrite(head: RequestHead, rewrite: Rewrite) -> RequestHead:
     """The request head with a Rewrite's header changes applied.
 
     Names the filter sets are also taken out of the client's ``Connection``
@@ -49,7 +84,7 @@ def apply_rewrite(head: Any, rewrite: Rewrite) -> Any:
     """
     replaced = {name.lower() for name, _ in rewrite.set}
     dropped = rewrite.remove | replaced
-    headers: list[tuple[bytes, bytes]] = []
+    headers: list[Header] = []
     for name, value in head.headers:
         lower = name.lower()
         if lower in dropped:
@@ -63,81 +98,186 @@ def apply_rewrite(head: Any, rewrite: Rewrite) -> Any:
     return evolve(head, headers=tuple(headers) + tuple(rewrite.set))
 
 
-def run_request_filters(filters: Sequence[RouteFilter], head: Any, done: Callable[[Decision, Any], None],
-                        counters: Counter[str]) -> None:
-    """Run ``filters`` on ``head``; call ``done(decision, head)`` with the first
-    refusal or answer (or None when all passed) and the head as rewritten."""
-    _run(filters, lambda flt, head: flt.filter.request(head), head, done, counters)
+def _int_attribute(flt: RouteFilter, name: str) -> int | None:
+    value = getattr(flt.filter, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def run_body_filters(filters: Sequence[RouteFilter], head: Any, body: bytes, complete: bool,
-                     done: Callable[[Decision, Any], None], counters: Counter[str]) -> None:
-    """Run the body hooks ``request_body(head, body, complete)`` of ``filters``
-    on the first bytes of the request body (``complete``: that is all of it)."""
-    _run(filters, lambda flt, head: flt.filter.request_body(head, body, complete), head, done, counters)
+class FilterChain:
+    """The filters of one route, in order, with the hooks each implements."""
 
+    def __init__(self, filters: Sequence[RouteFilter], counters: Counter[str]) -> None:
+        self.filters = tuple(filters)
+        self.counters = counters
+        self._request = self.filters
+        self._body = tuple(f for f in self.filters if f.has("request_body") and (_int_attribute(f, "inspect_body_bytes") or 0) > 0)
+        self._response = tuple(f for f in self.filters if f.has("response"))
+        self._message = tuple(f for f in self.filters if f.has("message"))
+        #: How many body bytes the body hooks want before the request is forwarded (0: none).
+        self.inspect_body_bytes = max((_int_attribute(f, "inspect_body_bytes") or 0 for f in self._body), default=0)
+        limits = [_int_attribute(f, "max_body_bytes") for f in self.filters if not f.report]
+        #: The smallest ``max_body_bytes`` of the filters (not in report mode), or None.
+        self.max_body_bytes = min((limit for limit in limits if limit is not None), default=None)
 
-def _run(filters: Sequence[RouteFilter], call: Callable[[RouteFilter, Any], Any], head: Any,
-         done: Callable[[Decision, Any], None], counters: Counter[str]) -> None:
+    def __bool__(self) -> bool:
+        return bool(self.filters)
 
-    def outcome(flt: RouteFilter, result: Any, head: Any) -> tuple[bool, Decision, Any]:
-        """(stop?, decision, head) for one filter's result."""
-        if result is None:
-            counters[f"{flt.name}:passed"] += 1
-            return False, None, head
-        if isinstance(result, Rewrite):
-            counters[f"{flt.name}:passed"] += 1
-            return False, None, apply_rewrite(head, result)
-        if isinstance(result, (Refuse, Answer)):
-            kind = "refused" if isinstance(result, Refuse) else "answered"
-            if flt.report:
-                counters[f"{flt.name}:reported"] += 1
-                log.info("filter {name} (report mode) would have {kind} {method} {target} from {client}: "
-                         "{status} {reason}", name=flt.name, kind=kind, method=head.method, target=head.target,
-                         client=head.client, status=result.status,
-                         reason=getattr(result, "reason", ""))
-                return False, None, head
-            counters[f"{flt.name}:{kind}"] += 1
-            if isinstance(result, Refuse):
-                log.info("filter {name} refused {method} {target} from {client}: {status} {reason}",
-                         name=flt.name, method=head.method, target=head.target, client=head.client,
-                         status=result.status, reason=result.reason)
-            return True, result, head
-        counters[f"{flt.name}:error"] += 1
-        log.error("filter {name} returned {result!r}, not None, Refuse, Answer or Rewrite: refused with 500",
-                  name=flt.name, result=result)
-        return True, Refuse(500, "internal filter error"), head
+    @property
+    def sees_responses(self) -> bool:
+        """Whether a filter of the chain has a response hook."""
+        return bool(self._response)
 
-    def step(index: int, head: Any) -> None:
-        while index < len(filters):
-            flt = filters[index]
-            try:
-                result = call(flt, head)
-            except Exception:
-                counters[f"{flt.name}:error"] += 1
-                log.failure("filter {name} raised; request refused with 500", name=flt.name)
-                done(Refuse(500, "internal filter error"), head)
-                return
-            if isinstance(result, defer.Deferred):
-                def fired(value: Any, index: int = index, flt: RouteFilter = flt, head: Any = head) -> None:
-                    stop, decision, new_head = outcome(flt, value, head)
-                    if stop:
-                        done(decision, new_head)
-                    else:
-                        step(index + 1, new_head)
+    @property
+    def sees_messages(self) -> bool:
+        """Whether a filter of the chain has a message hook."""
+        return bool(self._message)
 
-                def failed(failure: Failure, flt: RouteFilter = flt, head: Any = head) -> None:
-                    counters[f"{flt.name}:error"] += 1
-                    log.failure("filter {name} failed; request refused with 500", failure, name=flt.name)
-                    done(Refuse(500, "internal filter error"), head)
+    # -- request and body hooks
 
-                result.addCallbacks(fired, failed)
-                return
-            stop, decision, head = outcome(flt, result, head)
+    def request(self, head: RequestHead, done: Callable[[Decision, RequestHead], None]) -> None:
+        """Run the request hooks; ``done(decision, head)`` with the first refusal
+        or answer (None when all passed) and the head as the filters rewrote it."""
+        self._run(self._request, lambda flt, head: flt.filter.request(head), head, done)
+
+    def body(self, head: RequestHead, body: bytes, complete: bool,
+             done: Callable[[Decision, RequestHead], None]) -> None:
+        """Run the body hooks on the first bytes of the request body
+        (``complete``: that is all of it); ``done`` as for :meth:`request`."""
+        self._run(self._body, lambda flt, head: flt.filter.request_body(head, body, complete), head, done)
+
+    def _run(self, filters: Sequence[RouteFilter], call: Callable[[RouteFilter, RequestHead], Any],
+             head: RequestHead, done: Callable[[Decision, RequestHead], None]) -> None:
+
+        def step(index: int, head: RequestHead) -> None:
+            while index < len(filters):
+                flt = filters[index]
+                try:
+                    result = call(flt, head)
+                except Exception:
+                    done(self._error(flt, None), head)
+                    return
+                if isinstance(result, defer.Deferred):
+                    result.addCallbacks(lambda value, i=index, f=flt, h=head: settle(i, f, h, value),
+                                        lambda failure, f=flt, h=head: done(self._error(f, failure), h))
+                    return
+                stop, decision, head = self._outcome(flt, result, head)
+                if stop:
+                    done(decision, head)
+                    return
+                index += 1
+            done(None, head)
+
+        def settle(index: int, flt: RouteFilter, head: RequestHead, value: Any) -> None:
+            stop, decision, new_head = self._outcome(flt, value, head)
             if stop:
-                done(decision, head)
-                return
-            index += 1
-        done(None, head)
+                done(decision, new_head)
+            else:
+                step(index + 1, new_head)
 
-    step(0, head)
+        step(0, head)
+
+    def _outcome(self, flt: RouteFilter, result: Any, head: RequestHead) -> tuple[bool, Decision, RequestHead]:
+        """(stop?, decision, head) for one hook's result."""
+        if result is None:
+            self.counters[f"{flt.name}:passed"] += 1
+            return False, None, head
+        if not isinstance(result, _DECISIONS):
+            self.counters[f"{flt.name}:error"] += 1
+            log.error("filter {name} returned {result!r}, not None, Refuse, Answer or Rewrite: refused with 500",
+                      name=flt.name, result=result)
+            return True, _FILTER_ERROR, head
+        if isinstance(result, Rewrite):
+            self.counters[f"{flt.name}:passed"] += 1
+            return False, None, apply_rewrite(head, result)
+        kind = "refused" if isinstance(result, Refuse) else "answered"
+        reason = result.reason if isinstance(result, Refuse) else ""
+        if flt.report:
+            self.counters[f"{flt.name}:reported"] += 1
+            log.info("filter {name} (report mode) would have {kind} {method} {target} from {client}: "
+                     "{status} {reason}", name=flt.name, kind=kind, method=head.method, target=head.target,
+                     client=head.client, status=result.status, reason=reason)
+            return False, None, head
+        self.counters[f"{flt.name}:{kind}"] += 1
+        if isinstance(result, Refuse):
+            log.info("filter {name} refused {method} {target} from {client}: {status} {reason}",
+                     name=flt.name, method=head.method, target=head.target, client=head.client,
+                     status=result.status, reason=reason)
+        return True, result, head
+
+    def _error(self, flt: RouteFilter, failure: Failure | None) -> Refuse:
+        self.counters[f"{flt.name}:error"] += 1
+        log.failure("filter {name} failed; request refused with 500", failure, name=flt.name)
+        return _FILTER_ERROR
+
+    # -- response hook
+
+    def response(self, head: RequestHead, status: int, headers: list[Header]) -> list[Header] | Refuse:
+        """Run the response hooks on a response head about to be sent (the
+        upstream's or the proxy's own): the headers as the filters changed
+        them, or a Refuse(500) when one of them failed."""
+        for flt in self._response:
+            try:
+                changed = flt.filter.response(head, status, headers)
+            except Exception:
+                return self._failed(flt, "response", _FILTER_ERROR)
+            if changed is None:
+                continue
+            if not isinstance(changed, list):
+                return self._failed(flt, "response", _FILTER_ERROR, changed)
+            if flt.report:
+                self.counters[f"{flt.name}:reported"] += 1
+                log.info("filter {name} (report mode) would have changed the headers of the {status} answer to "
+                         "{method} {target}", name=flt.name, status=status, method=head.method, target=head.target)
+                continue
+            headers = changed
+        return headers
+
+    # -- message hook
+
+    def message(self, head: RequestHead, payload: bytes, binary: bool, upward: bool) -> MessageVerdict:
+        """Run the message hooks on one whole WebSocket message (``upward``:
+        from the client): None to relay it, :data:`DROP`, or a CloseSession."""
+        for flt in self._message:
+            try:
+                verdict = flt.filter.message(head, payload, binary, upward)
+            except Exception:
+                return self._failed(flt, "message", _SESSION_ERROR)
+            if verdict is None:
+                continue
+            if verdict != DROP and not isinstance(verdict, CloseSession):
+                return self._failed(flt, "message", _SESSION_ERROR, verdict)
+            outcome = self._message_refused(flt, verdict, head, upward)
+            if outcome is not None:
+                return outcome
+        return None
+
+    def _failed(self, flt: RouteFilter, hook: str, outcome: _T, result: Any = _RAISED) -> _T:
+        """A hook raised (called in its ``except``) or returned ``result``, which it
+        may not: counted and logged; ``outcome`` is what the chain does instead."""
+        self.counters[f"{flt.name}:error"] += 1
+        instead = "answered 500 instead" if isinstance(outcome, Refuse) else "session closed with 1011"
+        if result is _RAISED:
+            log.failure("{hook} hook of filter {name} failed: {instead}", hook=hook, name=flt.name, instead=instead)
+        else:
+            log.error("{hook} hook of filter {name} returned {result!r}: {instead}", hook=hook, name=flt.name,
+                      result=result, instead=instead)
+        return outcome
+
+    def _message_refused(self, flt: RouteFilter, verdict: CloseSession | str, head: RequestHead,
+                         upward: bool) -> MessageVerdict:
+        drop = verdict == DROP or flt.drop_refused
+        if isinstance(verdict, CloseSession):
+            what = f"refused a message ({verdict.code}) and dropped it" if drop else \
+                f"closed the session with {verdict.code}"
+        else:
+            what = "dropped a message"
+        direction = "client to upstream" if upward else "upstream to client"
+        if flt.report:
+            self.counters[f"{flt.name}:reported"] += 1
+            log.info("filter {name} (report mode) would have {what}, {direction}, client {client}",
+                     name=flt.name, what=what, direction=direction, client=head.client)
+            return None
+        self.counters[f"{flt.name}:refused"] += 1
+        log.info("filter {name} {what}, {direction}, client {client}", name=flt.name, what=what,
+                 direction=direction, client=head.client)
+        return DROP if drop else verdict

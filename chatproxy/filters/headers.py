@@ -27,7 +27,7 @@ from typing import Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.filters import FilterOptionError, FilterOptions, Header, IFilterFactory, IRequestFilter, Rewrite
+from chatproxy.filters import Filter, FilterOptionError, FilterOptions, Header, IFilterFactory, IRequestFilter, Rewrite
 from chatproxy.http.messages import CONNECTION_HEADERS, FORWARDING
 
 _OPTIONS = ("request_set", "request_remove", "response_set", "response_remove")
@@ -56,7 +56,7 @@ def edit(headers: Sequence[Header], set_: tuple[Header, ...], remove: frozenset[
 
 
 @implementer(IRequestFilter)
-class HeadersFilter:
+class HeadersFilter(Filter):
     """Sets and removes request headers (a Rewrite) and response headers (the
     response hook).  Never refuses."""
 

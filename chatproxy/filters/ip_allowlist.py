@@ -22,14 +22,14 @@ from typing import Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.filters import FilterOptions, IFilterFactory, IRequestFilter, Network, Refuse
+from chatproxy.filters import Filter, FilterOptions, IFilterFactory, IRequestFilter, Network, Refuse
 from chatproxy.http.messages import in_networks
 
 _OPTIONS = ("allow", "deny")
 
 
 @implementer(IRequestFilter)
-class IPAllowlist:
+class IPAllowlist(Filter):
     """Passes requests whose client address is allowed and not denied; refuses
     the others with 403.  ``allow`` None means every address not denied."""
 

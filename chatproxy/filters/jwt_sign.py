@@ -27,7 +27,7 @@ import jwt
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.filters import FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Rewrite
+from chatproxy.filters import Filter, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Rewrite
 from chatproxy.filters.jwt_verify import (
     HMAC_ALGORITHMS,
     KEY_LENGTH_WARNING,
@@ -41,7 +41,7 @@ DEFAULT_LIFETIME = 300.0
 
 
 @implementer(IRequestFilter)
-class JWTSign:
+class JWTSign(Filter):
     """Passes every request on with ``Authorization: Bearer <fresh token>``."""
 
     def __init__(self, *, secret: bytes, algorithm: str, issuer: str, lifetime: float,

@@ -60,7 +60,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.filters import FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import Filter, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
 
 log = Logger()
 
@@ -343,7 +343,7 @@ class _Refused(Exception):
 
 
 @implementer(IRequestFilter)
-class JWTVerify:
+class JWTVerify(Filter):
     """Passes requests whose ``Authorization: Bearer`` token verifies; refuses the others with 401.
 
     Either ``key`` (a secret or a public key, used with ``algorithms``) or

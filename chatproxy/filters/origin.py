@@ -36,7 +36,7 @@ import idna
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.filters import FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import Filter, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
 
 _OPTIONS = ("allow", "missing")
 MISSING = ("deny", "allow-get", "allow")  # the values of ``missing``
@@ -197,7 +197,7 @@ def missing_refusal(missing: str, method: str, headers: Sequence[tuple[bytes, by
 
 
 @implementer(IRequestFilter)
-class OriginFilter:
+class OriginFilter(Filter):
     """Passes requests from a trusted origin; refuses the others with 403."""
 
     def __init__(self, exact: frozenset[OriginKey], wildcards: tuple[OriginKey, ...], missing: str = "deny") -> None:

@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.filters import CloseSession, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import CloseSession, Filter, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
 from chatproxy.http.messages import FIELD_NAME_RE
 
 log = Logger()
@@ -168,7 +168,7 @@ def retry_after(wait: float) -> int:
 
 
 @implementer(IRequestFilter)
-class RateLimit:
+class RateLimit(Filter):
     """Refuses requests over ``rate`` per second (bursts of ``burst``) per key
     with 429 and ``Retry-After``; closes WebSocket sessions whose client sends
     messages faster than ``message_rate`` with 1008."""

@@ -27,7 +27,7 @@ from typing import Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.filters import FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import Filter, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
 
 _OPTIONS = ("methods", "max_body_bytes", "max_headers", "max_header_bytes", "require_headers", "content_types",
             "require_body")
@@ -42,7 +42,7 @@ def header_bytes(headers: tuple[tuple[bytes, bytes], ...]) -> int:
 
 
 @implementer(IRequestFilter)
-class RequestLimits:
+class RequestLimits(Filter):
     """Refuses requests outside the configured limits; None means no limit.
 
     The limits are checked in this order: method, declared body size, header

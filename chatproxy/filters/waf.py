@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.filters import CloseSession, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import CloseSession, Filter, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
 from chatproxy.filters import waf_rules
 from chatproxy.filters.waf_rules import (
     ALLOWED_CHARSETS,
@@ -300,7 +300,7 @@ class _Plan:
 
 
 @implementer(IRequestFilter)
-class WebApplicationFirewall:
+class WebApplicationFirewall(Filter):
     """Anomaly-scoring inspection of requests and WebSocket messages.
 
     ``use_libinjection``: None uses libinjection when it is installed; False

@@ -51,8 +51,12 @@ class ProxyCore:
         self.connections: set[FrontConnection] = set()
         self.websocket_sessions: set[WebSocketBridge] = set()
         self.counters: Counter[str] = Counter()
-        self.filter_counters: Counter[str] = Counter()  # "FILTER:outcome" -> count
         self._started = False
+
+    @property
+    def filter_counters(self) -> Counter[str]:
+        """Filter outcomes by ``FILTER:outcome`` (kept in :attr:`stats`)."""
+        return self.stats.filter_outcomes
 
     # The current plan's parts, for code that only needs "what is configured now".
 

@@ -14,7 +14,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatproxy.proxy.accesslog import AccessRecord
-from chatproxy.filters.chain import Answer, Decision, Refuse, run_body_filters, run_request_filters
+from chatproxy.filters import Answer, Refuse
+from chatproxy.filters.chain import Decision, FilterChain
 from chatproxy.http.messages import (
     FORWARDING, HOP_BY_HOP, REASONS, Header, RequestHead, local_response, replace_headers,
 )
@@ -75,6 +76,7 @@ class Exchange:
     _inspect_limit = 0
     _sent_continue = False
     matched: Route | None = None  # the route the head matched
+    chain: FilterChain | None = None  # the route's filters, once routed
     connection_named: frozenset[bytes] = frozenset()  # listed in Connection
 
     def __init__(self, front: FrontConnection, head: RequestHead | None, error: tuple[int, str] | None,
@@ -121,9 +123,9 @@ class Exchange:
         if self.content_length is not None and self.content_length > self.body_limit:
             self.respond_local(413, f"request body larger than {self.body_limit} bytes", close=True)
             return
-        filters = plan.route_filters(route)
-        if filters:
-            run_request_filters(filters, head, self._filtered, self.front.core.filter_counters)
+        chain = self.chain = plan.chain(route)
+        if chain:
+            chain.request(head, self._filtered)
         else:
             self._dispatch()
 
@@ -147,7 +149,7 @@ class Exchange:
     def _inspect_or_dispatch(self) -> None:
         """Dispatch, or first collect the body for the route's body filters."""
         assert self.route is not None
-        limit = self.plan.body_inspection_limit(self.route)
+        limit = self.chain.inspect_body_bytes if self.chain is not None else 0
         if limit and not self.body_done and not self.upgrade:
             self._inspect_limit = limit
             if self.expect_continue and not self._sent_continue:
@@ -171,10 +173,8 @@ class Exchange:
         limit, self._inspect_limit = self._inspect_limit, 0
         body = b"".join(self._buffer)
         head = self.head
-        assert head is not None and self.route is not None
-        run_body_filters(self.plan.body_filters(self.route), head, body[:limit],
-                         self.body_done and len(body) <= limit, self._body_filtered,
-                         self.front.core.filter_counters)
+        assert head is not None and self.chain is not None
+        self.chain.body(head, body[:limit], self.body_done and len(body) <= limit, self._body_filtered)
 
     def _body_filtered(self, decision: Decision, head: RequestHead) -> None:
         if self.finished:
@@ -382,7 +382,7 @@ class Exchange:
             out += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade_to)]
             if self.set_cookie is not None:
                 out.append((b"Set-Cookie", self.set_cookie))
-            self._write_head(status, reason, out)
+            self._relay_head(status, reason, out)
             return
         if self.upgrade:
             # The upstream refused the upgrade: relay its answer, then close.
@@ -399,16 +399,6 @@ class Exchange:
             # The upstream answered before the whole body arrived: the rest of
             # the body is read and dropped, and the connection ends afterwards.
             self.close_after = True
-        if self.route is not None:
-            for name, response_filter in self.plan.response_filters(self.route):
-                try:
-                    changed = response_filter.response(self.head, status, out)
-                except Exception:
-                    log.failure("response hook of filter {name} raised; headers left as they were", name=name)
-                    continue
-                if changed is not None:
-                    out = [h for h in changed if h[0].lower() not in _HOP_AND_LENGTH] + \
-                        [h for h in out if h[0].lower() in (b"content-length", b"transfer-encoding")]
         if self.set_cookie is not None:
             out.append((b"Set-Cookie", self.set_cookie))  # sticky sessions: pins the client to this server
         keep = self.client_keep_alive and not self.close_after and not self.front.closing and not self.front.draining
@@ -416,14 +406,40 @@ class Exchange:
             out.append((b"Connection", b"close"))
         elif self.head is not None and self.head.version == "1.0":
             out.append((b"Connection", b"keep-alive"))
-        self._write_head(status, reason, out)
+        self._relay_head(status, reason, out)
+
+    def _relay_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
+        """Send the upstream's response head on, as the route's filters and the
+        listener have it; a failing response hook answers 500 instead."""
+        final = self._answer_headers(status, headers)
+        if final is None:
+            if self.connection is not None:
+                self.connection.abandon()
+                self.connection = None
+            self.respond_local(500, "internal filter error", hooks=False)
+            return
+        self._write_head(status, reason, final)
+
+    def _answer_headers(self, status: int, headers: list[Header]) -> list[Header] | None:
+        """The headers of an answer about to be sent on this exchange (the
+        upstream's, the proxy's own, a filter's): as the route's response
+        hooks change them (connection and framing headers are the proxy's and
+        stay), then with the listener's ``response_headers``.  None when a
+        response hook failed."""
+        chain = self.chain
+        if chain is not None and chain.sees_responses and self.head is not None:
+            changed = chain.response(self.head, status, headers)
+            if isinstance(changed, Refuse):
+                return None
+            if changed is not headers:
+                headers = [h for h in changed if h[0].lower() not in _HOP_AND_LENGTH] + \
+                    [h for h in headers if h[0].lower() in _HOP_AND_LENGTH]
+        own = self.front.listener.response_headers
+        return replace_headers(headers, own) if own else headers
 
     def _write_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
         self.status = status
         self.response_started = True
-        own = self.front.listener.response_headers
-        if own:
-            headers = replace_headers(headers, own)
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, "Unknown").encode("ascii"))]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
@@ -504,8 +520,9 @@ class Exchange:
     # -- endings
 
     def respond_local(self, status: int, message: str | None = None, *, close: bool = False,
-                      extra: tuple[Header, ...] = ()) -> None:
-        """Answer from the proxy itself (errors, refusals)."""
+                      extra: tuple[Header, ...] = (), hooks: bool = True) -> None:
+        """Answer from the proxy itself (errors, refusals), through the route's
+        response hooks unless ``hooks`` is False (the answer to a failed one)."""
         if self.finished:
             return
         if self.response_started:
@@ -517,9 +534,17 @@ class Exchange:
         close = close or self.close_after or not self.client_keep_alive or self.front.closing or self.front.draining
         self.close_after = close
         head_only = self.head is not None and self.head.method == "HEAD"
-        own = self.front.listener.response_headers
-        data = local_response(status, message, close=close, extra=replace_headers(extra, own) if own else extra,
-                              head_only=head_only)
+        headers: list[Header] | None = [(b"Content-Type", b"text/plain; charset=utf-8"), *extra]
+        assert headers is not None
+        if hooks:
+            headers = self._answer_headers(status, headers)
+        else:
+            own = self.front.listener.response_headers
+            headers = replace_headers(headers, own) if own else headers
+        if headers is None:
+            self.respond_local(500, "internal filter error", close=close, hooks=False)
+            return
+        data = local_response(status, message, close=close, headers=headers, head_only=head_only)
         self.status = status
         self.response_started = True
         self.bytes_sent = 0 if head_only else len(data) - data.index(b"\r\n\r\n") - 4
@@ -536,7 +561,11 @@ class Exchange:
         headers.append((b"Content-Length", b"%d" % len(answer.body)))
         if close:
             headers.append((b"Connection", b"close"))
-        self._write_head(answer.status, b"", headers)
+        final = self._answer_headers(answer.status, headers)
+        if final is None:
+            self.respond_local(500, "internal filter error", hooks=False)
+            return
+        self._write_head(answer.status, b"", final)
         if self.head is None or self.head.method != "HEAD":
             self.front.write(answer.body)
             self.bytes_sent = len(answer.body)

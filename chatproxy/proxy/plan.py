@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from chatproxy.config import Config, Route, Upstream
-from chatproxy.filters.chain import RouteFilter
+from chatproxy.filters.chain import FilterChain, RouteFilter
 from chatproxy.http.messages import in_networks
 from chatproxy.proxy.upstream import UpstreamPools
 from chatproxy.proxy.routing import RouteTable
@@ -27,6 +27,12 @@ from chatproxy.proxy.validate import validate
 
 if TYPE_CHECKING:
     from chatproxy.proxy.websocket.bridge import RouteSockets
+
+
+def _body_limit(route: Route, default: int, chain: FilterChain) -> int:
+    """A route's request body limit: its own (or ``default``), or its filters' when smaller."""
+    own = route.max_body_bytes if route.max_body_bytes is not None else default
+    return own if chain.max_body_bytes is None else min(own, chain.max_body_bytes)
 
 
 class Plan:
@@ -58,31 +64,14 @@ class Plan:
             else:
                 self.pools[name] = pools = UpstreamPools(reactor, upstream, sweeper, stats)
                 self.new_pools.append(pools)
-        self._route_filters = {
-            route.name: [RouteFilter(name, self.filters[name], config.filters[name].mode == "report",
-                                     config.filters[name].refused_message == "drop")
-                         for name in route.filters]
+        self._chains = {
+            route.name: FilterChain([RouteFilter(name, self.filters[name], config.filters[name].mode == "report",
+                                                 config.filters[name].refused_message == "drop")
+                                     for name in route.filters], stats.filter_outcomes)
             for route in config.routes
         }
-        self._message_filters = {
-            name: [f for f in filters if callable(getattr(f.filter, "message", None))]
-            for name, filters in self._route_filters.items()
-        }
-        self._response_filters = {
-            name: [(f.name, f.filter) for f in filters if callable(getattr(f.filter, "response", None))]
-            for name, filters in self._route_filters.items()
-        }
-        self._body_filters = {
-            name: [f for f in filters if callable(getattr(f.filter, "request_body", None))
-                   and isinstance(getattr(f.filter, "inspect_body_bytes", None), int) and f.filter.inspect_body_bytes > 0]
-            for name, filters in self._route_filters.items()
-        }
-        self._body_limits = {
-            route.name: min([route.max_body_bytes if route.max_body_bytes is not None else config.settings.max_body_bytes]
-                            + [int(f.filter.max_body_bytes) for f in self._route_filters[route.name]
-                               if isinstance(getattr(f.filter, "max_body_bytes", None), int) and not f.report])
-            for route in config.routes
-        }
+        self._body_limits = {route.name: _body_limit(route, config.settings.max_body_bytes, self._chains[route.name])
+                             for route in config.routes}
         self._sockets: dict[str, RouteSockets] = {}
 
     def refresh_tls(self) -> None:
@@ -101,31 +90,14 @@ class Plan:
         """The upstream section a route of this plan forwards to."""
         return self.config.upstreams[route.upstream]
 
-    def route_filters(self, route: Route) -> list[RouteFilter]:
-        """The filters of a route, in order."""
-        return self._route_filters[route.name]
-
-    def response_filters(self, route: Route) -> list[tuple[str, Any]]:
-        """The (name, filter) pairs of a route whose filters see response heads."""
-        return self._response_filters[route.name]
-
-    def body_filters(self, route: Route) -> list[RouteFilter]:
-        """The filters of a route that read the start of request bodies."""
-        return self._body_filters[route.name]
-
-    def body_inspection_limit(self, route: Route) -> int:
-        """How many body bytes the route's body filters want before forwarding (0: none)."""
-        filters = self._body_filters[route.name]
-        return max((int(f.filter.inspect_body_bytes) for f in filters), default=0)
+    def chain(self, route: Route) -> FilterChain:
+        """The filter chain of a route of this plan."""
+        return self._chains[route.name]
 
     def body_limit(self, route: Route) -> int:
         """The request body limit of a route: its own or the global one, or a
         filter's (``request_limits``) when smaller."""
         return self._body_limits[route.name]
-
-    def message_filters(self, route: Route | None) -> list[RouteFilter]:
-        """The filters of a route that look at WebSocket messages."""
-        return self._message_filters[route.name] if route is not None else []
 
     def route_sockets(self, route: Route) -> RouteSockets:
         """The WebSocket server factory and limits of a bridge route (made once)."""

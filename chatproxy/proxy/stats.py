@@ -27,6 +27,7 @@ class Stats:
         self.websocket_messages: Counter[tuple[str, str]] = Counter()  # (route, "up"|"down")
         self.websocket_bytes: Counter[tuple[str, str]] = Counter()
         self.websocket_closes: Counter[tuple[str, int]] = Counter()  # (route, close code)
+        self.filter_outcomes: Counter[str] = Counter()  # "FILTER:outcome" (see chatproxy.filters.chain)
         self.tls_handshake_failures: Counter[str] = Counter()  # listener name
         self.reloads: Counter[str] = Counter()  # "success" | "failure"
         self.last_reload_success = 0.0  # Unix time of the start or of the last successful reload

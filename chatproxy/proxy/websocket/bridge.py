@@ -71,7 +71,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatproxy.filters import DROP, CloseSession
+from chatproxy.filters import CloseSession
 from chatproxy.proxy.sending import send
 from chatproxy.http.messages import FORWARDING, HOP_BY_HOP
 
@@ -791,46 +791,17 @@ class WebSocketBridge:
         else:
             self.messages_down += 1
             self.bytes_down += len(payload)
-        counters = self.front.core.filter_counters
-        for route_filter in self.exchange.plan.message_filters(self.exchange.route):
-            name = route_filter.name
-            try:
-                verdict = route_filter.filter.message(self.exchange.head, payload, binary, upward)
-            except Exception:
-                counters[f"{name}:error"] += 1
-                log.failure("message filter {name} raised: session closed with 1011", name=name)
-                self.close_both(1011, "internal filter error")
+        exchange = self.exchange
+        chain = exchange.plan.chain(exchange.route) if exchange.route is not None else None  # (a reload may change it)
+        if chain is not None and chain.sees_messages:
+            assert exchange.head is not None
+            verdict = chain.message(exchange.head, payload, binary, upward)
+            if verdict is not None:
+                if isinstance(verdict, CloseSession):
+                    self.close_both(verdict.code, verdict.reason)
+                else:
+                    self.front.core.counters["websocket_dropped"] += 1
                 return
-            if verdict is None:
-                continue
-            if verdict != DROP and not isinstance(verdict, CloseSession):
-                counters[f"{name}:error"] += 1
-                log.error("message filter {name} returned {verdict!r}: session closed with 1011",
-                          name=name, verdict=verdict)
-                self.close_both(1011, "internal filter error")
-                return
-            drop = verdict == DROP or route_filter.drop_refused
-            if verdict == DROP:
-                what = "dropped a message"
-            elif drop:
-                what = f"refused a message ({verdict.code}) and dropped it"
-            else:
-                what = f"closed the session with {verdict.code}"
-            client = self.exchange.head.client if self.exchange.head else "-"
-            direction = "client to upstream" if upward else "upstream to client"
-            if route_filter.report:
-                counters[f"{name}:reported"] += 1
-                log.info("filter {name} (report mode) would have {what}, {direction}, client {client}",
-                         name=name, what=what, direction=direction, client=client)
-                continue
-            counters[f"{name}:refused"] += 1
-            log.info("filter {name} {what}, {direction}, client {client}", name=name, what=what,
-                     direction=direction, client=client)
-            if drop:
-                self.front.core.counters["websocket_dropped"] += 1
-            else:
-                self.close_both(verdict.code, verdict.reason)
-            return
         if upward:
             assert self.upstream is not None
             self._send(self.upstream, payload, binary)
