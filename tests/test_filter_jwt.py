@@ -34,6 +34,7 @@ from chatproxy.filters.chain import apply_rewrite
 from chatproxy.filters.jwt_sign import JWTSign, jwt_sign
 from chatproxy.filters.jwt_verify import KEY_LENGTH_WARNING, JWTVerify, jwt_kind
 from chatproxy.http.messages import RequestHead
+from chatproxy.testing import request_head
 from conftest import basic_config, free_port
 
 SECRET = b"pega-client-channel-jwt-secret-0123456789abcdef-0123456789abcdef"
@@ -130,12 +131,8 @@ def handmade(header: dict[str, Any], payload: dict[str, Any], mac_key: bytes | N
 def head(authorization: str | list[str] | None = None, path: str = "/webhook") -> RequestHead:
     """A request head with the given Authorization header(s)."""
     values = [] if authorization is None else [authorization] if isinstance(authorization, str) else authorization
-    return RequestHead(
-        method="POST", target=path, path=path, query="", version="1.1",
-        headers=((b"Content-Type", b"application/json"),) + tuple((b"Authorization", v.encode()) for v in values),
-        host="chat.example.test", authority="chat.example.test", client="192.0.2.7", peer="192.0.2.7",
-        tls=True, listener="main",
-    )
+    return request_head(path, method="POST", headers=[("Content-Type", "application/json")]
+                        + [("Authorization", value) for value in values], host="chat.example.test", client="192.0.2.7")
 
 
 # ---------------------------------------------------------------------------

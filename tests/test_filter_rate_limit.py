@@ -20,6 +20,7 @@ from chatproxy.filters import CloseSession, FilterOptionError, IFilterFactory, I
     installed_filter_kinds
 from chatproxy.filters.rate_limit import RateLimit, TokenBuckets, parse_rate, rate_limit, retry_after
 from chatproxy.http.messages import RequestHead
+from chatproxy.testing import request_head
 from conftest import basic_config, free_port
 
 # ---------------------------------------------------------------------------
@@ -36,28 +37,11 @@ class FakeClock:
         return self.now
 
 
-if "route" in attrs.fields_dict(RequestHead):
-    RoutedHead: Any = RequestHead
-else:
-    @attrs.frozen
-    class RoutedHead(RequestHead):  # type: ignore[no-redef]
-        """A request head that names the route it matched (for ``key = route``)."""
-
-        route: str = ""
-
-
 def head(client: str = "192.0.2.1", headers: dict[str, str] | None = None, route: str | None = None,
-         path: str = "/chat") -> Any:
+         path: str = "/chat") -> RequestHead:
     """A request head from ``client`` with ``headers`` (and the ``route`` it matched)."""
-    fields: dict[str, Any] = dict(
-        method="GET", target=path, path=path, query="", version="1.1",
-        headers=tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()),
-        host="chat.example.test", authority="chat.example.test", client=client, peer=client, tls=True,
-        listener="main",
-    )
-    if route is not None:
-        return RoutedHead(**fields, route=route)
-    return RequestHead(**fields)
+    return request_head(path, headers=list((headers or {}).items()), host="chat.example.test", client=client,
+                        route=route or "")
 
 
 def build(options: dict[str, str], clock: FakeClock | None = None) -> RateLimit:

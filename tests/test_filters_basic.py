@@ -21,6 +21,7 @@ from chatproxy.filters.ip_allowlist import ip_allowlist as ip_allowlist_kind
 from chatproxy.filters.origin import origin as origin_kind
 from chatproxy.filters.request_limits import request_limits as request_limits_kind
 from chatproxy.http.messages import RequestHead
+from chatproxy.testing import request_head
 from conftest import free_port, wait_for_port
 from test_http_proxy import RawClient, request_bytes, upstream_header_values, upstream_headers
 
@@ -31,13 +32,7 @@ KINDS = {"ip_allowlist": ip_allowlist_kind, "origin": origin_kind, "request_limi
 def make_head(method: str = "GET", headers: list[tuple[str, str]] | None = None, client: str = "192.0.2.10",
               path: str = "/chat") -> RequestHead:
     """A request head as the proxy would build it (Host added if not given)."""
-    items = list(headers or [])
-    if not any(name.lower() == "host" for name, _ in items):
-        items.insert(0, ("Host", "chat.example.com"))
-    raw = tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in items)
-    return RequestHead(method=method, target=path, path=path, query="", version="1.1", headers=raw,
-                       host="chat.example.com", authority="chat.example.com", client=client, peer=client, tls=True,
-                       listener="main")
+    return request_head(path, method=method, headers=headers or [], client=client)
 
 
 def status(decision: Any) -> int | None:
@@ -782,12 +777,9 @@ def test_request_limits_content_types_and_require_body(headers, expected):
     """content_types allows only the listed media types (415 otherwise, parameters ignored);
     require_body refuses a request without a body (400): an empty webhook call never passes."""
     from chatproxy.filters.request_limits import request_limits as kind
-    from chatproxy.http.messages import RequestHead
 
     flt = kind.build({"content_types": "application/json", "require_body": "yes"})
-    head = RequestHead(method="POST", target="/hook", path="/hook", query="", version="1.1",
-                       headers=tuple((k.encode(), v.encode()) for k, v in headers.items()),
-                       host="h", authority="h", client="192.0.2.1", peer="192.0.2.1", tls=True, listener="main")
+    head = request_head("/hook", method="POST", headers=list(headers.items()), host="h", client="192.0.2.1")
     decision = flt.request(head)
     assert (decision.status if decision else None) == expected
 
