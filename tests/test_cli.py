@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from chatproxy.placeholders import PROFILES
+from chatproxy.config.placeholders import PROFILES
 from conftest import PKI, TWISTD, basic_config, free_port
 
 REPO = Path(__file__).resolve().parent.parent

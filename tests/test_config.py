@@ -24,6 +24,7 @@ from chatproxy.config import (
     parse_size,
 )
 from chatproxy.filters import FilterOptionError
+from chatproxy.proxy.validate import validate
 
 LISTEN = """
 [listen:main]
@@ -48,11 +49,19 @@ def write(directory: Path, text: str, name: str = "chatproxy.ini") -> Path:
     return path
 
 
-def load(paths: list[Path] | Path, kinds: Any = None) -> Any:
-    """load_config with no installed filter kinds unless ``kinds`` is given."""
+def load_built(paths: list[Path] | Path, kinds: Any = None) -> tuple[Any, dict[str, Any]]:
+    """load_config, then the data path's validate (filters built, listener TLS
+    loaded) with no installed filter kinds unless ``kinds`` is given: the
+    configuration and its built filters."""
     if isinstance(paths, Path):
         paths = [paths]
-    return load_config(paths, filter_kinds={} if kinds is None else kinds)
+    config = load_config(paths)
+    return config, validate(config, {} if kinds is None else kinds)
+
+
+def load(paths: list[Path] | Path, kinds: Any = None) -> Any:
+    """The configuration as :func:`load_built` loads and validates it."""
+    return load_built(paths, kinds)[0]
 
 
 def config_error(paths: list[Path] | Path, kinds: Any = None) -> ConfigError:
@@ -387,7 +396,7 @@ def test_empty_directory(tmp_path):
 def test_no_paths_at_all():
     """load_config with no paths says a --config FILE is needed."""
     with pytest.raises(ConfigError, match="--config"):
-        load_config([], filter_kinds={})
+        load_config([])
 
 
 def test_undecodable_file(tmp_path):
@@ -469,11 +478,11 @@ def test_filter_built_and_attached(tmp_path):
     """A valid filter section is built with its options (minus ``use``) and a route can name it."""
     path = write(tmp_path, BASE + "filters = limit\n[filter:limit]\nuse = ratelimit\nrate = 5\nburst = 10\n")
     kind = FakeKind("ratelimit")
-    config = load(path, {"ratelimit": kind})
+    config, built = load_built(path, {"ratelimit": kind})
     spec = config.filters["limit"]
     assert spec.kind == "ratelimit"
     assert dict(spec.options) == {"rate": "5", "burst": "10"}
-    assert spec.filter == ("built", "ratelimit", {"rate": "5", "burst": "10"})
+    assert built["limit"] == ("built", "ratelimit", {"rate": "5", "burst": "10"})
     assert kind.built_with == [{"rate": "5", "burst": "10"}]
     assert config.routes[0].filters == ("limit",)
 
@@ -860,3 +869,49 @@ def test_error_message_format(tmp_path):
     """The error text reads ``FILE [SECTION] OPTION: message`` on one line."""
     path = write(tmp_path, LISTEN + "tls = maybe\n")
     assert str(config_error(path)) == f"{path} [listen:main] tls: expected yes or no, got 'maybe'"
+
+
+# ---------------------------------------------------------------------------
+# Filters are built by the data path, once per plan
+
+
+def test_twistd_start_builds_each_filter_once_and_the_plan_runs_it(tmp_path, monkeypatch):
+    """twistd's makeService validates the configuration (building its filters, so a bad
+    one exits 2 before anything starts) and the service's plan runs those very filter
+    objects: a kind's build is called once per filter section, not again at start."""
+    from chatproxy.process.tap import Options, makeService
+
+    kind = FakeKind("counting")
+    monkeypatch.setattr("chatproxy.proxy.validate.installed_filter_kinds", lambda: {"counting": kind})
+    path = write(tmp_path, "[chatproxy]\nworkers = 1\naccess_log = off\n"
+                           "[listen:main]\nendpoint = tcp:0:interface=127.0.0.1\n" + UPSTREAM + ROUTE
+                           + "filters = f\n[filter:f]\nuse = counting\nrate = 5\n")
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    service = makeService(options)
+    assert kind.built_with == [{"rate": "5"}]
+    service.privilegedStartService()
+    try:
+        chain = service.core.plan.chain(service.core.plan.routes["all"])
+        assert [f.filter for f in chain.filters] == [("built", "counting", {"rate": "5"})]
+        assert kind.built_with == [{"rate": "5"}]
+    finally:
+        service.stopService()
+
+
+def test_each_plan_builds_its_filters_once(tmp_path, monkeypatch):
+    """A plan given the filters validate built uses them; a plan built without them (a
+    reload) validates its configuration itself, building each filter once."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from chatproxy.proxy.core import ProxyCore
+    from chatproxy.proxy.plan import Plan
+
+    kind = FakeKind("counting")
+    path = write(tmp_path, BASE + "filters = f\n[filter:f]\nuse = counting\n")
+    config, built = load_built(path, {"counting": kind})
+    core = ProxyCore(MemoryReactorClock(), config, built)
+    assert len(kind.built_with) == 1
+    monkeypatch.setattr("chatproxy.proxy.validate.installed_filter_kinds", lambda: {"counting": kind})
+    Plan(core.reactor, load_config([path]), core.sweeper, core.stats, previous=core.plan)
+    assert len(kind.built_with) == 2

@@ -1,7 +1,8 @@
 """The worked third-party filter plugin in ``examples/chatproxy-example-filter``:
-installed next to chatproxy in a fresh virtual environment (both as regular,
-non-editable installs of wheels), it is found by ``twistd chatproxy`` and by
-``python -m chatproxy check`` from configuration alone."""
+its own tests (written with ``chatproxy.testing``) pass against this checkout,
+and installed next to chatproxy in a fresh virtual environment (both as
+regular, non-editable installs of wheels), it is found by ``twistd chatproxy``
+and by ``python -m chatproxy check`` from configuration alone."""
 
 from __future__ import annotations
 
@@ -60,6 +61,16 @@ def get(port: int, user_agent: str | None, path: str) -> tuple[int, bytes]:
         return response.status, response.read()
     finally:
         connection.close()
+
+
+def test_example_plugin_own_tests_pass_with_the_test_kit() -> None:
+    """The example project's tests (its ``tests/``, written with chatproxy.testing as a
+    third party would) pass with this checkout's chatproxy."""
+    env = {**clean_env(), "PYTHONPATH": str(EXAMPLE), "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=EXAMPLE,
+                            env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " passed" in result.stdout and "failed" not in result.stdout
 
 
 def test_example_plugin_installed_in_a_fresh_venv_is_used_by_twistd(tmp_path: Path, upstream: Any) -> None:

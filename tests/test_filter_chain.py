@@ -16,6 +16,8 @@ from chatproxy.config import load_config
 from chatproxy.filters import DROP, Answer, CloseSession, Filter, IFilterFactory, IRequestFilter, Refuse, Rewrite
 from chatproxy.filters.chain import FilterChain, RouteFilter
 from chatproxy.http.messages import RequestHead
+from chatproxy.testing import request_head
+from chatproxy.proxy.validate import validate
 from chatproxy.proxy.front import FrontFactory
 from chatproxy.proxy.core import ProxyCore
 
@@ -128,9 +130,9 @@ class Chain:
             f"[route:all]\npath = /\nupstream = app\nfilters = {', '.join(f[0] for f in filters)}\n" + sections
         )
         self.kind = Kind()
-        self.config = load_config([path], filter_kinds={"scripted": self.kind})
+        self.config = load_config([path])
         self.reactor = MemoryReactorClock()
-        self.core = ProxyCore(self.reactor, self.config)
+        self.core = ProxyCore(self.reactor, self.config, validate(self.config, {"scripted": self.kind}))
         factory = FrontFactory(self.core, self.config.listeners["main"])
         self.front = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
         self.client = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 8080),
@@ -343,8 +345,7 @@ def test_report_mode_response_hook_changes_nothing(tmp_path):
 
 
 def _head() -> RequestHead:
-    return RequestHead("GET", "/ws", "/ws", "", "1.1", (), "chat.example", "chat.example", "192.0.2.7",
-                       "192.0.2.7", False, "main", "all")
+    return request_head("/ws", host="chat.example", client="192.0.2.7", tls=False, route="all")
 
 
 class _Messages(Filter):

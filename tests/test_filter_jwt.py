@@ -27,12 +27,14 @@ from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from chatproxy.config import ConfigError, load_config
+from chatproxy.proxy.validate import validate
 from chatproxy.filters import FilterOptionError, IFilterFactory, IRequestFilter, Refuse, Rewrite, \
     installed_filter_kinds
 from chatproxy.filters.chain import apply_rewrite
 from chatproxy.filters.jwt_sign import JWTSign, jwt_sign
 from chatproxy.filters.jwt_verify import KEY_LENGTH_WARNING, JWTVerify, jwt_kind
 from chatproxy.http.messages import RequestHead
+from chatproxy.testing import request_head
 from conftest import basic_config, free_port
 
 SECRET = b"pega-client-channel-jwt-secret-0123456789abcdef-0123456789abcdef"
@@ -129,12 +131,8 @@ def handmade(header: dict[str, Any], payload: dict[str, Any], mac_key: bytes | N
 def head(authorization: str | list[str] | None = None, path: str = "/webhook") -> RequestHead:
     """A request head with the given Authorization header(s)."""
     values = [] if authorization is None else [authorization] if isinstance(authorization, str) else authorization
-    return RequestHead(
-        method="POST", target=path, path=path, query="", version="1.1",
-        headers=((b"Content-Type", b"application/json"),) + tuple((b"Authorization", v.encode()) for v in values),
-        host="chat.example.test", authority="chat.example.test", client="192.0.2.7", peer="192.0.2.7",
-        tls=True, listener="main",
-    )
+    return request_head(path, method="POST", headers=[("Content-Type", "application/json")]
+                        + [("Authorization", value) for value in values], host="chat.example.test", client="192.0.2.7")
 
 
 # ---------------------------------------------------------------------------
@@ -539,13 +537,13 @@ def test_jwt_sign_build_errors_name_the_option(name: str, options: Callable[[Key
 ])
 def test_config_error_names_file_section_and_option(kind: str, section: str, option: str, fragment: str,
                                                     keys: Keys, tmp_path: Path) -> None:
-    """Through load_config (with the installed plugins), a bad jwt or jwt_sign
+    """Through load_config and validate (with the installed plugins), a bad jwt or jwt_sign
     option is reported with the file, the ``[filter:NAME]`` section and the option."""
     path = tmp_path / "chatproxy.ini"
     extra = section.format(missing=tmp_path / "missing", rsa=keys.rsa_file, secret=keys.secret_file)
     path.write_text(basic_config("http://127.0.0.1:9", 8080, route="filters = pega", extra=extra))
     with pytest.raises(ConfigError) as info:
-        load_config([path])
+        validate(load_config([path]))
     error = info.value
     assert (error.file, error.section, error.option) == (str(path), "filter:pega", option)
     assert str(error).startswith(f"{path} [filter:pega] {option}: ") and fragment in str(error)
@@ -753,5 +751,6 @@ def test_relative_secret_file_is_relative_to_the_config_file(tmp_path, monkeypat
                     "[route:all]\npath = /\nupstream = app\nfilters = token\n"
                     "[filter:token]\nuse = jwt\nsecret_file = webhook.secret\nissuer = conn-1\n")
     monkeypatch.chdir(tmp_path)
-    config = load_config([path], filter_kinds=installed_filter_kinds())
+    config = load_config([path])
+    validate(config, installed_filter_kinds())  # builds the filter: reads the secret file
     assert config.filters["token"].kind == "jwt"

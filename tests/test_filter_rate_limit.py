@@ -15,10 +15,12 @@ import attrs
 import pytest
 
 from chatproxy.config import ConfigError, load_config
+from chatproxy.proxy.validate import validate
 from chatproxy.filters import CloseSession, FilterOptionError, IFilterFactory, IRequestFilter, Refuse, \
     installed_filter_kinds
 from chatproxy.filters.rate_limit import RateLimit, TokenBuckets, parse_rate, rate_limit, retry_after
 from chatproxy.http.messages import RequestHead
+from chatproxy.testing import request_head
 from conftest import basic_config, free_port
 
 # ---------------------------------------------------------------------------
@@ -35,28 +37,11 @@ class FakeClock:
         return self.now
 
 
-if "route" in attrs.fields_dict(RequestHead):
-    RoutedHead: Any = RequestHead
-else:
-    @attrs.frozen
-    class RoutedHead(RequestHead):  # type: ignore[no-redef]
-        """A request head that names the route it matched (for ``key = route``)."""
-
-        route: str = ""
-
-
 def head(client: str = "192.0.2.1", headers: dict[str, str] | None = None, route: str | None = None,
-         path: str = "/chat") -> Any:
+         path: str = "/chat") -> RequestHead:
     """A request head from ``client`` with ``headers`` (and the ``route`` it matched)."""
-    fields: dict[str, Any] = dict(
-        method="GET", target=path, path=path, query="", version="1.1",
-        headers=tuple((k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()),
-        host="chat.example.test", authority="chat.example.test", client=client, peer=client, tls=True,
-        listener="main",
-    )
-    if route is not None:
-        return RoutedHead(**fields, route=route)
-    return RequestHead(**fields)
+    return request_head(path, headers=list((headers or {}).items()), host="chat.example.test", client=client,
+                        route=route or "")
 
 
 def build(options: dict[str, str], clock: FakeClock | None = None) -> RateLimit:
@@ -328,13 +313,13 @@ def test_build_errors_name_the_option(options: dict[str, str], option: str, frag
 
 
 def test_config_error_names_file_section_and_option(tmp_path: Path) -> None:
-    """Through load_config, a bad rate_limit option is reported with the file,
+    """Through load_config and validate, a bad rate_limit option is reported with the file,
     the ``[filter:NAME]`` section and the option."""
     path = tmp_path / "chatproxy.ini"
     path.write_text(basic_config("http://127.0.0.1:9", 8080, route="filters = limit",
                                  extra="[filter:limit]\nuse = rate_limit\nrate = 5\nburst = none\n"))
     with pytest.raises(ConfigError) as info:
-        load_config([path], filter_kinds={"rate_limit": rate_limit})
+        validate(load_config([path]), {"rate_limit": rate_limit})
     error = info.value
     assert (error.file, error.section, error.option) == (str(path), "filter:limit", "burst")
     assert str(path) in str(error) and "[filter:limit]" in str(error) and "burst" in str(error)

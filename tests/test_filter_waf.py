@@ -18,12 +18,14 @@ import pytest
 from twisted.logger import Logger, formatEvent
 
 from chatproxy.config import ConfigError, load_config
+from chatproxy.proxy.validate import validate
 from chatproxy.filters import CloseSession, FilterOptionError, IFilterFactory, IRequestFilter, Refuse, installed_filter_kinds
 from chatproxy.filters import waf as waf_module
 from chatproxy.filters import waf_rules
 from chatproxy.filters.waf import BLOCKED, WebApplicationFirewall, waf
 from chatproxy.filters.waf_rules import RULES, RULES_BY_ID, Value
 from chatproxy.http.messages import RequestHead
+from chatproxy.testing import request_head
 from conftest import free_port, wait_for_port
 from test_filters_basic import WsUpstream, config, listen, log_line, send, ws_upstream  # noqa: F401 (fixture)
 
@@ -52,14 +54,8 @@ def make_head(query: str = "", headers: list[tuple[str, str]] | None = None, pat
               method: str = "GET", host: str = "chat.example.com", target: str | None = None) -> RequestHead:
     """A request head as the proxy builds it: browser headers unless ``headers`` is given,
     Host added."""
-    items = list(BROWSER if headers is None else headers)
-    if not any(name.lower() == "host" for name, _ in items):
-        items.insert(0, ("Host", host))
-    raw = tuple((name.encode("latin-1"), value.encode("utf-8")) for name, value in items)
-    if target is None:
-        target = path + ("?" + query if query else "")
-    return RequestHead(method=method, target=target, path=path, query=query, version="1.1", headers=raw,
-                       host=host, authority=host, client="192.0.2.10", peer="192.0.2.10", tls=True, listener="main")
+    return request_head(target, method=method, path=path, query=query,
+                        headers=BROWSER if headers is None else headers, host=host)
 
 
 def q(value: str, name: str = "q") -> str:
@@ -548,16 +544,16 @@ def test_build_accepts_every_option():
 
 
 def test_config_errors_name_file_section_and_option(tmp_path):
-    """Through load_config, an option error names the file, the [filter:NAME] section
+    """Through load_config and validate, an option error names the file, the [filter:NAME] section
     and the option."""
     path = tmp_path / "chat.ini"
     path.write_text("[listen:main]\nendpoint = tcp:0\n\n[filter:firewall]\nuse = waf\ndisable_rules = 942100, 1\n")
     with pytest.raises(ConfigError) as info:
-        load_config([path])
+        validate(load_config([path]))
     assert str(info.value).startswith(f"{path} [filter:firewall] disable_rules: unknown rule id 1")
     path.write_text("[listen:main]\nendpoint = tcp:0\n\n[filter:firewall]\nuse = waf\nparanoia = 0\n")
     with pytest.raises(ConfigError) as info:
-        load_config([path])
+        validate(load_config([path]))
     assert str(info.value) == f"{path} [filter:firewall] paranoia: expected a paranoia level from 1 to 4, got 0"
 
 

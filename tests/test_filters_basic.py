@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from chatproxy.config import ConfigError, load_config
+from chatproxy.proxy.validate import validate
 from chatproxy.filters import FilterOptionError, IFilterFactory, IRequestFilter, Refuse, Rewrite, installed_filter_kinds
 from chatproxy.filters.chain import apply_rewrite
 from chatproxy.filters.headers import headers as headers_kind
@@ -20,6 +21,7 @@ from chatproxy.filters.ip_allowlist import ip_allowlist as ip_allowlist_kind
 from chatproxy.filters.origin import origin as origin_kind
 from chatproxy.filters.request_limits import request_limits as request_limits_kind
 from chatproxy.http.messages import RequestHead
+from chatproxy.testing import request_head
 from conftest import free_port, wait_for_port
 from test_http_proxy import RawClient, request_bytes, upstream_header_values, upstream_headers
 
@@ -30,13 +32,7 @@ KINDS = {"ip_allowlist": ip_allowlist_kind, "origin": origin_kind, "request_limi
 def make_head(method: str = "GET", headers: list[tuple[str, str]] | None = None, client: str = "192.0.2.10",
               path: str = "/chat") -> RequestHead:
     """A request head as the proxy would build it (Host added if not given)."""
-    items = list(headers or [])
-    if not any(name.lower() == "host" for name, _ in items):
-        items.insert(0, ("Host", "chat.example.com"))
-    raw = tuple((name.encode("latin-1"), value.encode("latin-1")) for name, value in items)
-    return RequestHead(method=method, target=path, path=path, query="", version="1.1", headers=raw,
-                       host="chat.example.com", authority="chat.example.com", client=client, peer=client, tls=True,
-                       listener="main")
+    return request_head(path, method=method, headers=headers or [], client=client)
 
 
 def status(decision: Any) -> int | None:
@@ -495,11 +491,12 @@ def test_headers_forwarding_headers_may_be_edited_in_responses():
      "hop-by-hop or framing"),
 ])
 def test_option_errors_name_file_section_and_option(tmp_path, kind, lines, option, message):
-    """load_config reports a kind's FilterOptionError with the file, [filter:NAME] and the option."""
+    """Loading (load_config, then the data path's validate) reports a kind's
+    FilterOptionError with the file, [filter:NAME] and the option."""
     path = tmp_path / "chat.ini"
     path.write_text(f"[listen:main]\nendpoint = tcp:0\n\n[filter:guard]\nuse = {kind}\n{lines}\n")
     with pytest.raises(ConfigError) as info:
-        load_config([path])
+        validate(load_config([path]))
     error = info.value
     assert (error.file, error.section, error.option) == (str(path), "filter:guard", option)
     assert str(error).startswith(f"{path} [filter:guard] {option}: ")
@@ -511,7 +508,7 @@ def test_section_wide_error_names_file_and_section(tmp_path):
     path = tmp_path / "chat.ini"
     path.write_text("[listen:main]\nendpoint = tcp:0\n\n[filter:guard]\nuse = ip_allowlist\n")
     with pytest.raises(ConfigError) as info:
-        load_config([path])
+        validate(load_config([path]))
     assert str(info.value) == f"{path} [filter:guard]: ip_allowlist needs allow, deny or both"
 
 
@@ -780,12 +777,9 @@ def test_request_limits_content_types_and_require_body(headers, expected):
     """content_types allows only the listed media types (415 otherwise, parameters ignored);
     require_body refuses a request without a body (400): an empty webhook call never passes."""
     from chatproxy.filters.request_limits import request_limits as kind
-    from chatproxy.http.messages import RequestHead
 
     flt = kind.build({"content_types": "application/json", "require_body": "yes"})
-    head = RequestHead(method="POST", target="/hook", path="/hook", query="", version="1.1",
-                       headers=tuple((k.encode(), v.encode()) for k, v in headers.items()),
-                       host="h", authority="h", client="192.0.2.1", peer="192.0.2.1", tls=True, listener="main")
+    head = request_head("/hook", method="POST", headers=list(headers.items()), host="h", client="192.0.2.1")
     decision = flt.request(head)
     assert (decision.status if decision else None) == expected
 

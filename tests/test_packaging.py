@@ -12,8 +12,9 @@ BIN = Path(sys.executable).parent
 
 
 def test_wheel_contains_the_twistd_plugin_and_demo_page(tmp_path):
-    """The built wheel holds twisted/plugins/chatproxy_plugin.py (find_namespace:) and the demo page,
-    and no twisted/__init__.py that would shadow Twisted itself."""
+    """The built wheel holds twisted/plugins/chatproxy_plugin.py (find_namespace:), the demo page
+    and the py.typed marker (so that plugins type-check against chatproxy.filters and
+    chatproxy.testing), and no twisted/__init__.py that would shadow Twisted itself."""
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
         capture_output=True, text=True, timeout=300,
@@ -23,6 +24,7 @@ def test_wheel_contains_the_twistd_plugin_and_demo_page(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/chatproxy_plugin.py" in names
     assert "chatproxy/demo/chat.html" in names
+    assert "chatproxy/py.typed" in names
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
 

@@ -1,4 +1,4 @@
-"""Example values left in a configuration (``chatproxy.placeholders``): the
+"""Example values left in a configuration (``chatproxy.config.placeholders``): the
 pure decision over located raw values, and the raw values ``load_config``
 exposes (file, section, option, and the earlier files a value replaced)."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from chatproxy.config import RawValue, load_config, parse_list
-from chatproxy.placeholders import PROFILES, Placeholder, Profile, SiteValue, find_placeholders, generic_reason
+from chatproxy.config.placeholders import PROFILES, Placeholder, Profile, SiteValue, find_placeholders, generic_reason
 from profile_peers import read_profile
 
 TOY = Profile("toy.ini", (
@@ -184,7 +184,7 @@ def test_profiles_table_agrees_with_the_site_comments(profile: Profile):
     first, covered = site_comments(path)
     keys = [(site.section, site.option) for site in profile.site_values]
     assert len(keys) == len(set(keys))
-    assert first <= set(keys), f"SITE: options missing from chatproxy/placeholders.py: {first - set(keys)}"
+    assert first <= set(keys), f"SITE: options missing from chatproxy/config/placeholders.py: {first - set(keys)}"
     assert set(keys) <= covered, f"options in the table without a SITE: comment: {set(keys) - covered}"
     shipped = read_profile(profile.name.removesuffix(".ini"))
     for site in profile.site_values:

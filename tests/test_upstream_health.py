@@ -563,7 +563,7 @@ BASE = "[listen:main]\nendpoint = tcp:8080\n[route:all]\nupstream = app\n[upstre
 def _load(tmp_path: Path, extra: str) -> Any:
     path = tmp_path / "chatproxy.ini"
     path.write_text(BASE + textwrap.dedent(extra))
-    return path, load_config([path], filter_kinds={})
+    return path, load_config([path])
 
 
 def test_health_and_sticky_defaults(tmp_path):

@@ -2,9 +2,12 @@
 
 A filter *kind* is a plugin providing :class:`IFilterFactory`, found with
 :func:`twisted.plugin.getPlugins` in the ``twisted.plugins`` package.  Its
-``build(options)`` validates the options of one ``[filter:NAME]`` section and
+``build(options)`` validates the options of one ``[filter:NAME]`` section
+(with :class:`FilterOptions`, which raises :class:`FilterOptionError`) and
 returns an object providing :class:`IRequestFilter`.  The built-in kinds are
-registered exactly the same way as a third party's.
+registered exactly the same way as a third party's, and use only this
+package (and :mod:`chatproxy.http.messages` for HTTP vocabulary); tests of a
+kind use :mod:`chatproxy.testing`.
 
 A filter's request hook returns a decision: ``None`` passes the request on;
 :class:`Refuse` and :class:`Answer` end it; :class:`Rewrite` changes its
@@ -17,59 +20,41 @@ refuses (a :class:`CloseSession`) is dropped and the session goes on.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
 from twisted.plugin import IPlugin, getPlugins
 from zope.interface import Attribute, Interface, implementer
 
-from chatproxy.http.messages import RequestHead
+from chatproxy.config.values import Network, OptionText, option_path
+from chatproxy.filters.options import REQUIRED, FilterOptionError, FilterOptions
+from chatproxy.http.messages import Header, RequestHead
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-Header = tuple[bytes, bytes]
-
-
-class FilterOptionError(Exception):
-    """Raised by ``IFilterFactory.build`` when one option of a filter section is wrong.
-
-    ``option`` names the offending option (``None`` for the section as a whole)
-    so the configuration loader can name file, section and option.
-    """
-
-    def __init__(self, option: str | None, message: str) -> None:
-        super().__init__(message)
-        self.option = option
-        self.message = message
-
-
-class OptionText(str):
-    """An option value as ``build`` receives it: the text, plus ``directory``,
-    the directory of the configuration file that set it (None when built
-    without a file), against which relative file names are resolved."""
-
-    directory: Path | None
-
-    def __new__(cls, text: str, directory: Path | None = None) -> OptionText:
-        value = super().__new__(cls, text)
-        value.directory = directory
-        return value
-
-
-def option_path(text: str) -> Path:
-    """A file name from an option, ``~`` expanded, relative names resolved
-    against the directory of the file that set the option (like every other
-    path in the configuration).  Without that directory a relative name is
-    refused (raises ValueError)."""
-    path = Path(text.strip()).expanduser()
-    if path.is_absolute():
-        return path
-    directory = getattr(text, "directory", None)
-    if directory is None:
-        raise ValueError(f"must be an absolute path, got {str(text)!r}")
-    return Path(directory) / path
+__all__ = [
+    "DROP",
+    "REQUIRED",
+    "Answer",
+    "CloseSession",
+    "Filter",
+    "FilterOptionError",
+    "FilterOptions",
+    "Header",
+    "IFilterFactory",
+    "IRequestFilter",
+    "MessageVerdict",
+    "Network",
+    "OptionText",
+    "Refuse",
+    "RequestDecision",
+    "RequestHead",
+    "Rewrite",
+    "implements_hook",
+    "installed_filter_kinds",
+    "option_path",
+]
 
 
 # ---------------------------------------------------------------------------

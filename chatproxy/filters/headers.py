@@ -21,15 +21,14 @@ touched: the proxy writes those itself.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.config import parse_list
-from chatproxy.filters import Filter, FilterOptionError, Header, IFilterFactory, IRequestFilter, Rewrite
-from chatproxy.http.messages import CONNECTION_HEADERS, FIELD_NAME_RE, FORWARDING, parse_header_lines
+from chatproxy.filters import Filter, FilterOptionError, FilterOptions, Header, IFilterFactory, IRequestFilter, Rewrite
+from chatproxy.http.messages import CONNECTION_HEADERS, FORWARDING
 
 _OPTIONS = ("request_set", "request_remove", "response_set", "response_remove")
 
@@ -37,40 +36,17 @@ _OPTIONS = ("request_set", "request_remove", "response_set", "response_remove")
 REQUEST_ONLY = FORWARDING | {b"via", b"expect"}
 
 
-def _forbidden(option: str, name: str) -> None:
-    lower = name.lower().encode("ascii")
-    if lower in CONNECTION_HEADERS:
-        raise FilterOptionError(option, f"{name} is a hop-by-hop or framing header, which chatproxy manages "
-                                        "itself: it cannot be set or removed")
-    if option.startswith("request_") and lower in REQUEST_ONLY:
-        raise FilterOptionError(option, f"{name} is written by chatproxy itself (see trusted_proxies): "
-                                        "it cannot be set or removed")
-
-
-def _name(option: str, name: str) -> str:
-    if not FIELD_NAME_RE.fullmatch(name):
-        raise FilterOptionError(option, f"{name!r} is not a header name")
-    _forbidden(option, name)
-    return name
-
-
-def parse_set(option: str, text: str) -> tuple[Header, ...]:
-    """``Name: value`` lines (blank lines skipped) as header pairs."""
-    try:
-        headers = parse_header_lines(text)
-    except ValueError as e:
-        raise FilterOptionError(option, str(e)) from None
-    for name, _ in headers:
-        _forbidden(option, name.decode("ascii"))
-    return headers
-
-
-def parse_remove(option: str, text: str) -> frozenset[bytes]:
-    """A list of header names, lower-cased."""
-    names = parse_list(text)
-    if not names:
-        raise FilterOptionError(option, "expected at least one header name")
-    return frozenset(_name(option, name).lower().encode("ascii") for name in names)
+def check_editable(option: str, names: Iterable[str]) -> None:
+    """Refuse (naming ``option``) a header chatproxy writes itself: the
+    connection and framing headers, and in requests the forwarding ones."""
+    for name in names:
+        lower = name.lower().encode("ascii")
+        if lower in CONNECTION_HEADERS:
+            raise FilterOptionError(option, f"{name} is a hop-by-hop or framing header, which chatproxy manages "
+                                            "itself: it cannot be set or removed")
+        if option.startswith("request_") and lower in REQUEST_ONLY:
+            raise FilterOptionError(option, f"{name} is written by chatproxy itself (see trusted_proxies): "
+                                            "it cannot be set or removed")
 
 
 def edit(headers: Sequence[Header], set_: tuple[Header, ...], remove: frozenset[bytes]) -> list[Header]:
@@ -114,22 +90,21 @@ class HeadersKind:
 
     def build(self, options: Mapping[str, str]) -> HeadersFilter:
         """Parse the four options; at least one is required."""
-        for option in options:
-            if option not in _OPTIONS:
-                raise FilterOptionError(option, f"unknown option (headers takes: {', '.join(_OPTIONS)})")
-        if not options:
-            raise FilterOptionError(None, f"headers needs at least one of: {', '.join(_OPTIONS)}")
+        opts = FilterOptions(self.name, options, _OPTIONS)
+        opts.require_any()
         sets: dict[str, tuple[Header, ...]] = {}
         removes: dict[str, frozenset[bytes]] = {}
         for side in ("request", "response"):
             set_option, remove_option = f"{side}_set", f"{side}_remove"
-            sets[side] = parse_set(set_option, options[set_option]) if set_option in options else ()
-            removes[side] = parse_remove(remove_option, options[remove_option]) if remove_option in options \
-                else frozenset()
+            sets[side] = opts.header_lines(set_option, ())
+            check_editable(set_option, (name.decode("ascii") for name, _ in sets[side]))
+            names = opts.header_names(remove_option, ())
+            check_editable(remove_option, names)
+            removes[side] = frozenset(name.lower().encode("ascii") for name in names)
             both = removes[side] & {name.lower() for name, _ in sets[side]}
             if both:
-                names = ", ".join(sorted(n.decode("ascii") for n in both))
-                raise FilterOptionError(remove_option, f"{names} also in {set_option}: a header is either set "
+                listed = ", ".join(sorted(n.decode("ascii") for n in both))
+                raise FilterOptionError(remove_option, f"{listed} also in {set_option}: a header is either set "
                                                        "(which replaces it) or removed")
         return HeadersFilter(sets["request"], removes["request"], sets["response"], removes["response"])
 

@@ -22,8 +22,7 @@ from typing import Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.config import Network, parse_networks
-from chatproxy.filters import Filter, FilterOptionError, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import Filter, FilterOptions, IFilterFactory, IRequestFilter, Network, Refuse
 from chatproxy.http.messages import in_networks
 
 _OPTIONS = ("allow", "deny")
@@ -56,19 +55,9 @@ class IPAllowlistKind:
 
     def build(self, options: Mapping[str, str]) -> IPAllowlist:
         """Parse ``allow`` and ``deny`` (networks); at least one is required."""
-        for option in options:
-            if option not in _OPTIONS:
-                raise FilterOptionError(option, f"unknown option (ip_allowlist takes: {', '.join(_OPTIONS)})")
-        parsed: dict[str, tuple[Network, ...]] = {}
-        for option in _OPTIONS:
-            if option in options:
-                try:
-                    parsed[option] = parse_networks(options[option])
-                except ValueError as e:
-                    raise FilterOptionError(option, str(e)) from None
-        if not parsed:
-            raise FilterOptionError(None, "ip_allowlist needs allow, deny or both")
-        return IPAllowlist(parsed.get("allow"), parsed.get("deny", ()))
+        opts = FilterOptions(self.name, options, _OPTIONS)
+        opts.require_any("ip_allowlist needs allow, deny or both")
+        return IPAllowlist(opts.networks("allow", None), opts.networks("deny", ()))
 
 
 ip_allowlist = IPAllowlistKind()

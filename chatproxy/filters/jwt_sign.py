@@ -27,15 +27,12 @@ import jwt
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.filters import Filter, FilterOptionError, IFilterFactory, IRequestFilter, Rewrite
+from chatproxy.filters import Filter, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Rewrite
 from chatproxy.filters.jwt_verify import (
     HMAC_ALGORITHMS,
     KEY_LENGTH_WARNING,
-    duration_option,
-    list_option,
     parse_algorithms,
     read_secret,
-    reject_unknown,
     warn_short_secret,
 )
 
@@ -82,37 +79,37 @@ class JWTSignKind:
 
     def build(self, options: Mapping[str, str]) -> JWTSign:
         """Validate the options and read the secret."""
-        reject_unknown(self.name, options, OPTIONS)
-        sources = [option for option in ("secret_file", "secret_env") if option in options]
+        opts = FilterOptions(self.name, options, OPTIONS)
+        sources = opts.given("secret_file", "secret_env")
         if not sources:
             raise FilterOptionError(None, "needs the secret: secret_file or secret_env")
         if len(sources) > 1:
             raise FilterOptionError(sources[1], "only one of secret_file and secret_env may be given")
-        option, secret = read_secret(options)
-        algorithm = "HS256"
-        if "algorithm" in options:
-            names = parse_algorithms(options["algorithm"], "algorithm")
-            if len(names) != 1:
-                raise FilterOptionError("algorithm", "give one algorithm")
-            algorithm = names[0]
-            if algorithm not in HMAC_ALGORITHMS:
-                raise FilterOptionError("algorithm", f"{algorithm} is not available: jwt_sign signs with the "
-                                                     "shared secret, with HS256, HS384 or HS512")
+        option, secret = read_secret(opts)
+        algorithm = _algorithm(opts)
         warn_short_secret(self.name, option, secret, (algorithm,))
-        if "issuer" not in options:
-            raise FilterOptionError("issuer", "required option is missing")
-        issuer = options["issuer"].strip()
-        if not issuer:
-            raise FilterOptionError("issuer", "must not be empty")
-        audiences = list_option(options, "audience")
+        issuer = opts.text("issuer")
+        audiences = opts.items("audience", None)
         audience: str | list[str] | None = None
         if audiences is not None:
             audience = audiences[0] if len(audiences) == 1 else list(audiences)
-        lifetime = duration_option(options, "lifetime", DEFAULT_LIFETIME)
-        assert lifetime is not None
+        lifetime = opts.duration("lifetime", DEFAULT_LIFETIME)
         if lifetime < 1:
             raise FilterOptionError("lifetime", "must be at least one second")
         return JWTSign(secret=secret, algorithm=algorithm, issuer=issuer, lifetime=lifetime, audience=audience)
+
+
+def _algorithm(opts: FilterOptions) -> str:
+    """``algorithm``: one of HS256 (the default), HS384, HS512."""
+    if "algorithm" not in opts:
+        return "HS256"
+    names = parse_algorithms(opts.items("algorithm"), "algorithm")
+    if len(names) != 1:
+        raise FilterOptionError("algorithm", "give one algorithm")
+    if names[0] not in HMAC_ALGORITHMS:
+        raise FilterOptionError("algorithm", f"{names[0]} is not available: jwt_sign signs with the "
+                                             "shared secret, with HS256, HS384 or HS512")
+    return names[0]
 
 
 jwt_sign = JWTSignKind()

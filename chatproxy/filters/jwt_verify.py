@@ -23,8 +23,8 @@ A refused request gets ``401`` with a ``WWW-Authenticate: Bearer`` challenge
 that names only the category (expired, not yet valid, malformed, not
 accepted); the log line has the detail.  Tokens and secrets are never logged.
 
-The helpers for key sources (:func:`read_secret`, :func:`file_path`,
-:func:`reject_unknown`) are shared with the ``jwt_sign`` kind.
+The shared-secret helpers (:func:`read_secret`, :func:`warn_short_secret`,
+:func:`parse_algorithms`) are shared with the ``jwt_sign`` kind.
 """
 
 from __future__ import annotations
@@ -32,11 +32,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 import warnings
-from collections.abc import Callable, Collection, Iterable, Mapping
-from pathlib import Path
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import jwt
@@ -62,8 +60,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.config import parse_duration, parse_list
-from chatproxy.filters import Filter, FilterOptionError, IFilterFactory, IRequestFilter, Refuse, option_path
+from chatproxy.filters import Filter, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
 
 log = Logger()
 
@@ -92,42 +89,10 @@ Header = tuple[bytes, bytes]
 
 
 # ---------------------------------------------------------------------------
-# Option helpers, shared with jwt_sign
+# The shared secret, shared with jwt_sign
 
 
-def reject_unknown(kind: str, options: Mapping[str, str], known: Iterable[str]) -> None:
-    """Raise FilterOptionError for the first option not in ``known``."""
-    allowed = tuple(known)
-    for option in options:
-        if option not in allowed:
-            raise FilterOptionError(option, f"unknown option ({kind} takes: {', '.join(allowed)})")
-
-
-def file_path(option: str, text: str) -> Path:
-    """A file path (``~`` expanded) from option ``option``; a relative one is
-    relative to the configuration file that set it."""
-    if not text.strip():
-        raise FilterOptionError(option, "must not be empty")
-    try:
-        return option_path(text)
-    except ValueError as e:
-        raise FilterOptionError(option, str(e)) from None
-
-
-def read_file(option: str, text: str) -> bytes:
-    """The contents of the file named by option ``option``."""
-    path = file_path(option, text)
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise FilterOptionError(option, f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise FilterOptionError(option, f"is a directory, not a file: {path}") from None
-    except OSError as e:
-        raise FilterOptionError(option, f"cannot read {path}: {e.strerror or e}") from None
-
-
-def read_secret(options: Mapping[str, str]) -> tuple[str, bytes]:
+def read_secret(opts: FilterOptions) -> tuple[str, bytes]:
     """The shared secret from ``secret_file`` or ``secret_env``: (option, secret).
 
     The caller has checked that exactly one of them is given.  A file's single
@@ -135,20 +100,18 @@ def read_secret(options: Mapping[str, str]) -> tuple[str, bytes]:
     variable is taken as it is.  An empty secret, or one that looks like a PEM
     key (a public key is not a shared secret), is refused.
     """
-    if "secret_file" in options:
+    if "secret_file" in opts:
         option = "secret_file"
-        secret = read_file(option, options[option])
+        secret = opts.file_bytes(option)
         if secret.endswith(b"\n"):
             secret = secret[:-1]
             if secret.endswith(b"\r"):
                 secret = secret[:-1]
         if not secret:
-            raise FilterOptionError(option, f"the secret in {options[option].strip()} is empty")
+            raise FilterOptionError(option, f"the secret in {opts.options[option].strip()} is empty")
     else:
         option = "secret_env"
-        name = options[option].strip()
-        if not name:
-            raise FilterOptionError(option, "must not be empty")
+        name = opts.text(option)
         value = os.environ.get(name)
         if value is None:
             raise FilterOptionError(option, f"environment variable {name} is not set")
@@ -172,38 +135,15 @@ def warn_short_secret(kind: str, option: str, secret: bytes, algorithms: Iterabl
             return
 
 
-def duration_option(options: Mapping[str, str], option: str, default: float | None,
-                    allow_zero: bool = False) -> float | None:
-    """A duration option (see ``chatproxy.config.parse_duration``), or ``default``."""
-    if option not in options:
-        return default
-    text = options[option].strip()
-    if allow_zero and re.fullmatch(r"0+(\.0+)?\s*(s|ms|m|min|h)?", text.lower()):
-        return 0.0
-    try:
-        return parse_duration(text)
-    except ValueError as e:
-        raise FilterOptionError(option, str(e)) from None
-
-
-def list_option(options: Mapping[str, str], option: str) -> tuple[str, ...] | None:
-    """A non-empty list option, or None when not given."""
-    if option not in options:
-        return None
-    items = tuple(parse_list(options[option]))
-    if not items:
-        raise FilterOptionError(option, "must not be empty")
-    return items
-
-
 # ---------------------------------------------------------------------------
 # Keys and algorithms
 
 
-def parse_algorithms(text: str, option: str = "algorithms") -> tuple[str, ...]:
-    """A list of JOSE algorithm names (any case); ``none`` is refused."""
+def parse_algorithms(items: Sequence[str], option: str = "algorithms") -> tuple[str, ...]:
+    """JOSE algorithm names (any case) as the list option ``option`` gives
+    them, duplicates dropped; ``none`` is refused."""
     names: list[str] = []
-    for item in parse_list(text):
+    for item in items:
         if item.lower() == "none":
             raise FilterOptionError(option, "the 'none' algorithm is never accepted")
         if item.lower() not in _BY_LOWER:
@@ -260,9 +200,9 @@ def check_public_key(option: str, key: Any, where: str = "") -> PublicKey:
     return key
 
 
-def load_public_key(option: str, text: str) -> PublicKey:
-    """A PEM public key (SubjectPublicKeyInfo or PKCS#1 RSA) or the key of a PEM certificate."""
-    data = read_file(option, text)
+def load_public_key(option: str, data: bytes) -> PublicKey:
+    """A PEM public key (SubjectPublicKeyInfo or PKCS#1 RSA) or the key of a
+    PEM certificate, from the file option ``option`` names."""
     if b"PRIVATE KEY" in data:
         raise FilterOptionError(option, "holds a private key; give only the public key (the filter only verifies)")
     key: Any
@@ -286,14 +226,32 @@ class JWKSKey:
     declared: str | None  # the JWK's own "alg", if it has one
 
 
-def load_jwks(option: str, text: str) -> list[JWKSKey]:
-    """The signature keys of a JWK set file (``{"keys": [...]}`` or a single JWK).
+def load_jwks(option: str, data: bytes) -> list[JWKSKey]:
+    """The signature keys of a JWK set file (``{"keys": [...]}`` or a single
+    JWK) that option ``option`` names.
 
     Keys whose ``use`` is not ``sig``, or whose ``alg`` is not a signature
     algorithm, are skipped; symmetric (``oct``) and private keys are refused;
     ``kid`` values must be distinct.  ``algorithms`` is filled in later.
     """
-    data = read_file(option, text)
+    keys: list[JWKSKey] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(_jwks_entries(option, data)):
+        key = _jwks_key(option, index, entry)
+        if key is None:
+            continue
+        if key.kid is not None:
+            if key.kid in seen:
+                raise FilterOptionError(option, f"key {key.kid!r}: the same kid appears twice")
+            seen.add(key.kid)
+        keys.append(key)
+    if not keys:
+        raise FilterOptionError(option, "holds no public signature key")
+    return keys
+
+
+def _jwks_entries(option: str, data: bytes) -> list[Any]:
+    """The JWKs of a JWK set document (or the one JWK it is)."""
     try:
         document = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
@@ -306,43 +264,47 @@ def load_jwks(option: str, text: str) -> list[JWKSKey]:
         raise FilterOptionError(option, 'expected a JWK set ({"keys": [...]}) or a single JWK')
     if not isinstance(entries, list):
         raise FilterOptionError(option, '"keys" must be a list')
-    keys: list[JWKSKey] = []
-    seen: set[str] = set()
-    for index, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise FilterOptionError(option, f"key #{index + 1} is not a JSON object")
-        kid = entry.get("kid")
-        if kid is not None and not isinstance(kid, str):
-            raise FilterOptionError(option, f"key #{index + 1}: kid must be a string")
-        where = f"key {kid!r}: " if kid is not None else f"key #{index + 1}: "
-        kty = entry.get("kty")
-        if kty == "oct":
-            raise FilterOptionError(option, f"{where}symmetric (oct) keys are not accepted; "
-                                            "HS* secrets come from secret_file or secret_env")
-        if any(private in entry for private in ("d", "p", "q", "dp", "dq", "qi", "oth", "k")):
-            raise FilterOptionError(option, f"{where}holds private key material; give only public keys")
-        if entry.get("use", "sig") != "sig":
-            continue
-        declared = entry.get("alg")
-        if declared is not None and declared not in PUBLIC_KEY_ALGORITHMS:
-            if isinstance(declared, str) and declared.lower() == "none":
-                raise FilterOptionError(option, f"{where}the 'none' algorithm is never accepted")
-            continue  # an encryption key (RSA-OAEP, ECDH-ES …) or an algorithm not verified here
-        try:
-            key = jwt.PyJWK(entry).key
-        except (PyJWKError, PyJWTError, ValueError, TypeError, KeyError) as e:
-            raise FilterOptionError(option, f"{where}not a usable public JWK: {e}") from None
-        key = check_public_key(option, key, where)
-        if declared is not None and not fits(declared, key):
-            raise FilterOptionError(option, f"{where}alg {declared} does not fit its {key_description(key)}")
-        if kid is not None:
-            if kid in seen:
-                raise FilterOptionError(option, f"{where}the same kid appears twice")
-            seen.add(kid)
-        keys.append(JWKSKey(kid, key, (), declared))
-    if not keys:
-        raise FilterOptionError(option, "holds no public signature key")
-    return keys
+    return entries
+
+
+_PRIVATE_JWK_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "oth", "k")
+
+
+def _jwks_key(option: str, index: int, entry: Any) -> JWKSKey | None:
+    """One JWK of a set as a verification key; None for a key not meant for
+    signatures (``use`` other than ``sig``, an encryption ``alg``)."""
+    if not isinstance(entry, dict):
+        raise FilterOptionError(option, f"key #{index + 1} is not a JSON object")
+    kid = entry.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise FilterOptionError(option, f"key #{index + 1}: kid must be a string")
+    where = f"key {kid!r}: " if kid is not None else f"key #{index + 1}: "
+    if entry.get("kty") == "oct":
+        raise FilterOptionError(option, f"{where}symmetric (oct) keys are not accepted; "
+                                        "HS* secrets come from secret_file or secret_env")
+    if any(private in entry for private in _PRIVATE_JWK_MEMBERS):
+        raise FilterOptionError(option, f"{where}holds private key material; give only public keys")
+    declared = entry.get("alg")
+    if entry.get("use", "sig") != "sig" or not _signature_alg(option, where, declared):
+        return None
+    try:
+        loaded = jwt.PyJWK(entry).key
+    except (PyJWKError, PyJWTError, ValueError, TypeError, KeyError) as e:
+        raise FilterOptionError(option, f"{where}not a usable public JWK: {e}") from None
+    key = check_public_key(option, loaded, where)
+    if declared is not None and not fits(declared, key):
+        raise FilterOptionError(option, f"{where}alg {declared} does not fit its {key_description(key)}")
+    return JWKSKey(kid, key, (), declared)
+
+
+def _signature_alg(option: str, where: str, declared: Any) -> bool:
+    """Whether a JWK's ``alg`` (None: not given) lets it verify signatures here;
+    ``none`` is refused."""
+    if declared is None or declared in PUBLIC_KEY_ALGORITHMS:
+        return True
+    if isinstance(declared, str) and declared.lower() == "none":
+        raise FilterOptionError(option, f"{where}the 'none' algorithm is never accepted")
+    return False  # an encryption key (RSA-OAEP, ECDH-ES …) or an algorithm not verified here
 
 
 # ---------------------------------------------------------------------------
@@ -526,6 +488,51 @@ def _fitting(option: str, algorithms: Collection[str], keys: list[JWKSKey] | Non
             raise FilterOptionError("algorithms", f"no key in {option} fits {algorithm}")
 
 
+_KeySource = tuple[bytes | PublicKey | None, list[JWKSKey] | None, tuple[str, ...]]
+
+
+def _secret_source(opts: FilterOptions, source: str, given: tuple[str, ...] | None) -> _KeySource:
+    """``secret_file`` / ``secret_env``: the secret, for HS* algorithms only."""
+    option, secret = read_secret(opts)
+    algorithms = given or ("HS256",)
+    for algorithm in algorithms:
+        if algorithm not in HMAC_ALGORITHMS:
+            raise FilterOptionError("algorithms", f"{algorithm} needs a public key (public_key_file or "
+                                                  f"jwks_file); with {option} only HS256, HS384, HS512")
+    warn_short_secret(opts.kind, option, secret, algorithms)
+    return secret, None, algorithms
+
+
+def _public_key_source(opts: FilterOptions, source: str, given: tuple[str, ...] | None) -> _KeySource:
+    """``public_key_file``: one public key, its natural algorithm by default."""
+    public = load_public_key(source, opts.file_bytes(source))
+    algorithms = given or (natural_algorithm(public) or "RS256",)
+    _fitting(source, algorithms, None, public)
+    return public, None, algorithms
+
+
+def _jwks_source(opts: FilterOptions, source: str, given: tuple[str, ...] | None) -> _KeySource:
+    """``jwks_file``: keys chosen by ``kid``, each with the algorithms that fit
+    it (by default each key's declared or natural algorithm)."""
+    loaded = load_jwks(source, opts.file_bytes(source))
+    algorithms = given or tuple(dict.fromkeys(entry.declared or natural_algorithm(entry.key) or "RS256"
+                                              for entry in loaded))
+    _fitting(source, algorithms, loaded, None)
+    jwks = [JWKSKey(entry.kid, entry.key,
+                    tuple(a for a in algorithms if fits(a, entry.key) and entry.declared in (None, a)),
+                    entry.declared)
+            for entry in loaded]
+    return None, jwks, algorithms
+
+
+_KEY_SOURCES: dict[str, Callable[[FilterOptions, str, tuple[str, ...] | None], _KeySource]] = {
+    "secret_file": _secret_source,
+    "secret_env": _secret_source,
+    "public_key_file": _public_key_source,
+    "jwks_file": _jwks_source,
+}
+
+
 @implementer(IPlugin, IFilterFactory)
 class JWTKind:
     """The filter kind ``use = jwt``."""
@@ -534,54 +541,18 @@ class JWTKind:
 
     def build(self, options: Mapping[str, str]) -> JWTVerify:
         """Validate the options and load the key; see the module docstring."""
-        reject_unknown(self.name, options, OPTIONS)
-        sources = [option for option in KEY_SOURCES if option in options]
+        opts = FilterOptions(self.name, options, OPTIONS)
+        sources = opts.given(*KEY_SOURCES)
         if not sources:
             raise FilterOptionError(None, "needs a key source: one of secret_file, secret_env, "
                                           "public_key_file or jwks_file")
         if len(sources) > 1:
             raise FilterOptionError(sources[1], f"only one key source may be given (also given: {sources[0]})")
-        source = sources[0]
-        given = parse_algorithms(options["algorithms"]) if "algorithms" in options else None
-        key: bytes | PublicKey | None = None
-        jwks: list[JWKSKey] | None = None
-        if source in ("secret_file", "secret_env"):
-            option, secret = read_secret(options)
-            algorithms = given or ("HS256",)
-            for algorithm in algorithms:
-                if algorithm not in HMAC_ALGORITHMS:
-                    raise FilterOptionError("algorithms", f"{algorithm} needs a public key (public_key_file or "
-                                                          f"jwks_file); with {option} only HS256, HS384, HS512")
-            warn_short_secret(self.name, option, secret, algorithms)
-            key = secret
-        elif source == "public_key_file":
-            public = load_public_key(source, options[source])
-            algorithms = given or (natural_algorithm(public) or "RS256",)
-            _fitting(source, algorithms, None, public)
-            key = public
-        else:
-            loaded = load_jwks(source, options[source])
-            if given is None:
-                defaults: list[str] = []
-                for entry in loaded:
-                    natural = entry.declared or natural_algorithm(entry.key) or "RS256"
-                    if natural not in defaults:
-                        defaults.append(natural)
-                algorithms = tuple(defaults)
-            else:
-                algorithms = given
-            _fitting(source, algorithms, loaded, None)
-            jwks = [JWKSKey(entry.kid, entry.key,
-                            tuple(a for a in algorithms if fits(a, entry.key) and entry.declared in (None, a)),
-                            entry.declared)
-                    for entry in loaded]
-        issuer = list_option(options, "issuer")
-        audience = list_option(options, "audience")
-        max_age = duration_option(options, "max_age", None)
-        leeway = duration_option(options, "leeway", DEFAULT_LEEWAY, allow_zero=True)
-        assert leeway is not None
-        return JWTVerify(key=key, jwks=jwks, algorithms=tuple(algorithms), issuer=issuer, audience=audience,
-                         max_age=max_age, leeway=leeway)
+        given = parse_algorithms(opts.items("algorithms")) if "algorithms" in opts else None
+        key, jwks, algorithms = _KEY_SOURCES[sources[0]](opts, sources[0], given)
+        return JWTVerify(key=key, jwks=jwks, algorithms=tuple(algorithms), issuer=opts.items("issuer", None),
+                         audience=opts.items("audience", None), max_age=opts.duration("max_age", None),
+                         leeway=opts.duration("leeway", DEFAULT_LEEWAY, allow_zero=True))
 
 
 jwt_kind = JWTKind()

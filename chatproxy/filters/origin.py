@@ -36,8 +36,7 @@ import idna
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.config import parse_list
-from chatproxy.filters import Filter, FilterOptionError, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import Filter, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
 
 _OPTIONS = ("allow", "missing")
 MISSING = ("deny", "allow-get", "allow")  # the values of ``missing``
@@ -255,33 +254,28 @@ class OriginKind:
 
     def build(self, options: Mapping[str, str]) -> OriginFilter:
         """Parse ``allow`` (required list of origins) and ``missing`` (deny, allow-get or allow)."""
-        for option in options:
-            if option not in _OPTIONS:
-                raise FilterOptionError(option, f"unknown option (origin takes: {', '.join(_OPTIONS)})")
-        if "allow" not in options:
-            raise FilterOptionError("allow", "required option is missing")
+        opts = FilterOptions(self.name, options, _OPTIONS)
         exact: set[OriginKey] = set()
         wildcards: list[OriginKey] = []
-        items = parse_list(options["allow"])
-        if not items:
-            raise FilterOptionError("allow", "expected at least one origin")
-        for item in items:
-            if item == "*":
-                raise FilterOptionError("allow", "'*' would trust every origin; list the origins instead")
-            if item == "null":
-                raise FilterOptionError("allow", "the origin null cannot be trusted (any sandboxed page sends it)")
-            try:
-                wildcard, key = parse_allowed(item)
-            except ValueError as e:
-                raise FilterOptionError("allow", str(e)) from None
+        for item in opts.items("allow", what="origin"):
+            wildcard, key = _allowed("allow", item)
             if wildcard:
                 wildcards.append(key)
             else:
                 exact.add(key)
-        missing = options.get("missing", "deny").strip().lower()
-        if missing not in MISSING:
-            raise FilterOptionError("missing", f"expected deny, allow-get or allow, got {options['missing']!r}")
-        return OriginFilter(frozenset(exact), tuple(wildcards), missing)
+        return OriginFilter(frozenset(exact), tuple(wildcards), opts.choice("missing", MISSING, "deny"))
+
+
+def _allowed(option: str, item: str) -> tuple[bool, OriginKey]:
+    """One entry of ``allow`` (see :func:`parse_allowed`), never ``*`` or ``null``."""
+    if item == "*":
+        raise FilterOptionError(option, "'*' would trust every origin; list the origins instead")
+    if item == "null":
+        raise FilterOptionError(option, "the origin null cannot be trusted (any sandboxed page sends it)")
+    try:
+        return parse_allowed(item)
+    except ValueError as e:
+        raise FilterOptionError(option, str(e)) from None
 
 
 origin = OriginKind()

@@ -35,7 +35,8 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.filters import CloseSession, Filter, FilterOptionError, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import CloseSession, Filter, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.http.messages import FIELD_NAME_RE
 
 log = Logger()
 
@@ -48,7 +49,6 @@ EVICTION_WARNING_INTERVAL = 60.0  # seconds between two "max_keys reached" warni
 _RATE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*(s|sec|second|m|min|minute|h|hour))?")
 _RATE_UNITS = {None: 1.0, "s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
                "h": 3600.0, "hour": 3600.0}
-_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP field name (RFC 9110 5.6.2)
 
 
 def parse_rate(text: str) -> float:
@@ -62,14 +62,24 @@ def parse_rate(text: str) -> float:
     return rate
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
+def parse_key(text: str) -> str:
+    """``key``: ``client``, ``route`` or ``header:NAME`` (NAME as written)."""
+    key = text.strip()
+    if key.lower() in ("client", "route"):
+        return key.lower()
+    if key[:7].lower() == "header:":
+        name = key[7:].strip()
+        if not FIELD_NAME_RE.fullmatch(name):
+            raise ValueError(f"header:NAME needs a header name, got {text!r}")
+        return "header:" + name
+    raise ValueError(f"expected client, route or header:NAME, got {text!r}")
+
+
+def parse_message_rate(text: str) -> float | None:
+    """``message_rate``: a rate (see :func:`parse_rate`), or ``off`` (None)."""
+    if text.strip().lower() in ("off", "no", "none"):
+        return None
+    return parse_rate(text)
 
 
 class TokenBuckets:
@@ -234,43 +244,22 @@ class RateLimitKind:
 
     def build(self, options: Mapping[str, str], clock: Clock = time.monotonic) -> RateLimit:
         """Validate the options and build the filter (``clock`` is for tests)."""
-        for option in options:
-            if option not in OPTIONS:
-                raise FilterOptionError(option, f"unknown option (rate_limit takes: {', '.join(OPTIONS)})")
-        if "rate" not in options:
-            raise FilterOptionError("rate", "required option is missing")
-
-        def parsed(option: str, parse: Callable[[str], Any]) -> Any:
-            try:
-                return parse(options[option])
-            except ValueError as e:
-                raise FilterOptionError(option, str(e)) from None
-
-        rate = parsed("rate", parse_rate)
-        burst = parsed("burst", _positive_int) if "burst" in options else max(1, math.ceil(rate))
-        key = options.get("key", "client").strip()
-        if key.lower() in ("client", "route"):
-            key = key.lower()
-        elif key[:7].lower() == "header:":
-            name = key[7:].strip()
-            if not _TOKEN_RE.fullmatch(name):
-                raise FilterOptionError("key", f"header:NAME needs a header name, got {options['key']!r}")
-            key = "header:" + name
-        else:
-            raise FilterOptionError("key", f"expected client, route or header:NAME, got {options['key']!r}")
-        max_keys = parsed("max_keys", _positive_int) if "max_keys" in options else DEFAULT_MAX_KEYS
-        message_rate: float | None = rate
+        opts = FilterOptions(self.name, options, OPTIONS)
+        rate = opts.get("rate", parse_rate)
+        burst = opts.integer("burst", max(1, math.ceil(rate)))
+        key = opts.get("key", parse_key, "client")
+        max_keys = opts.integer("max_keys", DEFAULT_MAX_KEYS)
+        message_rate = opts.get("message_rate", parse_message_rate, rate)
+        # The message burst goes with the message rate: burst when it is rate, none when off.
         message_burst: int | None = burst
-        if "message_rate" in options:
-            if options["message_rate"].strip().lower() in ("off", "no", "none"):
-                message_rate = message_burst = None
-            else:
-                message_rate = parsed("message_rate", parse_rate)
-                message_burst = max(1, math.ceil(message_rate))
-        if "message_burst" in options:
+        if message_rate is None:
+            message_burst = None
+        elif "message_rate" in opts:
+            message_burst = max(1, math.ceil(message_rate))
+        if "message_burst" in opts:
             if message_rate is None:
                 raise FilterOptionError("message_burst", "has no effect with message_rate = off")
-            message_burst = parsed("message_burst", _positive_int)
+            message_burst = opts.integer("message_burst")
         return RateLimit(rate, burst, key, max_keys, message_rate, message_burst, clock)
 
 

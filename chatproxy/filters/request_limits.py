@@ -21,19 +21,19 @@ filter, so the proxy enforces it with ``413`` while a body of unknown length
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.config import parse_bool, parse_list, parse_size
-from chatproxy.filters import Filter, FilterOptionError, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import Filter, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
 
 _OPTIONS = ("methods", "max_body_bytes", "max_headers", "max_header_bytes", "require_headers", "content_types",
             "require_body")
 # RFC 9110 5.6.2: a method or a field name is a token.
 TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_MEDIA_TYPE_RE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
 
 
 def header_bytes(headers: tuple[tuple[bytes, bytes], ...]) -> int:
@@ -43,7 +43,11 @@ def header_bytes(headers: tuple[tuple[bytes, bytes], ...]) -> int:
 
 @implementer(IRequestFilter)
 class RequestLimits(Filter):
-    """Refuses requests outside the configured limits; None means no limit."""
+    """Refuses requests outside the configured limits; None means no limit.
+
+    The limits are checked in this order: method, declared body size, header
+    count, header size, required headers, required body, content type; the
+    first one broken is the refusal."""
 
     def __init__(self, methods: tuple[str, ...] | None, max_body_bytes: int | None, max_headers: int | None,
                  max_header_bytes: int | None, require_headers: tuple[str, ...],
@@ -59,66 +63,86 @@ class RequestLimits(Filter):
         self._required = tuple((name, name.lower().encode("ascii")) for name in require_headers)
         self.content_types = content_types
         self.require_body = require_body
+        checks: list[tuple[object, Callable[[Any], Refuse | None]]] = [
+            (methods is not None, self._check_method),
+            (max_body_bytes is not None, self._check_declared_body),
+            (max_headers is not None, self._check_header_count),
+            (max_header_bytes is not None, self._check_header_bytes),
+            (self._required, self._check_required_headers),
+            (require_body, self._check_body_present),
+            (content_types, self._check_content_type),
+        ]
+        self._checks = tuple(check for wanted, check in checks if wanted)
 
     def request(self, head: Any) -> Refuse | None:
         """The first limit the request breaks, as a refusal, or None."""
-        if self.methods is not None and head.method not in self._method_set:
-            return Refuse(405, f"method {head.method} not allowed here (allowed: {', '.join(self.methods)})",
-                          self._allow)
-        headers = head.headers
-        if self.max_body_bytes is not None:
-            declared = (head.header("content-length") or "").strip()
-            if declared.isascii() and declared.isdigit() and int(declared) > self.max_body_bytes:
-                return Refuse(413, f"request body larger than {self.max_body_bytes} bytes")
-        if self.max_headers is not None and len(headers) > self.max_headers:
+        for check in self._checks:
+            refusal = check(head)
+            if refusal is not None:
+                return refusal
+        return None
+
+    def _check_method(self, head: Any) -> Refuse | None:
+        if head.method in self._method_set:
+            return None
+        assert self.methods is not None
+        return Refuse(405, f"method {head.method} not allowed here (allowed: {', '.join(self.methods)})", self._allow)
+
+    def _check_declared_body(self, head: Any) -> Refuse | None:
+        assert self.max_body_bytes is not None
+        declared = (head.header("content-length") or "").strip()
+        if declared.isascii() and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return Refuse(413, f"request body larger than {self.max_body_bytes} bytes")
+        return None
+
+    def _check_header_count(self, head: Any) -> Refuse | None:
+        assert self.max_headers is not None
+        if len(head.headers) > self.max_headers:
             return Refuse(431, f"more than {self.max_headers} header fields")
-        if self.max_header_bytes is not None and header_bytes(headers) > self.max_header_bytes:
+        return None
+
+    def _check_header_bytes(self, head: Any) -> Refuse | None:
+        assert self.max_header_bytes is not None
+        if header_bytes(head.headers) > self.max_header_bytes:
             return Refuse(431, f"header fields larger than {self.max_header_bytes} bytes")
-        if self._required:
-            present = {name.lower() for name, value in headers if value.strip()}
-            for name, lower in self._required:
-                if lower not in present:
-                    return Refuse(400, f"missing required header {name}")
-        if self.require_body:
-            length = (head.header("content-length") or "").strip()
-            chunked = head.header("transfer-encoding") is not None
-            if not chunked and (not length or length == "0"):
-                return Refuse(400, "a request body is required")
-        if self.content_types:
-            media = (head.header("content-type") or "").split(";", 1)[0].strip().lower()
-            if media not in self.content_types:
-                return Refuse(415, f"content type must be one of: {', '.join(self.content_types)}")
+        return None
+
+    def _check_required_headers(self, head: Any) -> Refuse | None:
+        present = {name.lower() for name, value in head.headers if value.strip()}
+        for name, lower in self._required:
+            if lower not in present:
+                return Refuse(400, f"missing required header {name}")
+        return None
+
+    def _check_body_present(self, head: Any) -> Refuse | None:
+        length = (head.header("content-length") or "").strip()
+        chunked = head.header("transfer-encoding") is not None
+        if not chunked and (not length or length == "0"):
+            return Refuse(400, "a request body is required")
+        return None
+
+    def _check_content_type(self, head: Any) -> Refuse | None:
+        media = (head.header("content-type") or "").split(";", 1)[0].strip().lower()
+        if media not in self.content_types:
+            return Refuse(415, f"content type must be one of: {', '.join(self.content_types)}")
         return None
 
 
-def _positive(option: str, text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise FilterOptionError(option, f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise FilterOptionError(option, "must be at least 1")
-    return value
-
-
-def _size(option: str, text: str) -> int:
-    try:
-        value = parse_size(text)
-    except ValueError as e:
-        raise FilterOptionError(option, str(e)) from None
-    if option == "max_header_bytes" and value < 1:
-        raise FilterOptionError(option, "must be at least 1")
-    return value
-
-
-def _tokens(option: str, text: str, what: str) -> tuple[str, ...]:
-    items = parse_list(text)
-    if not items:
-        raise FilterOptionError(option, f"expected at least one {what}")
+def _methods(option: str, items: Sequence[str]) -> tuple[str, ...]:
+    """Method names (tokens), upper-cased (the standard methods are upper-case), duplicates dropped."""
     for item in items:
         if not TOKEN_RE.fullmatch(item):
-            raise FilterOptionError(option, f"{item!r} is not an HTTP {what}")
-    return tuple(items)
+            raise FilterOptionError(option, f"{item!r} is not an HTTP method")
+    return tuple(dict.fromkeys(item.upper() for item in items))
+
+
+def _media_types(option: str, items: Sequence[str]) -> tuple[str, ...]:
+    """Media types (``type/subtype``), lower-cased, duplicates dropped."""
+    media_types = tuple(dict.fromkeys(item.lower() for item in items))
+    for media in media_types:
+        if not _MEDIA_TYPE_RE.fullmatch(media):
+            raise FilterOptionError(option, f"{media!r} is not a media type such as application/json")
+    return media_types
 
 
 @implementer(IPlugin, IFilterFactory)
@@ -129,41 +153,17 @@ class RequestLimitsKind:
 
     def build(self, options: Mapping[str, str]) -> RequestLimits:
         """Parse the options; at least one of them is required."""
-        for option in options:
-            if option not in _OPTIONS:
-                raise FilterOptionError(option, f"unknown option (request_limits takes: {', '.join(_OPTIONS)})")
-        if not options:
-            raise FilterOptionError(None, f"request_limits needs at least one of: {', '.join(_OPTIONS)}")
-        methods = None
-        if "methods" in options:
-            # Methods are case-sensitive; the standard ones are upper-case.
-            methods = tuple(dict.fromkeys(m.upper() for m in _tokens("methods", options["methods"], "method")))
-        required: tuple[str, ...] = ()
-        if "require_headers" in options:
-            required = tuple(dict.fromkeys(_tokens("require_headers", options["require_headers"], "header name")))
-        content_types: tuple[str, ...] = ()
-        if "content_types" in options:
-            content_types = tuple(dict.fromkeys(t.lower() for t in parse_list(options["content_types"])))
-            if not content_types:
-                raise FilterOptionError("content_types", "expected at least one media type")
-            for media in content_types:
-                if not re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", media):
-                    raise FilterOptionError("content_types", f"{media!r} is not a media type such as application/json")
-        require_body = False
-        if "require_body" in options:
-            try:
-                require_body = parse_bool(options["require_body"])
-            except ValueError as e:
-                raise FilterOptionError("require_body", str(e)) from None
+        opts = FilterOptions(self.name, options, _OPTIONS)
+        opts.require_any()
+        methods = _methods("methods", opts.items("methods", what="method")) if "methods" in opts else None
         return RequestLimits(
-            content_types=content_types,
-            require_body=require_body,
             methods=methods,
-            max_body_bytes=_size("max_body_bytes", options["max_body_bytes"]) if "max_body_bytes" in options else None,
-            max_headers=_positive("max_headers", options["max_headers"]) if "max_headers" in options else None,
-            max_header_bytes=(_size("max_header_bytes", options["max_header_bytes"])
-                              if "max_header_bytes" in options else None),
-            require_headers=required,
+            require_headers=opts.header_names("require_headers", ()),
+            content_types=_media_types("content_types", opts.items("content_types", (), what="media type")),
+            require_body=opts.boolean("require_body", False),
+            max_body_bytes=opts.size("max_body_bytes", None),
+            max_headers=opts.integer("max_headers", None),
+            max_header_bytes=opts.size("max_header_bytes", None, minimum=1),
         )
 
 

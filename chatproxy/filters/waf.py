@@ -37,7 +37,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping, Set
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -46,8 +46,7 @@ from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.config import parse_list, parse_size
-from chatproxy.filters import CloseSession, Filter, FilterOptionError, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import CloseSession, Filter, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
 from chatproxy.filters import waf_rules
 from chatproxy.filters.waf_rules import (
     ALLOWED_CHARSETS,
@@ -395,10 +394,27 @@ class WebApplicationFirewall(Filter):
         return inspection
 
     def _check_head(self, head: Any, path: str, query: str, inspection: Inspection) -> None:
-        """The request-level protocol rules (920xxx)."""
+        """The request-level protocol rules (920xxx), in the order of their ids'
+        groups: method, framing, percent-encoding, negotiation headers, host
+        and names, content type, argument count."""
         method = head.method
         if not method.isascii() or not _TOKEN.fullmatch(method):
             self._protocol(inspection, 920100, "REQUEST_METHOD", method)
+        has_body = self._check_framing(head, inspection)
+        for name, raw in (("REQUEST_FILENAME", path), ("QUERY_STRING", query)):
+            if "%" in raw and _BAD_PERCENT.search(raw):
+                self._protocol(inspection, 920220, name, raw)
+        content_type = head.header("content-type")
+        self._check_negotiation(head, has_body, content_type, inspection)
+        self._check_names(head, inspection)
+        if content_type is not None:
+            self._check_content_type(content_type, inspection)
+        if inspection.arguments > MAX_ARGS:
+            self._protocol(inspection, 920380, "ARGS", f"{inspection.arguments} arguments")
+
+    def _check_framing(self, head: Any, inspection: Inspection) -> bool:
+        """Content-Length and Transfer-Encoding (920160, 920161, 920170);
+        whether the request has a body."""
         lengths = [decode_bytes(v) for n, v in head.headers if n.lower() == b"content-length"]
         chunked = any(n.lower() == b"transfer-encoding" for n, _ in head.headers)
         for length in lengths:
@@ -407,22 +423,26 @@ class WebApplicationFirewall(Filter):
         if len(lengths) > 1 or (lengths and chunked):
             self._protocol(inspection, 920161, "REQUEST_HEADERS:Content-Length", ", ".join(lengths))
         has_body = chunked or any(v.strip().isdigit() and int(v.strip()) > 0 for v in lengths)
-        if method in ("GET", "HEAD") and has_body:
+        if head.method in ("GET", "HEAD") and has_body:
             self._protocol(inspection, 920170, "REQUEST_HEADERS:Content-Length", ", ".join(lengths) or "chunked")
-        for name, raw in (("REQUEST_FILENAME", path), ("QUERY_STRING", query)):
-            if "%" in raw and _BAD_PERCENT.search(raw):
-                self._protocol(inspection, 920220, name, raw)
-        accept, agent, content_type = head.header("accept"), head.header("user-agent"), head.header("content-type")
-        if accept is None:
-            self._protocol(inspection, 920300, "REQUEST_HEADERS:Accept", "")
-        elif not accept.strip():
-            self._protocol(inspection, 920311, "REQUEST_HEADERS:Accept", accept)
-        if agent is None:
-            self._protocol(inspection, 920320, "REQUEST_HEADERS:User-Agent", "")
-        elif not agent.strip():
-            self._protocol(inspection, 920330, "REQUEST_HEADERS:User-Agent", agent)
+        return has_body
+
+    def _check_negotiation(self, head: Any, has_body: bool, content_type: str | None,
+                           inspection: Inspection) -> None:
+        """Accept, User-Agent and a body's Content-Type present and not empty
+        (920300, 920311, 920320, 920330, 920340)."""
+        for name, missing, empty in (("Accept", 920300, 920311), ("User-Agent", 920320, 920330)):
+            value = head.header(name)
+            if value is None:
+                self._protocol(inspection, missing, f"REQUEST_HEADERS:{name}", "")
+            elif not value.strip():
+                self._protocol(inspection, empty, f"REQUEST_HEADERS:{name}", value)
         if has_body and content_type is None:
             self._protocol(inspection, 920340, "REQUEST_HEADERS:Content-Type", "")
+
+    def _check_names(self, head: Any, inspection: Inspection) -> None:
+        """A numeric Host, a restricted file extension, restricted header
+        names (920350, 920440, 920450)."""
         host = head.host.strip("[]")
         try:
             ipaddress.ip_address(host)
@@ -437,14 +457,14 @@ class WebApplicationFirewall(Filter):
             if name.lower() in RESTRICTED_HEADERS:
                 self._protocol(inspection, 920450, f"REQUEST_HEADERS_NAMES:{name.decode('latin-1')}",
                                name.decode("latin-1"))
-        if content_type is not None:
-            if not CONTENT_TYPE_RE.match(content_type):
-                self._protocol(inspection, 920470, "REQUEST_HEADERS:Content-Type", content_type)
-            charset = parse_content_type(content_type)[1].get("charset")
-            if charset is not None and charset.strip("'\"").lower() not in ALLOWED_CHARSETS:
-                self._protocol(inspection, 920480, "REQUEST_HEADERS:Content-Type", content_type)
-        if inspection.arguments > MAX_ARGS:
-            self._protocol(inspection, 920380, "ARGS", f"{inspection.arguments} arguments")
+
+    def _check_content_type(self, content_type: str, inspection: Inspection) -> None:
+        """A Content-Type of the allowed form and charset (920470, 920480)."""
+        if not CONTENT_TYPE_RE.match(content_type):
+            self._protocol(inspection, 920470, "REQUEST_HEADERS:Content-Type", content_type)
+        charset = parse_content_type(content_type)[1].get("charset")
+        if charset is not None and charset.strip("'\"").lower() not in ALLOWED_CHARSETS:
+            self._protocol(inspection, 920480, "REQUEST_HEADERS:Content-Type", content_type)
 
     def inspect_body(self, content_type: str | None, body: bytes, inspection: Inspection | None = None,
                      complete: bool = True) -> Inspection:
@@ -552,20 +572,10 @@ class WebApplicationFirewall(Filter):
 # The kind
 
 
-def _whole(option: str, text: str, low: int, high: int | None, what: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise FilterOptionError(option, f"expected {what}, got {text!r}") from None
-    if value < low or (high is not None and value > high):
-        raise FilterOptionError(option, f"expected {what}, got {value}")
-    return value
-
-
-def parse_rule_ids(text: str) -> tuple[int, ...]:
+def parse_rule_ids(items: Sequence[str]) -> tuple[int, ...]:
     """``disable_rules``: rule ids, each one the table has."""
     ids = []
-    for item in parse_list(text):
+    for item in items:
         if not item.isdigit():
             raise FilterOptionError("disable_rules", f"{item!r} is not a rule id (ids are numbers such as 942100)")
         if int(item) not in RULES_BY_ID:
@@ -583,22 +593,13 @@ class WafKind:
 
     def build(self, options: Mapping[str, str]) -> WebApplicationFirewall:
         """Parse the options; all are optional."""
-        for option in options:
-            if option not in _OPTIONS:
-                raise FilterOptionError(option, f"unknown option (waf takes: {', '.join(_OPTIONS)})")
-        paranoia = _whole("paranoia", options["paranoia"], 1, 4, "a paranoia level from 1 to 4") \
-            if "paranoia" in options else 1
-        threshold = _whole("threshold", options["threshold"], 1, None, "a whole number of at least 1") \
-            if "threshold" in options else 5
-        inspect_body_bytes = 64 * 1024
-        if "inspect_body_bytes" in options:
-            try:
-                inspect_body_bytes = parse_size(options["inspect_body_bytes"])
-            except ValueError as e:
-                raise FilterOptionError("inspect_body_bytes", str(e)) from None
-            if inspect_body_bytes > MAX_INSPECT_BODY_BYTES:
-                raise FilterOptionError("inspect_body_bytes", "must be at most 16m")
-        disabled = parse_rule_ids(options["disable_rules"]) if "disable_rules" in options else ()
+        opts = FilterOptions(self.name, options, _OPTIONS)
+        paranoia = opts.integer("paranoia", 1, maximum=4, expected="a paranoia level from 1 to 4")
+        threshold = opts.integer("threshold", 5, expected="a whole number of at least 1")
+        inspect_body_bytes = opts.size("inspect_body_bytes", 64 * 1024)
+        if inspect_body_bytes > MAX_INSPECT_BODY_BYTES:
+            raise FilterOptionError("inspect_body_bytes", "must be at most 16m")
+        disabled = parse_rule_ids(opts.items("disable_rules", (), allow_empty=True))
         return WebApplicationFirewall(paranoia, threshold, inspect_body_bytes, disabled)
 
 

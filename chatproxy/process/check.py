@@ -9,9 +9,10 @@ import sys
 from typing import TextIO
 
 from chatproxy.config import Config, ConfigError, Route, load_config
-from chatproxy.placeholders import find_placeholders
+from chatproxy.config.placeholders import find_placeholders
 from chatproxy.proxy.routing import RouteTable
 from chatproxy.process.workers import unshareable, worker_count
+from chatproxy.proxy.validate import validate
 
 
 def describe_route(route: Route) -> str:
@@ -74,6 +75,7 @@ def main(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) ->
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
+        validate(config)
     except ConfigError as error:
         err.write(f"chatproxy: configuration error: {error}\n")
         return 2

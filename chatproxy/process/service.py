@@ -9,7 +9,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from attrs import define
 from twisted.application.service import MultiService
@@ -153,7 +153,10 @@ class ChatproxyService(MultiService):
     """Listens on every configured listener and proxies to the upstreams;
     SIGHUP reloads the configuration, SIGTERM drains."""
 
-    def __init__(self, config: Config, reactor: Any = None, config_paths: Sequence[str] | None = None) -> None:
+    def __init__(self, config: Config, reactor: Any = None, config_paths: Sequence[str] | None = None,
+                 filters: Mapping[str, Any] | None = None) -> None:
+        """``filters``: the configuration's filters as ``validate(config)`` built
+        them (built when the proxy starts if not given)."""
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -161,6 +164,7 @@ class ChatproxyService(MultiService):
             reactor = default_reactor
         self.reactor = reactor
         self.config = config
+        self._filters = filters
         self.config_paths = list(config_paths) if config_paths is not None else list(config.sources)
         self.core: ProxyCore | None = None
         # In a worker process (workers = N): its number and the master's directory.
@@ -246,7 +250,8 @@ class ChatproxyService(MultiService):
         """Open the listening sockets (before twistd drops privileges)."""
         try:
             try:
-                self.core = core = ProxyCore(self.reactor, self.config)
+                self.core = core = ProxyCore(self.reactor, self.config, self._filters)
+                self._filters = None  # the plan has them
             except OSError as e:
                 raise StartupError(f"[chatproxy] access_log: cannot open {self.config.settings.access_log}: "
                                    f"{e.strerror}") from None

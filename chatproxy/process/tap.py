@@ -12,6 +12,7 @@ from twisted.application.service import Service
 
 from chatproxy.process.service import WORKER_ENV, ChatproxyService
 from chatproxy.process.workers import Master, unshareable, worker_count
+from chatproxy.proxy.validate import validate
 
 
 class Options(usage.Options):
@@ -50,12 +51,13 @@ def makeService(options: Options) -> Service:
     """
     try:
         config = load_config(options["config"])
+        filters = validate(config)
     except ConfigError as error:
         sys.stderr.write(f"chatproxy: configuration error: {error}\n")
         sys.stderr.flush()
         raise SystemExit(2) from None
     if os.environ.get(WORKER_ENV) or worker_count(config) == 1:
-        return ChatproxyService(config, config_paths=options["config"])
+        return ChatproxyService(config, config_paths=options["config"], filters=filters)
     problem = unshareable(config)
     if problem is not None:
         sys.stderr.write(f"chatproxy: configuration error: {problem}\n")

@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from chatproxy.config import Config, ConfigError, load_config
 from chatproxy.process.service import (WORKER_DIR_ENV, WORKER_ENV, StartupError, announce_refused_reload, ensure_certificate,
                                handle_drain_and_reload, notify_reloading, sd_notify)
+from chatproxy.proxy.validate import validate
 from chatproxy.process.sharing import BROKER_SOCKET, bind_listening, can_share, endpoint_kind, socket_identity
 
 log = Logger()
@@ -420,7 +421,7 @@ class Master(Service):
         if self._draining or self.workers.get(worker.index) is not worker:
             return
         try:
-            load_config(self.config_paths)  # a worker reads the files as they are now
+            validate(load_config(self.config_paths))  # a worker reads the files as they are now
         except ConfigError as error:
             pause = self._restart_pause(worker, stable=False)
             log.error("worker {index} not restarted: the configuration files do not validate ({error}); "
@@ -457,6 +458,7 @@ class Master(Service):
         notify_reloading()
         try:
             config = load_config(self.config_paths)
+            validate(config)
         except ConfigError as error:
             self.reloads["failure"] += 1
             announce_refused_reload(f"configuration error: {error}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -38,13 +39,14 @@ def _sweep_interval(config: Config) -> float:
 
 
 class ProxyCore:
-    """Everything the data path needs; :attr:`plan` is the current configuration's part."""
+    """Everything the data path needs; :attr:`plan` is the current configuration's part
+    (its filters given as :func:`~chatproxy.proxy.validate.validate` built them, or built here)."""
 
-    def __init__(self, reactor: Any, config: Config) -> None:
+    def __init__(self, reactor: Any, config: Config, filters: Mapping[str, Any] | None = None) -> None:
         self.reactor = reactor
         self.sweeper = TimeoutSweeper(reactor, _sweep_interval(config))
         self.stats = Stats()
-        self.plan = Plan(reactor, config, self.sweeper, self.stats)
+        self.plan = Plan(reactor, config, self.sweeper, self.stats, filters=filters)
         self.access_log = AccessLog(reactor, config.settings.access_log, config.settings.access_log_format)
         self.connections: set[FrontConnection] = set()
         self.websocket_sessions: set[WebSocketBridge] = set()

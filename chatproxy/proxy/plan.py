@@ -12,6 +12,7 @@ connections.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from chatproxy.config import Config, Route, Upstream
@@ -22,6 +23,7 @@ from chatproxy.proxy.routing import RouteTable
 from chatproxy.proxy.stats import Stats
 from chatproxy.proxy.timeouts import TimeoutSweeper
 from chatproxy.proxy.tls import build_client_tls
+from chatproxy.proxy.validate import validate
 
 if TYPE_CHECKING:
     from chatproxy.proxy.websocket.bridge import RouteSockets
@@ -34,11 +36,17 @@ def _body_limit(route: Route, default: int, chain: FilterChain) -> int:
 
 
 class Plan:
-    """The route table, per-route filters and limits, and upstream pools of one configuration."""
+    """The route table, per-route filters and limits, and upstream pools of one configuration.
+
+    ``filters`` are the configuration's filters as :func:`~chatproxy.proxy.validate.validate`
+    built them; without them the plan validates ``config`` itself (raising
+    :class:`~chatproxy.config.ConfigError`), so each filter is built once per plan.
+    """
 
     def __init__(self, reactor: Any, config: Config, sweeper: TimeoutSweeper, stats: Stats,
-                 previous: Plan | None = None) -> None:
+                 previous: Plan | None = None, filters: Mapping[str, Any] | None = None) -> None:
         self.config = config
+        self.filters = dict(filters) if filters is not None else validate(config)
         self.settings = config.settings
         self.table = RouteTable(config.routes)
         self.routes = {route.name: route for route in config.routes}
@@ -58,7 +66,7 @@ class Plan:
                 self.new_pools.append(pools)
         #: The filter chain of each route, by route name.
         self.chains = {
-            route.name: FilterChain([RouteFilter(name, config.filters[name].filter, config.filters[name].mode == "report",
+            route.name: FilterChain([RouteFilter(name, self.filters[name], config.filters[name].mode == "report",
                                                  config.filters[name].refused_message == "drop")
                                      for name in route.filters], stats.filter_outcomes)
             for route in config.routes

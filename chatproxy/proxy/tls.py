@@ -8,7 +8,7 @@ import datetime
 import ipaddress
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from collections import Counter
 
@@ -19,8 +19,7 @@ from twisted.python.failure import Failure
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
-if TYPE_CHECKING:
-    from chatproxy.config import Listener, Upstream, UpstreamServer
+from chatproxy.config import ConfigError, Listener, Upstream, UpstreamServer
 
 # Mozilla's "intermediate" TLS 1.2 suites (ECDHE only: no DH parameters to manage).
 # TLS 1.3 suites are OpenSSL's defaults and all modern.
@@ -93,8 +92,6 @@ def check_listener_tls(listener: Listener) -> None:
     Raises :class:`chatproxy.config.ConfigError` naming file, section and
     option.  Files that ``create_self_signed`` will create are not checked.
     """
-    from chatproxy.config import ConfigError
-
     if not listener.tls:
         return
     try:

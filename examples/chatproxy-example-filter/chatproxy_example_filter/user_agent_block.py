@@ -16,31 +16,28 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from chatproxy.config import parse_bool, parse_list
-from chatproxy.filters import FilterOptionError, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import Filter, FilterOptions, IFilterFactory, Refuse, RequestHead
 
 OPTIONS = ("patterns", "block_missing")
 REASON = "user agent not allowed"
 
 
-@implementer(IRequestFilter)
-class UserAgentBlock:
+class UserAgentBlock(Filter):
     """Refuses (403) requests whose User-Agent matches one of ``patterns``."""
 
-    def __init__(self, patterns: list[str], block_missing: bool = False) -> None:
-        self.patterns = patterns
+    def __init__(self, patterns: Sequence[str], block_missing: bool = False) -> None:
+        self.patterns = tuple(patterns)
         self.block_missing = block_missing
         # One compiled regular expression for all the patterns.
         self._match = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns),
                                  re.IGNORECASE | re.DOTALL).match
 
-    def request(self, head: Any) -> Refuse | None:
+    def request(self, head: RequestHead) -> Refuse | None:
         """Refuse with 403 when the User-Agent is blocked; otherwise pass."""
         agent = head.header("User-Agent")
         if agent is None:
@@ -58,19 +55,8 @@ class UserAgentBlockKind:
 
     def build(self, options: Mapping[str, str]) -> UserAgentBlock:
         """Validate the section's options and build the filter."""
-        for option in options:
-            if option not in OPTIONS:
-                raise FilterOptionError(option, f"unknown option (user_agent_block takes: {', '.join(OPTIONS)})")
-        patterns = parse_list(options.get("patterns", ""))
-        if not patterns:
-            raise FilterOptionError("patterns", "required option is missing (at least one pattern)")
-        block_missing = False
-        if "block_missing" in options:
-            try:
-                block_missing = parse_bool(options["block_missing"])
-            except ValueError as e:
-                raise FilterOptionError("block_missing", str(e)) from None
-        return UserAgentBlock(patterns, block_missing)
+        opts = FilterOptions(self.name, options, OPTIONS)
+        return UserAgentBlock(opts.items("patterns", what="pattern"), opts.boolean("block_missing", False))
 
 
 # The object Twisted's plugin system finds (see twisted/plugins/).

@@ -29,7 +29,8 @@ from collections.abc import Iterable
 
 from attrs import frozen
 
-from chatproxy.config import Network, RawValue, parse_list, parse_networks
+from chatproxy.config.model import RawValue
+from chatproxy.config.values import Network, parse_list, parse_networks
 
 
 @frozen

@@ -14,15 +14,46 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import unquote_plus, urlsplit
 
-from attrs import field, frozen
+from attrs import Factory, define, frozen
+from cryptography import x509
+from OpenSSL import crypto
+from twisted.internet import ssl
+from twisted.internet.endpoints import serverFromString
 
+from chatproxy.config.model import (
+    Admin,
+    Config,
+    Demo,
+    FilterSpec,
+    Listener,
+    QueryRequirement,
+    RawValue,
+    Route,
+    Settings,
+    SniCertificate,
+    Upstream,
+    UpstreamServer,
+    WebSocketOptions,
+)
+from chatproxy.config.values import (
+    parse_bool,
+    parse_choice,
+    parse_duration,
+    parse_int,
+    parse_list,
+    parse_networks,
+    parse_size,
+    parse_text,
+)
+from chatproxy.config.values import OptionText
 from chatproxy.http.messages import CONNECTION_HEADERS, parse_header_lines
 from chatproxy.http.paths import PathError, normalize_path
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+__all__ = ["ConfigError", "load_config"]
+
 T = TypeVar("T")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -56,206 +87,6 @@ class ConfigError(Exception):
             where.append(self.option)
         prefix = " ".join(where)
         return f"{prefix}: {self.message}" if prefix else self.message
-
-
-# ---------------------------------------------------------------------------
-# The model
-
-
-@frozen
-class Settings:
-    """Process-wide settings from ``[chatproxy]``."""
-
-    access_log: str | None = "-"
-    access_log_format: str = "combined"
-    max_header_bytes: int = 32768
-    max_headers: int = 100
-    max_url_bytes: int = 8192
-    max_body_bytes: int = 10 * 1024 * 1024
-    header_timeout: float = 15.0
-    idle_timeout: float = 60.0
-    drain_timeout: float = 30.0
-    close_timeout: float = 5.0
-    reload_close_window: float = 10.0
-    workers: int = 0  # 0: one per CPU
-
-
-
-@frozen
-class SniCertificate:
-    """One extra certificate chosen when the client's SNI names ``host``."""
-
-    host: str
-    certificate: Path
-    key: Path
-
-
-@frozen
-class Listener:
-    """A ``[listen:NAME]`` section: where clients connect and how."""
-
-    name: str
-    endpoint: str
-    source: str
-    tls: bool = False
-    certificate: Path | None = None
-    key: Path | None = None
-    sni: tuple[SniCertificate, ...] = ()
-    min_tls_version: str = "1.2"
-    ciphers: str | None = None
-    create_self_signed: bool = False
-    allow: tuple[Network, ...] | None = None
-    trusted_proxies: tuple[Network, ...] = ()
-    response_headers: tuple[tuple[bytes, bytes], ...] = ()  # on every answer this listener sends
-
-
-@frozen
-class UpstreamServer:
-    """One server of an upstream: ``scheme://host:port``."""
-
-    url: str
-    scheme: str
-    host: str
-    port: int
-
-    @property
-    def tls(self) -> bool:
-        """Whether this server is reached over TLS."""
-        return self.scheme == "https"
-
-    @property
-    def authority(self) -> str:
-        """``host[:port]`` as written in a Host header for this server."""
-        default = 443 if self.tls else 80
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == default else f"{host}:{self.port}"
-
-
-@frozen
-class Upstream:
-    """An ``[upstream:NAME]`` section: the servers a route forwards to."""
-
-    name: str
-    servers: tuple[UpstreamServer, ...]
-    verify: bool = True
-    ca: Path | None = None
-    client_certificate: Path | None = None
-    client_key: Path | None = None
-    host_header: str = "client"
-    connect_timeout: float = 5.0
-    response_timeout: float = 60.0
-    max_idle_connections: int = 32
-    idle_connection_timeout: float = 30.0
-    health_check_path: str | None = None  # None: no active health checks
-    health_check_interval: float = 5.0
-    health_check_timeout: float = 2.0
-    health_check_status: tuple[tuple[int, int], ...] = ((200, 399),)  # inclusive ranges
-    healthy_threshold: int = 2
-    unhealthy_threshold: int = 3
-    sticky_cookie: str | None = None  # None: no sticky sessions
-
-
-@frozen
-class QueryRequirement:
-    """A query parameter a route requires (``value`` None: present with any value)."""
-
-    name: str
-    value: str | None
-
-
-@frozen
-class WebSocketOptions:
-    """How a route carries WebSocket sessions (bridge mode limits and liveness)."""
-
-    mode: str = "bridge"  # "bridge" (Autobahn on both legs) or "tunnel" (bytes spliced)
-    max_message_bytes: int = 16 * 1024 * 1024
-    max_frame_bytes: int = 16 * 1024 * 1024
-    max_buffered_bytes: int = 32 * 1024 * 1024
-    ping_interval: float = 30.0  # 0: no pings
-    ping_timeout: float = 10.0
-    idle_timeout: float = 0.0  # 0: sessions may stay silent for ever
-    max_messages_per_second: float = 0.0  # 0: no limit
-    compression: bool = False
-
-
-@frozen
-class Route:
-    """A ``[route:NAME]`` section: which requests go to which upstream."""
-
-    name: str
-    upstream: str
-    order: int
-    listeners: tuple[str, ...] | None = None
-    hosts: tuple[str, ...] | None = None
-    path: str = "/"
-    path_regex: re.Pattern[str] | None = None
-    query: tuple[QueryRequirement, ...] = ()
-    methods: frozenset[str] | None = None
-    rewrite_path: str | None = None
-    filters: tuple[str, ...] = ()
-    websocket: bool = False
-    max_body_bytes: int | None = None
-    ws: WebSocketOptions = WebSocketOptions()
-
-
-@frozen
-class FilterSpec:
-    """A ``[filter:NAME]`` section: a configured instance of a filter kind."""
-
-    name: str
-    kind: str
-    options: Mapping[str, str]
-    filter: Any = field(eq=False)
-    mode: str = "enforce"  # "report": log and count what would be refused, let it pass
-    # What a refusal by the WebSocket message hook does: "close" ends the
-    # session (the hook's CloseSession), "drop" drops only that message.
-    refused_message: str = "close"
-
-
-@frozen
-class Demo:
-    """The ``[demo]`` section: the bundled demo chat upstream."""
-
-    endpoint: str
-
-
-@frozen
-class Admin:
-    """The ``[admin]`` section: health and metrics endpoints."""
-
-    endpoint: str = "tcp:9180:interface=127.0.0.1"
-
-
-@frozen
-class RawValue:
-    """One option as the files set it: the text of the value in force (as
-    written, before parsing), the file that set it, and the earlier files
-    whose values for the same option it replaced (in load order)."""
-
-    file: str
-    section: str
-    option: str
-    text: str
-    replaced: tuple[str, ...] = ()
-
-
-@frozen
-class Config:
-    """The whole validated configuration.
-
-    ``raw_values`` are the options it was built from, one per option in
-    force, located by file, section and option (sections in the order they
-    first appear, options in the order they were first set)."""
-
-    sources: tuple[str, ...]
-    settings: Settings
-    listeners: Mapping[str, Listener]
-    upstreams: Mapping[str, Upstream]
-    routes: tuple[Route, ...]
-    filters: Mapping[str, FilterSpec]
-    demo: Demo | None = None
-    admin: Admin | None = None
-    raw_values: tuple[RawValue, ...] = field(default=(), eq=False)
 
 
 # ---------------------------------------------------------------------------
@@ -327,110 +158,28 @@ def _read_raw(files: Iterable[Path]) -> dict[str, _RawSection]:
 
 
 # ---------------------------------------------------------------------------
-# Value parsers: each takes the text and returns the value or raises ValueError
-
-
-_TRUE = {"yes", "true", "on", "1"}
-_FALSE = {"no", "false", "off", "0"}
-
-
-def parse_bool(text: str) -> bool:
-    """``yes/no``, ``true/false``, ``on/off``, ``1/0``."""
-    lowered = text.lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError(f"expected yes or no, got {text!r}")
-
-
-def parse_list(text: str) -> list[str]:
-    """Items separated by commas and/or newlines, blanks dropped."""
-    return [item.strip() for item in re.split(r"[,\n]", text) if item.strip()]
-
-
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
-               "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
-
-
-def parse_size(text: str) -> int:
-    """A byte count: ``65536``, ``64k``, ``10m``, ``1g`` (binary units)."""
-    match = re.fullmatch(r"(\d+)\s*([a-zA-Z]*)", text.strip())
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise ValueError(f"expected a size such as 65536, 64k or 10m, got {text!r}")
-    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
-
-
-_TIME_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """A duration in seconds: ``30``, ``1.5``, ``250ms``, ``2m``, ``1h``."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([a-z]*)", text.strip().lower())
-    if not match or match.group(2) not in _TIME_UNITS:
-        raise ValueError(f"expected a duration such as 30, 1.5s, 250ms or 2m, got {text!r}")
-    value = float(match.group(1)) * _TIME_UNITS[match.group(2)]
-    if value <= 0:
-        raise ValueError("must be greater than zero")
-    return value
+# Value parsers of the core sections (the shared ones are in values.py)
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
+    return parse_int(text, minimum=1)
 
 
 def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise ValueError("must not be negative")
-    return value
-
-
-def parse_networks(text: str) -> tuple[Network, ...]:
-    """A list of IPv4/IPv6 networks (CIDR) or single addresses."""
-    networks: list[Network] = []
-    for item in parse_list(text):
-        try:
-            network = ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            raise ValueError(f"{item!r} is not an IP address or network (CIDR)") from None
-        if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
-            mapped = network.network_address.ipv4_mapped
-            if mapped is not None:
-                network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
-        networks.append(network)
-    if not networks:
-        raise ValueError("expected at least one network")
-    return tuple(networks)
+    return parse_int(text, minimum=0)
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
-        if text.lower() not in allowed:
-            raise ValueError(f"expected one of {', '.join(allowed)}, got {text!r}")
-        return text.lower()
+        return parse_choice(text, allowed)
 
     return parse
 
 
-def _text(text: str) -> str:
-    if not text:
-        raise ValueError("must not be empty")
-    return text
-
-
 def _endpoint(text: str) -> str:
+    # Imported here, not at the top: importing the reactor installs the
+    # default one, and twistd must choose the reactor before that.
     from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
 
     if not text:
         raise ValueError("must not be empty")
@@ -648,7 +397,7 @@ def _read_listener(section: _Section) -> Listener:
         key=key,
         sni=_parse_sni(section),
         min_tls_version=section.get("min_tls_version", _choice("1.2", "1.3"), "1.2"),
-        ciphers=section.get("ciphers", _text, None),
+        ciphers=section.get("ciphers", parse_text, None),
         create_self_signed=create,
         allow=section.get("allow", parse_networks, None),
         trusted_proxies=section.get("trusted_proxies", parse_networks, ()),
@@ -685,10 +434,6 @@ def _parse_server(text: str) -> UpstreamServer:
 def _check_client_tls_files(section: _Section, ca: Path | None, certificate: Path | None, key: Path | None) -> None:
     """Load an upstream's CA and client certificate/key as the proxy will, so a
     bad file or a key that does not match is a config error, not a traceback."""
-    from cryptography import x509
-    from OpenSSL import crypto
-    from twisted.internet import ssl
-
     if ca is not None:
         try:
             x509.load_pem_x509_certificates(ca.read_bytes())
@@ -967,30 +712,22 @@ def _read_websocket_options(section: _Section, mode: str) -> WebSocketOptions:
     return options
 
 
-def _read_filter(raw: _RawSection, kinds: Mapping[str, Any]) -> FilterSpec:
-    from chatproxy.filters import FilterOptionError
-
+def _read_filter(raw: _RawSection) -> FilterSpec:
+    """A filter section as its kind will get it; the kind itself is looked up,
+    and the filter built, by the data path (``chatproxy.proxy.validate``)."""
     name = raw.name.split(":", 1)[1]
     if "use" not in raw.options:
         raise ConfigError("required option is missing", raw.file, raw.name, "use")
-    use = raw.options["use"]
-    installed = ", ".join(sorted(kinds)) or "none"
-    if use.text not in kinds:
-        raise ConfigError(f"unknown filter kind {use.text!r} (installed kinds: {installed})", use.file, raw.name, "use")
-    mode = _read_filter_choice(raw, "mode", ("enforce", "report"))
-    refused_message = _read_filter_choice(raw, "refused_message", ("close", "drop"))
-    from chatproxy.filters import OptionText
-
-    options = {k: OptionText(v.text, Path(v.file).resolve().parent) for k, v in raw.options.items()
-               if k not in _GENERIC_FILTER_OPTIONS}
-    try:
-        built = kinds[use.text].build(options)
-    except FilterOptionError as e:
-        file = raw.options[e.option].file if e.option in raw.options else raw.file
-        raise ConfigError(e.message, file, raw.name, e.option) from None
-    except Exception as e:  # a third-party kind's bug must not become a traceback
-        raise ConfigError(f"filter kind {use.text!r} failed to build: {e!r}", use.file, raw.name) from None
-    return FilterSpec(name, use.text, options, built, mode, refused_message)
+    return FilterSpec(
+        name=name,
+        kind=raw.options["use"].text,
+        options={option: OptionText(value.text, Path(value.file).resolve().parent)
+                 for option, value in raw.options.items() if option not in _GENERIC_FILTER_OPTIONS},
+        mode=_read_filter_choice(raw, "mode", ("enforce", "report")),
+        refused_message=_read_filter_choice(raw, "refused_message", ("close", "drop")),
+        files={option: value.file for option, value in raw.options.items()},
+        source=raw.file,
+    )
 
 
 #: Options every ``[filter:NAME]`` section takes; the kind's ``build`` never sees them.
@@ -1014,101 +751,110 @@ def _check_name(raw: _RawSection, kind: str) -> None:
         raise ConfigError(f"a [{kind}:NAME] section needs a NAME of letters, digits, '.', '_' or '-'", raw.file, raw.name)
 
 
-def load_config(
-    paths: Sequence[str | Path],
-    filter_kinds: Mapping[str, Any] | None = None,
-) -> Config:
-    """Read and validate the configuration files ``paths`` (later ones win).
+@define
+class _Sections:
+    """The sections of the files, each read as it comes (references between
+    them are checked afterwards)."""
 
-    ``filter_kinds`` maps kind names to ``IFilterFactory`` providers; by
-    default the installed plugins are used.  Raises :class:`ConfigError`.
-    """
-    files = _expand_sources(paths)
-    raw_sections = _read_raw(files)
-    settings_section: _Section | None = None
-    listeners: dict[str, Listener] = {}
-    upstreams: dict[str, Upstream] = {}
-    routes: list[Route] = []
-    raw_filters: list[_RawSection] = []
+    settings: _Section | None = None
+    listeners: dict[str, Listener] = Factory(dict)
+    upstreams: dict[str, Upstream] = Factory(dict)
+    routes: list[Route] = Factory(list)
+    filters: dict[str, FilterSpec] = Factory(dict)
     demo: Demo | None = None
     admin: Admin | None = None
-    for raw in raw_sections.values():
-        kind = raw.name.split(":", 1)[0] if ":" in raw.name else raw.name
-        if raw.name == "chatproxy":
-            settings_section = _Section(raw, "chatproxy", _SETTINGS_OPTIONS)
-        elif raw.name == "admin":
-            admin = Admin(_Section(raw, "admin", _ADMIN_OPTIONS).get("endpoint", _endpoint, Admin().endpoint))
-        elif raw.name == "demo":
-            demo = Demo(_Section(raw, "demo", _DEMO_OPTIONS).require("endpoint", _endpoint))
-        elif kind == "listen" and ":" in raw.name:
-            _check_name(raw, kind)
-            listener = _read_listener(_Section(raw, "listen:NAME", _LISTEN_OPTIONS))
-            listeners[listener.name] = listener
-        elif kind == "upstream" and ":" in raw.name:
-            _check_name(raw, kind)
-            upstream = _read_upstream(_Section(raw, "upstream:NAME", _UPSTREAM_OPTIONS))
-            upstreams[upstream.name] = upstream
-        elif kind == "route" and ":" in raw.name:
-            _check_name(raw, kind)
-            routes.append(_read_route(_Section(raw, "route:NAME", _ROUTE_OPTIONS), len(routes)))
-        elif kind == "filter" and ":" in raw.name:
-            _check_name(raw, kind)
-            raw_filters.append(raw)
-        else:
-            raise ConfigError(
-                "unknown section (expected [chatproxy], [admin], [demo], [listen:NAME], [upstream:NAME], "
-                "[route:NAME] or [filter:NAME])",
-                raw.file,
-                raw.name,
-            )
-    settings = _read_settings(settings_section)
-    if raw_filters:
-        from chatproxy.filters import installed_filter_kinds
 
-        kinds = installed_filter_kinds() if filter_kinds is None else filter_kinds
-        filters = {spec.name: spec for spec in (_read_filter(raw, kinds) for raw in raw_filters)}
-    else:
-        filters = {}
-    if not listeners:
-        raise ConfigError("no [listen:NAME] section: the proxy would not listen anywhere", str(files[-1]))
-    for route in routes:
+    def read(self, raw: _RawSection) -> None:
+        """Read one section into its place."""
+        kind = raw.name.split(":", 1)[0]
+        if raw.name == "chatproxy":
+            self.settings = _Section(raw, "chatproxy", _SETTINGS_OPTIONS)  # read once every section is in
+        elif raw.name == "admin":
+            self.admin = Admin(_Section(raw, "admin", _ADMIN_OPTIONS).get("endpoint", _endpoint, Admin().endpoint))
+        elif raw.name == "demo":
+            self.demo = Demo(_Section(raw, "demo", _DEMO_OPTIONS).require("endpoint", _endpoint))
+        elif kind in _NAMED_SECTIONS and ":" in raw.name:
+            _check_name(raw, kind)
+            _NAMED_SECTIONS[kind](self, raw)
+        else:
+            raise ConfigError("unknown section (expected [chatproxy], [admin], [demo], [listen:NAME], "
+                              "[upstream:NAME], [route:NAME] or [filter:NAME])", raw.file, raw.name)
+
+    def add_listener(self, raw: _RawSection) -> None:
+        """A ``[listen:NAME]`` section."""
+        listener = _read_listener(_Section(raw, "listen:NAME", _LISTEN_OPTIONS))
+        self.listeners[listener.name] = listener
+
+    def add_upstream(self, raw: _RawSection) -> None:
+        """An ``[upstream:NAME]`` section."""
+        upstream = _read_upstream(_Section(raw, "upstream:NAME", _UPSTREAM_OPTIONS))
+        self.upstreams[upstream.name] = upstream
+
+    def add_route(self, raw: _RawSection) -> None:
+        """A ``[route:NAME]`` section."""
+        self.routes.append(_read_route(_Section(raw, "route:NAME", _ROUTE_OPTIONS), len(self.routes)))
+
+    def add_filter(self, raw: _RawSection) -> None:
+        """A ``[filter:NAME]`` section."""
+        spec = _read_filter(raw)
+        self.filters[spec.name] = spec
+
+
+_NAMED_SECTIONS: dict[str, Callable[[_Sections, _RawSection], None]] = {
+    "listen": _Sections.add_listener,
+    "upstream": _Sections.add_upstream,
+    "route": _Sections.add_route,
+    "filter": _Sections.add_filter,
+}
+
+
+def _check_references(sections: _Sections, raw_sections: Mapping[str, _RawSection]) -> None:
+    """Every route names existing upstream, listener and filter sections."""
+    for route in sections.routes:
         raw = raw_sections[f"route:{route.name}"]
 
         def located(option: str) -> tuple[str, str, str]:
             return (raw.options[option].file if option in raw.options else raw.file, raw.name, option)
 
-        if route.upstream not in upstreams:
-            known = ", ".join(sorted(upstreams)) or "none defined"
+        if route.upstream not in sections.upstreams:
+            known = ", ".join(sorted(sections.upstreams)) or "none defined"
             raise ConfigError(f"no [upstream:{route.upstream}] section (upstreams: {known})", *located("upstream"))
         for listener_name in route.listeners or ():
-            if listener_name not in listeners:
-                known = ", ".join(sorted(listeners))
+            if listener_name not in sections.listeners:
+                known = ", ".join(sorted(sections.listeners))
                 raise ConfigError(f"no [listen:{listener_name}] section (listeners: {known})", *located("listeners"))
         for filter_name in route.filters:
-            if filter_name not in filters:
-                known = ", ".join(sorted(filters)) or "none defined"
+            if filter_name not in sections.filters:
+                known = ", ".join(sorted(sections.filters)) or "none defined"
                 raise ConfigError(f"no [filter:{filter_name}] section (filters: {known})", *located("filters"))
-    config = Config(
+
+
+def load_config(paths: Sequence[str | Path]) -> Config:
+    """Read and validate the configuration files ``paths`` (later ones win).
+
+    Raises :class:`ConfigError`.  Filter sections are read, not built, and
+    listener certificates are checked to exist, not loaded: the data path's
+    :func:`chatproxy.proxy.validate.validate` does that, with errors located
+    the same way.
+    """
+    files = _expand_sources(paths)
+    raw_sections = _read_raw(files)
+    sections = _Sections()
+    for raw in raw_sections.values():
+        sections.read(raw)
+    settings = _read_settings(sections.settings)
+    if not sections.listeners:
+        raise ConfigError("no [listen:NAME] section: the proxy would not listen anywhere", str(files[-1]))
+    _check_references(sections, raw_sections)
+    return Config(
         sources=tuple(str(f) for f in files),
         settings=settings,
-        listeners=listeners,
-        upstreams=upstreams,
-        routes=tuple(routes),
-        filters=filters,
-        demo=demo,
-        admin=admin,
+        listeners=sections.listeners,
+        upstreams=sections.upstreams,
+        routes=tuple(sections.routes),
+        filters=sections.filters,
+        demo=sections.demo,
+        admin=sections.admin,
         raw_values=tuple(RawValue(value.file, raw.name, option, value.text, value.replaced)
                          for raw in raw_sections.values() for option, value in raw.options.items()),
     )
-    from chatproxy.proxy.tls import check_listener_tls
-
-    for listener in listeners.values():
-        try:
-            check_listener_tls(listener)
-        except ConfigError as error:
-            # Name the file that set the offending option (files are layered).
-            options = raw_sections[f"listen:{listener.name}"].options
-            if error.option in options:
-                error.file = options[error.option].file
-            raise
-    return config
