@@ -1646,7 +1646,7 @@ def test_close_frame_rule(length, code, reason, problem):
     """The close-frame rule (RFC 6455 5.5, 7.4), a pure function: a payload of 0
     or 2-125 bytes, a code of 1000-1003, 1007-1014 or 3000-4999, a UTF-8 reason;
     anything else is named."""
-    from chatproxy.proxy.websocket.bridge import close_frame_problem
+    from chatproxy.proxy.websocket.closing import close_frame_problem
 
     assert close_frame_problem(length, code, reason) == problem
 
@@ -1657,15 +1657,16 @@ def test_fast_path_steps_aside_for_an_autobahn_with_other_internals(monkeypatch)
     of the session failing."""
     from autobahn.twisted.websocket import WebSocketServerProtocol
 
-    import chatproxy.proxy.websocket.bridge as bridge_module
+    import chatproxy.proxy.websocket.frames as frames_module
+    from chatproxy.proxy.websocket.legs import ClientLeg
 
     calls: list[bytes] = []
     monkeypatch.setattr(WebSocketServerProtocol, "processData", lambda self: calls.append(self.data) or False)
-    monkeypatch.setattr(bridge_module, "_FAST_PATH", True)
-    leg = bridge_module.ClientLeg()
+    monkeypatch.setattr(frames_module, "_FAST_PATH", True)
+    leg = ClientLeg()
     leg.data = b"\x81\x80abcd"  # a whole masked empty text frame
-    leg.state = bridge_module._OPEN
+    leg.state = frames_module._OPEN
     leg.current_frame = None  # inside_message, _perMessageCompress, ... are missing
     assert leg.processData() is False
     assert calls == [b"\x81\x80abcd"]
-    assert bridge_module._FAST_PATH is False
+    assert frames_module._FAST_PATH is False

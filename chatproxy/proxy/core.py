@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -20,11 +20,33 @@ from chatproxy.proxy.routing import RouteTable
 from chatproxy.proxy.stats import Stats
 from chatproxy.proxy.timeouts import TimeoutSweeper
 
-if TYPE_CHECKING:
-    from chatproxy.proxy.front import FrontConnection
-    from chatproxy.proxy.websocket.bridge import WebSocketBridge
 
 log = Logger()
+
+
+class Session(Protocol):
+    """What the core needs of a WebSocket session (a bridge) or a tunnel."""
+
+    exchange: Any  # the exchange whose upgrade started it
+
+    def close_both(self, code: int, reason: str) -> None:
+        """End the session with ``code`` on both legs (a bridge)."""
+
+
+class ClientConnection(Protocol):
+    """What the core needs of a client connection (a front connection)."""
+
+    factory: Any
+    tunnel: Any  # a Session once the connection was upgraded, else None
+
+    def drain(self) -> None:
+        """Close once the current exchange is done (shutdown)."""
+
+    def close(self) -> None:
+        """Close after what was written is sent."""
+
+    def abort(self, hard: bool = False) -> None:
+        """Close without completing the response."""
 
 #: The WebSocket close code for sessions a reload ends (RFC 6455 registry: "Service Restart").
 SERVICE_RESTART = 1012
@@ -48,8 +70,8 @@ class ProxyCore:
         self.stats = Stats()
         self.plan = Plan(reactor, config, self.sweeper, self.stats, filters=filters)
         self.access_log = AccessLog(reactor, config.settings.access_log, config.settings.access_log_format)
-        self.connections: set[FrontConnection] = set()
-        self.websocket_sessions: set[WebSocketBridge] = set()
+        self.connections: set[ClientConnection] = set()
+        self.websocket_sessions: set[Session] = set()
         self.counters: Counter[str] = Counter()
         self._started = False
 

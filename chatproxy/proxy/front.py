@@ -29,10 +29,10 @@ from chatproxy.proxy.request import HostMemo, Rejection, decide
 from chatproxy.proxy.routing import TRACE_METHODS, allow_value
 from chatproxy.proxy.sending import send
 from chatproxy.proxy.tunnel import Tunnel
+from chatproxy.proxy.websocket.bridge import WebSocketBridge
 
 if TYPE_CHECKING:
     from chatproxy.config import Listener
-    from chatproxy.proxy.websocket.bridge import WebSocketBridge
     from chatproxy.proxy.upstream import UpstreamConnection
     from chatproxy.proxy.core import ProxyCore
 
@@ -531,8 +531,6 @@ class FrontConnection(Protocol):
     def start_bridge(self, exchange: Exchange) -> None:
         """Hand this connection to the WebSocket bridge (a bridge-mode route
         accepted the upgrade request; the bridge now answers it)."""
-        from chatproxy.proxy.websocket.bridge import WebSocketBridge
-
         if self._queue and self._queue[0] is exchange:
             self._queue.popleft()
         head = exchange.head
@@ -542,15 +540,11 @@ class FrontConnection(Protocol):
         self.tunnel = bridge
         self.core.session_started(exchange, lambda: bridge.close_both(1012, "service restart: route changed"))
         self._release_http_state()
-        request = [f"{head.method} {head.target} HTTP/1.1\r\n".encode("latin-1")]
-        request.extend(name + b": " + value + b"\r\n" for name, value in head.headers)
-        request.append(b"\r\n")
-        request.extend(self._upgrade_buffer or [])
-        self._upgrade_buffer = None
+        buffered, self._upgrade_buffer = self._upgrade_buffer or [], None
         self._read_pauses.clear()
         if self.transport is not None:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
-        bridge.start(b"".join(request))
+        bridge.start(b"".join(buffered))
 
     def start_tunnel(self, exchange: Exchange, connection: UpstreamConnection, leftover: bytes) -> None:
         """Relay bytes both ways from now on (the upstream accepted the upgrade)."""

@@ -21,7 +21,7 @@ and :meth:`HealthChecker.stop`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol as TypingProtocol
 
 import httptools
 from twisted.internet import defer
@@ -31,9 +31,21 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 if TYPE_CHECKING:
-    from chatproxy.proxy.upstream import ServerPool
+    from chatproxy.config import Upstream, UpstreamServer
 
 log = Logger()
+
+
+class Checked(TypingProtocol):
+    """What health checks need of a server's pool (a ``ServerPool``)."""
+
+    upstream: Upstream
+    server: UpstreamServer
+    reactor: Any
+    check_healthy: bool
+
+    def _endpoint(self, timeout: float | None = None) -> Any:
+        """A client endpoint to the server."""
 
 USER_AGENT = b"chatproxy-health-check"
 
@@ -107,7 +119,7 @@ class _ProbeFactory(Factory):
 class HealthChecker:
     """Periodic active checks of one server, marking its :class:`ServerPool` healthy or not."""
 
-    def __init__(self, pool: ServerPool) -> None:
+    def __init__(self, pool: Checked) -> None:
         self.pool = pool
         upstream = pool.upstream
         assert upstream.health_check_path is not None

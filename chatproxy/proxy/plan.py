@@ -13,20 +13,19 @@ connections.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from chatproxy.config import Config, Route, Upstream
 from chatproxy.filters.chain import FilterChain, RouteFilter
 from chatproxy.http.messages import in_networks
 from chatproxy.proxy.upstream import UpstreamPools
+from chatproxy.proxy.websocket.sockets import RouteSockets
 from chatproxy.proxy.routing import RouteTable
 from chatproxy.proxy.stats import Stats
 from chatproxy.proxy.timeouts import TimeoutSweeper
 from chatproxy.proxy.tls import build_client_tls
 from chatproxy.proxy.validate import validate
 
-if TYPE_CHECKING:
-    from chatproxy.proxy.websocket.bridge import RouteSockets
 
 
 def _body_limit(route: Route, default: int, chain: FilterChain) -> int:
@@ -104,8 +103,6 @@ class Plan:
         """The WebSocket server factory and limits of a bridge route (made once)."""
         sockets = self._sockets.get(route.name)
         if sockets is None:
-            from chatproxy.proxy.websocket.bridge import RouteSockets
-
             upstream = self.config.upstreams[route.upstream]
             sockets = RouteSockets(route, upstream.connect_timeout + upstream.response_timeout + 5,
                                    self.settings.close_timeout)

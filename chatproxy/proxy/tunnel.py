@@ -7,20 +7,39 @@ either side closing closes the other.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from attrs import evolve
 
 if TYPE_CHECKING:
+    from chatproxy.proxy.core import ProxyCore
     from chatproxy.proxy.exchange import Exchange
-    from chatproxy.proxy.front import FrontConnection
     from chatproxy.proxy.upstream import UpstreamConnection
+
+
+class TunnelClient(Protocol):
+    """What a tunnel needs of the client's connection (a front connection)."""
+
+    core: ProxyCore
+    client_paused: bool
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the client."""
+
+    def close(self) -> None:
+        """Close after what was written is sent."""
+
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading from the client for ``reason``."""
+
+    def resume_reading(self, reason: str) -> None:
+        """Read again, as far as ``reason`` is concerned."""
 
 
 class Tunnel:
     """Relays bytes between ``front`` and ``upstream`` after an upgrade."""
 
-    def __init__(self, front: FrontConnection, upstream: UpstreamConnection, exchange: Exchange) -> None:
+    def __init__(self, front: TunnelClient, upstream: UpstreamConnection, exchange: Exchange) -> None:
         self.front = front
         self.upstream = upstream
         self.exchange = exchange

@@ -26,6 +26,7 @@ from chatproxy.proxy.health import HealthChecker
 from chatproxy.http.messages import Header
 from chatproxy.proxy.sending import send
 from chatproxy.proxy.stats import Stats
+from chatproxy.proxy.tls import build_client_tls
 
 if TYPE_CHECKING:
     from chatproxy.config import Upstream, UpstreamServer
@@ -449,8 +450,6 @@ class UpstreamPools:
     """The servers of one upstream, chosen round-robin."""
 
     def __init__(self, reactor: Any, upstream: Upstream, sweeper: TimeoutSweeper, stats: Stats | None = None) -> None:
-        from chatproxy.proxy.tls import build_client_tls
-
         self.upstream = upstream
         self.servers = [
             ServerPool(reactor, upstream, server, sweeper, build_client_tls(upstream, server) if server.tls else None,

@@ -1,0 +1,163 @@
+"""The bridge's fast path for the common frame.
+
+A whole unfragmented, uncompressed text or binary frame of up to 64 KiB in an
+open session is unmasked, UTF-8-checked, relayed, masked (towards the
+upstream) and written by :class:`FastFrames` itself; every other frame goes
+through Autobahn exactly as without it, and Autobahn alone decides what is a
+protocol error.  The fast path reads Autobahn protocol attributes; with an
+Autobahn whose attributes differ it turns itself off (logged once).
+"""
+
+from __future__ import annotations
+
+import random
+
+from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.xormasker import create_xor_masker  # type: ignore[attr-defined]
+from twisted.logger import Logger
+
+from chatproxy.proxy.sending import send
+
+log = Logger()
+
+
+class FastFrames:
+    """The common case of the relay, done without Autobahn's general machinery:
+    a whole unfragmented, uncompressed text or binary frame of up to 64 KiB in
+    an open session.  Parsing it, masking and framing the message sent on, and
+    writing it (at once when nothing is queued, see
+    :func:`chatproxy.proxy.sending.send`) otherwise goes through half a dozen
+    Autobahn methods per message, each formatting debug-log arguments and
+    keeping statistics nobody reads; that was most of the bridge's CPU.
+
+    Anything else -- a frame not yet complete, a fragment, a control frame,
+    compression, a limit exceeded, invalid UTF-8, a protocol violation, a
+    session not open -- is left to Autobahn untouched, which handles (and
+    fails) it as before: the checks here only decide whether the fast path
+    applies, never what is an error.
+    """
+
+    data: bytes  # Autobahn's receive buffer
+    _RECEIVE_MASKED: bool  # frames from the peer are masked (it is a client)
+    _SEND_MASKED: bool  # frames to the peer are masked (we are its client)
+
+    def processData(self) -> bool:
+        if _FAST_PATH:
+            try:
+                message = self._whole_small_frame()
+            except AttributeError:  # an Autobahn whose internals differ: its own path from now on
+                _disable_fast_path()
+                message = None
+            if message is not None:
+                payload, binary = message
+                self.onMessage(payload, binary)  # type: ignore[attr-defined]
+                return len(self.data) > 0
+        return super().processData()  # type: ignore[misc,no-any-return]
+
+    def _whole_small_frame(self) -> tuple[bytes, bool] | None:
+        """Take a whole small text/binary frame off the receive buffer when the
+        fast path applies (see the class docstring), else None (nothing taken)."""
+        data = self.data
+        if not (self.current_frame is None and self.state == _OPEN  # type: ignore[attr-defined]
+                and not self.inside_message and self._perMessageCompress is None  # type: ignore[attr-defined]
+                and len(data) >= 2 and (data[0] == 0x81 or data[0] == 0x82)):  # FIN, no RSV, text/binary
+            return None
+        b1 = data[1]
+        masked = b1 >= 0x80
+        if masked != self._RECEIVE_MASKED:
+            return None
+        length = b1 & 0x7F
+        start = 2
+        if length == 126 and len(data) >= 4:
+            length = int.from_bytes(data[2:4], "big")
+            start = 4 if length >= 126 else 0  # not the minimal encoding: Autobahn's to refuse
+        elif length > 125:
+            start = 0  # 64-bit lengths: left to Autobahn
+        if not start:
+            return None
+        key = data[start:start + 4] if masked else b""
+        start += len(key)
+        end = start + length
+        frame_limit = self.maxFramePayloadSize  # type: ignore[attr-defined]
+        message_limit = self.maxMessagePayloadSize  # type: ignore[attr-defined]
+        if len(data) < end or 0 < frame_limit < length or 0 < message_limit < length or self.logFrames:  # type: ignore[attr-defined]
+            return None
+        payload = _unmask(data[start:end], key) if key and length else data[start:end]
+        text = data[0] == 0x81
+        if text and self.utf8validateIncoming and not is_utf8(payload):  # type: ignore[attr-defined]
+            return None  # Autobahn fails the session with 1007
+        restart_ping = self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic  # type: ignore[attr-defined]
+        self.data = data[end:]
+        if restart_ping:
+            self._cancelAutoPingTimeoutCall()  # type: ignore[attr-defined]
+        return payload, not text
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False, fragmentSize: int | None = None,
+                    sync: bool = False, doNotCompress: bool = False) -> None:
+        length = len(payload)
+        try:
+            general = (not _FAST_PATH or fragmentSize is not None or sync or length > 0xFFFF
+                       or self.state != _OPEN  # type: ignore[attr-defined]
+                       or self._perMessageCompress is not None or self.autoFragmentSize  # type: ignore[attr-defined]
+                       or self.send_queue or self.logFrames  # type: ignore[attr-defined]
+                       or 0 < self.maxMessagePayloadSize < length)  # type: ignore[attr-defined]
+        except AttributeError:  # an Autobahn whose internals differ
+            _disable_fast_path()
+            general = True
+        if general:
+            super().sendMessage(payload, isBinary, fragmentSize, sync, doNotCompress)  # type: ignore[misc]
+            return
+        head = b"\x82" if isBinary else b"\x81"
+        if self._SEND_MASKED:
+            key = random.getrandbits(32).to_bytes(4, "big")  # as Autobahn does
+            if length < 126:
+                frame = head + bytes((0x80 | length,)) + key
+            else:
+                frame = head + b"\xfe" + length.to_bytes(2, "big") + key
+            frame += _unmask(payload, key) if length else b""
+        elif length < 126:
+            frame = head + bytes((length,)) + payload
+        else:
+            frame = head + b"\x7e" + length.to_bytes(2, "big") + payload
+        send(self.transport, frame)  # type: ignore[attr-defined]
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Close frames, pings and pongs, and what the fast path leaves to Autobahn.
+        if sync or chopsize or self.send_queue or self.logOctets:  # type: ignore[attr-defined]
+            super().sendData(data, sync, chopsize)  # type: ignore[misc]
+        else:
+            send(self.transport, data)  # type: ignore[attr-defined]
+
+
+_OPEN = WebSocketProtocol.STATE_OPEN
+#: Whether the fast path is used: it reads Autobahn's protocol attributes, so
+#: an Autobahn whose internals differ turns it off (and is used for everything).
+_FAST_PATH = True
+
+
+def _disable_fast_path() -> None:
+    global _FAST_PATH
+    if _FAST_PATH:
+        _FAST_PATH = False
+        log.warn("this Autobahn version's internals differ from what the WebSocket fast path reads: "
+                 "every frame goes through Autobahn (slower, same behaviour)")
+
+
+def _unmask(payload: bytes, key: bytes) -> bytes:
+    """``payload`` XOR the repeated 4-byte ``key`` (masking and unmasking alike)."""
+    n = len(payload)
+    if n > 1024:
+        return create_xor_masker(key, n).process(payload)  # type: ignore[no-any-return]
+    whole = (key * ((n >> 2) + 1))[:n]
+    return (int.from_bytes(payload, "little") ^ int.from_bytes(whole, "little")).to_bytes(n, "little")
+
+
+def is_utf8(payload: bytes) -> bool:
+    """Valid UTF-8 as WebSocket requires it (no surrogates, no overlong forms)."""
+    if payload.isascii():
+        return True
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -1,0 +1,102 @@
+"""Per WebSocket route: the Autobahn server factory and the protocol options
+of both legs, shared by the route's sessions."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory
+from autobahn.websocket.compress import (
+    PerMessageDeflateOffer,
+    PerMessageDeflateOfferAccept,
+    PerMessageDeflateResponse,
+    PerMessageDeflateResponseAccept,
+)
+
+from chatproxy.proxy.websocket.legs import ClientLeg
+
+if TYPE_CHECKING:
+    from chatproxy.config import Route
+
+
+class RouteSockets:
+    """The Autobahn server factory and limits for one WebSocket route."""
+
+    def __init__(self, route: Route, open_timeout: float, close_timeout: float) -> None:
+        options = route.ws
+        self.route = route
+        self.options = options
+        self.close_timeout = close_timeout
+        factory = WebSocketServerFactory()
+        factory.noisy = False
+        factory.protocol = ClientLeg
+        factory.server = "chatproxy"
+        factory.setProtocolOptions(
+            maxFramePayloadSize=options.max_frame_bytes,
+            maxMessagePayloadSize=options.max_message_bytes,
+            openHandshakeTimeout=open_timeout,
+            closeHandshakeTimeout=close_timeout,
+            autoPingInterval=options.ping_interval or 0,
+            autoPingTimeout=options.ping_timeout or 0,
+            autoPingRestartOnAnyTraffic=True,
+            perMessageCompressionAccept=_accept_deflate if options.compression else None,
+            failByDrop=False,  # a failure sends a close frame (when the bridge says so, see _BridgeLeg)
+        )
+        factory._batched_timer = TIMER
+        self.server_factory = factory
+
+    def client_options(self) -> dict[str, Any]:
+        """Protocol options for an upstream leg of this route."""
+        options = self.options
+        return dict(
+            maxFramePayloadSize=options.max_frame_bytes,
+            maxMessagePayloadSize=options.max_message_bytes,
+            openHandshakeTimeout=0,
+            closeHandshakeTimeout=self.close_timeout,
+            autoPingInterval=options.ping_interval or 0,
+            autoPingTimeout=options.ping_timeout or 0,
+            autoPingRestartOnAnyTraffic=True,
+            perMessageCompressionOffers=[PerMessageDeflateOffer()] if options.compression else [],
+            perMessageCompressionAccept=_accept_deflate_response if options.compression else None,
+            failByDrop=False,
+        )
+
+
+class _Timer:
+    """Autobahn's timers (pings, ping and handshake timeouts) at the delay asked
+    for.  txaio's batched timer, Autobahn's default, rounds the due time down to
+    a whole second: a 1 s ping_timeout could fire a millisecond after the ping
+    and drop a healthy peer, a 300 ms ping_interval pinged at once."""
+
+    def call_later(self, delay: float, func: Any, *args: Any, **kwargs: Any) -> _Call:
+        from twisted.internet import reactor
+
+        return _Call(reactor.callLater(delay, func, *args, **kwargs))  # type: ignore[attr-defined]
+
+
+class _Call:
+    """A timer call whose cancel() may come after it ran (as Autobahn expects)."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+#: The timer every Autobahn protocol of the bridge uses (see _Timer).
+TIMER = _Timer()
+
+
+def _accept_deflate(offers: list[Any]) -> Any:
+    for offer in offers:
+        if isinstance(offer, PerMessageDeflateOffer):
+            return PerMessageDeflateOfferAccept(offer)
+    return None
+
+
+def _accept_deflate_response(response: Any) -> Any:
+    if isinstance(response, PerMessageDeflateResponse):
+        return PerMessageDeflateResponseAccept(response)
+    return None
