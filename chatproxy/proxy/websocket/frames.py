@@ -57,30 +57,18 @@ class FastFrames:
     def _whole_small_frame(self) -> tuple[bytes, bool] | None:
         """Take a whole small text/binary frame off the receive buffer when the
         fast path applies (see the class docstring), else None (nothing taken)."""
-        data = self.data
         if not (self.current_frame is None and self.state == _OPEN  # type: ignore[attr-defined]
-                and not self.inside_message and self._perMessageCompress is None  # type: ignore[attr-defined]
-                and len(data) >= 2 and (data[0] == 0x81 or data[0] == 0x82)):  # FIN, no RSV, text/binary
+                and not self.inside_message and self._perMessageCompress is None):  # type: ignore[attr-defined]
             return None
-        b1 = data[1]
-        masked = b1 >= 0x80
-        if masked != self._RECEIVE_MASKED:
+        data = self.data
+        span = frame_span(data, self._RECEIVE_MASKED)
+        if span is None:
             return None
-        length = b1 & 0x7F
-        start = 2
-        if length == 126 and len(data) >= 4:
-            length = int.from_bytes(data[2:4], "big")
-            start = 4 if length >= 126 else 0  # not the minimal encoding: Autobahn's to refuse
-        elif length > 125:
-            start = 0  # 64-bit lengths: left to Autobahn
-        if not start:
-            return None
-        key = data[start:start + 4] if masked else b""
-        start += len(key)
-        end = start + length
+        start, end, key = span
+        length = end - start
         frame_limit = self.maxFramePayloadSize  # type: ignore[attr-defined]
         message_limit = self.maxMessagePayloadSize  # type: ignore[attr-defined]
-        if len(data) < end or 0 < frame_limit < length or 0 < message_limit < length or self.logFrames:  # type: ignore[attr-defined]
+        if 0 < frame_limit < length or 0 < message_limit < length or self.logFrames:  # type: ignore[attr-defined]
             return None
         payload = _unmask(data[start:end], key) if key and length else data[start:end]
         text = data[0] == 0x81
@@ -141,6 +129,31 @@ def _disable_fast_path() -> None:
         _FAST_PATH = False
         log.warn("this Autobahn version's internals differ from what the WebSocket fast path reads: "
                  "every frame goes through Autobahn (slower, same behaviour)")
+
+
+def frame_span(data: bytes, masked: bool) -> tuple[int, int, bytes] | None:
+    """(start, end, masking key) of the payload of the whole frame at the start
+    of ``data`` when the fast path takes it: FIN, no RSV bits, text or binary,
+    masked as ``masked`` says, a 7-bit or minimal 16-bit length; None for
+    anything else (an incomplete frame included), which Autobahn handles."""
+    if len(data) < 2 or (data[0] != 0x81 and data[0] != 0x82):
+        return None
+    b1 = data[1]
+    if (b1 >= 0x80) != masked:
+        return None
+    length = b1 & 0x7F
+    start = 2
+    if length == 126:
+        length = int.from_bytes(data[2:4], "big") if len(data) >= 4 else 0
+        if length < 126:
+            return None  # incomplete, or not the minimal encoding: Autobahn's to refuse
+        start = 4
+    elif length > 125:
+        return None  # 64-bit lengths: left to Autobahn
+    key = data[start:start + 4] if masked else b""
+    start += len(key)
+    end = start + length
+    return (start, end, key) if len(data) >= end else None
 
 
 def _unmask(payload: bytes, key: bytes) -> bytes:
