@@ -131,9 +131,6 @@ class Exchange:
         self.content_length = request.content_length
         self.chunked_in = request.chunked
         self.body_done = not (request.chunked or (request.content_length or 0) > 0)
-        # What an upstream connection reading the response corks: the client (a bound method, no extra call).
-        self.cork = client.cork
-        self.uncork = client.uncork
         self.body_limit = plan.settings.max_body_bytes
         self.started = client.core.sweeper.now()
         # After an upgrade request the parser is done with this connection:
@@ -405,8 +402,16 @@ class Exchange:
             self.close_after = True
         if self.set_cookie is not None:
             out.append((b"Set-Cookie", self.set_cookie))  # sticky sessions: pins the client to this server
-        out += self._connection_header()
-        self._relay_head(status, reason, out)
+        client = self.client
+        if not self.client_keep_alive or self.close_after or client.closing or client.draining:
+            out.append((b"Connection", b"close"))
+        elif self.head.version == "1.0":
+            out.append((b"Connection", b"keep-alive"))
+        chain = self.chain
+        if (chain is None or not chain.sees_responses) and not client.listener.response_headers:
+            self._write_head(status, reason, out)  # nothing to change: the common case
+        else:
+            self._relay_head(status, reason, out)
 
     def _switching(self, reason: bytes, headers: list[Header], names: list[bytes]) -> None:
         """The upstream answered 101: relayed if an upgrade was asked for, else 502."""
@@ -431,23 +436,9 @@ class Exchange:
             self.close_after = True
             self.close_delimited = True
 
-    def _connection_header(self) -> list[Header]:
-        """``Connection: close`` when the connection ends after this response,
-        ``keep-alive`` for an HTTP/1.0 client it stays open for."""
-        client = self.client
-        if not self.client_keep_alive or self.close_after or client.closing or client.draining:
-            return [(b"Connection", b"close")]
-        if self.head.version == "1.0":
-            return [(b"Connection", b"keep-alive")]
-        return []
-
     def _relay_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
         """Send the upstream's response head on, as the route's filters and the
         listener have it; a failing response hook answers 500 instead."""
-        chain = self.chain
-        if (chain is None or not chain.sees_responses) and not self.client.listener.response_headers:
-            self._write_head(status, reason, headers)  # nothing to change: the common case
-            return
         final = self._answer_headers(status, headers)
         if final is None:
             self._give_up_upstream()

@@ -25,7 +25,7 @@ from chatproxy.http.messages import Header, client_ip, in_networks, local_respon
 from chatproxy.proxy.accesslog import AccessRecord
 from chatproxy.proxy.exchange import Exchange
 from chatproxy.proxy.forwarding import Connection, connection_of
-from chatproxy.proxy.request import HostMemo, Rejection, decide
+from chatproxy.proxy.request import HostMemo, decide
 from chatproxy.proxy.routing import TRACE_METHODS, allow_value
 from chatproxy.proxy.sending import send
 from chatproxy.proxy.tunnel import Tunnel
@@ -312,7 +312,7 @@ class FrontConnection(Protocol):
             # not make is forwarded as an ordinary request, and the connection
             # is not used again.
             self._upgrade_request = exchange
-        if isinstance(request, Rejection):
+        if exchange.error is not None:
             # A bad request ends the connection: nothing after it is parsed.
             self.closing_after_queue()
         return exchange

@@ -39,11 +39,18 @@ EJECT_AFTER = 3
 EJECTION_SECONDS = 10.0
 
 
-class ResponseSink(TypingProtocol):
-    """What an upstream connection reports to (an exchange)."""
+class Corked(TypingProtocol):
+    """Where a response goes (the exchange's client side), gathering writes while corked."""
 
     def cork(self) -> None: ...
     def uncork(self) -> None: ...
+
+
+class ResponseSink(TypingProtocol):
+    """What an upstream connection reports to (an exchange)."""
+
+    @property
+    def client(self) -> Corked: ...
     def response_head(self, status: int, reason: bytes, headers: list[Header], names: list[bytes],
                       body_framing: str) -> None: ...
     def response_body(self, data: bytes) -> None: ...
@@ -102,19 +109,20 @@ class UpstreamConnection(Protocol):
         self._got_bytes = True
         if self._head_done:
             self.deadline = self.pool.sweeper.now() + self.pool.upstream.response_timeout
-        sink.cork()  # what this read produces for the client goes out in one send
+        client = sink.client
+        client.cork()  # what this read produces for the client goes out in one send
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
             offset = int(upgrade.args[0]) if upgrade.args else len(data)
             self.deadline = 0.0
             self.sink = None
-            sink.uncork()
+            client.uncork()
             sink.response_upgraded(data[offset:])
         except httptools.HttpParserError as error:
             self._fail(f"malformed response from upstream: {error}", timeout=False)
         finally:
-            sink.uncork()
+            client.uncork()
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._closed = True
