@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -20,63 +19,18 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatproxy.proxy.accesslog import AccessLog
 from chatproxy.config import Config, ConfigError, Listener, load_config
-from chatproxy.proxy.gate import GateFactory
-from chatproxy.proxy.front import FrontFactory
-from chatproxy.proxy.plan import Plan
-from chatproxy.proxy.core import ProxyCore
+from chatproxy.process.environment import WORKER_DIR_ENV, WORKER_ENV
+from chatproxy.process.notify import notify_reloading, sd_notify
 from chatproxy.process.sharing import shared_endpoint, socket_identity
+from chatproxy.proxy.accesslog import AccessLog
+from chatproxy.proxy.core import ProxyCore
+from chatproxy.proxy.front import FrontFactory
+from chatproxy.proxy.gate import GateFactory
+from chatproxy.proxy.plan import Plan
 from chatproxy.proxy.tls import HandshakeCountingTLSFactory, build_server_tls, create_self_signed
 
 log = Logger()
-
-
-def sd_notify(state: str) -> None:
-    """Tell systemd (``Type=notify``) about our state through ``$NOTIFY_SOCKET``;
-    nothing happens when not started by systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    worker = os.environ.get(WORKER_ENV)
-    if worker:
-        state += f"\n{WORKER_ENV}={worker}"  # the master tells its workers apart
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # an abstract socket
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-            notify.setblocking(False)  # never wait for the receiver (systemd, or a worker's master)
-            notify.connect(address)
-            notify.sendall(state.encode("utf-8"))
-    except OSError as e:
-        log.warn("cannot notify systemd at {address}: {error}", address=address, error=e)
-
-
-#: Set in a worker process's environment: its number (1..N).
-WORKER_ENV = "CHATPROXY_WORKER"
-#: Set in a worker process's environment: the master's private directory.
-WORKER_DIR_ENV = "CHATPROXY_WORKER_DIR"
-
-
-def notify_reloading() -> None:
-    """Tell systemd a reload began (``RELOADING=1`` with the monotonic time it asks for)."""
-    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}\nSTATUS=reloading")
-
-
-def announce_refused_reload(reason: str) -> None:
-    """Log a refused reload and tell systemd the previous configuration serves on."""
-    log.error("reload refused, the previous configuration keeps serving: {reason}", reason=reason)
-    sd_notify("READY=1\nSTATUS=reload refused: " + reason[:200])
-
-
-def handle_drain_and_reload(reactor: Any, drain: Callable[[], Any], reload: Callable[[], Any]) -> None:
-    """SIGTERM calls ``drain`` (rather than stopping the reactor at once) and
-    SIGHUP ``reload``, in the reactor thread; only from the main thread, where
-    signal handlers can be set (call it once the reactor runs, after its own)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(reactor, "callFromThread"):
-        return
-    signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(drain))
-    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
 
 
 class StartupError(Exception):
@@ -95,6 +49,22 @@ def ensure_certificate(listener: Listener) -> None:
             "[listen:{name}] created a self-signed certificate for localhost: {certificate} (key: {key})",
             name=listener.name, certificate=str(listener.certificate), key=str(listener.key),
         )
+
+
+def handle_drain_and_reload(reactor: Any, drain: Callable[[], Any], reload: Callable[[], Any]) -> None:
+    """SIGTERM calls ``drain`` (rather than stopping the reactor at once) and
+    SIGHUP ``reload``, in the reactor thread; only from the main thread, where
+    signal handlers can be set (call it once the reactor runs, after its own)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(reactor, "callFromThread"):
+        return
+    signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(drain))
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
+
+
+def announce_refused_reload(reason: str) -> None:
+    """Log a refused reload and tell systemd the previous configuration serves on."""
+    log.error("reload refused, the previous configuration keeps serving: {reason}", reason=reason)
+    sd_notify("READY=1\nSTATUS=reload refused: " + reason[:200])
 
 
 class SwitchFactory(Factory):

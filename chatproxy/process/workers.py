@@ -24,6 +24,7 @@ its own socket for every listener, bound and kept by the master (see
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -37,14 +38,16 @@ from typing import Any, Collection, Sequence
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import DatagramProtocol, Factory, ProcessProtocol
-from twisted.protocols.basic import LineOnlyReceiver
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
+from twisted.scripts.twistd import run as run_twistd
 
 from chatproxy.config import Config, ConfigError, load_config
-from chatproxy.process.service import (WORKER_DIR_ENV, WORKER_ENV, StartupError, announce_refused_reload, ensure_certificate,
-                               handle_drain_and_reload, notify_reloading, sd_notify)
+from chatproxy.process.environment import MASTER_PID_ENV, WORKER_DIR_ENV, WORKER_ENV
+from chatproxy.process.service import StartupError, announce_refused_reload, ensure_certificate, handle_drain_and_reload
+from chatproxy.process.notify import NotifyReceiver, notify_reloading, sd_notify
 from chatproxy.process.sharing import BROKER_SOCKET, bind_listening, can_share, endpoint_kind, socket_identity
 
 log = Logger()
@@ -82,22 +85,16 @@ def worker_main() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     master = os.environ.get(MASTER_PID_ENV, "")
     try:
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
     if master and str(os.getppid()) != master:  # the master died before prctl took effect
         raise SystemExit(1)
-    from twisted.scripts.twistd import run
-
     sys.argv[0] = "twistd"
-    run()
+    run_twistd()
 
 
 _PR_SET_PDEATHSIG = 1
-#: Set in a worker's environment: the master's pid.
-MASTER_PID_ENV = "CHATPROXY_MASTER_PID"
 
 
 def _logger_args(argv: Sequence[str]) -> list[str]:
@@ -165,17 +162,6 @@ class _Worker(ProcessProtocol):
                 self.transport.signalProcess(name)  # type: ignore[attr-defined]
             except Exception:  # already gone
                 pass
-
-
-class _NotifyReceiver(DatagramProtocol):
-    """The master's end of its workers' ``NOTIFY_SOCKET``."""
-
-    def __init__(self, master: Master) -> None:
-        self.master = master
-
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        fields = dict(line.split("=", 1) for line in data.decode("utf-8", "replace").splitlines() if "=" in line)
-        self.master.worker_state(fields)
 
 
 class _SocketBroker(LineOnlyReceiver):
@@ -307,7 +293,7 @@ class Master(Service):
         self.directory = tempfile.mkdtemp(prefix="chatproxy-")
         os.chmod(self.directory, 0o700)
         self.ports["notify"] = self.reactor.listenUNIXDatagram(os.path.join(self.directory, "notify"),
-                                                               _NotifyReceiver(self))
+                                                               NotifyReceiver(self.worker_state))
         broker = Factory.forProtocol(lambda: _SocketBroker(self))
         broker.noisy = False
         self.ports["sockets"] = self.reactor.listenUNIX(os.path.join(self.directory, BROKER_SOCKET), broker, mode=0o600)
