@@ -4,11 +4,9 @@ reload (SIGHUP) and drain (SIGTERM)."""
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from attrs import define
 from twisted.application.service import MultiService
@@ -21,6 +19,8 @@ from twisted.python.failure import Failure
 
 from chatproxy.config import Config, ConfigError, Listener, load_config
 from chatproxy.process.environment import WORKER_DIR_ENV, WORKER_ENV
+from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, default_reactor, ensure_certificate,
+                                         handle_drain_and_reload)
 from chatproxy.process.notify import notify_reloading, sd_notify
 from chatproxy.process.sharing import shared_endpoint, socket_identity
 from chatproxy.proxy.accesslog import AccessLog
@@ -28,43 +28,9 @@ from chatproxy.proxy.core import ProxyCore
 from chatproxy.proxy.front import FrontFactory
 from chatproxy.proxy.gate import GateFactory
 from chatproxy.proxy.plan import Plan
-from chatproxy.proxy.tls import HandshakeCountingTLSFactory, build_server_tls, create_self_signed
+from chatproxy.proxy.tls import HandshakeCountingTLSFactory, build_server_tls
 
 log = Logger()
-
-
-class StartupError(Exception):
-    """The proxy cannot start (a port in use, a certificate that cannot be written)."""
-
-
-def ensure_certificate(listener: Listener) -> None:
-    """Create the self-signed certificate a listener asks for (``create_self_signed``) if its files are missing."""
-    assert listener.certificate is not None and listener.key is not None
-    if listener.create_self_signed and not (listener.certificate.exists() and listener.key.exists()):
-        try:
-            create_self_signed(listener.certificate, listener.key)
-        except OSError as e:
-            raise StartupError(f"[listen:{listener.name}]: cannot create a self-signed certificate: {e}") from None
-        log.info(
-            "[listen:{name}] created a self-signed certificate for localhost: {certificate} (key: {key})",
-            name=listener.name, certificate=str(listener.certificate), key=str(listener.key),
-        )
-
-
-def handle_drain_and_reload(reactor: Any, drain: Callable[[], Any], reload: Callable[[], Any]) -> None:
-    """SIGTERM calls ``drain`` (rather than stopping the reactor at once) and
-    SIGHUP ``reload``, in the reactor thread; only from the main thread, where
-    signal handlers can be set (call it once the reactor runs, after its own)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(reactor, "callFromThread"):
-        return
-    signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(drain))
-    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
-
-
-def announce_refused_reload(reason: str) -> None:
-    """Log a refused reload and tell systemd the previous configuration serves on."""
-    log.error("reload refused, the previous configuration keeps serving: {reason}", reason=reason)
-    sd_notify("READY=1\nSTATUS=reload refused: " + reason[:200])
 
 
 class SwitchFactory(Factory):
@@ -125,11 +91,7 @@ class ChatproxyService(MultiService):
 
     def __init__(self, config: Config, reactor: Any = None, config_paths: Sequence[str] | None = None) -> None:
         super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self.reactor = reactor
+        self.reactor = reactor if reactor is not None else default_reactor()
         self.config = config
         self.config_paths = list(config_paths) if config_paths is not None else list(config.sources)
         self.core: ProxyCore | None = None

@@ -46,7 +46,8 @@ from twisted.scripts.twistd import run as run_twistd
 
 from chatproxy.config import Config, ConfigError, load_config
 from chatproxy.process.environment import MASTER_PID_ENV, WORKER_DIR_ENV, WORKER_ENV
-from chatproxy.process.service import StartupError, announce_refused_reload, ensure_certificate, handle_drain_and_reload
+from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, default_reactor, ensure_certificate,
+                                         handle_drain_and_reload)
 from chatproxy.process.notify import NotifyReceiver, notify_reloading, sd_notify
 from chatproxy.process.sharing import BROKER_SOCKET, bind_listening, can_share, endpoint_kind, socket_identity
 
@@ -189,11 +190,7 @@ class Master(Service):
 
     def __init__(self, config: Config, config_paths: Sequence[str], reactor: Any = None,
                  twistd_args: Sequence[str] = ()) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self.reactor = reactor
+        self.reactor = reactor if reactor is not None else default_reactor()
         self.config = config
         self.config_paths = [os.path.abspath(path) for path in config_paths]  # workers may start elsewhere
         self.twistd_args = list(twistd_args) if twistd_args else _logger_args(sys.argv)
