@@ -18,6 +18,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatproxy.config import Config, ConfigError, Listener, load_config
+from chatproxy.demo import demo_site
+from chatproxy.process.admin import admin_site
 from chatproxy.process.environment import WORKER_DIR_ENV, WORKER_ENV
 from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, default_reactor, ensure_certificate,
                                          handle_drain_and_reload)
@@ -124,14 +126,10 @@ class ChatproxyService(MultiService):
         """Every socket ``config`` asks for: key -> (endpoint, factory, listener)."""
         wanted: dict[str, tuple[str, IProtocolFactory, Listener | None]] = {}
         if config.demo is not None and self.worker is None:  # the master runs the demo for all workers
-            from chatproxy.demo import demo_site
-
             wanted["demo"] = (config.demo.endpoint, demo_site(), None)
         for listener in config.listeners.values():
             wanted[f"listen:{listener.name}"] = (listener.endpoint, FrontFactory(core, listener), listener)
         if config.admin is not None or self.worker is not None:
-            from chatproxy.process.admin import admin_site
-
             wanted["admin"] = (self._admin_endpoint(config), admin_site(self), None)
         return wanted
 

@@ -45,9 +45,11 @@ from twisted.python.failure import Failure
 from twisted.scripts.twistd import run as run_twistd
 
 from chatproxy.config import Config, ConfigError, load_config
+from chatproxy.demo import demo_site
 from chatproxy.process.environment import MASTER_PID_ENV, WORKER_DIR_ENV, WORKER_ENV
 from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, default_reactor, ensure_certificate,
                                          handle_drain_and_reload)
+from chatproxy.process.master_admin import master_admin_site
 from chatproxy.process.notify import NotifyReceiver, notify_reloading, sd_notify
 from chatproxy.process.sharing import BROKER_SOCKET, bind_listening, can_share, endpoint_kind, socket_identity
 
@@ -227,13 +229,9 @@ class Master(Service):
                 if listener.tls:
                     ensure_certificate(listener)  # once, before the workers load it
             if self.config.demo is not None:
-                from chatproxy.demo import demo_site
-
                 self.ports["demo"] = self._listen("[demo]", self.config.demo.endpoint, demo_site())
                 log.info("demo chat upstream listening on {endpoint}", endpoint=self.config.demo.endpoint)
             if self.config.admin is not None:
-                from chatproxy.process.master_admin import master_admin_site
-
                 self.ports["admin"] = self._listen("[admin]", self.config.admin.endpoint, master_admin_site(self))
                 log.info("[admin] health and metrics of all workers on {endpoint}", endpoint=self.config.admin.endpoint)
         except (_ListenError, StartupError) as e:
@@ -509,14 +507,7 @@ class Master(Service):
                 closed.addCallback(self._reopen, key, after.endpoint)
 
     def _reopen(self, _: Any, key: str, endpoint: str) -> None:
-        if key == "demo":
-            from chatproxy.demo import demo_site
-
-            factory: Any = demo_site()
-        else:
-            from chatproxy.process.master_admin import master_admin_site
-
-            factory = master_admin_site(self)
+        factory = demo_site() if key == "demo" else master_admin_site(self)
         try:
             self.ports[key] = self._listen(f"[{key}]", endpoint, factory)
             log.info("[{key}] now on {endpoint}", key=key, endpoint=endpoint)
