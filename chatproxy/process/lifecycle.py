@@ -48,7 +48,13 @@ def ensure_certificate(listener: Listener) -> None:
 def handle_drain_and_reload(reactor: Any, drain: Callable[[], Any], reload: Callable[[], Any]) -> None:
     """SIGTERM calls ``drain`` (rather than stopping the reactor at once) and
     SIGHUP ``reload``, in the reactor thread; only from the main thread, where
-    signal handlers can be set (call it once the reactor runs, after its own)."""
+    signal handlers can be set.
+
+    Call it before the first socket opens, so that a signal arriving while
+    the process starts is neither lost nor fatal (the default action of both
+    is to terminate): the call waits until the reactor runs.  Call it again
+    once the reactor runs, since the reactor installs its own SIGTERM
+    handler when it starts."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(reactor, "callFromThread"):
         return
     signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(drain))

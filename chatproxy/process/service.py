@@ -173,7 +173,9 @@ class ChatproxyService(MultiService):
     # -- start
 
     def privilegedStartService(self) -> None:
-        """Open the listening sockets (before twistd drops privileges)."""
+        """Open the listening sockets (before twistd drops privileges).
+        SIGTERM and SIGHUP drain and reload from now on."""
+        handle_drain_and_reload(self.reactor, self.drain, self.reload)
         try:
             try:
                 self.core = core = ProxyCore(self.reactor, self.config)

@@ -83,7 +83,7 @@ def worker_main() -> None:
     to receive SIGTERM when the master dies however it dies, so that no
     worker outlives its master (Linux's ``PR_SET_PDEATHSIG``)."""
     # SIGHUP's default is to terminate: until the service installs its
-    # handler (once the reactor runs), a reload must not kill the worker.
+    # handler (before it listens), a reload must not kill the worker.
     # The master sends it again once the worker is ready.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     master = os.environ.get(MASTER_PID_ENV, "")
@@ -221,8 +221,10 @@ class Master(Service):
 
     def privilegedStartService(self) -> None:
         """Create self-signed certificates and open the demo and admin
-        listeners (before twistd drops privileges, like a single process)."""
+        listeners (before twistd drops privileges, like a single process).
+        SIGTERM and SIGHUP drain and reload from now on."""
         self._privileged_done = True
+        handle_drain_and_reload(self.reactor, self.drain, self.reload)
         try:
             self._bind_listeners(self.config)
             for listener in self.config.listeners.values():
@@ -297,6 +299,7 @@ class Master(Service):
         for index in range(1, self.count + 1):
             self._spawn(index)
         if hasattr(self.reactor, "callWhenRunning"):
+            # After the reactor installed its own signal handlers, so ours win.
             self.reactor.callWhenRunning(handle_drain_and_reload, self.reactor, self.drain, self.reload)
 
     def _spawn(self, index: int) -> None:
