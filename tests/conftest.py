@@ -322,13 +322,44 @@ def upstream() -> Iterator[RecordingUpstream]:
 # The proxy under test
 
 
+#: How long teardown gives a proxy to exit after SIGTERM.  The tests' configurations leave
+#: ``drain_timeout`` at its default (30 s) unless they say otherwise, so a proxy still running
+#: after this bound is a drain that hangs on something, not one that is merely slow.
+STOP_TIMEOUT = 10.0
+
+
+def stop_proxy(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> str | None:
+    """SIGTERM a chatproxy process (if it still runs) and wait for it, at most ``timeout``
+    (:data:`STOP_TIMEOUT`, below the default ``drain_timeout``), then SIGKILL it.  Returns
+    what was wrong -- it did not exit in time, or not with status 0 -- or None after a clean
+    exit."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+            return f"chatproxy did not exit within {timeout:g}s of SIGTERM (killed)"
+    if process.returncode != 0:
+        return f"chatproxy exited with status {process.returncode}, not 0"
+    return None
+
+
 class ProxyProcess:
-    """A ``twistd -n chatproxy`` subprocess with its config files and output."""
+    """A ``twistd -n chatproxy`` subprocess with its config files and output.
+
+    Its end is checked: :meth:`stop` (teardown) asserts that SIGTERM makes it
+    exit with status 0 within :data:`STOP_TIMEOUT`.  A test that ends it in
+    another way says so: :meth:`wait_exit` (it exits by itself and the test
+    asserts the status) or :meth:`kill` (SIGKILL on purpose)."""
 
     def __init__(self, directory: Path, configs: list[Path], wait_port: int | None) -> None:
         self.dir = directory
         self.configs = configs
         self.log_path = directory / "twistd.out"
+        #: Why teardown does not check this process's exit (None: it does).
+        self.exit_left_to_test: str | None = None
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         args = [TWISTD, "-n", "--pidfile=", "chatproxy"]
         for config in configs:
@@ -339,23 +370,51 @@ class ProxyProcess:
             try:
                 wait_for_port(wait_port, process=self.process)
             except Exception:
-                self.stop()
+                self._reap()
                 raise RuntimeError("chatproxy did not start:\n" + self.output())
 
     def output(self) -> str:
         """Everything the process printed so far."""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, then wait (bounded); returns the exit status."""
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        """Wait (bounded) for the proxy to exit by itself -- a start that must fail, or a
+        SIGTERM the test sent -- and return its status, which the test asserts; teardown
+        leaves that exit to the test.  Raises ``subprocess.TimeoutExpired`` like
+        ``Popen.wait``."""
+        status = self.process.wait(timeout)
+        self.exit_left_to_test = f"the test waited for its exit (status {status}) and checks it"
+        return status
+
+    def kill(self) -> int:
+        """SIGKILL the proxy on purpose (a test of what an unclean death leaves behind) and
+        reap it (bounded); teardown does not expect a clean exit from it.  Returns the status."""
+        self.exit_left_to_test = "killed on purpose by the test"
+        self.process.kill()
+        return self.process.wait(10)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """Stop the proxy and check that it drained cleanly: SIGTERM (if it still runs), then
+        assert that it exited with status 0 within ``timeout`` (10 s, below the default
+        ``drain_timeout`` of 30 s, so a drain that hangs fails instead of being SIGKILLed
+        quietly).  A process whose exit the test took over (:meth:`wait_exit`, :meth:`kill`)
+        or that was already checked is only reaped.  Returns the exit status."""
+        if self.exit_left_to_test is not None:
+            return self._reap()
+        self.exit_left_to_test = "already stopped and checked"  # one check, even if stop() is called again
+        problem = stop_proxy(self.process, timeout)
+        self._log.close()
+        if problem is not None:
+            raise AssertionError(problem + ":\n" + self.output()[-4000:])
+        return int(self.process.returncode)
+
+    def _reap(self) -> int:
+        """SIGKILL the process if it still runs, wait for it (bounded), close the log; its status."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+            self.process.kill()
+            self.process.wait(5)
         self._log.close()
         return int(self.process.returncode)
 
@@ -388,14 +447,22 @@ class ProxyStarter:
         return process
 
     def stop_all(self) -> None:
-        """Stop every started process."""
+        """Stop every started process (:meth:`ProxyProcess.stop`: each must exit 0 on
+        SIGTERM within the bound); all are stopped before the first failure is raised."""
+        failures: list[AssertionError] = []
         for process in self.processes:
-            process.stop()
+            try:
+                process.stop()
+            except AssertionError as failure:
+                failures.append(failure)
+        if failures:
+            raise AssertionError("\n\n".join(str(failure) for failure in failures))
 
 
 @pytest.fixture
 def proxy(tmp_path: Path) -> Iterator[ProxyStarter]:
-    """Start chatproxy processes for a test; all are stopped afterwards."""
+    """Start chatproxy processes for a test; all are stopped afterwards, and each must
+    exit 0 on SIGTERM within the bound (:meth:`ProxyProcess.stop`)."""
     starter = ProxyStarter(tmp_path)
     yield starter
     starter.stop_all()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from chatproxy.config.placeholders import PROFILES
-from conftest import PKI, TWISTD, basic_config, free_port
+from conftest import PKI, TWISTD, ProxyProcess, basic_config, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 30  # seconds any single command may take
@@ -40,10 +40,10 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def wait_exit(process: subprocess.Popen[bytes], timeout: float = TIMEOUT) -> int:
-    """Wait (bounded) for a process that must exit by itself."""
+def wait_exit(process: ProxyProcess, timeout: float = TIMEOUT) -> int:
+    """Wait (bounded) for a proxy that must exit by itself (the test checks its status)."""
     try:
-        return process.wait(timeout)
+        return process.wait_exit(timeout)
     except subprocess.TimeoutExpired:
         pytest.fail(f"process still running after {timeout}s")
 
@@ -342,7 +342,7 @@ def test_twistd_bad_config_exits_with_one_line(proxy):
     port = free_port()
     path = proxy.write(BAD_CONFIG.format(port=port), "bad.ini")
     process = proxy.start(configs=[path], port=None)
-    assert wait_exit(process.process) != 0
+    assert wait_exit(process) != 0
     output = process.output()
     assert "Traceback" not in output
     lines = [line for line in output.splitlines() if "configuration error" in line]
@@ -357,7 +357,7 @@ def test_twistd_tls_mismatch_exits_cleanly(proxy, pki):
     path = proxy.write(basic_config("http://127.0.0.1:1", free_port(), tls=pki).replace(str(pki.key),
                                                                                         str(pki.other_key)))
     process = proxy.start(configs=[path], port=None)
-    assert wait_exit(process.process) != 0
+    assert wait_exit(process) != 0
     output = process.output()
     assert "Traceback" not in output
     assert f"{path} [listen:main] key:" in output
@@ -371,7 +371,7 @@ def test_twistd_upstream_client_key_mismatch_exits_cleanly(proxy, pki):
     layer = proxy.write(f"[upstream:app]\nclient_certificate = {pki.client_cert}\nclient_key = {pki.other_key}\n",
                         "client.ini")
     process = proxy.start(configs=[path, layer], port=None)
-    assert wait_exit(process.process) != 0
+    assert wait_exit(process) != 0
     output = process.output()
     assert "Traceback" not in output
     assert f"{layer} [upstream:app] client_key:" in output
@@ -426,7 +426,7 @@ def test_twistd_port_in_use(proxy, upstream):
         port = blocker.getsockname()[1]
         path = proxy.write(basic_config(upstream.url, port))
         process = proxy.start(configs=[path], port=None)
-        assert wait_exit(process.process) != 0
+        assert wait_exit(process) != 0
     output = process.output()
     assert "Traceback" not in output
     assert "[listen:main]" in output

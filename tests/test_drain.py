@@ -4,10 +4,16 @@
 from __future__ import annotations
 
 import http.client
+import os
+import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+
+import pytest
 
 from conftest import basic_config, free_port
 
@@ -76,3 +82,41 @@ def test_sigterm_closes_websocket_sessions_with_1001(proxy, tmp_path):
             pass
         assert session.close_code == 1001
     assert process.process.wait(20) == 0
+
+
+#: Starts chatproxy as twistd does (makeService, privilegedStartService, startService, reactor.run)
+#: and sends itself SIGTERM once the sockets are open, before the reactor runs.
+SIGTERM_WHILE_STARTING = """
+import os, signal, sys
+from twisted.internet import reactor
+from twisted.logger import globalLogBeginner, textFileLogObserver
+from chatproxy.process.tap import Options, makeService
+globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+options = Options()
+options.parseOptions(sys.argv[1:])
+service = makeService(options)
+service.privilegedStartService()
+os.kill(os.getpid(), signal.SIGTERM)
+print("sent SIGTERM while starting", flush=True)
+service.startService()
+reactor.run()
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_while_starting_drains_and_exits_0(upstream, tmp_path, workers):
+    """SIGTERM that arrives once the listening sockets are open but before the reactor runs (a
+    stop while the service starts: the port already accepts connections) is not lost and does
+    not kill the process outright: once the reactor runs it drains and exits 0, a master with
+    its workers, none of which is left running."""
+    port = free_port()
+    config = tmp_path / "chatproxy.ini"
+    config.write_text(basic_config(upstream.url, port, settings=f"access_log = off\nworkers = {workers}"))
+    result = subprocess.run([sys.executable, "-c", SIGTERM_WHILE_STARTING, "--config", str(config)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "sent SIGTERM while starting" in output and "SIGTERM: draining" in output, output
+    for pid in re.findall(r"worker \d started \(pid (\d+)\)", output):
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid), 0)

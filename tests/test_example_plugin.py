@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from conftest import free_port, wait_for_port
+from conftest import free_port, stop_proxy, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "chatproxy-example-filter"
@@ -148,11 +148,7 @@ def test_example_plugin_installed_in_a_fresh_venv_is_used_by_twistd(tmp_path: Pa
             assert get(port, "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0", "/echo/browser")[0] == 200
             assert get(port, None, "/echo/none")[0] == 200
         finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+            stopped = stop_proxy(process)
+    assert stopped is None, stopped + ":\n" + log_path.read_text(errors="replace")
     assert [r["path"] for r in upstream.requests] == ["/echo/browser", "/echo/none"]
     assert "filter no-scanners refused GET /echo/scanner" in log_path.read_text(errors="replace")

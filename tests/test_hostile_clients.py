@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, RecordingUpstream, free_port, metric_samples, wait_for_port
+from conftest import BIN, RecordingUpstream, free_port, metric_samples, stop_proxy, wait_for_port
 from hostile import Outcome, Target, fd_count, send_and_read, wait_for
 
 HSTS = "max-age=63072000; includeSubDomains"
@@ -184,9 +184,9 @@ def test_socket_activated_listener_releases_what_it_ends(tmp_path, app_upstream)
             _run_trigger(target, request, more, status, ends)
         _settled(process.pid, baseline, None)
     finally:
-        process.terminate()
-        process.wait(20)
+        stopped = stop_proxy(process)
         log.close()
+    assert stopped is None, stopped + ":\n" + (tmp_path / "out.log").read_text(errors="replace")
 
 
 def test_connections_on_a_listener_a_reload_removed_are_released(proxy, app_upstream, tmp_path):

@@ -395,9 +395,12 @@ def test_allowlist_is_optional_and_one_site_value(pki: PKI, proxy: ProxyStarter,
                               "\n[filter:client-networks]\nallow = 192.0.2.0/24, 2001:db8::/32\n")
         proxy.start(port=port, configs=[profile_path("pega-chat"), overlay])
         client = Client(port, HOST, pki.client_context())
-        for target in ROUTE_TARGETS:
-            response = client.get(target, Origin=SITE)
-            assert response.status == 403 and b"127.0.0.1 is not allowed" in response.body, response
+        try:
+            for target in ROUTE_TARGETS:
+                response = client.get(target, Origin=SITE)
+                assert response.status == 403 and b"127.0.0.1 is not allowed" in response.body, response
+        finally:
+            client.close()  # left open, its idle TLS connection held the proxy's drain for close_timeout
         assert ws_refused(port, HOST, f"{PUSH_PREFIX}/?sid=n", tls12_context(pki.ca), SITE) == 403
         assert pega.requests == []
     finally:

@@ -162,7 +162,7 @@ def test_a_port_in_use_stops_the_master_with_status_1(proxy, upstream, ws_upstre
         taken.listen()
         busy = taken.getsockname()[1]
         process = proxy.start(_config(busy, free_port(), upstream.url, ws_upstream.port), port=None, workers=None)
-        assert process.process.wait(30) == 1
+        assert process.wait_exit(30) == 1
     output = process.output()
     assert "[listen:main]: cannot listen on" in output and "Address already in use" in output
     assert "worker 1 started" not in output
@@ -181,7 +181,7 @@ def test_a_second_instance_on_the_same_port_is_refused_not_mixed_in(proxy, upstr
     second = ProxyStarter(second_dir)
     try:
         process = second.start(_config(main, free_port(), upstream.url, ws_upstream.port), port=None, workers=None)
-        assert process.process.wait(30) == 1
+        assert process.wait_exit(30) == 1
         assert "Address already in use" in process.output()
     finally:
         second.stop_all()
@@ -196,7 +196,7 @@ def test_an_endpoint_workers_cannot_share_is_a_configuration_error(proxy, upstre
     text = (f"[chatproxy]\nworkers = 2\n\n[listen:local]\nendpoint = unix:{tmp_path}/proxy.sock\n\n"
             f"[upstream:app]\nservers = {upstream.url}\n\n[route:all]\npath = /\nupstream = app\n")
     process = proxy.start(text, port=None, workers=None)
-    assert process.process.wait(30) == 2
+    assert process.wait_exit(30) == 2
     assert "[listen:local] endpoint" in process.output() and "workers = 1" in process.output()
 
 
@@ -207,8 +207,7 @@ def test_workers_do_not_outlive_a_master_that_is_killed(proxy, upstream, ws_upst
     process = proxy.start(_config(main, admin, upstream.url, ws_upstream.port), port=main, workers=None)
     _wait(lambda: len(_worker_pids(process.output())) == 2, "the workers did not start")
     pids = _worker_pids(process.output())
-    process.process.kill()
-    process.process.wait(10)
+    process.kill()
 
     def gone(pid: int) -> bool:
         try:

@@ -11,24 +11,40 @@ is counted twice on the data path).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from chatproxy.proxy.upstream import EJECT_AFTER
+from chatproxy.config import Config
+from chatproxy.proxy.core import ProxyCore
 from chatproxy.proxy.stats import BUCKETS
-
-if TYPE_CHECKING:
-    from chatproxy.process.service import ChatproxyService
+from chatproxy.proxy.upstream import EJECT_AFTER
 
 UNHEALTHY_AFTER = EJECT_AFTER  # the same rule as passive ejection
 
 
-def readiness(service: ChatproxyService) -> list[str]:
+class ProxyView(Protocol):
+    """What the admin site reads of the process it reports on (a
+    :class:`chatproxy.process.service.ChatproxyService`), at each request."""
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force."""
+
+    @property
+    def ports(self) -> Mapping[str, Any]:
+        """The open listening ports by key (``listen:NAME``, ``demo``, ``admin``)."""
+
+    @property
+    def core(self) -> ProxyCore | None:
+        """The proxy's core, None until the process started."""
+
+
+def readiness(service: ProxyView) -> list[str]:
     """Why the proxy is not ready (empty when it is)."""
     problems = []
     for name in service.config.listeners:
@@ -47,7 +63,7 @@ def readiness(service: ChatproxyService) -> list[str]:
 class ProxyCollector:
     """A prometheus_client collector reading the proxy's totals at scrape time."""
 
-    def __init__(self, service: ChatproxyService) -> None:
+    def __init__(self, service: ProxyView) -> None:
         self.service = service
 
     def collect(self) -> Iterator[Any]:
@@ -183,7 +199,7 @@ class TextResource(Resource):
         return prepare(request, self.answer())
 
 
-def admin_site(service: ChatproxyService) -> Site:
+def admin_site(service: ProxyView) -> Site:
     """The admin endpoints as a twisted.web Site."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(service))  # type: ignore[arg-type]

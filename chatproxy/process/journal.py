@@ -18,6 +18,8 @@ from typing import IO, Any
 
 from twisted.logger import FileLogObserver, ILogObserver, LogLevel, eventAsText
 
+from chatproxy.process.environment import WORKER_ENV
+
 #: syslog priorities by Twisted log level.
 PRIORITIES = {
     LogLevel.critical: 2,
@@ -34,7 +36,7 @@ def format_for_journal(event: dict[str, Any]) -> str:
     if "log_failure" in event and level in (LogLevel.info, LogLevel.debug):
         level = LogLevel.error
     prefix = f"<{PRIORITIES.get(level, 6)}>"
-    worker = os.environ.get("CHATPROXY_WORKER")
+    worker = os.environ.get(WORKER_ENV)
     if worker:
         prefix += f"worker {worker}: "
     text = eventAsText(event, includeTraceback=True, includeTimestamp=False, includeSystem=True)

@@ -10,8 +10,9 @@ when every worker is; ``/healthz`` answers while the master runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Iterator, Mapping
+import typing
+from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -27,11 +28,45 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from chatproxy.process.admin import HEALTHY, Answer, TextResource, prepare, quiet_site, readiness_answer
 
-if TYPE_CHECKING:
-    from chatproxy.process.workers import Master
-
 #: How long the master waits for a worker's answer.
 WORKER_TIMEOUT = 5.0
+
+
+class WorkerView(typing.Protocol):
+    """What the master's admin site reads of one worker."""
+
+    @property
+    def ended(self) -> bool:
+        """Whether the worker process has exited (it may be waiting for its restart)."""
+
+
+class MasterView(typing.Protocol):
+    """What the master's admin site reads of the master (a
+    :class:`chatproxy.process.workers.Master`), at each request."""
+
+    @property
+    def reactor(self) -> Any:
+        """The reactor, to connect to the workers."""
+
+    @property
+    def directory(self) -> str:
+        """The master's private directory, holding each worker's ``worker-k.sock``."""
+
+    @property
+    def workers(self) -> Mapping[int, WorkerView]:
+        """The workers by number."""
+
+    @property
+    def count(self) -> int:
+        """How many workers the configuration in force asks for."""
+
+    @property
+    def restarts(self) -> int:
+        """How many workers were restarted after they died."""
+
+    @property
+    def reloads(self) -> Mapping[str, int]:
+        """Reloads by result (``success``, ``failure``)."""
 
 
 class _OneRequest(Protocol):
@@ -62,7 +97,7 @@ def _parse(index: int, answer: bytes) -> tuple[int, int, bytes]:
     return index, status, body
 
 
-def _ask(master: Master, index: int, path: str) -> defer.Deferred[tuple[int, int, bytes]]:
+def _ask(master: MasterView, index: int, path: str) -> defer.Deferred[tuple[int, int, bytes]]:
     """GET ``path`` from worker ``index``: (index, status, body); status 0 when it did not answer."""
     endpoint = UNIXClientEndpoint(master.reactor, f"{master.directory}/worker-{index}.sock", timeout=WORKER_TIMEOUT)
     request = _OneRequest(path)
@@ -79,7 +114,7 @@ def _ask(master: Master, index: int, path: str) -> defer.Deferred[tuple[int, int
     return d
 
 
-def _ask_all(master: Master, path: str) -> defer.Deferred[list[tuple[int, int, bytes]]]:
+def _ask_all(master: MasterView, path: str) -> defer.Deferred[list[tuple[int, int, bytes]]]:
     return defer.gatherResults([_ask(master, index, path) for index in sorted(master.workers)])
 
 
@@ -114,7 +149,7 @@ class _Collected:
         return iter(self.families)
 
 
-def _master_families(master: Master, answers: list[tuple[int, int, bytes]]) -> list[Metric]:
+def _master_families(master: MasterView, answers: list[tuple[int, int, bytes]]) -> list[Metric]:
     running = GaugeMetricFamily("chatproxy_workers", "Worker processes running, and how many are configured.",
                                 labels=["state"])
     running.add_metric(["running"], sum(1 for worker in master.workers.values() if not worker.ended))
@@ -134,7 +169,8 @@ class _Async(Resource):
 
     isLeaf = True
 
-    def __init__(self, master: Master, path: str, answer: Callable[[Master, list[tuple[int, int, bytes]]], Answer]) -> None:
+    def __init__(self, master: MasterView, path: str,
+                 answer: Callable[[MasterView, list[tuple[int, int, bytes]]], Answer]) -> None:
         super().__init__()
         self.master = master
         self.path = path
@@ -150,13 +186,13 @@ class _Async(Resource):
         return NOT_DONE_YET
 
 
-def _metrics(master: Master, answers: list[tuple[int, int, bytes]]) -> Answer:
+def _metrics(master: MasterView, answers: list[tuple[int, int, bytes]]) -> Answer:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collected(_master_families(master, answers) + merge_metrics(answers)))  # type: ignore[arg-type]
     return 200, CONTENT_TYPE_LATEST.encode("ascii"), generate_latest(registry)
 
 
-def _readyz(master: Master, answers: list[tuple[int, int, bytes]]) -> Answer:
+def _readyz(master: MasterView, answers: list[tuple[int, int, bytes]]) -> Answer:
     problems = [f"worker {index}: " + (body.decode("utf-8", "replace").strip() if status else "not answering")
                 for index, status, body in answers if status != 200]
     if len(master.workers) < master.count:
@@ -164,7 +200,7 @@ def _readyz(master: Master, answers: list[tuple[int, int, bytes]]) -> Answer:
     return readiness_answer(problems)
 
 
-def master_admin_site(master: Master) -> Site:
+def master_admin_site(master: MasterView) -> Site:
     """The master's admin endpoints as a twisted.web Site."""
     root = Resource()
     root.putChild(b"healthz", TextResource(lambda: HEALTHY))

@@ -4,12 +4,9 @@ reload (SIGHUP) and drain (SIGTERM)."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import sys
-import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from attrs import define
 from twisted.application.service import MultiService
@@ -20,81 +17,22 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatproxy.proxy.accesslog import AccessLog
 from chatproxy.config import Config, ConfigError, Listener, load_config
-from chatproxy.proxy.gate import GateFactory
-from chatproxy.proxy.front import FrontFactory
-from chatproxy.proxy.plan import Plan
-from chatproxy.proxy.core import ProxyCore
+from chatproxy.demo import demo_site
+from chatproxy.process.admin import admin_site
+from chatproxy.process.environment import WORKER_DIR_ENV, WORKER_ENV
+from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, default_reactor, ensure_certificate,
+                                         handle_drain_and_reload)
+from chatproxy.process.notify import notify_reloading, sd_notify
 from chatproxy.process.sharing import shared_endpoint, socket_identity
-from chatproxy.proxy.tls import HandshakeCountingTLSFactory, build_server_tls, create_self_signed
+from chatproxy.proxy.accesslog import AccessLog
+from chatproxy.proxy.core import ProxyCore
+from chatproxy.proxy.front import FrontFactory
+from chatproxy.proxy.gate import GateFactory
+from chatproxy.proxy.plan import Plan
+from chatproxy.proxy.tls import HandshakeCountingTLSFactory, build_server_tls
 
 log = Logger()
-
-
-def sd_notify(state: str) -> None:
-    """Tell systemd (``Type=notify``) about our state through ``$NOTIFY_SOCKET``;
-    nothing happens when not started by systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    worker = os.environ.get(WORKER_ENV)
-    if worker:
-        state += f"\n{WORKER_ENV}={worker}"  # the master tells its workers apart
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # an abstract socket
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-            notify.setblocking(False)  # never wait for the receiver (systemd, or a worker's master)
-            notify.connect(address)
-            notify.sendall(state.encode("utf-8"))
-    except OSError as e:
-        log.warn("cannot notify systemd at {address}: {error}", address=address, error=e)
-
-
-#: Set in a worker process's environment: its number (1..N).
-WORKER_ENV = "CHATPROXY_WORKER"
-#: Set in a worker process's environment: the master's private directory.
-WORKER_DIR_ENV = "CHATPROXY_WORKER_DIR"
-
-
-def notify_reloading() -> None:
-    """Tell systemd a reload began (``RELOADING=1`` with the monotonic time it asks for)."""
-    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}\nSTATUS=reloading")
-
-
-def announce_refused_reload(reason: str) -> None:
-    """Log a refused reload and tell systemd the previous configuration serves on."""
-    log.error("reload refused, the previous configuration keeps serving: {reason}", reason=reason)
-    sd_notify("READY=1\nSTATUS=reload refused: " + reason[:200])
-
-
-def handle_drain_and_reload(reactor: Any, drain: Callable[[], Any], reload: Callable[[], Any]) -> None:
-    """SIGTERM calls ``drain`` (rather than stopping the reactor at once) and
-    SIGHUP ``reload``, in the reactor thread; only from the main thread, where
-    signal handlers can be set (call it once the reactor runs, after its own)."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(reactor, "callFromThread"):
-        return
-    signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(drain))
-    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
-
-
-class StartupError(Exception):
-    """The proxy cannot start (a port in use, a certificate that cannot be written)."""
-
-
-def ensure_certificate(listener: Listener) -> None:
-    """Create the self-signed certificate a listener asks for (``create_self_signed``) if its files are missing."""
-    assert listener.certificate is not None and listener.key is not None
-    if listener.create_self_signed and not (listener.certificate.exists() and listener.key.exists()):
-        try:
-            create_self_signed(listener.certificate, listener.key)
-        except OSError as e:
-            raise StartupError(f"[listen:{listener.name}]: cannot create a self-signed certificate: {e}") from None
-        log.info(
-            "[listen:{name}] created a self-signed certificate for localhost: {certificate} (key: {key})",
-            name=listener.name, certificate=str(listener.certificate), key=str(listener.key),
-        )
 
 
 class SwitchFactory(Factory):
@@ -158,11 +96,7 @@ class ChatproxyService(MultiService):
         """``filters``: the configuration's filters as ``validate(config)`` built
         them (built when the proxy starts if not given)."""
         super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self.reactor = reactor
+        self.reactor = reactor if reactor is not None else default_reactor()
         self.config = config
         self._filters = filters
         self.config_paths = list(config_paths) if config_paths is not None else list(config.sources)
@@ -196,14 +130,10 @@ class ChatproxyService(MultiService):
         """Every socket ``config`` asks for: key -> (endpoint, factory, listener)."""
         wanted: dict[str, tuple[str, IProtocolFactory, Listener | None]] = {}
         if config.demo is not None and self.worker is None:  # the master runs the demo for all workers
-            from chatproxy.demo import demo_site
-
             wanted["demo"] = (config.demo.endpoint, demo_site(), None)
         for listener in config.listeners.values():
             wanted[f"listen:{listener.name}"] = (listener.endpoint, FrontFactory(core, listener), listener)
         if config.admin is not None or self.worker is not None:
-            from chatproxy.process.admin import admin_site
-
             wanted["admin"] = (self._admin_endpoint(config), admin_site(self), None)
         return wanted
 
@@ -247,7 +177,9 @@ class ChatproxyService(MultiService):
     # -- start
 
     def privilegedStartService(self) -> None:
-        """Open the listening sockets (before twistd drops privileges)."""
+        """Open the listening sockets (before twistd drops privileges).
+        SIGTERM and SIGHUP drain and reload from now on."""
+        handle_drain_and_reload(self.reactor, self.drain, self.reload)
         try:
             try:
                 self.core = core = ProxyCore(self.reactor, self.config, self._filters)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import sys
 
+from twisted.application.service import Service
 from twisted.python import usage
 
 from chatproxy.config import ConfigError, load_config
-from twisted.application.service import Service
-
-from chatproxy.process.service import WORKER_ENV, ChatproxyService
+from chatproxy.process.environment import WORKER_ENV
+from chatproxy.process.service import ChatproxyService
 from chatproxy.process.workers import Master, unshareable, worker_count
 from chatproxy.proxy.validate import validate
 

@@ -24,6 +24,7 @@ its own socket for every listener, bound and kept by the master (see
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -37,14 +38,19 @@ from typing import Any, Collection, Sequence
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.protocol import DatagramProtocol, Factory, ProcessProtocol
-from twisted.protocols.basic import LineOnlyReceiver
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
+from twisted.scripts.twistd import run as run_twistd
 
 from chatproxy.config import Config, ConfigError, load_config
-from chatproxy.process.service import (WORKER_DIR_ENV, WORKER_ENV, StartupError, announce_refused_reload, ensure_certificate,
-                               handle_drain_and_reload, notify_reloading, sd_notify)
+from chatproxy.demo import demo_site
+from chatproxy.process.environment import MASTER_PID_ENV, WORKER_DIR_ENV, WORKER_ENV
+from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, default_reactor, ensure_certificate,
+                                         handle_drain_and_reload)
+from chatproxy.process.master_admin import master_admin_site
+from chatproxy.process.notify import NotifyReceiver, notify_reloading, sd_notify
 from chatproxy.proxy.validate import validate
 from chatproxy.process.sharing import BROKER_SOCKET, bind_listening, can_share, endpoint_kind, socket_identity
 
@@ -78,27 +84,21 @@ def worker_main() -> None:
     to receive SIGTERM when the master dies however it dies, so that no
     worker outlives its master (Linux's ``PR_SET_PDEATHSIG``)."""
     # SIGHUP's default is to terminate: until the service installs its
-    # handler (once the reactor runs), a reload must not kill the worker.
+    # handler (before it listens), a reload must not kill the worker.
     # The master sends it again once the worker is ready.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     master = os.environ.get(MASTER_PID_ENV, "")
     try:
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
     if master and str(os.getppid()) != master:  # the master died before prctl took effect
         raise SystemExit(1)
-    from twisted.scripts.twistd import run
-
     sys.argv[0] = "twistd"
-    run()
+    run_twistd()
 
 
 _PR_SET_PDEATHSIG = 1
-#: Set in a worker's environment: the master's pid.
-MASTER_PID_ENV = "CHATPROXY_MASTER_PID"
 
 
 def _logger_args(argv: Sequence[str]) -> list[str]:
@@ -168,17 +168,6 @@ class _Worker(ProcessProtocol):
                 pass
 
 
-class _NotifyReceiver(DatagramProtocol):
-    """The master's end of its workers' ``NOTIFY_SOCKET``."""
-
-    def __init__(self, master: Master) -> None:
-        self.master = master
-
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        fields = dict(line.split("=", 1) for line in data.decode("utf-8", "replace").splitlines() if "=" in line)
-        self.master.worker_state(fields)
-
-
 class _SocketBroker(LineOnlyReceiver):
     """Hands a worker the master's listening socket for the endpoint it names."""
 
@@ -204,11 +193,7 @@ class Master(Service):
 
     def __init__(self, config: Config, config_paths: Sequence[str], reactor: Any = None,
                  twistd_args: Sequence[str] = ()) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as default_reactor
-
-            reactor = default_reactor
-        self.reactor = reactor
+        self.reactor = reactor if reactor is not None else default_reactor()
         self.config = config
         self.config_paths = [os.path.abspath(path) for path in config_paths]  # workers may start elsewhere
         self.twistd_args = list(twistd_args) if twistd_args else _logger_args(sys.argv)
@@ -237,21 +222,19 @@ class Master(Service):
 
     def privilegedStartService(self) -> None:
         """Create self-signed certificates and open the demo and admin
-        listeners (before twistd drops privileges, like a single process)."""
+        listeners (before twistd drops privileges, like a single process).
+        SIGTERM and SIGHUP drain and reload from now on."""
         self._privileged_done = True
+        handle_drain_and_reload(self.reactor, self.drain, self.reload)
         try:
             self._bind_listeners(self.config)
             for listener in self.config.listeners.values():
                 if listener.tls:
                     ensure_certificate(listener)  # once, before the workers load it
             if self.config.demo is not None:
-                from chatproxy.demo import demo_site
-
                 self.ports["demo"] = self._listen("[demo]", self.config.demo.endpoint, demo_site())
                 log.info("demo chat upstream listening on {endpoint}", endpoint=self.config.demo.endpoint)
             if self.config.admin is not None:
-                from chatproxy.process.master_admin import master_admin_site
-
                 self.ports["admin"] = self._listen("[admin]", self.config.admin.endpoint, master_admin_site(self))
                 log.info("[admin] health and metrics of all workers on {endpoint}", endpoint=self.config.admin.endpoint)
         except (_ListenError, StartupError) as e:
@@ -308,7 +291,7 @@ class Master(Service):
         self.directory = tempfile.mkdtemp(prefix="chatproxy-")
         os.chmod(self.directory, 0o700)
         self.ports["notify"] = self.reactor.listenUNIXDatagram(os.path.join(self.directory, "notify"),
-                                                               _NotifyReceiver(self))
+                                                               NotifyReceiver(self.worker_state))
         broker = Factory.forProtocol(lambda: _SocketBroker(self))
         broker.noisy = False
         self.ports["sockets"] = self.reactor.listenUNIX(os.path.join(self.directory, BROKER_SOCKET), broker, mode=0o600)
@@ -317,6 +300,7 @@ class Master(Service):
         for index in range(1, self.count + 1):
             self._spawn(index)
         if hasattr(self.reactor, "callWhenRunning"):
+            # After the reactor installed its own signal handlers, so ours win.
             self.reactor.callWhenRunning(handle_drain_and_reload, self.reactor, self.drain, self.reload)
 
     def _spawn(self, index: int) -> None:
@@ -528,14 +512,7 @@ class Master(Service):
                 closed.addCallback(self._reopen, key, after.endpoint)
 
     def _reopen(self, _: Any, key: str, endpoint: str) -> None:
-        if key == "demo":
-            from chatproxy.demo import demo_site
-
-            factory: Any = demo_site()
-        else:
-            from chatproxy.process.master_admin import master_admin_site
-
-            factory = master_admin_site(self)
+        factory = demo_site() if key == "demo" else master_admin_site(self)
         try:
             self.ports[key] = self._listen(f"[{key}]", endpoint, factory)
             log.info("[{key}] now on {endpoint}", key=key, endpoint=endpoint)
