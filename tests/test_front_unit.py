@@ -695,9 +695,9 @@ def test_unknown_method_answers():
     """What a method llhttp refuses is answered with: 405 for TRACK, 501 for another
     method name, 400 for bytes that are no method name; the refused request is found
     behind earlier pipelined ones."""
-    from chatproxy.proxy.front import _unknown_method_answer
+    from chatproxy.proxy.request import unknown_method
 
-    assert _unknown_method_answer(b"TRACK / HTTP/1.1\r\n\r\n", "e")[0] == 405
-    assert _unknown_method_answer(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nTRACK / HTTP/1.1\r\n", "e")[0] == 405
-    assert _unknown_method_answer(b"BREW /pot HTTP/1.1\r\n", "e") == (501, "method BREW is not implemented")
-    assert _unknown_method_answer(b"\x00\x01garbage", "e")[0] == 400
+    assert unknown_method(b"TRACK / HTTP/1.1\r\n\r\n", "e")[0] == 405
+    assert unknown_method(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nTRACK / HTTP/1.1\r\n", "e")[0] == 405
+    assert unknown_method(b"BREW /pot HTTP/1.1\r\n", "e") == (501, "method BREW is not implemented")
+    assert unknown_method(b"\x00\x01garbage", "e")[0] == 400

@@ -25,8 +25,8 @@ from chatproxy.http.messages import Header, client_ip, in_networks, local_respon
 from chatproxy.proxy.accesslog import AccessRecord
 from chatproxy.proxy.exchange import Exchange
 from chatproxy.proxy.forwarding import Connection, connection_of
-from chatproxy.proxy.request import HostMemo, decide
-from chatproxy.proxy.routing import TRACE_METHODS, allow_value
+from chatproxy.proxy.request import HostMemo, decide, unknown_method
+from chatproxy.proxy.routing import allow_value
 from chatproxy.proxy.sending import send
 from chatproxy.proxy.tunnel import Tunnel
 from chatproxy.proxy.websocket.bridge import WebSocketBridge
@@ -159,7 +159,7 @@ class FrontConnection(Protocol):
         elif self._stop_parsing:
             return  # what follows an upgrade request's body, on a connection that ends
         elif isinstance(error, httptools.HttpParserInvalidMethodError):
-            self._stream_error(*_unknown_method_answer(data, str(error)))
+            self._stream_error(*unknown_method(data, str(error)))
         else:
             self._stream_error(400, f"malformed request: {error}")
 
@@ -585,38 +585,6 @@ class _UpgradeRequestBody:
             self.started = False
             self.front.on_message_complete()
             self.front.closing_after_queue()  # the connection ends with this exchange
-
-
-_REQUEST_LINE_START = re.compile(rb"(?:^|\n)([!#$%&'*+.^_`|~0-9A-Za-z-]+) ")
-
-
-def _unknown_method_answer(data: bytes, error: str) -> tuple[int, str]:
-    """The answer to a request whose method llhttp does not know: 405 for
-    TRACK (TRACE's twin, refused like it), 501 for another method name, 400
-    when it is not a method name at all.  The method is the last line-start
-    token of ``data`` llhttp does not parse (it stopped in that request)."""
-    method = next((m.group(1).decode("ascii") for m in _REQUEST_LINE_START.finditer(data)
-                   if not _llhttp_knows(m.group(1))), "")
-    if method in TRACE_METHODS:
-        return 405, f"{method} is not allowed"
-    if method:
-        return 501, f"method {method[:40]} is not implemented"
-    return 400, f"malformed request: {error}"
-
-
-def _llhttp_knows(method: bytes) -> bool:
-    """Whether llhttp parses ``method`` (it refuses methods it has no name for)."""
-    try:
-        httptools.HttpRequestParser(_NoCallbacks()).feed_data(method + b" / HTTP/1.1\r\n\r\n")
-    except httptools.HttpParserInvalidMethodError:
-        return False
-    except httptools.HttpParserError:
-        return True
-    return True
-
-
-class _NoCallbacks:
-    """A parser target that wants no callbacks."""
 
 
 def _body_framing_head(exchange: Exchange) -> bytes:

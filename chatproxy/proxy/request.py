@@ -14,12 +14,13 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import httptools
 from attrs import define, frozen
 
 from chatproxy.http.messages import Header, RequestHead
 from chatproxy.http.paths import PathError, normalize_path
 from chatproxy.proxy.forwarding import Connection, resolve_client
-from chatproxy.proxy.routing import RouteTable, websocket_upgrade
+from chatproxy.proxy.routing import TRACE_METHODS, RouteTable, websocket_upgrade
 
 if TYPE_CHECKING:
     from chatproxy.config import Route
@@ -253,3 +254,35 @@ def decide(method: str, version: str, keep_alive: bool, upgrade: bool, url: byte
         return Rejection(error[0], error[1], head, scan.content_length, scan.chunked, upgrade)
     return Request(head, tuple(scan.names), scan.named, scan.content_length, scan.chunked, scan.expect_continue,
                    keep_alive, upgrade, websocket, route)
+
+
+_REQUEST_LINE_START = re.compile(rb"(?:^|\n)([!#$%&'*+.^_`|~0-9A-Za-z-]+) ")
+
+
+def unknown_method(data: bytes, error: str) -> tuple[int, str]:
+    """The answer to a request whose method llhttp does not know: 405 for
+    TRACK (TRACE's twin, refused like it), 501 for another method name, 400
+    when it is not a method name at all.  The method is the last line-start
+    token of ``data`` llhttp does not parse (it stopped in that request)."""
+    method = next((m.group(1).decode("ascii") for m in _REQUEST_LINE_START.finditer(data)
+                   if not _llhttp_knows(m.group(1))), "")
+    if method in TRACE_METHODS:
+        return 405, f"{method} is not allowed"
+    if method:
+        return 501, f"method {method[:40]} is not implemented"
+    return 400, f"malformed request: {error}"
+
+
+def _llhttp_knows(method: bytes) -> bool:
+    """Whether llhttp parses ``method`` (it refuses methods it has no name for)."""
+    try:
+        httptools.HttpRequestParser(_NoCallbacks()).feed_data(method + b" / HTTP/1.1\r\n\r\n")
+    except httptools.HttpParserInvalidMethodError:
+        return False
+    except httptools.HttpParserError:
+        return True
+    return True
+
+
+class _NoCallbacks:
+    """A parser target that wants no callbacks."""
