@@ -3,7 +3,7 @@
 journald stores one entry per line written to a service's standard output,
 with its own timestamp, and reads a syslog priority from a ``<N>`` prefix
 (sd-daemon(3)).  So each event becomes lines of the form
-``<3>[chatproxy.process.service] reload refused, ...``: no timestamp of our own, the
+``<3>[chatproxy.process.lifecycle#error] reload refused, ...``: no timestamp of our own, the
 priority from the event's level (so ``journalctl -p warning`` works), and
 the lines of a traceback each carrying the same prefix so that they stay
 with their event's priority.  A worker process (``workers = N``) starts its
