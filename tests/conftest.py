@@ -288,6 +288,7 @@ class RecordingUpstream(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 256  # many proxied connections at once (HTTP/2 streams) must not wait in SYN retries
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         super().__init__((host, 0), UpstreamHandler)

@@ -51,9 +51,10 @@ def test_metrics_count_requests_filters_and_upstreams(proxy, upstream, tmp_path)
     status, content_type, body = _get(admin, "/metrics")
     assert status == 200 and content_type.startswith("text/plain")
     samples = _samples(body)
-    assert samples[("chatproxy_requests_total", (("route", "all"), ("status", "200")))] == 3
-    assert samples[("chatproxy_requests_total", (("route", "all"), ("status", "405")))] == 1
-    assert samples[("chatproxy_requests_total", (("route", "dead"), ("status", "502")))] == 1
+    http1 = ("protocol", "http/1.1")
+    assert samples[("chatproxy_requests_total", (http1, ("route", "all"), ("status", "200")))] == 3
+    assert samples[("chatproxy_requests_total", (http1, ("route", "all"), ("status", "405")))] == 1
+    assert samples[("chatproxy_requests_total", (http1, ("route", "dead"), ("status", "502")))] == 1
     assert samples[("chatproxy_request_duration_seconds_count", (("route", "all"),))] == 4
     assert samples[("chatproxy_request_duration_seconds_bucket", (("le", "+Inf"), ("route", "all")))] == 4
     assert samples[("chatproxy_response_body_bytes_total", (("route", "all"),))] >= 1000

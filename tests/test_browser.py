@@ -225,6 +225,27 @@ def test_browser_loads_the_demo_page_over_https_and_chats_over_wss(quickstart: t
     browsers.screenshot("success")
 
 
+def test_browser_uses_http2_for_the_page_and_the_websocket(quickstart: tuple[int, Path], browsers: Browsers,
+                                                         proxy: Any) -> None:
+    """Chromium negotiates HTTP/2 with chatproxy (ALPN) for the page, and opens the chat's
+    WebSocket over that HTTP/2 connection (RFC 8441 extended CONNECT, which chatproxy
+    advertises): the access log shows both as HTTP/2, the 101 line for the session."""
+    port, certificate = quickstart
+    page = browsers.open("alice", certificate)
+    with browsers.screenshots_on_failure():
+        _open_chat(page, port, "alice")
+        _say(page, "over h2")
+        _wait(page, lambda d: "alice: over h2" in _log_lines(d), "the message did not come back into #log")
+    page.quit()  # the session ends: its access-log line is written
+    process = proxy.processes[-1]
+    deadline = time.monotonic() + TIMEOUT
+    while '"GET /chat HTTP/2" 101' not in process.output() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    output = process.output()
+    assert '"GET / HTTP/2" 200' in output, output[-2000:]
+    assert '"GET /chat HTTP/2" 101' in output, output[-2000:]
+
+
 def test_browser_two_pages_chat_with_each_other_over_wss(quickstart: tuple[int, Path], browsers: Browsers) -> None:
     """Two headless Chromium instances (separate profiles) on the demo page through chatproxy:
     a message sent from one appears in the other's #log, and the reply (sent with the Enter

@@ -159,25 +159,16 @@ def _accept(h: Harness, port: int) -> tuple[Any, Any]:
 
 
 class _FakeTunnel:
-    """A tunnel: only its exchange matters here."""
-
-    def __init__(self, exchange: Any) -> None:
-        self.exchange = exchange
-
-
-class _TunnelConnection:
-    """Stands in for a client connection carrying a tunnel-mode session."""
+    """Stands in for a tunnel-mode session (bytes spliced after a 101): its exchange, and when
+    the core closed it."""
 
     def __init__(self, session: _Session) -> None:
-        self.tunnel = _FakeTunnel(session.exchange)
+        self.exchange = session.exchange
         self.closed_at: list[float] = []
         self._reactor = session._reactor
 
     def close(self) -> None:
         self.closed_at.append(self._reactor.seconds())
-
-    def drain(self) -> None:
-        pass
 
 
 def test_tunnel_sessions_of_a_removed_route_are_closed_over_the_window(tmp_path):
@@ -185,16 +176,16 @@ def test_tunnel_sessions_of_a_removed_route_are_closed_over_the_window(tmp_path)
     removed are closed at moments spread over reload_close_window; those on kept routes stay."""
     random.seed(3)
     h = _harness(tmp_path)
-    doomed = [_TunnelConnection(_Session(h, "chat")) for _ in range(10)]
-    kept = [_TunnelConnection(_Session(h, "lobby")) for _ in range(3)]
-    h.core.connections.update(doomed + kept)  # type: ignore[arg-type]
+    doomed = [_FakeTunnel(_Session(h, "chat")) for _ in range(10)]
+    kept = [_FakeTunnel(_Session(h, "lobby")) for _ in range(3)]
+    h.core.tunnels.update(doomed + kept)  # type: ignore[arg-type]
     start = h.reactor.seconds()
     assert h.core.install(_plan(h, tmp_path, _base(tmp_path).replace(CHAT_ROUTE, ""))) == 10
     h.advance(4.1)
     assert all(len(c.closed_at) == 1 for c in doomed)
     assert len({round(c.closed_at[0] - start, 2) for c in doomed}) > 5
     assert all(not c.closed_at for c in kept)
-    h.core.connections.difference_update(doomed + kept)  # type: ignore[arg-type]
+    h.core.tunnels.difference_update(doomed + kept)  # type: ignore[arg-type]
 
 
 def test_drain_closes_tunnel_sessions_over_the_first_half_of_the_window(tmp_path):
@@ -202,14 +193,14 @@ def test_drain_closes_tunnel_sessions_over_the_first_half_of_the_window(tmp_path
     drain_timeout (as bridged sessions get 1001), not all at the deadline."""
     random.seed(5)
     h = _harness(tmp_path)
-    tunnels = [_TunnelConnection(_Session(h, "chat")) for _ in range(10)]
-    h.core.connections.update(tunnels)  # type: ignore[arg-type]
+    tunnels = [_FakeTunnel(_Session(h, "chat")) for _ in range(10)]
+    h.core.tunnels.update(tunnels)  # type: ignore[arg-type]
     start = h.reactor.seconds()
     h.core.drain(10)
     h.advance(5.05)
     assert all(len(c.closed_at) == 1 and c.closed_at[0] - start <= 5.05 for c in tunnels)
     assert len({round(c.closed_at[0] - start, 2) for c in tunnels}) > 5
-    h.core.connections.difference_update(tunnels)  # type: ignore[arg-type]
+    h.core.tunnels.difference_update(tunnels)  # type: ignore[arg-type]
 
 
 def test_a_session_routed_before_a_reload_that_removed_its_route_is_closed_once_established(tmp_path):

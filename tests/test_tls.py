@@ -454,10 +454,11 @@ def test_min_tls_version_13_refuses_a_tls12_only_client(proxy, upstream, pki):
         assert http_over(sock)[0] == 200
 
 
-def test_alpn_h2_and_http11_offer_selects_http11(proxy, upstream, pki):
-    """A client offering ALPN ``h2, http/1.1`` is given ``http/1.1`` (chatproxy speaks no HTTP/2)."""
+def test_alpn_h2_and_http11_offer_selects_http11_when_http2_is_off(proxy, upstream, pki):
+    """On a listener with ``http2 = no``, a client offering ALPN ``h2, http/1.1`` is given
+    ``http/1.1`` (tests/test_http2.py covers the default, where h2 is chosen)."""
     port = free_port()
-    proxy.start(make_config(port, upstream.url, listener=tls_listener(pki)), port=port)
+    proxy.start(make_config(port, upstream.url, listener=tls_listener(pki, "http2 = no")), port=port)
     for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
         context = client_context(pki, max_version=version, alpn=["h2", "http/1.1"])
         with tls_connect(port, context, "localhost") as sock:
@@ -465,11 +466,11 @@ def test_alpn_h2_and_http11_offer_selects_http11(proxy, upstream, pki):
             assert http_over(sock)[0] == 200
 
 
-def test_alpn_h2_only_offer_connects_without_alpn(proxy, upstream, pki):
-    """A client offering only ``h2`` is not refused: the handshake completes with no ALPN protocol
-    selected, and HTTP/1.1 then works over the connection."""
+def test_alpn_h2_only_offer_connects_without_alpn_when_http2_is_off(proxy, upstream, pki):
+    """On a listener with ``http2 = no``, a client offering only ``h2`` is not refused: the
+    handshake completes with no ALPN protocol selected, and HTTP/1.1 then works over it."""
     port = free_port()
-    proxy.start(make_config(port, upstream.url, listener=tls_listener(pki)), port=port)
+    proxy.start(make_config(port, upstream.url, listener=tls_listener(pki, "http2 = no")), port=port)
     for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
         context = client_context(pki, max_version=version, alpn=["h2"])
         with tls_connect(port, context, "localhost") as sock:
@@ -509,10 +510,11 @@ def test_connection_close_over_tls_closes_the_connection(proxy, upstream, pki):
 
 
 @needs_curl
-def test_curl_offering_http2_uses_http11(proxy, upstream, pki):
-    """``curl --http2`` (ALPN h2,http/1.1) with the test CA gets its answer over HTTP/1.1."""
+def test_curl_offering_http2_uses_http11_when_http2_is_off(proxy, upstream, pki):
+    """``curl --http2`` (ALPN h2,http/1.1) with the test CA gets its answer over HTTP/1.1 from a
+    listener with ``http2 = no``."""
     port = free_port()
-    proxy.start(make_config(port, upstream.url, listener=tls_listener(pki)), port=port)
+    proxy.start(make_config(port, upstream.url, listener=tls_listener(pki, "http2 = no")), port=port)
     result = curl("--http2", "--cacert", str(pki.ca), "-o", os.devnull, "-w", "%{http_code} %{http_version}",
                   f"https://127.0.0.1:{port}/echo")
     assert result.returncode == 0, result.stderr

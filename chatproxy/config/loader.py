@@ -288,11 +288,11 @@ class _Section:
 _SETTINGS_OPTIONS = {
     "access_log", "access_log_format", "max_header_bytes", "max_headers", "max_url_bytes",
     "max_body_bytes", "header_timeout", "idle_timeout", "drain_timeout", "close_timeout",
-    "reload_close_window", "workers",
+    "reload_close_window", "workers", "http2_max_streams",
 }
 _LISTEN_OPTIONS = {
     "endpoint", "tls", "certificate", "key", "sni", "min_tls_version", "ciphers",
-    "create_self_signed", "allow", "trusted_proxies", "response_headers",
+    "create_self_signed", "allow", "trusted_proxies", "response_headers", "http2",
 }
 _UPSTREAM_OPTIONS = {
     "servers", "verify", "ca", "client_certificate", "client_key", "host_header",
@@ -327,7 +327,13 @@ def _read_settings(section: _Section | None) -> Settings:
         close_timeout=section.get("close_timeout", parse_duration, d.close_timeout),
         reload_close_window=section.get("reload_close_window", parse_duration, d.reload_close_window),
         workers=section.get("workers", _workers, d.workers),
+        http2_max_streams=section.get("http2_max_streams", _stream_count, d.http2_max_streams),
     )
+
+
+def _stream_count(text: str) -> int:
+    """``http2_max_streams``: 1 to 1000."""
+    return parse_int(text, 1, 1000)
 
 
 def _workers(text: str) -> int:
@@ -402,6 +408,7 @@ def _read_listener(section: _Section) -> Listener:
         allow=section.get("allow", parse_networks, None),
         trusted_proxies=section.get("trusted_proxies", parse_networks, ()),
         response_headers=section.get("response_headers", _response_headers, ()),
+        http2=section.get("http2", parse_bool, True),
     )
 
 

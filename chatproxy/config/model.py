@@ -41,6 +41,7 @@ class Settings:
     idle_timeout: float = 60.0
     drain_timeout: float = 30.0
     close_timeout: float = 5.0
+    http2_max_streams: int = 100  # concurrent streams per HTTP/2 connection
     reload_close_window: float = 10.0
     workers: int = 0  # 0: one per CPU
 
@@ -72,6 +73,7 @@ class Listener:
     allow: tuple[Network, ...] | None = None
     trusted_proxies: tuple[Network, ...] = ()
     response_headers: tuple[tuple[bytes, bytes], ...] = ()  # on every answer this listener sends
+    http2: bool = True  # ALPN offers h2 (TLS listeners)
 
 
 @frozen

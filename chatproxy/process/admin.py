@@ -72,10 +72,10 @@ class ProxyCollector:
         if core is None:
             return
         stats = core.stats
-        requests = CounterMetricFamily("chatproxy_requests", "Requests answered, by route and status.",
-                                       labels=["route", "status"])
-        for (route, status), count in sorted(stats.requests.items()):
-            requests.add_metric([route, str(status)], count)
+        requests = CounterMetricFamily("chatproxy_requests", "Requests answered, by route, status and protocol.",
+                                       labels=["route", "status", "protocol"])
+        for (route, status, protocol), count in sorted(stats.requests.items()):
+            requests.add_metric([route, str(status), protocol], count)
         yield requests
         duration = HistogramMetricFamily("chatproxy_request_duration_seconds",
                                          "Time from the request head to the end of the response, by route.",

@@ -25,19 +25,27 @@ log = Logger()
 
 
 class Session(Protocol):
-    """What the core needs of a WebSocket session (a bridge) or a tunnel."""
+    """What the core needs of a bridged WebSocket session."""
 
     exchange: Any  # the exchange whose upgrade started it
 
     def close_both(self, code: int, reason: str) -> None:
-        """End the session with ``code`` on both legs (a bridge)."""
+        """End the session with ``code`` on both legs."""
+
+
+class Tunnel(Protocol):
+    """What the core needs of a tunnel-mode session."""
+
+    exchange: Any  # the exchange whose upgrade started it
+
+    def close(self) -> None:
+        """End it from the proxy's side."""
 
 
 class ClientConnection(Protocol):
     """What the core needs of a client connection (a front connection)."""
 
     factory: Any
-    tunnel: Any  # a Session once the connection was upgraded, else None
 
     def drain(self) -> None:
         """Close once the current exchange is done (shutdown)."""
@@ -72,6 +80,7 @@ class ProxyCore:
         self.access_log = AccessLog(reactor, config.settings.access_log, config.settings.access_log_format)
         self.connections: set[ClientConnection] = set()
         self.websocket_sessions: set[Session] = set()
+        self.tunnels: set[Tunnel] = set()  # tunnel-mode sessions (bytes relayed after a 101)
         self.counters: Counter[str] = Counter()
         self._started = False
 
@@ -150,13 +159,10 @@ class ProxyCore:
                 closing += 1
                 self.reactor.callLater(random.uniform(0, window), session.close_both, SERVICE_RESTART,
                                        "service restart: route changed")
-        for connection in list(self.connections):
-            tunnel = connection.tunnel
-            if tunnel is None or tunnel in self.websocket_sessions:
-                continue
+        for tunnel in list(self.tunnels):
             if self._doomed(tunnel.exchange, plan):
                 closing += 1
-                self.reactor.callLater(random.uniform(0, window), connection.close)
+                self.reactor.callLater(random.uniform(0, window), tunnel.close)
         return closing
 
     def session_started(self, exchange: Any, close: Any) -> None:
@@ -177,8 +183,8 @@ class ProxyCore:
         window = timeout / 2
         for connection in list(self.connections):
             connection.drain()
-            if connection.tunnel is not None and connection.tunnel not in self.websocket_sessions:
-                self.reactor.callLater(random.uniform(0, window), connection.close)
+        for tunnel in list(self.tunnels):
+            self.reactor.callLater(random.uniform(0, window), tunnel.close)
         for session in list(self.websocket_sessions):
             self.reactor.callLater(random.uniform(0, window), session.close_both, 1001, "server shutting down")
         deadline = self.reactor.seconds() + timeout

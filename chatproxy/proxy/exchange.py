@@ -52,9 +52,15 @@ class ClientSide(Protocol):
     core: ProxyCore
     listener: Listener
     connection: Connection
-    closing: bool
-    draining: bool
     client_paused: bool
+
+    @property
+    def closing(self) -> bool:
+        """The client's side is ending: no keep-alive."""
+
+    @property
+    def draining(self) -> bool:
+        """The proxy is shutting down: no keep-alive."""
 
     def send_continue(self) -> None:
         """Tell the client to send its body (an interim ``100 Continue``)."""
@@ -136,6 +142,7 @@ class Exchange:
     # before the request is forwarded (0: none is waiting for it).
     _inspect_limit = 0
     _sent_continue = False
+    _trailers: tuple[Header, ...] = ()  # fields after a request body
 
     def __init__(self, client: ClientSide, request: Request | Rejection, plan: Plan) -> None:
         self.client = client
@@ -307,7 +314,12 @@ class Exchange:
 
     def _end_request_body(self, connection: UpstreamConnection) -> None:
         if self.chunked_in:
-            connection.send_body(_CHUNK_END)
+            trailers = self._trailers
+            if trailers:
+                connection.send_body(b"0\r\n" + b"".join(name + b": " + value + b"\r\n" for name, value in trailers)
+                                     + b"\r\n")
+            else:
+                connection.send_body(_CHUNK_END)
         connection.request_sent()
 
     def _upstream_head(self) -> bytes:
@@ -355,9 +367,11 @@ class Exchange:
         if self._buffered > max(_BODY_BUFFER_LIMIT, self._inspect_limit) and self.connection is None:
             self.client.pause_reading("body")
 
-    def client_body_done(self) -> None:
-        """The request body is complete."""
+    def client_body_done(self, trailers: tuple[Header, ...] = ()) -> None:
+        """The request body is complete (``trailers``: fields after it, passed on
+        when the body goes to the upstream chunked)."""
         self.body_done = True
+        self._trailers = trailers
         if self.discarding:
             return
         if self.connection is not None:
@@ -607,7 +621,7 @@ class Exchange:
         self.finished = True
         core = self.client.core
         core.stats.request(self.route.name if self.route else "", self.status, core.sweeper.now() - self.started,
-                           self.bytes_sent, self.body_received)
+                           self.bytes_sent, self.body_received, "h2" if self.head.version == "2" else "http/1.1")
         if core.access_log.enabled:
             core.access_log.log(self.record())
         self.client.exchange_done(self, aborted)

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatproxy.http.messages import REASONS, Header, client_ip, in_networks, local_response, replace_headers
+from chatproxy.proxy import http2
 from chatproxy.proxy.accesslog import AccessRecord
 from chatproxy.proxy.exchange import Exchange
 from chatproxy.proxy.forwarding import Connection, connection_of
@@ -65,7 +66,7 @@ class FrontConnection(Protocol):
         self.closing = False
         self.draining = False  # shutting down: close after the current exchange
         self.client_paused = False
-        self.tunnel: Tunnel | WebSocketBridge | None = None
+        self.tunnel: Tunnel | WebSocketBridge | http2.H2Session | None = None  # who took the connection over
         self._deadline_kind = "header"
         self._parser = httptools.HttpRequestParser(self)
         self._queue: deque[Exchange] = deque()
@@ -127,6 +128,8 @@ class FrontConnection(Protocol):
         if not self._peer_known:
             self._peer_known = True
             self._identify_peer()
+            if self.listener.http2 and getattr(self.transport, "negotiatedProtocol", None) == http2.PROTOCOL:
+                self._start_http2()
         if self.closing:
             return  # read only to see the client's end (see close)
         if self.tunnel is not None:
@@ -525,10 +528,13 @@ class FrontConnection(Protocol):
 
     def drain(self) -> None:
         """Shutdown: close now if nothing is going on, else once the current
-        exchange is answered (with ``Connection: close``).  WebSocket
-        sessions are closed by the proxy core, tunnels at the drain deadline."""
+        exchange is answered (with ``Connection: close``); an HTTP/2 session
+        sends GOAWAY.  WebSocket sessions are closed by the proxy core,
+        tunnels over the drain window."""
         self.draining = True
-        if self.tunnel is None and not self._queue and not self._in_head:
+        if self.tunnel is not None:
+            self.tunnel.drain()
+        elif not self._queue and not self._in_head:
             self.close()
 
     def close(self) -> None:
@@ -588,6 +594,16 @@ class FrontConnection(Protocol):
         self._headers = []
         self._url = b""
         self.core.sweeper.discard(self)
+
+    def _start_http2(self) -> None:
+        """TLS negotiated h2: an HTTP/2 session takes the connection over."""
+        settings = self.settings
+        limits = http2.Limits(max_streams=settings.http2_max_streams, max_header_list=settings.max_header_bytes,
+                              idle_timeout=settings.idle_timeout, header_timeout=settings.header_timeout,
+                              stall_timeout=settings.idle_timeout)
+        self.deadline = 0.0
+        self._release_http_state()
+        self.tunnel = http2.H2Session(self, limits, self._hosts)
 
     def start_bridge(self, exchange: Exchange) -> None:
         """Hand this connection to the WebSocket bridge (a bridge-mode route

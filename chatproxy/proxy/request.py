@@ -29,6 +29,7 @@ _HOST_RE = re.compile(rb"^(?:[A-Za-z0-9._~!$&'()*+,;=%-]+|\[[0-9A-Fa-f:.]+\])(?:
 _QUERY_FORBIDDEN = re.compile(r"[^\x21-\x7e]|#")
 # The request headers the checks look at (the others are only collected).
 _NOTHING: frozenset[bytes] = frozenset()
+_VERSIONS = frozenset({"1.0", "1.1", "2"})
 _SPECIAL = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect", b"x-forwarded-for", b"connection"})
 
 
@@ -162,7 +163,7 @@ def _where(scan: _Scan, version: str, target: str, memo: HostMemo) -> tuple[byte
     if len(hosts) > 1:
         error = (400, "more than one Host header")
     elif not hosts:
-        error = (400, "missing Host header") if version == "1.1" else None
+        error = (400, "missing Host header") if version != "1.0" else None
     elif host != memo.valid:
         if _HOST_RE.match(host):
             memo.valid = host  # keep-alive requests repeat it: checked once
@@ -214,17 +215,23 @@ class _Facts:
 
 
 def decide(method: str, version: str, keep_alive: bool, upgrade: bool, url: bytes, headers: Sequence[Header],
-           connection: Connection, table: RouteTable, max_header_bytes: int, memo: HostMemo) -> Request | Rejection:
+           connection: Connection, table: RouteTable, max_header_bytes: int, memo: HostMemo,
+           unframed_body: bool = False) -> Request | Rejection:
     """Check and route one parsed request head.
 
-    ``upgrade``: the parser says the client asked to switch protocols;
-    ``memo`` is the connection's :class:`HostMemo`.  Returns a
-    :class:`Request`, or a :class:`Rejection` (400, 417, 431, 501, 505)."""
+    ``version`` is ``1.0``, ``1.1`` or (an HTTP/2 stream) ``2``; ``upgrade``:
+    the client asked to switch protocols; ``memo`` is the connection's
+    :class:`HostMemo`; ``unframed_body``: a body follows whose length the
+    head does not say (an HTTP/2 request without content-length), which goes
+    to the upstream chunked.  Returns a :class:`Request`, or a
+    :class:`Rejection` (400, 417, 431, 501, 505)."""
     scan = _scan(headers, connection.peer_trusted)
+    if unframed_body and scan.content_length is None:
+        scan.chunked = True
     error = scan.error
     if scan.size + len(url) > max_header_bytes:
         error = (431, "request head too large")
-    if version not in ("1.0", "1.1"):
+    if version not in _VERSIONS:
         error = (505, "only HTTP/1.0 and HTTP/1.1 are supported")
     target = url.decode("latin-1")
     authority, path, query, where_error = _where(scan, version, target, memo)

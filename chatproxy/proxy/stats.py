@@ -18,7 +18,7 @@ class Stats:
     """Totals since start: requests, durations, bytes, upstream connects, WebSocket traffic."""
 
     def __init__(self) -> None:
-        self.requests: Counter[tuple[str, int]] = Counter()  # (route, status)
+        self.requests: Counter[tuple[str, int, str]] = Counter()  # (route, status, protocol)
         self.duration_buckets: dict[str, list[int]] = {}  # route -> counts per bucket (+Inf last)
         self.duration_sum: dict[str, float] = {}
         self.bytes_sent: Counter[str] = Counter()  # route -> response body bytes
@@ -33,9 +33,10 @@ class Stats:
         self.last_reload_success = 0.0  # Unix time of the start or of the last successful reload
         self.last_reload_ok = True  # whether the last reload attempt succeeded
 
-    def request(self, route: str, status: int, duration: float, sent: int, received: int) -> None:
-        """Count one finished request."""
-        self.requests[(route, status)] += 1
+    def request(self, route: str, status: int, duration: float, sent: int, received: int,
+                protocol: str = "http/1.1") -> None:
+        """Count one finished request (``protocol``: ``http/1.1`` or ``h2``)."""
+        self.requests[(route, status, protocol)] += 1
         buckets = self.duration_buckets.get(route)
         if buckets is None:
             buckets = self.duration_buckets[route] = [0] * (len(BUCKETS) + 1)

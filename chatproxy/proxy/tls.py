@@ -41,13 +41,23 @@ class TLSMaterialError(Exception):
         self.message = message
 
 
-def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> Any:
-    if _ALPN in offered:
-        return _ALPN
-    return SSL.NO_OVERLAPPING_PROTOCOLS
+def alpn_protocols(listener: Listener) -> tuple[bytes, ...]:
+    """What a listener's ALPN offers, in the server's order of preference."""
+    return (b"h2", _ALPN) if listener.http2 else (_ALPN,)
 
 
-def _context(certificate: Path, key: Path, min_version: str, ciphers: str | None, *, options: tuple[str, str]) -> SSL.Context:
+def _alpn_selector(protocols: tuple[bytes, ...]) -> Any:
+    """An ALPN callback choosing the first of ``protocols`` the client offers."""
+    def select(connection: SSL.Connection, offered: list[bytes]) -> Any:
+        for protocol in protocols:
+            if protocol in offered:
+                return protocol
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+    return select
+
+
+def _context(certificate: Path, key: Path, min_version: str, ciphers: str | None, *, options: tuple[str, str],
+             alpn: tuple[bytes, ...] = (_ALPN,)) -> SSL.Context:
     """A server context for one certificate; errors name ``options``' entries."""
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(_VERSIONS[min_version])
@@ -76,7 +86,7 @@ def _context(certificate: Path, key: Path, min_version: str, ciphers: str | None
     except SSL.Error:
         raise TLSMaterialError(options[1], f"the key in {key} does not match the certificate in {certificate}") from None
     context.set_session_id(b"chatproxy")
-    context.set_alpn_select_callback(_select_alpn)
+    context.set_alpn_select_callback(_alpn_selector(alpn))
     return context
 
 
@@ -134,11 +144,12 @@ def build_server_tls(listener: Listener) -> ServerTLS:
     assert listener.certificate is not None and listener.key is not None
     if listener.create_self_signed and not (listener.certificate.exists() and listener.key.exists()):
         raise FileNotFoundError(str(listener.certificate))
+    alpn = alpn_protocols(listener)
     default = _context(listener.certificate, listener.key, listener.min_tls_version, listener.ciphers,
-                       options=("certificate", "key"))
+                       options=("certificate", "key"), alpn=alpn)
     by_host = {
         entry.host: _context(entry.certificate, entry.key, listener.min_tls_version, listener.ciphers,
-                             options=("sni", "sni"))
+                             options=("sni", "sni"), alpn=alpn)
         for entry in listener.sni
     }
     return ServerTLS(default, by_host)

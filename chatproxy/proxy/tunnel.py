@@ -50,6 +50,7 @@ class Tunnel:
         upstream.deadline = 0.0
         if front.client_paused:
             upstream.pause_reading()
+        front.core.tunnels.add(self)
 
     def from_client(self, data: bytes) -> None:
         """Client bytes: to the upstream."""
@@ -76,6 +77,14 @@ class Tunnel:
         else:
             self.front.pause_reading("tunnel")
 
+    def close(self) -> None:
+        """End the tunnel from the proxy's side (a reload that drops its route, a
+        drain): the client's side is closed, which closes the upstream."""
+        self.front.close()
+
+    def drain(self) -> None:
+        """Shutdown: the proxy core closes tunnels over the drain window (see ``ProxyCore.drain``)."""
+
     def peer_lost(self) -> None:
         """The upstream closed: close the client."""
         self._end()
@@ -90,6 +99,7 @@ class Tunnel:
         if self._ended:
             return
         self._ended = True
+        self.front.core.tunnels.discard(self)
         exchange = self.exchange
         log = self.front.core.access_log
         if log.enabled:

@@ -281,6 +281,9 @@ class WebSocketBridge:
         headers.update(self.own_headers())
         handshake.callback((response.protocol, headers))
 
+    def drain(self) -> None:
+        """Shutdown: the proxy core closes sessions with 1001 (see ``ProxyCore.drain``)."""
+
     def client_ended(self, clean: bool) -> None:
         """Autobahn ends the client's connection: through the front connection,
         which reads on until the client's FIN or TLS close_notify (bounded).
