@@ -143,6 +143,7 @@ class H2Session:
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(limits.connection_window - 65535)
         self.streams: dict[int, H2Stream] = {}
+        self._stalled: set[H2Stream] = set()  # streams whose response waits for the client's window
         self.closing = False
         self.draining = False
         self.last_stream = 0  # the highest stream id taken
@@ -361,8 +362,12 @@ class H2Session:
 
     # -- timeouts
 
-    def stall_changed(self) -> None:
+    def stall_changed(self, stream: H2Stream) -> None:
         """A stream started or stopped waiting for its window."""
+        if stream.stalled_since:
+            self._stalled.add(stream)
+        else:
+            self._stalled.discard(stream)
         self._deadline()
 
     def _deadline(self) -> None:
@@ -370,7 +375,9 @@ class H2Session:
         if self.closing:
             return
         now = self.core.sweeper.now()
-        stalls = [stream.stalled_since for stream in self.streams.values() if stream.stalled_since]
+        self._stalled = {stream for stream in self._stalled if self.streams.get(stream.stream_id) is stream} \
+            if self._stalled else self._stalled
+        stalls = [stream.stalled_since for stream in self._stalled]
         if stalls:
             self.deadline = min(stalls) + self.limits.stall_timeout
         elif not self.streams:
@@ -600,7 +607,7 @@ class H2Stream:
             return
         self.client_paused = blocked
         self.stalled_since = self.core.sweeper.now() if self._pending else 0.0
-        self.session.stall_changed()
+        self.session.stall_changed(self)
         if self.tunnel is not None:
             self.tunnel.client_writable(not blocked)
         elif self.exchange is not None and self.exchange.connection is not None:
