@@ -642,6 +642,28 @@ def test_a_reload_applies_to_new_streams(env):
         client.close()
 
 
+def test_a_reload_that_removes_its_route_closes_a_websocket_stream_with_1012(env):
+    """A WebSocket over an HTTP/2 stream whose route a reload removed gets a close frame 1012
+    (service restart) within reload_close_window, as on HTTP/1.1; a plain request on the same
+    connection is still served afterwards."""
+    client = env.client()
+    try:
+        client.until(lambda: client.server_settings.get(8) == 1)
+        stream_id = _websocket(client, "/chat")
+        result = client.streams[stream_id]
+        client.until(lambda: result.status == 200)
+        config = env.process.configs[-1]
+        config.write_text(env.config_text.replace("[route:bridge]\npath = /chat\nupstream = ws\nwebsocket = yes\n",
+                                                  "").replace("[chatproxy]\n", "[chatproxy]\nreload_close_window = 1s\n"))
+        env.process.process.send_signal(signal.SIGHUP)
+        client.until(lambda: any(op == 8 for op, _ in unframe(result.data)), timeout=20)
+        close = [payload for op, payload in unframe(result.data) if op == 8][0]
+        assert int.from_bytes(close[:2], "big") == 1012
+        assert client.get("/echo").status == 200
+    finally:
+        client.close()
+
+
 def test_ended_h2_connections_release_their_sockets(env):
     """Many HTTP/2 connections (plain requests, resets, malformed blocks, WebSockets) leave no
     descriptor behind once they end, and the client-connection gauge is back to 0."""
