@@ -21,7 +21,8 @@ The first refusal or answer ends a request hook run; the first DROP or
 CloseSession ends a message's.  A filter in ``mode = report`` is run the same
 way, but what it would have refused, answered, changed or dropped is logged
 and counted as ``reported`` and the request, response or message goes on
-unchanged.  ``refused_message = drop`` turns a filter's CloseSession into a
+unchanged.  A Refuse's ``note`` is added to the head's ``notes`` (for the
+access log), in both modes.  ``refused_message = drop`` turns a filter's CloseSession into a
 DROP.  Outcomes are counted per filter (``FILTER:outcome``): ``passed``
 (request and body hooks), ``refused``, ``answered``, ``reported``,
 ``error``.  Responses and messages that pass are not counted per filter:
@@ -184,6 +185,8 @@ class FilterChain:
             return False, None, apply_rewrite(head, result)
         kind = "refused" if isinstance(result, Refuse) else "answered"
         reason = result.reason if isinstance(result, Refuse) else ""
+        if isinstance(result, Refuse) and result.note:
+            head = evolve(head, notes=(*head.notes, (flt.name, result.note)))
         if flt.report:
             self.counters[f"{flt.name}:reported"] += 1
             log.info("filter {name} (report mode) would have {kind} {method} {target} from {client}: "
