@@ -66,7 +66,7 @@ def test_exchange_state_is_not_shared_between_requests(make: Any) -> None:
     front.dataReceived(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
     second = front._queue[0]
     assert second is not first and not second.response_started and second.status == 0
-    assert not second.out_chunked and second.bytes_sent == 0
+    assert not front._chunked and second.bytes_sent == 0  # the chunked framing of the first response is over
     upstream.dataReceived(ok(b"hi"))
     messages = responses(client.value())
     assert [(m["status"], m["body"]) for m in messages] == [(201, b"abc"), (200, b"hi")]

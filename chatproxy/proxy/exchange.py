@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from chatproxy.filters import Answer, Refuse
 from chatproxy.filters.chain import Decision, FilterChain
-from chatproxy.http.messages import HOP_BY_HOP, REASONS, Header, RequestHead, local_response, replace_headers
+from chatproxy.http.messages import HOP_BY_HOP, REASONS, Header, RequestHead, replace_headers
 from chatproxy.proxy.accesslog import AccessRecord
 from chatproxy.proxy.forwarding import Connection, upstream_headers
 from chatproxy.proxy.request import Rejection, Request
@@ -37,7 +37,6 @@ log = Logger()
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _BODY_BUFFER_LIMIT = 65536
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNK_END = b"0\r\n\r\n"
 _PLAIN_TEXT = (b"Content-Type", b"text/plain; charset=utf-8")
 # Request headers chatproxy replaces with its own (Host, framing) or handles
@@ -58,8 +57,25 @@ class ClientSide(Protocol):
     draining: bool
     client_paused: bool
 
-    def write(self, data: bytes) -> None:
-        """Send response bytes to the client."""
+    def send_continue(self) -> None:
+        """Tell the client to send its body (an interim ``100 Continue``)."""
+
+    def send_head(self, status: int, reason: bytes, headers: list[Header], framing: str, close: bool) -> None:
+        """Start the response: ``headers`` are its end-to-end headers (no
+        connection or framing headers but a ``Content-Length`` that came with
+        it); ``framing`` says what follows: ``length`` (a body of that
+        Content-Length), ``none`` (no body), ``stream`` (a body of unknown
+        length, until :meth:`end_response`); ``close``: the connection ends
+        after this response (HTTP/1.1's business)."""
+
+    def send_switch(self, reason: bytes, headers: list[Header], protocol: bytes) -> None:
+        """Accept the client's upgrade to ``protocol`` (WebSocket): HTTP/1.1's 101."""
+
+    def send_body(self, data: bytes) -> None:
+        """Response body bytes."""
+
+    def end_response(self) -> None:
+        """The response body is complete."""
 
     def cork(self) -> None:
         """Gather writes until :meth:`uncork` (to send them as one)."""
@@ -116,8 +132,6 @@ class Exchange:
     response_started = False
     status = 0
     bytes_sent = 0
-    out_chunked = False
-    close_delimited = False
     _buffered = 0
     # Body inspection: filters that read the first bytes of the body
     # before the request is forwarded (0: none is waiting for it).
@@ -214,7 +228,7 @@ class Exchange:
     def _send_continue(self) -> None:
         if not self._sent_continue:
             self._sent_continue = True
-            self.client.write(_CONTINUE)
+            self.client.send_continue()
 
     def _maybe_inspect(self) -> None:
         """Run the body filters once enough of the body (or all of it) is here."""
@@ -399,8 +413,6 @@ class Exchange:
             # The upstream refused the upgrade: relay its answer, then close.
             self.close_after = True
         out = _end_to_end(headers, names, HOP_BY_HOP if body_framing in ("length", "none") else _HOP_AND_LENGTH)
-        if body_framing in ("chunked", "eof"):
-            self._reframe(out)
         if not self.body_done:
             # The upstream answered before the whole body arrived: the rest of
             # the body is read and dropped, and the connection ends afterwards.
@@ -408,15 +420,20 @@ class Exchange:
         if self.set_cookie is not None:
             out.append((b"Set-Cookie", self.set_cookie))  # sticky sessions: pins the client to this server
         client = self.client
-        if not self.client_keep_alive or self.close_after or client.closing or client.draining:
-            out.append((b"Connection", b"close"))
-        elif self.head.version == "1.0":
-            out.append((b"Connection", b"keep-alive"))
+        close = not self.client_keep_alive or self.close_after or client.closing or client.draining
+        framing = "stream" if body_framing in ("chunked", "eof") else body_framing
         chain = self.chain
         if (chain is None or not chain.sees_responses) and not client.listener.response_headers:
-            self._write_head(status, reason, out)  # nothing to change: the common case
-        else:
-            self._relay_head(status, reason, out)
+            self.status = status  # nothing to change: the common case, without a call more
+            self.response_started = True
+            client.send_head(status, reason, out, framing, close)
+            return
+        final = self._answer_headers(status, out)
+        if final is None:
+            self._give_up_upstream()
+            self.respond_local(500, "internal filter error", hooks=False)
+            return
+        self._send_head(status, reason, final, framing, close)
 
     def _switching(self, reason: bytes, headers: list[Header], names: list[bytes]) -> None:
         """The upstream answered 101: relayed if an upgrade was asked for, else 502."""
@@ -426,30 +443,16 @@ class Exchange:
             return
         out = _end_to_end(headers, names, HOP_BY_HOP)
         upgrade_to = next((v for (_, v), k in zip(headers, names) if k == b"upgrade"), b"websocket")
-        out += [(b"Connection", b"Upgrade"), (b"Upgrade", upgrade_to)]
         if self.set_cookie is not None:
             out.append((b"Set-Cookie", self.set_cookie))
-        self._relay_head(101, reason, out)
-
-    def _reframe(self, out: list[Header]) -> None:
-        """A chunked or read-until-close response: chunked to an HTTP/1.1
-        client, delimited by closing the connection for HTTP/1.0."""
-        if self.head.version == "1.1":
-            out.append((b"Transfer-Encoding", b"chunked"))
-            self.out_chunked = True
-        else:
-            self.close_after = True
-            self.close_delimited = True
-
-    def _relay_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
-        """Send the upstream's response head on, as the route's filters and the
-        listener have it; a failing response hook answers 500 instead."""
-        final = self._answer_headers(status, headers)
+        final = self._answer_headers(101, out)
         if final is None:
             self._give_up_upstream()
             self.respond_local(500, "internal filter error", hooks=False)
             return
-        self._write_head(status, reason, final)
+        self.status = 101
+        self.response_started = True
+        self.client.send_switch(reason, final, upgrade_to)
 
     def _answer_headers(self, status: int, headers: list[Header]) -> list[Header] | None:
         """The headers of an answer about to be sent on this exchange (the
@@ -468,32 +471,24 @@ class Exchange:
         own = self.client.listener.response_headers
         return replace_headers(headers, own) if own else headers
 
-    def _write_head(self, status: int, reason: bytes, headers: list[Header]) -> None:
+    def _send_head(self, status: int, reason: bytes, headers: list[Header], framing: str, close: bool) -> None:
         self.status = status
         self.response_started = True
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, "Unknown").encode("ascii"))]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        parts.append(b"\r\n")
-        self.client.write(b"".join(parts))
+        self.client.send_head(status, reason, headers, framing, close)
 
     def response_body(self, data: bytes) -> None:
         """Response body bytes from the upstream."""
         if self.finished or not data:
             return
         self.bytes_sent += len(data)
-        if self.out_chunked:
-            self.client.write(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            self.client.write(data)
+        self.client.send_body(data)
 
     def response_complete(self) -> None:
         """The upstream's response ended cleanly."""
         self.connection = None
         if self.finished:
             return
-        if self.out_chunked:
-            self.client.write(_CHUNK_END)
+        self.client.end_response()
         if not self.body_done:
             self.discarding = True
             self.close_after = True
@@ -563,17 +558,25 @@ class Exchange:
         client = self.client
         close = close or self.close_after or not self.client_keep_alive or client.closing or client.draining
         self.close_after = close
-        headers = self._answer_headers(status, [_PLAIN_TEXT, *extra]) if hooks else \
-            replace_headers([_PLAIN_TEXT, *extra], client.listener.response_headers)
-        if headers is None:
+        body = ((message or REASONS.get(status, "Unknown")) + "\n").encode("utf-8")
+        headers = [_PLAIN_TEXT, (b"Content-Length", b"%d" % len(body)), *extra]
+        final = self._answer_headers(status, headers) if hooks else \
+            replace_headers(headers, client.listener.response_headers)
+        if final is None:
             self.respond_local(500, "internal filter error", close=close, hooks=False)
             return
-        head_only = self.head.method == "HEAD"
-        data = local_response(status, message, close=close, headers=headers, head_only=head_only)
-        self.status = status
-        self.response_started = True
-        self.bytes_sent = 0 if head_only else len(data) - data.index(b"\r\n\r\n") - 4
-        client.write(data)
+        self._send_whole(status, final, body, close)
+
+    def _send_whole(self, status: int, headers: list[Header], body: bytes, close: bool) -> None:
+        """A complete answer of the proxy's own (a body with its Content-Length in ``headers``), sent as one."""
+        client = self.client
+        client.cork()
+        self._send_head(status, b"", headers, "length", close)
+        if self.head.method != "HEAD":
+            client.send_body(body)
+            self.bytes_sent = len(body)
+        client.end_response()
+        client.uncork()
         self._finish()
 
     def respond_answer(self, answer: Answer) -> None:
@@ -583,17 +586,11 @@ class Exchange:
             self.close_after = True
         headers = [(n, v) for n, v in answer.headers if n.lower() not in _HOP_AND_LENGTH]
         headers.append((b"Content-Length", b"%d" % len(answer.body)))
-        if self.close_after or not self.client_keep_alive:
-            headers.append((b"Connection", b"close"))
         final = self._answer_headers(answer.status, headers)
         if final is None:
             self.respond_local(500, "internal filter error", hooks=False)
             return
-        self._write_head(answer.status, b"", final)
-        if self.head.method != "HEAD":
-            self.client.write(answer.body)
-            self.bytes_sent = len(answer.body)
-        self._finish()
+        self._send_whole(answer.status, final, answer.body, self.close_after or not self.client_keep_alive)
 
     def _abort(self, reason: str) -> None:
         """The response cannot be completed: close the client connection

@@ -21,7 +21,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatproxy.http.messages import Header, client_ip, in_networks, local_response, replace_headers
+from chatproxy.http.messages import REASONS, Header, client_ip, in_networks, local_response, replace_headers
 from chatproxy.proxy.accesslog import AccessRecord
 from chatproxy.proxy.exchange import Exchange
 from chatproxy.proxy.forwarding import Connection, connection_of
@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from chatproxy.proxy.core import ProxyCore
 
 log = Logger()
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CHUNK_END = b"0\r\n\r\n"
 
 class _Reject(Exception):
     """Raised inside a parser callback to refuse the request with ``status``."""
@@ -83,6 +86,10 @@ class FrontConnection(Protocol):
         self._peer_known = False
         self._corked = False
         self._out: list[bytes] = []
+        # The response being written: chunked; delimited by closing; closing after it.
+        self._chunked = False
+        self._close_delimited = False
+        self._close_after_response = False
 
     # -- connection lifecycle
 
@@ -341,10 +348,13 @@ class FrontConnection(Protocol):
         if self._read_pauses:
             self.resume_reading("upstream")
             self.resume_reading("body")
+        close_delimited, self._close_delimited = self._close_delimited, False
+        closing, self._close_after_response = self._close_after_response, False
+        self._chunked = False
         if aborted:
-            self.abort(hard=exchange.close_delimited)
+            self.abort(hard=close_delimited)
             return
-        if exchange.close_after or not exchange.client_keep_alive or self.draining:
+        if closing or exchange.close_after or not exchange.client_keep_alive or self.draining:
             self.close()
             return
         if len(self._queue) <= 1:
@@ -390,6 +400,57 @@ class FrontConnection(Protocol):
             now = self.core.sweeper.now()
             self.core.access_log.log(AccessRecord(self.peer, "-", self._url.decode("latin-1")[:200] or "-", "1.1",
                                                   status, 0, 0.0, "", "", "", "", "", now))
+
+    # -- the response, as HTTP/1.1 (ClientSide)
+
+    def send_continue(self) -> None:
+        """``100 Continue``: the client may send its body."""
+        self.write(_CONTINUE)
+
+    def send_head(self, status: int, reason: bytes, headers: list[Header], framing: str, close: bool) -> None:
+        """Write a response head: ``headers`` as given, then the framing
+        (a body of unknown length is chunked for an HTTP/1.1 client, delimited
+        by closing the connection for HTTP/1.0) and ``Connection``."""
+        version = self._queue[0].head.version if self._queue else "1.1"
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, "Unknown").encode("ascii"))]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        if framing == "stream":
+            if version == "1.1":
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+                self._chunked = True
+            else:
+                close = self._close_delimited = True
+        if close:
+            parts.append(b"Connection: close\r\n\r\n")
+            self._close_after_response = True
+        elif version == "1.0":
+            parts.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        self.write(b"".join(parts))
+
+    def send_switch(self, reason: bytes, headers: list[Header], protocol: bytes) -> None:
+        """``101 Switching Protocols`` to ``protocol``."""
+        parts = [b"HTTP/1.1 101 %s\r\n" % (reason or b"Switching Protocols")]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (b"Connection: Upgrade\r\nUpgrade: ", protocol, b"\r\n\r\n")
+        self.write(b"".join(parts))
+
+    def send_body(self, data: bytes) -> None:
+        """Response body bytes (a chunk of them when the response is chunked)."""
+        if self._chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        if self._corked and not self.closing:
+            self._out.append(data)  # write()'s work, inline: this is every response's path
+        else:
+            self.write(data)
+
+    def end_response(self) -> None:
+        """The end of the response body (the last chunk when chunked)."""
+        if self._chunked:
+            self.write(_CHUNK_END)
 
     # -- output, flow control
 
