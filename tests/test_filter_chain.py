@@ -388,6 +388,37 @@ def test_message_hook_rules(behaviour, report, drop, verdict, counted):
         assert chain.message(_head(), b"fine", False, True) is None
 
 
+class _Later(Filter):
+    """A message hook whose verdicts come later: each call returns a Deferred kept in ``pending``."""
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred[Any]] = []
+
+    def message(self, head: Any, payload: bytes, binary: bool, upward: bool) -> Any:
+        self.pending.append(defer.Deferred())
+        return self.pending[-1]
+
+
+def test_message_hook_may_answer_later():
+    """A message hook may return a Deferred: the chain's verdict is then a Deferred too, the
+    hooks after it run only once it has fired (and not at all when it refused), and a hook
+    whose Deferred fails closes the session with 1011, counted as an error."""
+    counters: Counter[str] = Counter()
+    later, words = _Later(), _Messages()
+    chain = FilterChain([RouteFilter("later", later), RouteFilter("words", words)], counters)
+    results: list[Any] = []
+    chain.message(_head(), b"this is bad", False, True).addCallback(results.append)
+    assert results == [] and words.seen == []
+    later.pending[0].callback(None)
+    assert results == [CloseSession(4400, "bad word")] and words.seen == [b"this is bad"]
+    chain.message(_head(), b"fine", False, True).addCallback(results.append)
+    later.pending[1].callback(CloseSession(1008, "later"))
+    assert results[1] == CloseSession(1008, "later") and words.seen == [b"this is bad"]
+    chain.message(_head(), b"fine", False, True).addCallback(results.append)
+    later.pending[2].errback(RuntimeError("engine gone"))
+    assert results[2] == CloseSession(1011, "internal filter error") and counters["later:error"] == 1
+
+
 def test_only_the_hooks_a_filter_overrides_are_called():
     """A Filter subclass's hooks left as the base class defines them are not called by the
     chain: a filter with only a message hook sees no response heads and holds no body."""

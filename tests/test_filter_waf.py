@@ -87,15 +87,54 @@ def q(value: str, name: str = "q") -> str:
     return f"{name}={quote(value, safe='')}"
 
 
-@pytest.fixture(scope="module")
-def firewall() -> WebApplicationFirewall:
-    """The waf with its defaults (paranoia 1, threshold 5), built once for the module."""
-    return waf.build({})
-
-
 def inline(work: Any) -> defer.Deferred[Any]:
     """An offload that runs the work at once (no reactor in unit tests)."""
     return defer.succeed(work())
+
+
+def settled(result: Any) -> Any:
+    """What a hook decided: the value of its (already fired) Deferred, or the value."""
+    if not isinstance(result, defer.Deferred):
+        return result
+    found: list[Any] = []
+    result.addBoth(found.append)
+    assert found, "the hook's Deferred has not fired"
+    return found[0]
+
+
+class Settled:
+    """A built waf whose transactions run at once (``inline``) and whose hooks give
+    their decisions, not Deferreds; every other attribute is the filter's."""
+
+    def __init__(self, flt: WebApplicationFirewall) -> None:
+        self.flt = flt
+        flt.offload = inline
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.flt, name)
+
+    def request(self, head: RequestHead) -> Any:
+        """The request hook's decision."""
+        return settled(self.flt.request(head))
+
+    def request_body(self, head: RequestHead, body: bytes, complete: bool = True) -> Any:
+        """The body hook's decision."""
+        return settled(self.flt.request_body(head, body, complete))
+
+    def message(self, head: RequestHead, payload: bytes, binary: bool, upward: bool) -> Any:
+        """The message hook's verdict."""
+        return settled(self.flt.message(head, payload, binary, upward))
+
+
+def build(options: dict[str, str] | None = None) -> Any:
+    """``waf.build(options)``, its hooks settled at once (see :class:`Settled`)."""
+    return Settled(waf.build(options or {}))
+
+
+@pytest.fixture(scope="module")
+def firewall() -> Any:
+    """The waf with its defaults (paranoia 1, threshold 5), built once for the module."""
+    return build()
 
 
 # ---------------------------------------------------------------------------
@@ -105,12 +144,12 @@ def inline(work: Any) -> defer.Deferred[Any]:
 def test_waf_is_an_installed_plugin(firewall):
     """``waf`` is found by getPlugins under its name, provides IFilterFactory, and
     builds (with no options) an object providing IRequestFilter with the documented
-    defaults: paranoia 1, inbound threshold 5, 64 KiB of bodies, 8 KiB of messages,
+    defaults: paranoia 1, inbound threshold 5, 64 KiB of bodies and of messages,
     over_limit pass, the CRS from Debian's package, ModSecurity from libmodsecurity3."""
     assert installed_filter_kinds()["waf"] is waf
-    assert IFilterFactory.providedBy(waf) and IRequestFilter.providedBy(firewall)
+    assert IFilterFactory.providedBy(waf) and IRequestFilter.providedBy(firewall.flt)
     assert (firewall.paranoia, firewall.threshold, firewall.inspect_body_bytes, firewall.inspect_message_bytes,
-            firewall.over_limit) == (1, 5, 65536, 8192, "pass")
+            firewall.over_limit) == (1, 5, 65536, 65536, "pass")
     assert firewall.crs.rules_dir == f"{DEFAULT_CRS}/rules"
     assert firewall.engine.version.startswith("ModSecurity v3.")
 
@@ -294,18 +333,18 @@ def test_paranoia_levels_and_threshold():
     critical rule (score 5) refuses at the default threshold, not at 10; at paranoia 4
     and threshold 10 the stacked SQL rules still refuse an injection."""
     comment = make_head(q("a -- b"))
-    assert waf.build({"paranoia": "1"}).request(comment) is None
-    assert waf.build({"paranoia": "2"}).request(comment).status == 403
+    assert build({"paranoia": "1"}).request(comment) is None
+    assert build({"paranoia": "2"}).request(comment).status == 403
     single = make_head(q("' or 1=1--"))
-    assert waf.build({"inbound_anomaly_threshold": "10"}).request(single) is None
-    assert waf.build({"paranoia": "4", "inbound_anomaly_threshold": "10"}).request(single).status == 403
+    assert build({"inbound_anomaly_threshold": "10"}).request(single) is None
+    assert build({"paranoia": "4", "inbound_anomaly_threshold": "10"}).request(single).status == 403
 
 
 def test_exclusions_by_id_and_by_target():
     """``exclude_rules``: an id alone turns the rule off everywhere; ``ID TARGET`` only
     for that target (the same value in another argument is still refused)."""
-    assert waf.build({"exclude_rules": "942100"}).request(make_head(q("' or 1=1--"))) is None
-    targeted = waf.build({"exclude_rules": "942100 ARGS:q"})
+    assert build({"exclude_rules": "942100"}).request(make_head(q("' or 1=1--"))) is None
+    targeted = build({"exclude_rules": "942100 ARGS:q"})
     assert targeted.request(make_head(q("' or 1=1--"))) is None
     assert targeted.request(make_head(q("' or 1=1--", "other"))).status == 403
 
@@ -345,9 +384,9 @@ def test_allowed_content_types():
     """CRS's content-type policy (920420) refuses a type it does not list (text/plain in
     CRS 3.3); ``allowed_content_types`` replaces the list, and a ``+json`` type listed
     there is parsed as JSON."""
-    flt = waf.build({})
+    flt = build({})
     assert flt.inspect(request_transaction(post_head("text/plain", 5), b"hello")).rule_ids == (920420, 949110)
-    allowing = waf.build({"allowed_content_types": "application/json, text/plain, application/vnd.api+json"})
+    allowing = build({"allowed_content_types": "application/json, text/plain, application/vnd.api+json"})
     assert allowing.request_body(post_head("text/plain", 5), b"hello", True) is None
     body = b'{"text": "<script>alert(1)</script>"}'
     found = allowing.inspect(request_transaction(post_head("application/vnd.api+json", len(body)), body))
@@ -358,36 +397,43 @@ def test_inspection_limit_and_over_limit_policy():
     """Only the first ``inspect_body_bytes`` of a body are inspected: with ``over_limit =
     pass`` a JSON body cut there is not a parse error and an attack after the limit is not
     seen; with ``over_limit = refuse`` a body longer than the limit gets 413."""
-    small = waf.build({"inspect_body_bytes": "1k"})
+    small = build({"inspect_body_bytes": "1k"})
     late = json.dumps({"pad": "x" * 2000, "text": "<script>alert(1)</script>"}).encode()
     head = post_head("application/json", len(late))
     assert small.request_body(head, late[:1024], False) is None
     assert small.request_body(head, late[:1024] + b"{", True) is None  # a hook before wanted more
-    refusing = waf.build({"inspect_body_bytes": "1k", "over_limit": "refuse"})
+    refusing = build({"inspect_body_bytes": "1k", "over_limit": "refuse"})
     assert refusing.request_body(head, late[:1024], False).status == 413
     fits = json.dumps({"text": "fine"}).encode()
     assert refusing.request_body(post_head("application/json", len(fits)), fits, True) is None
 
 
-def test_large_bodies_are_inspected_off_the_reactor_thread():
-    """A body above 8 KiB is handed to the offload (the thread pool in the proxy) and
-    its decision comes back as a Deferred; a small one is decided at once."""
-    settings = WafSettings()
+def test_every_transaction_is_handed_to_the_offload():
+    """Requests, bodies and messages are inspected through the offload (the thread pool
+    in the proxy): each hook returns a Deferred firing with its decision, and the work
+    it handed over is the engine's transaction; what needs no inspection (a binary
+    message, a request whose body will follow) is decided at once."""
     handed: list[Any] = []
+    pending: list[defer.Deferred[Any]] = []
 
     def offload(work: Any) -> defer.Deferred[Any]:
         handed.append(work)
-        return inline(work)
+        pending.append(defer.Deferred())
+        return pending[-1]
 
-    flt = WebApplicationFirewall(settings, find_crs(), offload=offload)
-    big = json.dumps({"text": "fine " * 4000, "evil": "<script>alert(1)</script>"}).encode()
-    result = flt.request_body(post_head("application/json", len(big)), big, True)
-    assert isinstance(result, defer.Deferred) and len(handed) == 1
+    flt = WebApplicationFirewall(WafSettings(), find_crs(), offload=offload)
+    body = json.dumps({"text": "fine " * 4000, "evil": "<script>alert(1)</script>"}).encode()
+    results = [flt.request(make_head(q("' or 1=1--"))),
+               flt.request_body(post_head("application/json", len(body)), body, True),
+               flt.message(websocket_head("/chat"), b"<script>alert(1)</script>", False, True)]
+    assert all(isinstance(result, defer.Deferred) for result in results) and len(handed) == 3
     decisions: list[Any] = []
-    result.addCallback(decisions.append)
-    assert decisions[0].status == 403
-    small = b'{"text": "fine"}'
-    assert flt.request_body(post_head("application/json", len(small)), small, True) is None and len(handed) == 1
+    for result, work, waiting in zip(results, handed, pending):
+        result.addCallback(decisions.append)
+        waiting.callback(work())  # as the pool does: the work's outcome, back in the reactor thread
+    assert [getattr(d, "status", getattr(d, "code", None)) for d in decisions] == [403, 403, 1008]
+    assert flt.message(websocket_head("/chat"), b"<script>", True, True) is None
+    assert flt.request(post_head("application/json", 10)) is None and len(handed) == 3
 
 
 # ---------------------------------------------------------------------------
@@ -416,10 +462,10 @@ def test_message_limit_and_drop():
     refused message and the session goes on."""
     attack = "<script>alert(1)</script>"
     late = "x" * 200 + attack
-    assert waf.build({"inspect_message_bytes": "100"}).message(websocket_head(), late.encode(), False, True) is None
-    refusing = waf.build({"inspect_message_bytes": "100", "over_limit": "refuse"})
+    assert build({"inspect_message_bytes": "100"}).message(websocket_head(), late.encode(), False, True) is None
+    refusing = build({"inspect_message_bytes": "100", "over_limit": "refuse"})
     assert refusing.message(websocket_head(), late.encode(), False, True).code == 1009
-    runner = ChainRunner.of_kind(waf, {}, refused_message="drop")
+    runner = ChainRunner(RouteFilter("waf", build().flt, drop_refused=True))
     assert runner.message(attack) == DROP
     assert runner.message("hello") is None and runner.counters["waf:refused"] == 1
 
@@ -431,12 +477,12 @@ def test_message_limit_and_drop():
 def test_report_mode_passes_and_notes(firewall):
     """``mode = report`` (detection only): the request passes, the chain counts it as
     reported, and the head carries the waf's note for the access log."""
-    runner = ChainRunner(RouteFilter("waf", firewall, report=True))
+    runner = ChainRunner(RouteFilter("waf", firewall.flt, report=True))
     outcome = runner.request(make_head(q("../../../../etc/passwd", "file")))
     assert outcome.passed and runner.counters["waf:reported"] == 1
     (name, note), = outcome.head.notes
     assert name == "waf" and "rules=930100,930110,930120" in note
-    refused = ChainRunner(RouteFilter("waf", firewall)).request(make_head(q("' or 1=1--")))
+    refused = ChainRunner(RouteFilter("waf", firewall.flt)).request(make_head(q("' or 1=1--")))
     assert refused.status == 403 and refused.head.notes[0][1].startswith("anomaly_score=5 rules=942100")
 
 
@@ -446,7 +492,7 @@ def test_log_line_lists_rules_targets_and_data(monkeypatch):
     characters of) its data."""
     events: list[dict[str, Any]] = []
     monkeypatch.setattr(Logger, "info", lambda self, fmt, **kw: events.append(dict(kw, log_format=fmt)))
-    flt = waf.build({})
+    flt = build({})
     flt.request(make_head(q("' or 1=1--"), client="198.51.100.7"))
     line = formatEvent(events[-1])
     assert line.startswith("waf: refused with 403 (anomaly score 5, threshold 5, paranoia 1) for GET /prweb/chat?q=")
@@ -458,7 +504,7 @@ def test_log_line_lists_rules_targets_and_data(monkeypatch):
 def test_metrics_by_route_outcome_and_rule():
     """The filter's counters: inspections by route, what and outcome, rule matches by
     route and rule id (the proxy adds the filter section as a label)."""
-    flt = waf.build({})
+    flt = build({})
     flt.request(make_head(q("' or 1=1--")))
     flt.request(make_head(q("hello")))
     flt.message(websocket_head("/ws", route="chat"), b"<script>alert(1)</script>", False, True)
@@ -518,7 +564,7 @@ def test_crs_option_points_at_another_release(tmp_path):
     rules.mkdir(parents=True)
     for path in Path(DEFAULT_CRS, "rules").iterdir():
         (rules / path.name).write_bytes(path.read_bytes())
-    flt = build_filter(waf, {"crs": "crs-copy"}, directory=tmp_path)
+    flt = Settled(build_filter(waf, {"crs": "crs-copy"}, directory=tmp_path))
     assert flt.crs.rules_dir == str(rules) and flt.request(make_head(q("' or 1=1--"))).status == 403
     assert build_filter(waf, {"crs": str(rules)}).crs.rules_dir == str(rules)
 
@@ -553,7 +599,7 @@ def test_benign_chat_messages_pass_with_the_vendor_profiles(profile, section):
     """With a vendor profile's waf options (paranoia level and exclusions), at most 1 of
     the 718 benign chat lines sent as JSON chat messages is refused (the hand-written
     rule set's figure was 1, 0.1%)."""
-    flt = waf.build(profile_options(profile, section))
+    flt = measure.build(profile_options(profile, section))
     benign = measure.load_benign()
     refused = [line for line in benign if measure.blocked(flt, "ws", line)]
     assert len(benign) == 718 and len(refused) <= 1, refused
@@ -664,8 +710,9 @@ def test_waf_report_mode_through_twistd(proxy, upstream):
 
 
 def test_waf_websocket_messages_through_twistd(proxy, ws_upstream):  # noqa: F811
-    """Through twistd on a websocket = yes route: benign chat messages are echoed; a
-    message with XSS closes the session with 1008 and the reason instead of being
+    """Through twistd on a websocket = yes route: benign chat messages are echoed, a
+    burst of them (inspected in the thread pool, one after the other) in the order sent;
+    a message with XSS closes the session with 1008 and the reason instead of being
     relayed (no echo comes back)."""
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
@@ -677,6 +724,10 @@ def test_waf_websocket_messages_through_twistd(proxy, ws_upstream):  # noqa: F81
         hello = json.dumps({"type": "message", "text": "Bonjour, j'ai une question sur ma commande"})
         ws.send(hello)
         assert ws.recv(timeout=10) == hello
+        burst = [json.dumps({"type": "message", "text": f"message {n}: " + "lorem ipsum " * n * 50}) for n in range(20)]
+        for message in burst:
+            ws.send(message)
+        assert [ws.recv(timeout=10) for _ in burst] == burst
         ws.send(json.dumps({"type": "message", "text": "<img src=x onerror=alert(document.cookie)>"}))
         with pytest.raises(ConnectionClosed) as info:
             ws.recv(timeout=10)

@@ -146,10 +146,13 @@ class IRequestFilter(Interface):
         list of headers, or None to leave them.  Connection and framing
         headers are the proxy's and stay as they were."""
 
-    def message(head: RequestHead, payload: bytes, binary: bool, upward: bool) -> MessageVerdict:
+    def message(head: RequestHead, payload: bytes, binary: bool, upward: bool) -> MessageVerdict | Deferred[MessageVerdict]:
         """Optional.  See one whole WebSocket message of a session on a bridge
         route (``upward``: from the client to the upstream): return None to
-        relay it, :data:`DROP` to drop it, or a :class:`CloseSession`."""
+        relay it, :data:`DROP` to drop it, or a :class:`CloseSession`.  May
+        return a Deferred firing with one: the session's later messages in
+        that direction wait, in order, until it has fired, and reading from
+        the client pauses meanwhile."""
 
     def metrics() -> Iterable[Metric]:
         """Optional.  The filter's own counters for ``/metrics``, read at each
@@ -198,7 +201,8 @@ class Filter:
         """Leave the response head as it is (override to change it)."""
         return None
 
-    def message(self, head: RequestHead, payload: bytes, binary: bool, upward: bool) -> MessageVerdict:
+    def message(self, head: RequestHead, payload: bytes, binary: bool,
+                upward: bool) -> MessageVerdict | Deferred[MessageVerdict]:
         """Relay the message (override to look at WebSocket messages)."""
         return None
 

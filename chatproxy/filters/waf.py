@@ -19,10 +19,12 @@ level, thresholds and exclusions.
 
 Hooks: ``request`` runs a request that announces no body through every
 request phase; ``request_body`` runs the head with the first
-``inspect_body_bytes`` of the body (larger bodies in a thread, the binding
-releases the GIL); ``message`` runs each client-to-upstream WebSocket text
-message as a request of its own (:func:`~chatproxy.filters.waf_results.message_transaction`),
-synchronously and at most ``inspect_message_bytes`` of it.  A refusal is the
+``inspect_body_bytes`` of the body; ``message`` runs each client-to-upstream
+WebSocket text message (at most ``inspect_message_bytes`` of it) as a request
+of its own (:func:`~chatproxy.filters.waf_results.message_transaction`).
+Every transaction runs in the waf's thread pool (the binding releases the
+GIL), and the hooks return Deferreds: the reactor thread never waits for the
+engine.  A refusal is the
 engine's intervention status (403 for the inbound anomaly threshold, 400 for
 a body that does not parse); a refused message closes the session with
 1008 (or is dropped: ``refused_message = drop``).  Report mode is the chain's:
@@ -71,9 +73,6 @@ _OPTIONS = ("crs", "paranoia", "inbound_anomaly_threshold", "outbound_anomaly_th
 BLOCKED = "request blocked by the web application firewall"
 TOO_LARGE = "larger than the web application firewall inspects"
 MAX_INSPECT_BYTES = 16 * 1024 * 1024
-OFFLOAD_BYTES = 8 * 1024
-"""Bodies larger than this are inspected in the waf's thread pool (smaller
-ones cost less than the trip to a thread)."""
 POOL_THREADS = 2
 EXCERPT_CHARS = 100
 _T = TypeVar("_T")
@@ -119,11 +118,12 @@ class _Pool:
 class WebApplicationFirewall(Filter):
     """ModSecurity with the CRS on requests, request bodies and WebSocket messages.
 
-    ``offload`` runs a large body's transaction off the reactor thread (the
-    default is the waf's thread pool; tests give one that runs it at once).
+    Every transaction runs off the reactor thread through ``offload`` (the
+    default is the waf's thread pool, where the engine runs without the GIL;
+    tests give one that runs it at once), so the hooks return Deferreds.
     """
 
-    def __init__(self, settings: WafSettings, crs: CrsInstall, *, inspect_message_bytes: int = 8 * 1024,
+    def __init__(self, settings: WafSettings, crs: CrsInstall, *, inspect_message_bytes: int = 64 * 1024,
                  over_limit: str = "pass", engine: ModSecurity | None = None,
                  offload: Callable[[Callable[[], Outcome]], defer.Deferred[Outcome]] | None = None) -> None:
         self.settings = settings
@@ -144,32 +144,34 @@ class WebApplicationFirewall(Filter):
     # -- running the engine
 
     def inspect(self, transaction: Transaction) -> Verdict:
-        """Run one transaction through the engine, here and now."""
+        """Run one transaction through the engine, here and now (in this thread)."""
         return verdict(self.engine.run(self.rules, transaction))
+
+    def _inspected(self, transaction: Transaction, head: RequestHead, what: str,
+                   described: str) -> defer.Deferred[Refuse | None]:
+        """Run the transaction off the reactor thread (:attr:`offload`); the
+        Deferred fires, in the reactor thread, with the refusal, if any."""
+        work = self.offload(lambda: self.engine.run(self.rules, transaction))
+        return work.addCallback(lambda outcome: self._decide(head, what, verdict(outcome), described))
 
     # -- hooks
 
-    def request(self, head: RequestHead) -> Refuse | None:
+    def request(self, head: RequestHead) -> Any:
         """Inspect a request that announces no body (one that does is inspected
         with its body by :meth:`request_body`)."""
         if self.inspect_body_bytes and announces_body(head):
             return None
-        return self._decide(head, "request", self.inspect(request_transaction(head)), "")
+        return self._inspected(request_transaction(head), head, "request", "")
 
     def request_body(self, head: RequestHead, body: bytes, complete: bool = True) -> Any:
         """Inspect the head with the first ``inspect_body_bytes`` of the body;
-        past that, ``over_limit = refuse`` refuses with 413.  Bodies above
-        :data:`OFFLOAD_BYTES` are inspected in a thread (a Deferred)."""
+        past that, ``over_limit = refuse`` refuses with 413."""
         limit = self.inspect_body_bytes
         if (not complete or len(body) > limit) and self._over_limit(head, "request", "a request body"):
             return Refuse(413, f"request body {TOO_LARGE}")
-        transaction = request_transaction(head, body[:limit])
-        if len(body) <= OFFLOAD_BYTES:
-            return self._decide(head, "request", self.inspect(transaction), "")
-        work = self.offload(lambda: self.engine.run(self.rules, transaction))
-        return work.addCallback(lambda outcome: self._decide(head, "request", verdict(outcome), ""))
+        return self._inspected(request_transaction(head, body[:limit]), head, "request", "")
 
-    def message(self, head: RequestHead, payload: bytes, binary: bool, upward: bool) -> CloseSession | None:
+    def message(self, head: RequestHead, payload: bytes, binary: bool, upward: bool) -> Any:
         """Inspect a client-to-upstream text message (at most
         ``inspect_message_bytes`` of it); a refusal closes the session with
         1008, a message over the limit with ``over_limit = refuse`` with 1009."""
@@ -179,8 +181,9 @@ class WebApplicationFirewall(Filter):
         truncated = len(payload) > limit
         if truncated and self._over_limit(head, "message", "a WebSocket message"):
             return CloseSession(1009, f"message {TOO_LARGE}")
-        found = self.inspect(message_transaction(head, bytes(payload[:limit]), truncated))
-        return CloseSession(1008, BLOCKED) if self._decide(head, "message", found, "a WebSocket message on ") else None
+        transaction = message_transaction(head, bytes(payload[:limit]), truncated)
+        return self._inspected(transaction, head, "message", "a WebSocket message on ").addCallback(
+            lambda refusal: None if refusal is None else CloseSession(1008, BLOCKED))
 
     # -- verdicts
 
@@ -288,7 +291,7 @@ class WafKind:
         methods = words(opts.items("allowed_methods", (), what="method"), "allowed_methods", _METHOD)
         types = words(opts.items("allowed_content_types", (), what="content type"), "allowed_content_types", _MEDIA)
         body_bytes = opts.size("inspect_body_bytes", 64 * 1024)
-        message_bytes = opts.size("inspect_message_bytes", 8 * 1024)
+        message_bytes = opts.size("inspect_message_bytes", 64 * 1024)
         for option, value in (("inspect_body_bytes", body_bytes), ("inspect_message_bytes", message_bytes)):
             if value > MAX_INSPECT_BYTES:
                 raise FilterOptionError(option, "must be at most 16m")
