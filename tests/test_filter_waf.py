@@ -193,6 +193,9 @@ def test_engine_setup_and_exclusions():
     text = exclusions(WafSettings(exclusions=(Exclusion(920350), Exclusion(942100, "ARGS:json.text"))))
     assert "SecRuleRemoveById 920350" in text
     assert 'SecRuleUpdateTargetById 942100 "!ARGS:json.text"' in text
+    text = exclusions(WafSettings(exclusions=(Exclusion(None, None, "attack-xss"),
+                                              Exclusion(None, "ARGS:message", "attack-sqli"))))
+    assert 'SecRuleRemoveByTag "attack-xss"' in text and 'SecRuleUpdateTargetByTag "attack-sqli" "!ARGS:message"' in text
     assert f"id:{SCORE_RULE},phase:5" in text
 
 
@@ -201,17 +204,21 @@ def test_engine_setup_and_exclusions():
     ("942100 ARGS:message", Exclusion(942100, "ARGS:message")),
     ("941100 REQUEST_COOKIES:/^_ga/", Exclusion(941100, "REQUEST_COOKIES:/^_ga/")),
     ("920350  REQUEST_HEADERS:Host", Exclusion(920350, "REQUEST_HEADERS:Host")),
+    ("tag:attack-sqli", Exclusion(None, None, "attack-sqli")),
+    ("tag:paranoia-level/2 ARGS:message", Exclusion(None, "ARGS:message", "paranoia-level/2")),
 ])
 def test_parse_exclusion(text, expected):
-    """An exclusion is a rule id, optionally followed by one ModSecurity target."""
+    """An exclusion is a rule id or ``tag:TAG``, optionally followed by one ModSecurity target."""
     assert parse_exclusion(text) == expected
 
 
 @pytest.mark.parametrize("text, message", [
     ("sqli", "'sqli' is not a rule id"),
     ("942100 args:message", "'args:message' is not a ModSecurity target"),
-    ("942100 ARGS:a ARGS:b", "is not a rule id or 'ID TARGET'"),
+    ("942100 ARGS:a ARGS:b", "is not a rule id, 'tag:TAG', or one of them and a target"),
     ('942100 ARGS:"x"', "is not a ModSecurity target"),
+    ("tag:", "is not a rule tag"),
+    ("tag:'sqli'", "is not a rule tag"),
 ])
 def test_parse_exclusion_errors(text, message):
     """A malformed exclusion is refused with the reason."""
@@ -345,6 +352,17 @@ def test_exclusions_by_id_and_by_target():
     for that target (the same value in another argument is still refused)."""
     assert build({"exclude_rules": "942100"}).request(make_head(q("' or 1=1--"))) is None
     targeted = build({"exclude_rules": "942100 ARGS:q"})
+    assert targeted.request(make_head(q("' or 1=1--"))) is None
+    assert targeted.request(make_head(q("' or 1=1--", "other"))).status == 403
+
+
+def test_exclusions_by_tag_and_by_tag_and_target():
+    """``exclude_rules = tag:attack-sqli`` turns off every SQL injection rule (XSS is still
+    refused); ``tag:attack-sqli ARGS:q`` only for that argument."""
+    untagged = build({"exclude_rules": "tag:attack-sqli"})
+    assert untagged.request(make_head(q("' or 1=1--"))) is None
+    assert untagged.request(make_head(q("<script>alert(1)</script>"))).status == 403
+    targeted = build({"exclude_rules": "tag:attack-sqli ARGS:q"})
     assert targeted.request(make_head(q("' or 1=1--"))) is None
     assert targeted.request(make_head(q("' or 1=1--", "other"))).status == 403
 
@@ -528,6 +546,7 @@ def test_metrics_by_route_outcome_and_rule():
     ({"over_limit": "drop"}, "over_limit", "pass or refuse"),
     ({"exclude_rules": "123456"}, "exclude_rules", "unknown rule id 123456: the CRS in /usr/share/modsecurity-crs"),
     ({"exclude_rules": "942100 args:q"}, "exclude_rules", "not a ModSecurity target"),
+    ({"exclude_rules": "tag:attack-nosuch"}, "exclude_rules", "unknown tag attack-nosuch: no rule of the CRS"),
     ({"crs": "/nonexistent/crs"}, "crs", "no OWASP CRS at /nonexistent/crs: the directory does not exist"),
     ({"threshold": "5"}, "threshold", "unknown option"),
     ({"disable_rules": "942100"}, "disable_rules", "unknown option"),

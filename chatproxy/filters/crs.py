@@ -5,8 +5,8 @@ chatproxy ships no rules: the CRS comes from a package (Debian's
 directory an operator points the ``waf`` filter's ``crs`` option at (a
 newer CRS release unpacked somewhere).  :func:`find_crs` reads such a
 directory: its rule files (``rules/*.conf``, in name order, as CRS's own
-``Include`` does) and the ids of the rules they define, so that an
-exclusion naming an unknown id is a configuration error.
+``Include`` does) and the ids and tags of the rules they define, so that an
+exclusion naming an unknown id or tag is a configuration error.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ CRS_PACKAGE = "modsecurity-crs"
 """The Debian package that installs the CRS under :data:`DEFAULT_CRS`."""
 
 _ID = re.compile(rb"""\bid\s*:\s*['"]?(\d+)""")
+_TAG = re.compile(rb"""\btag\s*:\s*'([^']+)'""")
 _VERSION = re.compile(rb"ver:'?OWASP_CRS/([0-9][0-9A-Za-z.\-]*)")
 
 
@@ -33,12 +34,13 @@ class CrsError(Exception):
 @frozen
 class CrsInstall:
     """A CRS installation: its rules directory, the rule files to load, the
-    ids they define and the CRS version they declare."""
+    ids and tags of the rules they define and the CRS version they declare."""
 
     rules_dir: str
     files: tuple[str, ...]
     rule_ids: frozenset[int]
     version: str
+    tags: frozenset[str] = frozenset()
 
 
 def find_crs(path: str = DEFAULT_CRS) -> CrsInstall:
@@ -53,11 +55,13 @@ def find_crs(path: str = DEFAULT_CRS) -> CrsInstall:
     if not files:
         raise CrsError(f"no OWASP CRS at {path}: {rules} holds no rule files (*.conf)")
     ids: set[int] = set()
+    tags: set[str] = set()
     version = ""
     for name in files:
         text = Path(name).read_bytes()
         ids.update(int(found) for found in _ID.findall(text))
+        tags.update(found.decode("utf-8", "replace") for found in _TAG.findall(text))
         if not version:
             found = _VERSION.search(text)
             version = found.group(1).decode("ascii") if found else ""
-    return CrsInstall(str(rules), tuple(files), frozenset(ids), version or "unknown")
+    return CrsInstall(str(rules), tuple(files), frozenset(ids), version or "unknown", frozenset(tags))

@@ -250,14 +250,18 @@ def load_rules(engine: ModSecurity, settings: WafSettings, crs: CrsInstall) -> R
 
 
 def parse_exclusions(items: Sequence[str], crs: CrsInstall) -> tuple[Exclusion, ...]:
-    """``exclude_rules``: ``ID`` or ``ID TARGET`` entries, each id one the CRS defines."""
+    """``exclude_rules``: ``ID``, ``tag:TAG``, or either followed by a target;
+    each id or tag one the CRS defines."""
     found = []
     for item in items:
         try:
             exclusion = parse_exclusion(item)
         except ValueError as e:
             raise FilterOptionError("exclude_rules", str(e)) from None
-        if exclusion.rule not in crs.rule_ids and exclusion.rule not in SETUP_RULES:
+        if exclusion.rule is None and exclusion.tag not in crs.tags:
+            raise FilterOptionError("exclude_rules", f"unknown tag {exclusion.tag}: no rule of the CRS in "
+                                                     f"{crs.rules_dir} (version {crs.version}) has it")
+        if exclusion.rule is not None and exclusion.rule not in crs.rule_ids and exclusion.rule not in SETUP_RULES:
             raise FilterOptionError("exclude_rules", f"unknown rule id {exclusion.rule}: the CRS in {crs.rules_dir} "
                                                      f"(version {crs.version}) has no such rule")
         found.append(exclusion)

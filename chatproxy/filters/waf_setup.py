@@ -11,9 +11,9 @@ A ``waf`` filter loads, in this order (see :func:`load_order`):
    paranoia level, the anomaly thresholds, and (only when the options set
    them) the allowed methods and request content types;
 3. the CRS rule files, as a package installed them (nothing of CRS is here);
-4. :func:`exclusions`: rule exclusions by id, and by id for one target, the
-   way CRS users write them after the CRS (``SecRuleRemoveById``,
-   ``SecRuleUpdateTargetById``), and chatproxy's rule that reports the
+4. :func:`exclusions`: rule exclusions by id or by tag, for every target or
+   for one, the way CRS users write them after the CRS (``SecRuleRemoveById``,
+   ``SecRuleRemoveByTag``, ``SecRuleUpdateTargetById``, ``SecRuleUpdateTargetByTag``), and chatproxy's rule that reports the
    inbound anomaly score in the logging phase (:data:`SCORE_RULE`).
 """
 
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 
 from attrs import frozen
 
-__all__ = ["SCORE_RULE", "SETUP_RULES", "TARGET_RE", "Exclusion", "WafSettings", "crs_setup", "engine_setup",
+__all__ = ["SCORE_RULE", "SETUP_RULES", "TAG_RE", "TARGET_RE", "Exclusion", "WafSettings", "crs_setup", "engine_setup",
            "exclusions", "load_order", "parse_exclusion"]
 
 SCORE_RULE = 99100
@@ -45,13 +45,16 @@ CRS_SETUP_VERSION = 334
 
 @frozen
 class Exclusion:
-    """A rule turned off: for every target (``target`` None) or for one."""
+    """Rules turned off, for every target (``target`` None) or for one: the
+    rule with id ``rule``, or (``rule`` None) every rule tagged ``tag``."""
 
-    rule: int
+    rule: int | None
     target: str | None = None
+    tag: str | None = None
 
     def __str__(self) -> str:
-        return str(self.rule) if self.target is None else f"{self.rule} {self.target}"
+        which = str(self.rule) if self.rule is not None else f"tag:{self.tag}"
+        return which if self.target is None else f"{which} {self.target}"
 
 
 @frozen
@@ -67,18 +70,29 @@ class WafSettings:
     exclusions: tuple[Exclusion, ...] = ()
 
 
+TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]*\Z")
+"""A CRS tag (``attack-sqli``, ``paranoia-level/2``, ``OWASP_CRS``)."""
+
+
 def parse_exclusion(text: str) -> Exclusion:
-    """``942100`` or ``942100 ARGS:message``; raises ValueError with the reason."""
+    """``942100``, ``942100 ARGS:message``, ``tag:attack-sqli`` or
+    ``tag:attack-sqli ARGS:message``; raises ValueError with the reason."""
     parts = text.split()
     if not parts or len(parts) > 2:
-        raise ValueError(f"{text!r} is not a rule id or 'ID TARGET' (e.g. 942100 ARGS:message)")
-    rule, target = parts[0], (parts[1] if len(parts) == 2 else None)
-    if not rule.isdigit():
-        raise ValueError(f"{rule!r} is not a rule id (ids are numbers such as 942100)")
+        raise ValueError(f"{text!r} is not a rule id, 'tag:TAG', or one of them and a target "
+                         "(e.g. 942100 ARGS:message)")
+    which, target = parts[0], (parts[1] if len(parts) == 2 else None)
     if target is not None and not TARGET_RE.match(target):
         raise ValueError(f"{target!r} is not a ModSecurity target such as ARGS:message or "
                          "REQUEST_COOKIES:session")
-    return Exclusion(int(rule), target)
+    if which.startswith("tag:"):
+        if not TAG_RE.match(which[4:]):
+            raise ValueError(f"{which!r} is not a rule tag (e.g. tag:attack-sqli)")
+        return Exclusion(None, target, which[4:])
+    if not which.isdigit():
+        raise ValueError(f"{which!r} is not a rule id (ids are numbers such as 942100; tags are written "
+                         "tag:attack-sqli)")
+    return Exclusion(int(which), target)
 
 
 _MULTIPART_ERRORS = "|".join(f"MULTIPART_{flag}" for flag in (
@@ -155,10 +169,11 @@ def exclusions(settings: WafSettings) -> str:
     runs whatever the verdict."""
     lines = []
     for exclusion in settings.exclusions:
+        by, which = ("Id", str(exclusion.rule)) if exclusion.rule is not None else ("Tag", f'"{exclusion.tag}"')
         if exclusion.target is None:
-            lines.append(f"SecRuleRemoveById {exclusion.rule}")
+            lines.append(f"SecRuleRemoveBy{by} {which}")
         else:
-            lines.append(f'SecRuleUpdateTargetById {exclusion.rule} "!{exclusion.target}"')
+            lines.append(f'SecRuleUpdateTargetBy{by} {which} "!{exclusion.target}"')
     lines.append(f'SecRule TX:ANOMALY_SCORE|TX:BLOCKING_INBOUND_ANOMALY_SCORE "@gt 0" '
                  f"\"id:{SCORE_RULE},phase:5,pass,t:none,log,msg:'chatproxy: inbound anomaly score',"
                  f"logdata:'%{{MATCHED_VAR}}'\"")
