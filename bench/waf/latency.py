@@ -9,8 +9,8 @@ inspected), ``/plain/`` no filter; ``/chat`` is a WebSocket route with the waf. 
 a keep-alive connection and records each answer's latency, first with nothing else
 going on, then while ``--senders`` clients post 64 KiB JSON bodies to ``/waf/`` as
 fast as they are answered (the bodies are inspected in the waf's thread pool), then
-while they send 8 KiB WebSocket messages on ``/chat`` (inspected in the reactor
-thread, bounded by ``inspect_message_bytes``).
+while they send 8 KiB WebSocket messages on ``/chat`` (inspected in the thread pool
+too, one message of a session after the other).
 
 Part 2, in one process: a Twisted reactor ticks every 5 ms and records how late each
 tick is, while the same 64 KiB bodies go through the filter's body hook (the thread
@@ -75,7 +75,7 @@ def body_64k() -> bytes:
 
 
 def message_8k() -> str:
-    """An 8 KiB JSON chat message (the default inspect_message_bytes)."""
+    """An 8 KiB JSON chat message (the vendor profile's inspect_message_bytes)."""
     return json.dumps({"type": "message", "text": (CHAT * 90)[:8100]})
 
 
