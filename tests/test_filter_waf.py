@@ -51,16 +51,17 @@ if not (HAVE_ENGINE and HAVE_CRS):
     pytest.skip("Debian's libmodsecurity3 and modsecurity-crs are not installed", allow_module_level=True)
 
 
-def _load_measure() -> Any:
-    spec = importlib.util.spec_from_file_location("waf_measure", ROOT / "bench" / "waf" / "measure.py")
+def load_bench(script: str) -> Any:
+    """bench/waf/SCRIPT.py as the module ``waf_SCRIPT`` (bench/ is no package)."""
+    spec = importlib.util.spec_from_file_location(f"waf_{script}", ROOT / "bench" / "waf" / f"{script}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["waf_measure"] = module
+    sys.modules[f"waf_{script}"] = module
     spec.loader.exec_module(module)
     return module
 
 
-measure = _load_measure()
+measure = load_bench("measure")
 
 BROWSER = [("User-Agent", "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0"),
            ("Accept", "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"),

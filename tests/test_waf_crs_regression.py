@@ -8,35 +8,16 @@ the replay is skipped, except under CI, where it fails.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from chatproxy.filters.modsecurity import Transaction
+from test_filter_waf import load_bench  # (skips the module where the engine or the CRS is missing)
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_bench() -> Any:
-    spec = importlib.util.spec_from_file_location("waf_crs_regression", ROOT / "bench" / "waf" / "crs_regression.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["waf_crs_regression"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-try:
-    bench = _load_bench()
-except Exception as e:  # the engine or the CRS is missing: test_filter_waf says which
-    if os.environ.get("CI"):
-        raise
-    pytest.skip(f"the waf cannot run here: {e}", allow_module_level=True)
+bench = load_bench("crs_regression")
 
 
 @pytest.fixture(scope="module")

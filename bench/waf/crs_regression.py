@@ -51,29 +51,17 @@ from typing import Any
 from attrs import frozen
 
 ROOT = Path(__file__).resolve().parents[2]
-for path in (ROOT, ROOT / "bench"):
+for path in (ROOT, ROOT / "bench", ROOT / "bench" / "waf"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from latency import TWISTD, UPSTREAM  # noqa: E402  (the same upstream: 200 "ok" to anything)
 from processes import Supervisor, free_ports  # noqa: E402
 
 from chatproxy.filters.modsecurity import Transaction  # noqa: E402
 from chatproxy.filters.waf import BLOCKED, WebApplicationFirewall, waf  # noqa: E402
 
 PACKAGE = "modsecurity-crs"
-TWISTD = str(Path(sys.executable).parent / "twistd")
-UPSTREAM = """
-import sys
-from twisted.internet import reactor
-from twisted.web import resource, server
-class Ok(resource.Resource):
-    isLeaf = True
-    def render(self, request):
-        request.content.read()
-        return b"ok"
-reactor.listenTCP(int(sys.argv[1]), server.Site(Ok()), interface="127.0.0.1")
-reactor.run()
-"""
 _RULE_ID = re.compile(r'id "?(\d{6})')
 _APT_SOURCES = Path("/etc/apt/sources.list.d")
 
