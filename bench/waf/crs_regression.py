@@ -45,6 +45,7 @@ import tarfile
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -461,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     found: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as directory, \
-            (Proxies(Path(directory)) if not args.direct_only else _Nothing()) as proxies:
+            (Proxies(Path(directory)) if not args.direct_only else nullcontext()) as proxies:
         for level in levels:
             found[level] = summary(list(replay(stages, level, proxies)))
             print(table_row(level, found[level], not args.direct_only))
@@ -474,16 +475,6 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({str(level): {**value, "proxy_refused": dict(value["proxy_refused"])}
                           for level, value in found.items()}, indent=1))
     return 0
-
-
-class _Nothing:
-    """No proxies (``--direct-only``)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 if __name__ == "__main__":
