@@ -39,6 +39,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from chatproxy.config.values import OptionText
 from chatproxy.filters import Answer, MessageVerdict, Refuse
@@ -141,14 +143,27 @@ def send_message(flt: Any, payload: str | bytes, *, upward: bool = True, binary:
     :func:`websocket_head`; give the same head for messages of one session).
     Returns the hook's verdict: None, ``DROP`` or a ``CloseSession``."""
     data, is_binary = _payload(payload, binary)
-    verdict: MessageVerdict = flt.message(head if head is not None else websocket_head(), data, is_binary, upward)
-    return verdict
+    return _resolved(flt.message(head if head is not None else websocket_head(), data, is_binary, upward))
 
 
 class PendingDecision(Exception):
     """A hook returned a Deferred that has not fired: its decision is not known
     yet (fire it from the test, then run the hook again, or return an
     already-fired Deferred)."""
+
+
+def _resolved(verdict: MessageVerdict | Deferred[MessageVerdict]) -> MessageVerdict:
+    """A message verdict, or what its already-fired Deferred holds (a failure is raised)."""
+    if not isinstance(verdict, Deferred):
+        return verdict
+    settled: list[Any] = []
+    verdict.addBoth(settled.append)
+    if not settled:
+        raise PendingDecision("a message hook returned a Deferred that has not fired")
+    if isinstance(settled[0], Failure):
+        settled[0].raiseException()
+    result: MessageVerdict = settled[0]
+    return result
 
 
 @frozen
@@ -248,7 +263,7 @@ class ChainRunner:
         ``payload``, ``binary`` and ``head``): None to relay it, ``DROP``, or a
         ``CloseSession``."""
         data, is_binary = _payload(payload, binary)
-        return self.chain.message(head if head is not None else websocket_head(), data, is_binary, upward)
+        return _resolved(self.chain.message(head if head is not None else websocket_head(), data, is_binary, upward))
 
     @staticmethod
     def _settle(run: Any) -> Outcome:

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import http.client
 import urllib.request
+from collections.abc import Iterator
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from chatproxy.filters import Filter, Metric
+from chatproxy.process.admin import filter_metrics
 
 from conftest import basic_config, free_port, wait_for_port
 
@@ -83,3 +87,21 @@ def test_readyz_turns_503_when_every_server_of_an_upstream_fails(proxy, upstream
         assert conn.getresponse().status == 502
     status, _, body = _get(admin, "/readyz")
     assert status == 503 and "upstream dead" in body
+
+
+def test_filter_metrics_one_family_per_name_with_the_filter_label():
+    """Counters filters report of their own (``metrics()``) are exposed once per family
+    name, however many filter sections report it, with the section as the ``filter``
+    label; a filter without the hook adds nothing."""
+
+    class Counting(Filter):
+        def __init__(self, count: int) -> None:
+            self.count = count
+
+        def metrics(self) -> Iterator[Metric]:
+            yield Metric("chatproxy_test_things", "Things.", (("route", "r"),), self.count)
+
+    families = list(filter_metrics({"b": Counting(2), "a": Counting(1), "plain": Filter()}))
+    assert [family.name for family in families] == ["chatproxy_test_things"]
+    assert [(s.labels, s.value) for s in families[0].samples] == [({"filter": "a", "route": "r"}, 1),
+                                                                  ({"filter": "b", "route": "r"}, 2)]

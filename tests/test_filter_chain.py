@@ -3,6 +3,7 @@ rewrite, response and body hooks — on in-memory transports with a fake filter 
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -387,6 +388,37 @@ def test_message_hook_rules(behaviour, report, drop, verdict, counted):
         assert chain.message(_head(), b"fine", False, True) is None
 
 
+class _Later(Filter):
+    """A message hook whose verdicts come later: each call returns a Deferred kept in ``pending``."""
+
+    def __init__(self) -> None:
+        self.pending: list[defer.Deferred[Any]] = []
+
+    def message(self, head: Any, payload: bytes, binary: bool, upward: bool) -> Any:
+        self.pending.append(defer.Deferred())
+        return self.pending[-1]
+
+
+def test_message_hook_may_answer_later():
+    """A message hook may return a Deferred: the chain's verdict is then a Deferred too, the
+    hooks after it run only once it has fired (and not at all when it refused), and a hook
+    whose Deferred fails closes the session with 1011, counted as an error."""
+    counters: Counter[str] = Counter()
+    later, words = _Later(), _Messages()
+    chain = FilterChain([RouteFilter("later", later), RouteFilter("words", words)], counters)
+    results: list[Any] = []
+    chain.message(_head(), b"this is bad", False, True).addCallback(results.append)
+    assert results == [] and words.seen == []
+    later.pending[0].callback(None)
+    assert results == [CloseSession(4400, "bad word")] and words.seen == [b"this is bad"]
+    chain.message(_head(), b"fine", False, True).addCallback(results.append)
+    later.pending[1].callback(CloseSession(1008, "later"))
+    assert results[1] == CloseSession(1008, "later") and words.seen == [b"this is bad"]
+    chain.message(_head(), b"fine", False, True).addCallback(results.append)
+    later.pending[2].errback(RuntimeError("engine gone"))
+    assert results[2] == CloseSession(1011, "internal filter error") and counters["later:error"] == 1
+
+
 def test_only_the_hooks_a_filter_overrides_are_called():
     """A Filter subclass's hooks left as the base class defines them are not called by the
     chain: a filter with only a message hook sees no response heads and holds no body."""
@@ -397,3 +429,24 @@ def test_only_the_hooks_a_filter_overrides_are_called():
     assert chain.inspect_body_bytes == 0 and chain.max_body_bytes is None
     headers = [(b"X-A", b"1")]
     assert chain.response(_head(), 200, headers) is headers
+
+
+def test_body_hook_sees_an_empty_chunked_body(tmp_path):
+    """A request whose head announced a body (chunked) gets the body hooks even when the
+    body is empty, so a filter that leaves such requests to its body hook sees them."""
+    chain = _body_chain(tmp_path, 1024)
+    chain.send(b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    assert chain.kind.seen == [(b"", True)]
+
+
+def test_a_refusals_note_is_on_the_head_in_both_modes():
+    """A Refuse's note is added to the head's notes under the filter's name, whether the
+    refusal ends the request or, in report mode, is only logged."""
+    noting = Scripted("noting", "pass", [])
+    noting.request = lambda head: Refuse(403, "no", note="score=5 rules=1,2")  # type: ignore[method-assign]
+    done: list[tuple[Any, RequestHead]] = []
+    for report in (False, True):
+        FilterChain([RouteFilter("waf", noting, report=report)], Counter()).request(
+            request_head(), lambda decision, head: done.append((decision, head)))
+    assert [head.notes for _, head in done] == [(("waf", "score=5 rules=1,2"),)] * 2
+    assert done[0][0].status == 403 and done[1][0] is None

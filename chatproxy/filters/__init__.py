@@ -19,7 +19,7 @@ refuses (a :class:`CloseSession`) is dropped and the session goes on.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
@@ -45,6 +45,7 @@ __all__ = [
     "IFilterFactory",
     "IRequestFilter",
     "MessageVerdict",
+    "Metric",
     "Network",
     "OptionText",
     "Refuse",
@@ -64,11 +65,14 @@ __all__ = [
 @frozen
 class Refuse:
     """Refuse the request with ``status``; ``reason`` is sent as the plain-text body
-    and logged; ``headers`` are added to the answer (e.g. ``WWW-Authenticate``)."""
+    and logged; ``headers`` are added to the answer (e.g. ``WWW-Authenticate``);
+    ``note`` (short, one line) is recorded in the request's access-log line, in
+    report mode too (e.g. the waf's anomaly score and rule ids)."""
 
     status: int
     reason: str = ""
     headers: tuple[Header, ...] = ()
+    note: str = ""
 
 
 @frozen
@@ -142,10 +146,30 @@ class IRequestFilter(Interface):
         list of headers, or None to leave them.  Connection and framing
         headers are the proxy's and stay as they were."""
 
-    def message(head: RequestHead, payload: bytes, binary: bool, upward: bool) -> MessageVerdict:
+    def message(head: RequestHead, payload: bytes, binary: bool, upward: bool) -> MessageVerdict | Deferred[MessageVerdict]:
         """Optional.  See one whole WebSocket message of a session on a bridge
         route (``upward``: from the client to the upstream): return None to
-        relay it, :data:`DROP` to drop it, or a :class:`CloseSession`."""
+        relay it, :data:`DROP` to drop it, or a :class:`CloseSession`.  May
+        return a Deferred firing with one: the session's later messages in
+        that direction wait, in order, until it has fired, and reading from
+        the client pauses meanwhile."""
+
+    def metrics() -> Iterable[Metric]:
+        """Optional.  The filter's own counters for ``/metrics``, read at each
+        scrape: the proxy adds the label ``filter`` (the section's name) and
+        exposes each family once, however many sections give it."""
+
+
+@frozen
+class Metric:
+    """One counter value a filter reports (see ``IRequestFilter.metrics``): the
+    family's name (``chatproxy_KIND_...``), its help text, the labels and the
+    count.  Every value of one family has the same label names."""
+
+    name: str
+    help: str
+    labels: tuple[tuple[str, str], ...]
+    value: float
 
 
 RequestDecision = Refuse | Answer | Rewrite | None
@@ -177,15 +201,20 @@ class Filter:
         """Leave the response head as it is (override to change it)."""
         return None
 
-    def message(self, head: RequestHead, payload: bytes, binary: bool, upward: bool) -> MessageVerdict:
+    def message(self, head: RequestHead, payload: bytes, binary: bool,
+                upward: bool) -> MessageVerdict | Deferred[MessageVerdict]:
         """Relay the message (override to look at WebSocket messages)."""
         return None
+
+    def metrics(self) -> Iterable[Metric]:
+        """No counters of its own (override to report some)."""
+        return ()
 
 
 def implements_hook(flt: object, hook: str) -> bool:
     """Whether ``flt`` has the optional ``hook`` (``request_body``,
-    ``response``, ``message``): a method of its own, not :class:`Filter`'s
-    do-nothing one."""
+    ``response``, ``message``, ``metrics``): a method of its own, not
+    :class:`Filter`'s do-nothing one."""
     method = getattr(flt, hook, None)
     if not callable(method):
         return False

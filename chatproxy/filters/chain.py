@@ -9,7 +9,7 @@ hook          returns                                      a filter that fails [
 request       None, Rewrite, Refuse, Answer (or Deferred)  refuses with 500
 request_body  None, Refuse, Answer (or Deferred) [#]_      refuses with 500
 response      None, or the new list of headers             the answer becomes a 500
-message       None, DROP, CloseSession                     closes the session, 1011
+message       None, DROP, CloseSession (or Deferred)       closes the session, 1011
 ============  ===========================================  =========================
 
 .. [#] a Rewrite returned there is ignored: the request hooks decided the head.
@@ -21,8 +21,11 @@ The first refusal or answer ends a request hook run; the first DROP or
 CloseSession ends a message's.  A filter in ``mode = report`` is run the same
 way, but what it would have refused, answered, changed or dropped is logged
 and counted as ``reported`` and the request, response or message goes on
-unchanged.  ``refused_message = drop`` turns a filter's CloseSession into a
-DROP.  Outcomes are counted per filter (``FILTER:outcome``): ``passed``
+unchanged.  A Refuse's ``note`` is added to the head's ``notes`` (for the
+access log), in both modes.  ``refused_message = drop`` turns a filter's
+CloseSession into a DROP.  A message hook's Deferred holds the later messages
+of the session in that direction, in order, until it has fired (the
+WebSocket bridge keeps them).  Outcomes are counted per filter (``FILTER:outcome``): ``passed``
 (request and body hooks), ``refused``, ``answered``, ``reported``,
 ``error``.  Responses and messages that pass are not counted per filter:
 messages are counted per session instead.
@@ -184,6 +187,8 @@ class FilterChain:
             return False, None, apply_rewrite(head, result)
         kind = "refused" if isinstance(result, Refuse) else "answered"
         reason = result.reason if isinstance(result, Refuse) else ""
+        if isinstance(result, Refuse) and result.note:
+            head = evolve(head, notes=(*head.notes, (flt.name, result.note)))
         if flt.report:
             self.counters[f"{flt.name}:reported"] += 1
             log.info("filter {name} (report mode) would have {kind} {method} {target} from {client}: "
@@ -227,22 +232,52 @@ class FilterChain:
 
     # -- message hook
 
-    def message(self, head: RequestHead, payload: bytes, binary: bool, upward: bool) -> MessageVerdict:
+    def message(self, head: RequestHead, payload: bytes, binary: bool,
+                upward: bool) -> MessageVerdict | defer.Deferred[MessageVerdict]:
         """Run the message hooks on one whole WebSocket message (``upward``:
-        from the client): None to relay it, :data:`DROP`, or a CloseSession."""
-        for flt in self._message:
+        from the client): None to relay it, :data:`DROP`, or a CloseSession;
+        a Deferred firing with one of them when a hook returned a Deferred
+        (the hooks after it run once it has fired)."""
+        return self._message_from(0, head, payload, binary, upward)
+
+    def _message_from(self, start: int, head: RequestHead, payload: bytes, binary: bool,
+                      upward: bool) -> MessageVerdict | defer.Deferred[MessageVerdict]:
+        for index in range(start, len(self._message)):
+            flt = self._message[index]
             try:
                 verdict = flt.filter.message(head, payload, binary, upward)
             except Exception:
                 return self._failed(flt, "message", _SESSION_ERROR)
-            if verdict is None:
-                continue
-            if verdict != DROP and not isinstance(verdict, CloseSession):
-                return self._failed(flt, "message", _SESSION_ERROR, verdict)
-            outcome = self._message_refused(flt, verdict, head, upward)
-            if outcome is not None:
+            if isinstance(verdict, defer.Deferred):
+                return verdict.addCallbacks(
+                    lambda value, i=index, f=flt: self._message_settled(i, f, value, head, payload, binary, upward),
+                    lambda failure, f=flt: self._message_failed(f, failure))
+            stop, outcome = self._message_outcome(flt, verdict, head, upward)
+            if stop:
                 return outcome
         return None
+
+    def _message_settled(self, index: int, flt: RouteFilter, verdict: Any, head: RequestHead, payload: bytes,
+                         binary: bool, upward: bool) -> MessageVerdict | defer.Deferred[MessageVerdict]:
+        stop, outcome = self._message_outcome(flt, verdict, head, upward)
+        if stop:
+            return outcome
+        return self._message_from(index + 1, head, payload, binary, upward)
+
+    def _message_failed(self, flt: RouteFilter, failure: Failure) -> MessageVerdict:
+        self.counters[f"{flt.name}:error"] += 1
+        log.failure("message hook of filter {name} failed: session closed with 1011", failure, name=flt.name)
+        return _SESSION_ERROR
+
+    def _message_outcome(self, flt: RouteFilter, verdict: Any, head: RequestHead,
+                         upward: bool) -> tuple[bool, MessageVerdict]:
+        """What one hook's verdict makes of the message: (stop?, the chain's verdict)."""
+        if verdict is None:
+            return False, None
+        if verdict != DROP and not isinstance(verdict, CloseSession):
+            return True, self._failed(flt, "message", _SESSION_ERROR, verdict)
+        outcome = self._message_refused(flt, verdict, head, upward)
+        return outcome is not None, outcome
 
     def _failed(self, flt: RouteFilter, hook: str, outcome: _T, result: Any = _RAISED) -> _T:
         """A hook raised (called in its ``except``) or returned ``result``, which it

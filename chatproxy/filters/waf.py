@@ -1,588 +1,282 @@
-"""The ``waf`` filter kind: a web application firewall with OWASP CRS semantics.
+"""The ``waf`` filter kind: ModSecurity v3 running the OWASP Core Rule Set.
 
 ::
 
     [filter:waf]
     use = waf
     paranoia = 1
-    threshold = 5
+    inbound_anomaly_threshold = 5
     inspect_body_bytes = 64k
-    disable_rules = 920350
+    exclude_rules = 920350, 942100 ARGS:json.text
 
-Every rule of :mod:`chatproxy.filters.waf_rules` that the paranoia level
-enables inspects the request's targets: the decoded path, query argument
-names and values, header values (except the credential and negotiation
-headers listed in :data:`EXCLUDED_HEADERS`), cookie names and values, and
-WebSocket text messages from the client (JSON messages by their keys and
-string values). A match adds the rule's severity to the anomaly score
-(critical 5, error 4, warning 3, notice 2); a request whose score reaches
-``threshold`` is refused with 403, a WebSocket session is closed with 1008.
-Every request or message with a score above zero gets one log line listing
-the matched rule ids, their messages, the targets and (at most 100
-characters of) the values.
+The engine is libmodsecurity (Debian's ``libmodsecurity3``, through the cffi
+binding :mod:`chatproxy.filters.modsecurity`); the rules are the CRS a
+package installed (:mod:`chatproxy.filters.crs`), loaded after chatproxy's
+own engine and crs-setup settings and followed by the exclusions
+(:mod:`chatproxy.filters.waf_setup`).  Each filter section loads its own rule
+set once per configuration plan, so each route can have its own paranoia
+level, thresholds and exclusions.
 
-SQL injection and XSS detection also use libinjection (CRS rules 942100 and
-941100) when the optional ``libinjection-python`` package is installed; the
-pattern rules always run.
-
-Request bodies: the filter has the proxy's body hook (``inspect_body_bytes``
-and ``request_body``): the proxy holds a request until the first
-``inspect_body_bytes`` of its body have arrived, and
-:meth:`WebApplicationFirewall.inspect_body` parses them (url-encoded, JSON,
-multipart; other text as one value) before anything is forwarded.
+Hooks: ``request`` runs a request that announces no body through every
+request phase; ``request_body`` runs the head with the first
+``inspect_body_bytes`` of the body; ``message`` runs each client-to-upstream
+WebSocket text message (at most ``inspect_message_bytes`` of it) as a request
+of its own (:func:`~chatproxy.filters.waf_results.message_transaction`).
+Every transaction runs in the waf's thread pool (the binding releases the
+GIL), and the hooks return Deferreds: the reactor thread never waits for the
+engine.  A refusal is the
+engine's intervention status (403 for the inbound anomaly threshold, 400 for
+a body that does not parse); a refused message closes the session with
+1008 (or is dropped: ``refused_message = drop``).  Report mode is the chain's:
+the engine evaluates every rule and the refusal is logged and passed on, as
+``SecRuleEngine DetectionOnly`` would.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence, Set
-from typing import Any
-from urllib.parse import unquote_to_bytes
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
-from attrs import frozen
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from chatproxy.filters import CloseSession, Filter, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
-from chatproxy.filters import waf_rules
-from chatproxy.filters.waf_rules import (
-    ALLOWED_CHARSETS,
-    ARGUMENTS_ONLY,
-    CONTENT_TYPE_RE,
-    LIBINJECTION_RULES,
-    MAX_ARGS,
-    RESTRICTED_EXTENSIONS,
-    RESTRICTED_HEADERS,
-    RULES,
-    RULES_BY_ID,
-    Rule,
-    Value,
-    decode_bytes,
+from chatproxy.filters import (
+    CloseSession,
+    Filter,
+    FilterOptionError,
+    FilterOptions,
+    IFilterFactory,
+    IRequestFilter,
+    Metric,
+    Refuse,
+    RequestHead,
 )
+from chatproxy.filters import modsecurity
+from chatproxy.filters.crs import DEFAULT_CRS, CrsError, CrsInstall, find_crs
+from chatproxy.filters.modsecurity import ModSecurity, Outcome, Rules, RulesError, Transaction
+from chatproxy.filters.waf_results import Verdict, announces_body, message_transaction, request_transaction, verdict
+from chatproxy.filters.waf_setup import SETUP_RULES, Exclusion, WafSettings, load_order, parse_exclusion
 
 log = Logger()
 
-_OPTIONS = ("paranoia", "threshold", "inspect_body_bytes", "disable_rules")
-_CACHED_KINDS = frozenset({"path", "name", "header", "ua", "cookie"})
-_CACHED_VALUE_CHARS = 1024
-_CACHE_ENTRIES = 4096
+__all__ = ["BLOCKED", "TOO_LARGE", "WafKind", "WebApplicationFirewall", "waf"]
+
+_OPTIONS = ("crs", "paranoia", "inbound_anomaly_threshold", "outbound_anomaly_threshold", "allowed_methods",
+            "allowed_content_types", "exclude_rules", "inspect_body_bytes", "inspect_message_bytes", "over_limit")
 BLOCKED = "request blocked by the web application firewall"
-MAX_INSPECT_BODY_BYTES = 16 * 1024 * 1024
+TOO_LARGE = "larger than the web application firewall inspects"
+MAX_INSPECT_BYTES = 16 * 1024 * 1024
+POOL_THREADS = 2
 EXCERPT_CHARS = 100
-
-# Header values no attack rule inspects: credentials (also never logged),
-# Cookie (inspected cookie by cookie), and the fields of HTTP and browser
-# negotiation whose syntax (";q=0.9", quoted brand lists) only causes false
-# positives. The protocol rules still look at the ones they are about.
-EXCLUDED_HEADERS = frozenset({
-    b"authorization", b"proxy-authorization", b"cookie", b"host", b"content-length", b"content-type",
-    b"transfer-encoding", b"connection", b"upgrade", b"keep-alive", b"te", b"expect", b"accept",
-    b"accept-encoding", b"accept-language", b"accept-charset", b"cache-control", b"pragma", b"if-none-match",
-    b"if-match", b"if-modified-since", b"if-unmodified-since", b"if-range", b"range", b"dnt", b"priority",
-    b"upgrade-insecure-requests", b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
-    b"sec-websocket-accept",
-})
-EXCLUDED_PREFIXES = (b"sec-fetch-", b"sec-ch-")
-# Inspected with their own target kind ("ua"): at paranoia 1 by the XSS rules
-# and the header-borne attacks (Shellshock, Log4Shell, code injection, control
-# characters), from paranoia 2 by every attack rule.
-UA_HEADERS = frozenset({b"user-agent", b"referer"})
-
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_PERCENT = re.compile(r"%(?![0-9a-fA-F]{2}|[uU][0-9a-fA-F]{4})")
-_PARAM = re.compile(r"""([\w*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))""")
-
-
-@frozen
-class Match:
-    """One rule that matched: where, and what."""
-
-    rule: Rule
-    target: str
-    value: str
-    detail: str = ""
-
-    def describe(self) -> str:
-        """``942100 SQL Injection ... at ARGS:q='...'`` for the log line."""
-        detail = f" ({self.detail})" if self.detail else ""
-        return f"{self.rule.id} {self.rule.message}{detail} at {self.target}={excerpt(self.value)}"
-
-
-class Inspection:
-    """The outcome of inspecting a request or message: the matches and their score.
-
-    A rule counts once, at its first match, however many targets it matches.
-    """
-
-    def __init__(self) -> None:
-        self.matches: list[Match] = []
-        self.matched: set[int] = set()
-        self.score = 0
-        self.arguments = 0
-
-    def add(self, rule: Rule, target: str, value: str, detail: str = "") -> None:
-        """Record a match of ``rule`` (ignored if it already matched)."""
-        if rule.id in self.matched:
-            return
-        self.matched.add(rule.id)
-        self.matches.append(Match(rule, target, value, detail))
-        self.score += rule.score
-
-    @property
-    def rule_ids(self) -> list[int]:
-        """The ids of the matched rules, in the order they matched."""
-        return [m.rule.id for m in self.matches]
-
-    def categories(self) -> set[str]:
-        """The categories of the matched rules."""
-        return {m.rule.category for m in self.matches}
+_T = TypeVar("_T")
+_METHOD = re.compile(r"[A-Za-z]+")
+_MEDIA = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+")
+_INSPECTIONS_HELP = ("Requests and WebSocket messages the waf inspected, by route, what (request, message) and outcome "
+                     "(clean; matched: rules matched, below the threshold; refused: by the engine, or would have been "
+                     "in report mode; over_limit: refused for its size).")
 
 
 def excerpt(value: str, limit: int = EXCERPT_CHARS) -> str:
-    """A value for a log line: quoted, control characters escaped, at most
-    ``limit`` characters of it."""
-    cut = value[:limit]
-    text = repr(cut)
-    return text + "..." if len(value) > limit else text
+    """At most ``limit`` characters of ``value`` (``...`` when cut)."""
+    return value if len(value) <= limit else value[:limit] + "..."
 
 
-# ---------------------------------------------------------------------------
-# Parsing targets
+class _Pool:
+    """The process's waf thread pool, started on first use and stopped when
+    the reactor shuts down."""
 
+    pool: ThreadPool | None = None
 
-Target = tuple[str, str, str]  # (kind, name, value)
+    @classmethod
+    def run(cls, work: Callable[[], _T]) -> defer.Deferred[_T]:
+        """Run ``work`` in the pool; the Deferred fires in the reactor thread."""
+        # Imported here, not with the module: twisted.internet.reactor installs
+        # the default reactor, and plugins are imported before twistd installs its own.
+        from twisted.internet import reactor
 
+        if cls.pool is None:
+            pool = cls.pool = ThreadPool(minthreads=0, maxthreads=POOL_THREADS, name="chatproxy-waf")
+            pool.start()
+            reactor.addSystemEventTrigger("during", "shutdown", cls._stop)  # type: ignore[attr-defined]
+        return deferToThreadPool(cast(IReactorFromThreads, reactor), cls.pool, work)
 
-def parse_form(data: bytes) -> list[tuple[str, str]]:
-    """``application/x-www-form-urlencoded`` (and query string) pairs, decoded
-    once as the application will see them."""
-    pairs: list[tuple[str, str]] = []
-    for piece in data.split(b"&"):
-        if not piece:
-            continue
-        name, _, value = piece.partition(b"=")
-        pairs.append((decode_bytes(unquote_to_bytes(name.replace(b"+", b" "))),
-                      decode_bytes(unquote_to_bytes(value.replace(b"+", b" ")))))
-    return pairs
-
-
-def parse_cookies(value: str) -> list[tuple[str, str]]:
-    """The name/value pairs of a Cookie header."""
-    pairs = []
-    for piece in value.split(";"):
-        name, sep, cookie = piece.partition("=")
-        name = name.strip()
-        if name or cookie:
-            pairs.append((name, cookie.strip()))
-    return pairs
-
-
-def parse_content_type(value: str | None) -> tuple[str, dict[str, str]]:
-    """The media type (lower-case) and its parameters (names lower-case)."""
-    if not value:
-        return "", {}
-    media, _, rest = value.partition(";")
-    params = {m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
-              for m in _PARAM.finditer(rest)}
-    return media.strip().lower(), params
-
-
-def json_targets(document: Any, prefix: str) -> Iterator[Target]:
-    """The keys ("name") and string values ("arg") of a parsed JSON document,
-    named ``prefix:$.a.b[0]``; numbers, booleans and nulls are not inspected."""
-    stack: list[tuple[str, Any]] = [("$", document)]
-    while stack:
-        path, item = stack.pop()
-        if isinstance(item, dict):
-            for key, child in reversed(list(item.items())):
-                key = str(key)
-                yield ("name", f"{prefix}:{path}.{key}", key)
-                stack.append((f"{path}.{key}", child))
-        elif isinstance(item, list):
-            for index in range(len(item) - 1, -1, -1):
-                stack.append((f"{path}[{index}]", item[index]))
-        elif isinstance(item, str):
-            yield ("arg", f"{prefix}:{path}", item)
-
-
-_TEXT_TYPES = ("application/xml", "application/soap+xml")
-
-
-class BodyError(Exception):
-    """A body that does not parse as its content type says."""
-
-
-def multipart_targets(body: bytes, boundary: str, truncated: bool) -> list[Target]:
-    """The field names and values of a ``multipart/form-data`` body; for file
-    parts the file name, not the content. Raises :class:`BodyError`."""
-    delimiter = b"--" + boundary.encode("latin-1")
-    parts = body.split(delimiter)
-    if len(parts) < 2:
-        raise BodyError("no multipart boundary in the body")
-    targets: list[Target] = []
-    for part in parts[1:]:
-        if part.startswith(b"--"):
-            break
-        head, separator, content = part.partition(b"\r\n\r\n")
-        if not separator:
-            if truncated:
-                break
-            raise BodyError("a multipart part without a header section")
-        if content.endswith(b"\r\n"):
-            content = content[:-2]
-        name = filename = None
-        for line in head.split(b"\r\n"):
-            field, _, raw = line.partition(b":")
-            if field.strip().lower() == b"content-disposition":
-                params = {m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
-                          for m in _PARAM.finditer(decode_bytes(raw))}
-                name, filename = params.get("name"), params.get("filename")
-        if name is None:
-            raise BodyError("a multipart part without a field name")
-        targets.append(("name", f"ARGS_POST_NAMES:{name}", name))
-        if filename is not None:
-            targets.append(("arg", f"FILES:{name}", filename))
-        else:
-            targets.append(("arg", f"ARGS_POST:{name}", decode_bytes(content)))
-    return targets
-
-
-def _header_targets(head: Any) -> Iterator[Target]:
-    for name, raw in head.headers:
-        lower = name.lower()
-        value = decode_bytes(raw)
-        if lower == b"cookie":
-            for cookie, cookie_value in parse_cookies(value):
-                yield ("name", f"REQUEST_COOKIES_NAMES:{cookie}", cookie)
-                yield ("cookie", f"REQUEST_COOKIES:{cookie}", cookie_value)
-        elif lower in UA_HEADERS:
-            yield ("ua", f"REQUEST_HEADERS:{name.decode('latin-1')}", value)
-        elif lower not in EXCLUDED_HEADERS and not lower.startswith(EXCLUDED_PREFIXES):
-            yield ("header", f"REQUEST_HEADERS:{name.decode('latin-1')}", value)
-
-
-def _raw_path(head: Any) -> str:
-    target = str(head.target)
-    if target.startswith(("http://", "https://")):
-        slash = target.find("/", target.index("//") + 2)
-        target = target[slash:] if slash >= 0 else "/"
-    return target.split("?", 1)[0]
-
-
-# ---------------------------------------------------------------------------
-# The filter
-
-
-class _Plan:
-    """How to run a set of rules on a value cheaply: for each transformation,
-    one combined regex of all the rules' patterns (the gate), searched first;
-    only when it matches are the rules run one by one. Check functions and
-    patterns with back-references (which cannot be combined) run on their own."""
-
-    def __init__(self, rules: Iterable[Rule]) -> None:
-        grouped: dict[str, list[Rule]] = {}
-        self.others: list[Rule] = []
-        for r in rules:
-            if r.pattern is None or r.check is not None or re.search(r"\\\d", r.pattern.pattern):
-                if r.pattern is not None or r.check is not None:
-                    self.others.append(r)
-                continue
-            for transform in r.transforms:
-                grouped.setdefault(transform, []).append(r)
-        self.gated = [
-            (transform, re.compile("|".join(f"(?:{r.pattern.pattern})" for r in group if r.pattern is not None),
-                                   re.X | re.S), tuple(group))
-            for transform, group in grouped.items()
-        ]
+    @classmethod
+    def _stop(cls) -> None:
+        pool, cls.pool = cls.pool, None
+        if pool is not None:
+            pool.stop()
 
 
 @implementer(IRequestFilter)
 class WebApplicationFirewall(Filter):
-    """Anomaly-scoring inspection of requests and WebSocket messages.
+    """ModSecurity with the CRS on requests, request bodies and WebSocket messages.
 
-    ``use_libinjection``: None uses libinjection when it is installed; False
-    never (the measurement script compares both); True requires it.
+    Every transaction runs off the reactor thread through ``offload`` (the
+    default is the waf's thread pool, where the engine runs without the GIL;
+    tests give one that runs it at once), so the hooks return Deferreds.
     """
 
-    def __init__(self, paranoia: int = 1, threshold: int = 5, inspect_body_bytes: int = 64 * 1024,
-                 disable_rules: Iterable[int] = (), use_libinjection: bool | None = None) -> None:
-        self.paranoia = paranoia
-        self.threshold = threshold
-        self.inspect_body_bytes = inspect_body_bytes
-        self.disabled = frozenset(disable_rules)
-        available = waf_rules.libinjection() is not None
-        if use_libinjection and not available:
-            raise RuntimeError("libinjection-python is not installed")
-        self.libinjection = available if use_libinjection is None else use_libinjection
-        active = [r for r in RULES if r.paranoia <= paranoia and r.id not in self.disabled
-                  and (self.libinjection or r.id not in LIBINJECTION_RULES)]
-        self.active = frozenset(r.id for r in active)
-        by_kind: dict[str, list[Rule]] = {}
-        for r in active:
-            kinds = set(r.targets)
-            if paranoia >= 2 and r.category != "protocol" and "arg" in kinds and r.id not in ARGUMENTS_ONLY:
-                kinds |= {"header", "ua"}
-            for kind in kinds:
-                by_kind.setdefault(kind, []).append(r)
-        self._plans = {kind: _Plan(rules) for kind, rules in by_kind.items()}
-        # Paths, names, header and cookie values repeat across requests: their
-        # results are kept (bounded; emptied when full).
-        self._cache: dict[tuple[str, str], tuple[tuple[Rule, str], ...]] = {}
+    def __init__(self, settings: WafSettings, crs: CrsInstall, *, inspect_message_bytes: int = 64 * 1024,
+                 over_limit: str = "pass", engine: ModSecurity | None = None,
+                 offload: Callable[[Callable[[], Outcome]], defer.Deferred[Outcome]] | None = None) -> None:
+        self.settings = settings
+        self.crs = crs
+        self.paranoia = settings.paranoia
+        self.threshold = settings.inbound_threshold
+        self.inspect_body_bytes = settings.inspect_body_bytes
+        self.inspect_message_bytes = inspect_message_bytes
+        self.over_limit = over_limit
+        self.engine = engine if engine is not None else modsecurity.engine()
+        self.rules = load_rules(self.engine, settings, crs)
+        self.offload = offload if offload is not None else _Pool.run
+        #: Inspections by (route, what: request or message, outcome: clean, matched, refused, over_limit).
+        self.inspections: Counter[tuple[str, str, str]] = Counter()
+        #: Rule matches by (route, rule id).
+        self.rule_matches: Counter[tuple[str, int]] = Counter()
 
-    # -- inspection
+    # -- running the engine
 
-    def evaluate(self, targets: Iterable[Target], inspection: Inspection | None = None) -> Inspection:
-        """Run the active rules on ``targets`` ((kind, name, value) triples)."""
-        inspection = inspection if inspection is not None else Inspection()
-        for kind, name, raw in targets:
-            if kind in ("arg", "cookie"):
-                inspection.arguments += 1
-            plan = self._plans.get(kind)
-            if not raw or plan is None:
-                continue
-            if kind in _CACHED_KINDS and len(raw) <= _CACHED_VALUE_CHARS:
-                key = (kind, raw)
-                found = self._cache.get(key)
-                if found is None:
-                    if len(self._cache) >= _CACHE_ENTRIES:
-                        self._cache.clear()
-                    found = self._cache[key] = tuple(self._run(plan, Value(raw), frozenset()))
-            else:
-                found = tuple(self._run(plan, Value(raw), inspection.matched))
-            for r, detail in found:
-                inspection.add(r, name, raw, detail)
-        return inspection
+    def inspect(self, transaction: Transaction) -> Verdict:
+        """Run one transaction through the engine, here and now (in this thread)."""
+        return verdict(self.engine.run(self.rules, transaction))
 
-    @staticmethod
-    def _run(plan: _Plan, value: Value, skip: Set[int]) -> Iterator[tuple[Rule, str]]:
-        """The rules of ``plan`` that match ``value`` (those in ``skip`` are not run)."""
-        for transform, gate, rules in plan.gated:
-            text = value.get(transform)
-            if gate.search(text) is None:
-                continue
-            for r in rules:
-                if r.id not in skip and r.pattern is not None and r.pattern.search(text) is not None:
-                    yield r, ""
-        for r in plan.others:
-            if r.id not in skip:
-                found = r.match(value)
-                if found is not None:
-                    yield r, (found if r.id in LIBINJECTION_RULES else "")
-
-    def _protocol(self, inspection: Inspection, rule_id: int, target: str, value: str) -> None:
-        if rule_id in self.active:
-            inspection.add(RULES_BY_ID[rule_id], target, value)
-
-    def inspect_request(self, head: Any, body: bytes | None = None, complete: bool = True) -> Inspection:
-        """Inspect a request head (and, when given, the start of its body:
-        ``complete`` says whether it is all of it)."""
-        inspection = Inspection()
-        path = _raw_path(head)
-        query = head.query
-        targets: list[Target] = [("path", "REQUEST_FILENAME", decode_bytes(unquote_to_bytes(path)))]
-        for name, value in parse_form(query.encode("latin-1", "replace")) if query else ():
-            targets.append(("name", f"ARGS_NAMES:{name}", name))
-            targets.append(("arg", f"ARGS:{name}", value))
-        targets.extend(_header_targets(head))
-        self.evaluate(targets, inspection)
-        if body is not None:
-            self.inspect_body(head.header("content-type"), body, inspection, complete)
-        self._check_head(head, path, query, inspection)
-        return inspection
-
-    def _check_head(self, head: Any, path: str, query: str, inspection: Inspection) -> None:
-        """The request-level protocol rules (920xxx), in the order of their ids'
-        groups: method, framing, percent-encoding, negotiation headers, host
-        and names, content type, argument count."""
-        method = head.method
-        if not method.isascii() or not _TOKEN.fullmatch(method):
-            self._protocol(inspection, 920100, "REQUEST_METHOD", method)
-        has_body = self._check_framing(head, inspection)
-        for name, raw in (("REQUEST_FILENAME", path), ("QUERY_STRING", query)):
-            if "%" in raw and _BAD_PERCENT.search(raw):
-                self._protocol(inspection, 920220, name, raw)
-        content_type = head.header("content-type")
-        self._check_negotiation(head, has_body, content_type, inspection)
-        self._check_names(head, inspection)
-        if content_type is not None:
-            self._check_content_type(content_type, inspection)
-        if inspection.arguments > MAX_ARGS:
-            self._protocol(inspection, 920380, "ARGS", f"{inspection.arguments} arguments")
-
-    def _check_framing(self, head: Any, inspection: Inspection) -> bool:
-        """Content-Length and Transfer-Encoding (920160, 920161, 920170);
-        whether the request has a body."""
-        lengths = [decode_bytes(v) for n, v in head.headers if n.lower() == b"content-length"]
-        chunked = any(n.lower() == b"transfer-encoding" for n, _ in head.headers)
-        for length in lengths:
-            if not length.strip().isdigit() or not length.strip().isascii():
-                self._protocol(inspection, 920160, "REQUEST_HEADERS:Content-Length", length)
-        if len(lengths) > 1 or (lengths and chunked):
-            self._protocol(inspection, 920161, "REQUEST_HEADERS:Content-Length", ", ".join(lengths))
-        has_body = chunked or any(v.strip().isdigit() and int(v.strip()) > 0 for v in lengths)
-        if head.method in ("GET", "HEAD") and has_body:
-            self._protocol(inspection, 920170, "REQUEST_HEADERS:Content-Length", ", ".join(lengths) or "chunked")
-        return has_body
-
-    def _check_negotiation(self, head: Any, has_body: bool, content_type: str | None,
-                           inspection: Inspection) -> None:
-        """Accept, User-Agent and a body's Content-Type present and not empty
-        (920300, 920311, 920320, 920330, 920340)."""
-        for name, missing, empty in (("Accept", 920300, 920311), ("User-Agent", 920320, 920330)):
-            value = head.header(name)
-            if value is None:
-                self._protocol(inspection, missing, f"REQUEST_HEADERS:{name}", "")
-            elif not value.strip():
-                self._protocol(inspection, empty, f"REQUEST_HEADERS:{name}", value)
-        if has_body and content_type is None:
-            self._protocol(inspection, 920340, "REQUEST_HEADERS:Content-Type", "")
-
-    def _check_names(self, head: Any, inspection: Inspection) -> None:
-        """A numeric Host, a restricted file extension, restricted header
-        names (920350, 920440, 920450)."""
-        host = head.host.strip("[]")
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            pass
-        else:
-            self._protocol(inspection, 920350, "REQUEST_HEADERS:Host", head.authority)
-        basename = head.path.rsplit("/", 1)[-1]
-        if "." in basename and basename.rsplit(".", 1)[-1].lower() in RESTRICTED_EXTENSIONS:
-            self._protocol(inspection, 920440, "REQUEST_BASENAME", basename)
-        for name, _ in head.headers:
-            if name.lower() in RESTRICTED_HEADERS:
-                self._protocol(inspection, 920450, f"REQUEST_HEADERS_NAMES:{name.decode('latin-1')}",
-                               name.decode("latin-1"))
-
-    def _check_content_type(self, content_type: str, inspection: Inspection) -> None:
-        """A Content-Type of the allowed form and charset (920470, 920480)."""
-        if not CONTENT_TYPE_RE.match(content_type):
-            self._protocol(inspection, 920470, "REQUEST_HEADERS:Content-Type", content_type)
-        charset = parse_content_type(content_type)[1].get("charset")
-        if charset is not None and charset.strip("'\"").lower() not in ALLOWED_CHARSETS:
-            self._protocol(inspection, 920480, "REQUEST_HEADERS:Content-Type", content_type)
-
-    def inspect_body(self, content_type: str | None, body: bytes, inspection: Inspection | None = None,
-                     complete: bool = True) -> Inspection:
-        """Inspect a request body of ``content_type``: url-encoded fields, JSON keys
-        and string values, multipart field names and values (and file names);
-        other ``text/*`` and XML bodies as one value (``REQUEST_BODY``). Only the
-        first ``inspect_body_bytes`` are inspected (``complete`` False: ``body`` is
-        only the start of the body); a body that does not parse is rule 200002
-        (unless it was cut short)."""
-        inspection = inspection if inspection is not None else Inspection()
-        if not body or self.inspect_body_bytes == 0:
-            return inspection
-        truncated = not complete or len(body) > self.inspect_body_bytes
-        body = body[: self.inspect_body_bytes]
-        media, params = parse_content_type(content_type)
-        targets: list[Target] = []
-        try:
-            if media == "application/x-www-form-urlencoded":
-                for name, value in parse_form(body):
-                    targets.append(("name", f"ARGS_POST_NAMES:{name}", name))
-                    targets.append(("arg", f"ARGS_POST:{name}", value))
-            elif media == "application/json" or media.endswith("+json"):
-                text = decode_bytes(body)
-                try:
-                    document = json.loads(text)
-                except (ValueError, RecursionError):
-                    if not truncated:
-                        raise BodyError("the body is not JSON") from None
-                    targets.append(("arg", "REQUEST_BODY", text))
-                else:
-                    targets.extend(json_targets(document, "JSON"))
-            elif media.startswith("multipart/"):
-                boundary = params.get("boundary")
-                if not boundary:
-                    raise BodyError("multipart body without a boundary")
-                targets.extend(multipart_targets(body, boundary, truncated))
-            elif media.startswith("text/") or media in _TEXT_TYPES or media.endswith("+xml"):
-                targets.append(("arg", "REQUEST_BODY", decode_bytes(body)))
-        except BodyError as e:
-            self._protocol(inspection, 200002, "REQBODY_ERROR", str(e))
-            return inspection
-        return self.evaluate(targets, inspection)
-
-    def inspect_message(self, text: str) -> Inspection:
-        """Inspect a WebSocket text message: a JSON object or array by its keys
-        and string values, any other text as one value (``MESSAGE``)."""
-        targets: list[Target] = []
-        stripped = text.strip()
-        if stripped[:1] in ("{", "["):
-            try:
-                targets.extend(json_targets(json.loads(stripped), "MESSAGE"))
-            except (ValueError, RecursionError):
-                targets.append(("arg", "MESSAGE", text))
-        else:
-            targets.append(("arg", "MESSAGE", text))
-        return self.evaluate(targets)
+    def _inspected(self, transaction: Transaction, head: RequestHead, what: str,
+                   described: str) -> defer.Deferred[Refuse | None]:
+        """Run the transaction off the reactor thread (:attr:`offload`); the
+        Deferred fires, in the reactor thread, with the refusal, if any."""
+        work = self.offload(lambda: self.engine.run(self.rules, transaction))
+        return work.addCallback(lambda outcome: self._decide(head, what, verdict(outcome), described))
 
     # -- hooks
 
-    def request(self, head: Any) -> Refuse | None:
-        """Refuse with 403 when the request's anomaly score reaches the threshold."""
-        return self._decide(head, self.inspect_request(head), "")
-
-    def request_body(self, head: Any, body: bytes, complete: bool = True) -> Refuse | None:
-        """The body hook: the proxy holds the request until the first
-        ``inspect_body_bytes`` of its body are here. Refuses with 403 when the
-        head's and the body's scores together reach the threshold; a body that
-        matches nothing changes nothing (and logs nothing)."""
-        body_only = self.inspect_body(head.header("content-type"), body, complete=complete)
-        if not body_only.matches:
+    def request(self, head: RequestHead) -> Any:
+        """Inspect a request that announces no body (one that does is inspected
+        with its body by :meth:`request_body`)."""
+        if self.inspect_body_bytes and announces_body(head):
             return None
-        return self._decide(head, self.inspect_request(head, body, complete), "the body of ")
+        return self._inspected(request_transaction(head), head, "request", "")
 
-    def message(self, head: Any, payload: bytes, binary: bool, upward: bool) -> CloseSession | None:
-        """Inspect client-to-upstream text messages; over the threshold the
-        session is closed with 1008."""
-        if binary or not upward or self.inspect_body_bytes == 0:
-            return None
-        data = payload[: self.inspect_body_bytes]
-        text = data.decode("utf-8", "replace") if isinstance(data, (bytes, bytearray)) else str(data)
-        inspection = self.inspect_message(text)
-        if not inspection.matches:
-            return None
-        over = self._log(head, inspection, "a WebSocket message on ")
-        return CloseSession(1008, BLOCKED) if over else None
+    def request_body(self, head: RequestHead, body: bytes, complete: bool = True) -> Any:
+        """Inspect the head with the first ``inspect_body_bytes`` of the body;
+        past that, ``over_limit = refuse`` refuses with 413."""
+        limit = self.inspect_body_bytes
+        if (not complete or len(body) > limit) and self._over_limit(head, "request", "a request body"):
+            return Refuse(413, f"request body {TOO_LARGE}")
+        return self._inspected(request_transaction(head, body[:limit]), head, "request", "")
 
-    def _decide(self, head: Any, inspection: Inspection, what: str) -> Refuse | None:
-        if not inspection.matches:
+    def message(self, head: RequestHead, payload: bytes, binary: bool, upward: bool) -> Any:
+        """Inspect a client-to-upstream text message (at most
+        ``inspect_message_bytes`` of it); a refusal closes the session with
+        1008, a message over the limit with ``over_limit = refuse`` with 1009."""
+        limit = self.inspect_message_bytes
+        if binary or not upward or limit == 0:
             return None
-        return Refuse(403, BLOCKED) if self._log(head, inspection, what) else None
+        truncated = len(payload) > limit
+        if truncated and self._over_limit(head, "message", "a WebSocket message"):
+            return CloseSession(1009, f"message {TOO_LARGE}")
+        transaction = message_transaction(head, bytes(payload[:limit]), truncated)
+        return self._inspected(transaction, head, "message", "a WebSocket message on ").addCallback(
+            lambda refusal: None if refusal is None else CloseSession(1008, BLOCKED))
 
-    def _log(self, head: Any, inspection: Inspection, what: str) -> bool:
-        """One log line for an inspection with matches; whether it is over the threshold."""
-        over = inspection.score >= self.threshold
-        log.info("waf: anomaly score {score} {verdict} {threshold} (paranoia {paranoia}) for {what}{method} "
-                 "{target} from {client}: {matches}",
-                 score=inspection.score, verdict="reaches threshold" if over else "is below threshold",
-                 threshold=self.threshold, paranoia=self.paranoia, what=what, method=getattr(head, "method", "-"),
-                 target=excerpt(getattr(head, "target", "-")).strip("'\""), client=getattr(head, "client", "-"),
-                 matches="; ".join(m.describe() for m in inspection.matches))
-        return over
+    # -- verdicts
+
+    def _over_limit(self, head: RequestHead, what: str, described: str) -> bool:
+        """Whether to refuse what is larger than the inspection limit (logged and counted)."""
+        if self.over_limit != "refuse":
+            return False
+        self.inspections[(head.route, what, "over_limit")] += 1
+        log.info("waf: {described} larger than the inspection limit on {method} {target} from {client}: refused "
+                 "(over_limit = refuse)", described=described, method=head.method,
+                 target=excerpt(head.target), client=head.client)
+        return True
+
+    def _decide(self, head: RequestHead, what: str, found: Verdict, described: str) -> Refuse | None:
+        """Count and log a verdict; the refusal it makes, if any."""
+        outcome = "refused" if found.status is not None else "matched" if found.matches else "clean"
+        self.inspections[(head.route, what, outcome)] += 1
+        for rule in found.rule_ids:
+            self.rule_matches[(head.route, rule)] += 1
+        if not found.matches and found.status is None:
+            return None
+        log.info("waf: {verdict} (anomaly score {score}, threshold {threshold}, paranoia {paranoia}) for "
+                 "{what}{method} {target} from {client}: {matches}",
+                 verdict=f"refused with {found.status}" if found.status is not None else "passed",
+                 score=found.score, threshold=self.threshold, paranoia=self.paranoia, what=described,
+                 method=head.method, target=excerpt(head.target), client=head.client,
+                 matches="; ".join(m.describe() for m in found.matches) or "-")
+        if found.status is None:
+            return None
+        rules = ",".join(map(str, found.rule_ids)) or "-"
+        return Refuse(found.status, BLOCKED, note=f"anomaly_score={found.score} rules={rules}")
+
+    # -- metrics
+
+    def metrics(self) -> Iterator[Metric]:
+        """``chatproxy_waf_inspections`` by route, what and outcome, and
+        ``chatproxy_waf_rule_matches`` by route and rule id."""
+        for (route, what, outcome), count in sorted(self.inspections.items()):
+            yield Metric("chatproxy_waf_inspections", _INSPECTIONS_HELP,
+                         (("route", route), ("what", what), ("outcome", outcome)), count)
+        for (route, rule), count in sorted(self.rule_matches.items()):
+            yield Metric("chatproxy_waf_rule_matches", "Rules of the CRS (and 2000xx, ModSecurity's body checks) that "
+                         "matched, by route and rule id.", (("route", route), ("rule", str(rule))), count)
+
+
+def load_rules(engine: ModSecurity, settings: WafSettings, crs: CrsInstall) -> Rules:
+    """The rule set of one filter: setup, CRS files, exclusions.  A piece
+    ModSecurity refuses is a FilterOptionError naming the option it comes from."""
+    rules = engine.rules()
+    for kind, item, option in load_order(settings, crs.files):
+        try:
+            if kind == "file":
+                rules.add_file(item)
+            else:
+                rules.add_text(item)
+        except RulesError as e:
+            what = item if kind == "file" else "the configuration"
+            raise FilterOptionError(option, f"ModSecurity refused {what}: {e}") from None
+    return rules
 
 
 # ---------------------------------------------------------------------------
 # The kind
 
 
-def parse_rule_ids(items: Sequence[str]) -> tuple[int, ...]:
-    """``disable_rules``: rule ids, each one the table has."""
-    ids = []
+def parse_exclusions(items: Sequence[str], crs: CrsInstall) -> tuple[Exclusion, ...]:
+    """``exclude_rules``: ``ID``, ``tag:TAG``, or either followed by a target;
+    each id or tag one the CRS defines."""
+    found = []
     for item in items:
-        if not item.isdigit():
-            raise FilterOptionError("disable_rules", f"{item!r} is not a rule id (ids are numbers such as 942100)")
-        if int(item) not in RULES_BY_ID:
-            raise FilterOptionError("disable_rules", f"unknown rule id {item} (the rules are listed in "
-                                                     "docs/filters/waf.md)")
-        ids.append(int(item))
-    return tuple(dict.fromkeys(ids))
+        try:
+            exclusion = parse_exclusion(item)
+        except ValueError as e:
+            raise FilterOptionError("exclude_rules", str(e)) from None
+        if exclusion.rule is None and exclusion.tag not in crs.tags:
+            raise FilterOptionError("exclude_rules", f"unknown tag {exclusion.tag}: no rule of the CRS in "
+                                                     f"{crs.rules_dir} (version {crs.version}) has it")
+        if exclusion.rule is not None and exclusion.rule not in crs.rule_ids and exclusion.rule not in SETUP_RULES:
+            raise FilterOptionError("exclude_rules", f"unknown rule id {exclusion.rule}: the CRS in {crs.rules_dir} "
+                                                     f"(version {crs.version}) has no such rule")
+        found.append(exclusion)
+    return tuple(dict.fromkeys(found))
+
+
+def words(items: Sequence[str], option: str, form: re.Pattern[str]) -> tuple[str, ...]:
+    """The words of a list option (separated by commas, newlines or spaces, as CRS
+    writes them), each of ``form``: methods upper-cased, media types lower-cased."""
+    found = []
+    for word in (w for item in items for w in item.split()):
+        if not form.fullmatch(word):
+            raise FilterOptionError(option, f"{word!r} is not a {'method' if form is _METHOD else 'media type'}")
+        found.append(word.upper() if form is _METHOD else word.lower())
+    return tuple(dict.fromkeys(found))
 
 
 @implementer(IPlugin, IFilterFactory)
@@ -592,15 +286,33 @@ class WafKind:
     name = "waf"
 
     def build(self, options: Mapping[str, str]) -> WebApplicationFirewall:
-        """Parse the options; all are optional."""
+        """Parse the options (all optional), find the CRS and the engine, load the rules."""
         opts = FilterOptions(self.name, options, _OPTIONS)
+        path = str(opts.path("crs", DEFAULT_CRS))
         paranoia = opts.integer("paranoia", 1, maximum=4, expected="a paranoia level from 1 to 4")
-        threshold = opts.integer("threshold", 5, expected="a whole number of at least 1")
-        inspect_body_bytes = opts.size("inspect_body_bytes", 64 * 1024)
-        if inspect_body_bytes > MAX_INSPECT_BODY_BYTES:
-            raise FilterOptionError("inspect_body_bytes", "must be at most 16m")
-        disabled = parse_rule_ids(opts.items("disable_rules", (), allow_empty=True))
-        return WebApplicationFirewall(paranoia, threshold, inspect_body_bytes, disabled)
+        inbound = opts.integer("inbound_anomaly_threshold", 5, expected="a whole number of at least 1")
+        outbound = opts.integer("outbound_anomaly_threshold", 4, expected="a whole number of at least 1")
+        methods = words(opts.items("allowed_methods", (), what="method"), "allowed_methods", _METHOD)
+        types = words(opts.items("allowed_content_types", (), what="content type"), "allowed_content_types", _MEDIA)
+        body_bytes = opts.size("inspect_body_bytes", 64 * 1024)
+        message_bytes = opts.size("inspect_message_bytes", 64 * 1024)
+        for option, value in (("inspect_body_bytes", body_bytes), ("inspect_message_bytes", message_bytes)):
+            if value > MAX_INSPECT_BYTES:
+                raise FilterOptionError(option, "must be at most 16m")
+        over_limit = opts.choice("over_limit", ("pass", "refuse"), "pass")
+        excluded = opts.items("exclude_rules", (), allow_empty=True)
+        try:
+            crs = find_crs(path)
+        except CrsError as e:
+            raise FilterOptionError("crs", str(e)) from None
+        exclusions = parse_exclusions(excluded, crs)
+        try:
+            engine = modsecurity.engine()
+        except modsecurity.EngineMissing as e:
+            raise FilterOptionError("use", str(e)) from None
+        settings = WafSettings(paranoia, inbound, outbound, methods, types, body_bytes, exclusions)
+        return WebApplicationFirewall(settings, crs, inspect_message_bytes=message_bytes, over_limit=over_limit,
+                                      engine=engine)
 
 
 waf = WafKind()

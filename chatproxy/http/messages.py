@@ -123,6 +123,8 @@ class RequestHead:
     tls: bool
     listener: str
     route: str = ""  # the matched route's name, once routed (what filters see)
+    # What filters noted for the access log: (filter section, note) pairs.
+    notes: tuple[tuple[str, str], ...] = ()
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (case-insensitive), or None."""

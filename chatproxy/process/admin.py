@@ -20,6 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from chatproxy.config import Config
+from chatproxy.filters import implements_hook
 from chatproxy.proxy.core import ProxyCore
 from chatproxy.proxy.stats import BUCKETS
 from chatproxy.proxy.upstream import EJECT_AFTER
@@ -141,6 +142,7 @@ class ProxyCollector:
             name, _, outcome = key.rpartition(":")
             outcomes.add_metric([name, outcome], count)
         yield outcomes
+        yield from filter_metrics(core.plan.filters)
         events = CounterMetricFamily("chatproxy_events", "Other counted events (WebSocket limits and drops).",
                                      labels=["event"])
         for event, count in sorted(core.counters.items()):
@@ -161,6 +163,23 @@ class ProxyCollector:
         yield GaugeMetricFamily("chatproxy_config_last_reload_success_timestamp_seconds",
                                 "When the configuration in force was loaded (Unix time).",
                                 value=stats.last_reload_success)
+
+
+def filter_metrics(filters: Mapping[str, Any]) -> Iterator[CounterMetricFamily]:
+    """The counters filters report of their own (``metrics()``, see
+    :class:`chatproxy.filters.IRequestFilter`), one family per name, with the
+    label ``filter`` (the section) first."""
+    families: dict[str, CounterMetricFamily] = {}
+    for section, flt in sorted(filters.items()):
+        if not implements_hook(flt, "metrics"):
+            continue
+        for metric in flt.metrics():
+            family = families.get(metric.name)
+            if family is None:
+                family = families[metric.name] = CounterMetricFamily(
+                    metric.name, metric.help, labels=["filter", *(name for name, _ in metric.labels)])
+            family.add_metric([section, *(value for _, value in metric.labels)], metric.value)
+    yield from families.values()
 
 
 #: What an admin endpoint answers: status, content type, body.

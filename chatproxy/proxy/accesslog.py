@@ -32,6 +32,7 @@ class AccessRecord:
     host: str
     started: float
     websocket: str = ""  # for a WebSocket session: messages, bytes each way, close code
+    notes: tuple[tuple[str, str], ...] = ()  # (filter section, note): what filters noted (e.g. the waf's score)
 
 
 def _quote(text: str) -> str:
@@ -39,7 +40,8 @@ def _quote(text: str) -> str:
 
 
 def format_combined(record: AccessRecord) -> str:
-    """Apache/nginx combined format plus duration, route and upstream."""
+    """Apache/nginx combined format plus duration, route and upstream (then a
+    WebSocket session's counts, and ``filter.NAME="note"`` per filter note)."""
     stamp = time.strftime("%d/%b/%Y:%H:%M:%S %z", time.localtime(record.started))
     request = _quote(f"{record.method} {record.target} HTTP/{record.version}")
     return (
@@ -47,6 +49,7 @@ def format_combined(record: AccessRecord) -> str:
         f'"{_quote(record.referer or "-")}" "{_quote(record.user_agent or "-")}" '
         f'{record.duration:.6f} route={record.route or "-"} upstream={record.upstream or "-"}'
         + (f" {record.websocket}" if record.websocket else "")
+        + "".join(f' filter.{name}="{_quote(note)}"' for name, note in record.notes)
     )
 
 
@@ -68,6 +71,7 @@ def format_json(record: AccessRecord) -> str:
             "referer": record.referer or None,
             "user_agent": record.user_agent or None,
             **({"websocket": dict(item.split("=", 1) for item in record.websocket.split())} if record.websocket else {}),
+            **({"filters": dict(record.notes)} if record.notes else {}),
         },
         separators=(",", ":"),
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
+from attrs import evolve
 from twisted.internet.error import ConnectingCancelledError, TimeoutError as ConnectTimeout
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -221,7 +222,9 @@ class Exchange:
     def _inspect_or_dispatch(self) -> None:
         """Dispatch, or first collect the body for the route's body filters."""
         limit = self.chain.inspect_body_bytes if self.chain is not None and not self.upgrade else 0
-        if limit and (not self.body_done or self._buffered):
+        # Every request whose head announced a body gets the body hooks, even
+        # when that body turned out empty (a chunked body of no chunks).
+        if limit and (self.chunked_in or (self.content_length or 0) > 0):
             self._inspect_limit = limit
             if not self.body_done and self.expect_continue:
                 self._send_continue()
@@ -249,6 +252,8 @@ class Exchange:
     def _body_filtered(self, decision: Decision, head: RequestHead) -> None:
         if self.finished:
             return
+        if head.notes != self.head.notes:
+            self.head = evolve(self.head, notes=head.notes)  # for the access log; a body hook rewrites nothing
         if decision is None:
             self._dispatch()
         else:
@@ -643,4 +648,5 @@ class Exchange:
             user_agent=head.header("user-agent") or "",
             host=head.host,
             started=self.started,
+            notes=head.notes,
         )

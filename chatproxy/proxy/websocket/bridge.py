@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 from autobahn.twisted.websocket import WebSocketClientFactory
@@ -58,6 +59,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from chatproxy.filters import CloseSession
+from chatproxy.filters.chain import FilterChain
 from chatproxy.http.messages import HOP_BY_HOP
 from chatproxy.proxy.forwarding import upstream_headers
 from chatproxy.proxy.websocket.legs import ClientLeg, UpstreamLeg, is_closed, is_open
@@ -126,6 +128,8 @@ class WebSocketBridge:
         self._client_open = False
         self._upstream_open = False
         self._pending_to_client: list[tuple[bytes, bool]] = []
+        # Messages waiting behind one whose filter verdict is not there yet, by direction (True: upward).
+        self._held: dict[bool, deque[tuple[bytes, bool]] | None] = {True: None, False: None}
         self._paused = {"client": False, "upstream": False}
         self._excess = {"client": 0, "upstream": 0}
         self._ended = False
@@ -326,9 +330,7 @@ class WebSocketBridge:
         (or its failure) is relayed as long as the other leg had no close
         frame sent to it; nothing is relayed from a leg after that."""
         upward = source is self.client
-        target = self.upstream if upward else self.client
-        if source.peer_closed or source.failed is not None or target is None or (
-                not is_open(target) and (upward or self._client_open)):
+        if not self._relaying(upward):
             return
         self._last_message = time.monotonic()
         if upward:
@@ -346,14 +348,61 @@ class WebSocketBridge:
         exchange = self.exchange
         chain = exchange.plan.chain(exchange.route) if exchange.route is not None else None  # (a reload may change it)
         if chain is not None and chain.sees_messages:
-            assert exchange.head is not None
-            verdict = chain.message(exchange.head, payload, binary, upward)
-            if verdict is not None:
-                if isinstance(verdict, CloseSession):
-                    self.close_both(verdict.code, verdict.reason)
-                else:
-                    self.front.core.counters["websocket_dropped"] += 1
+            self._filter(chain, upward, payload, binary)
+        else:
+            self._deliver(None, upward, payload, binary)
+
+    def _filter(self, chain: FilterChain, upward: bool, payload: bytes, binary: bool) -> None:
+        """Run the message hooks; a verdict that comes later (a Deferred) holds
+        this direction's next messages, in order, and reading from the client
+        meanwhile."""
+        held = self._held[upward]
+        if held is not None:
+            held.append((payload, binary))
+            return
+        verdict = chain.message(self.exchange.head, payload, binary, upward)
+        if isinstance(verdict, defer.Deferred):
+            self._held[upward] = deque()
+            self.front.pause_reading("message filter")
+            verdict.addCallback(self._verdict_came, chain, upward, payload, binary)
+            return
+        self._deliver(verdict, upward, payload, binary)
+
+    def _verdict_came(self, verdict: Any, chain: FilterChain, upward: bool, payload: bytes, binary: bool) -> None:
+        """A held message's verdict: deliver it, then filter the messages held
+        behind it (until one of them waits for its verdict in turn)."""
+        held, self._held[upward] = self._held[upward] or deque(), None
+        self._deliver_if_relaying(verdict, upward, payload, binary)
+        while held:
+            waiting = self._held[upward]
+            if waiting is not None:
+                waiting.extend(held)
                 return
+            next_payload, next_binary = held.popleft()
+            if self._relaying(upward):
+                self._filter(chain, upward, next_payload, next_binary)
+        if self._held[True] is None and self._held[False] is None:
+            self.front.resume_reading("message filter")
+
+    def _relaying(self, upward: bool) -> bool:
+        """Whether a message from that direction may still be delivered."""
+        source, target = (self.client, self.upstream) if upward else (self.upstream, self.client)
+        return not (source is None or source.peer_closed or source.failed is not None or target is None
+                    or (not is_open(target) and (upward or self._client_open)))
+
+    def _deliver_if_relaying(self, verdict: Any, upward: bool, payload: bytes, binary: bool) -> None:
+        """Carry out a late verdict, unless that direction has stopped relaying meanwhile."""
+        if self._relaying(upward):
+            self._deliver(verdict, upward, payload, binary)
+
+    def _deliver(self, verdict: Any, upward: bool, payload: bytes, binary: bool) -> None:
+        """Carry out the filters' verdict on a message: close, drop, or send it on."""
+        if verdict is not None:
+            if isinstance(verdict, CloseSession):
+                self.close_both(verdict.code, verdict.reason)
+            else:
+                self.front.core.counters["websocket_dropped"] += 1
+            return
         if upward:
             assert self.upstream is not None
             self._send(self.upstream, payload, binary)
