@@ -187,6 +187,26 @@ def test_curl_and_nghttp_against_the_routes(env, tmp_path):
     assert json.loads(posted.stdout)["body_length"] == 50000
 
 
+def test_the_waf_inspects_h2_requests_and_their_bodies(proxy, pki, tmp_path):
+    """The waf (ModSecurity with the CRS) on a route refuses, over HTTP/2, SQL injection in the
+    query and in a JSON body sent without content-length (403, nothing reaches the upstream),
+    and passes a benign JSON chat message."""
+    environment = Env(proxy, pki, tmp_path, extra="[filter:firewall]\nuse = waf\n\n"
+                                                  "[route:guarded]\npath = /guarded\nupstream = app\nfilters = firewall\n")
+    client = environment.client()
+    try:
+        assert client.get("/guarded/x?q=" + "%27%20or%20%271%27%3D%271%27%20--").status == 403
+        json_type = [(b"content-type", b"application/json")]
+        attack = json.dumps({"message": "1' UNION SELECT password FROM users --"}).encode()
+        assert client.get("/guarded/echo", method="POST", body=attack, headers=json_type).status == 403
+        benign = json.dumps({"message": "Hi, I'd like to check order 4512 please"}).encode()
+        assert client.get("/guarded/echo", method="POST", body=benign, headers=json_type).status == 200
+    finally:
+        client.close()
+        environment.stop()
+    assert [r["method"] for r in environment.upstream.requests] == ["POST"]
+
+
 # ---------------------------------------------------------------------------
 # Header mapping
 
