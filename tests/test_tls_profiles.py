@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from chatproxy.config import Listener, load_config
 from chatproxy.process.check import main
 from chatproxy.proxy.tls import create_self_signed, select_alpn
-from chatproxy.proxy.tls_groups import unknown_groups
+from chatproxy.proxy.openssl_binding import unknown_groups
 from chatproxy.proxy.tls_profiles import GROUPS, INTERMEDIATE, MODERN, listener_settings
 from chatproxy.proxy.validate import validate
 from conftest import PKI, free_port

@@ -21,7 +21,7 @@ from twisted.web.server import Site
 
 from chatproxy.config import Config
 from chatproxy.proxy.core import ProxyCore
-from chatproxy.proxy.stats import BUCKETS
+from chatproxy.proxy.stats import BUCKETS, Stats
 from chatproxy.proxy.upstream import EJECT_AFTER
 
 UNHEALTHY_AFTER = EJECT_AFTER  # the same rule as passive ejection
@@ -146,11 +146,7 @@ class ProxyCollector:
         for event, count in sorted(core.counters.items()):
             events.add_metric([event], count)
         yield events
-        handshakes = CounterMetricFamily("chatproxy_tls_handshake_failures",
-                                         "TLS handshakes with clients that failed, by listener.", labels=["listener"])
-        for listener, count in sorted(stats.tls_handshake_failures.items()):
-            handshakes.add_metric([listener], count)
-        yield handshakes
+        yield from self._tls(stats)
         reloads = CounterMetricFamily("chatproxy_config_reloads", "Reloads (SIGHUP) by result.", labels=["result"])
         for result in ("success", "failure"):
             reloads.add_metric([result], stats.reloads.get(result, 0))
@@ -161,6 +157,20 @@ class ProxyCollector:
         yield GaugeMetricFamily("chatproxy_config_last_reload_success_timestamp_seconds",
                                 "When the configuration in force was loaded (Unix time).",
                                 value=stats.last_reload_success)
+
+    def _tls(self, stats: Stats) -> Iterator[Any]:
+        """The TLS families: handshakes (failed, completed and resumed)."""
+        handshakes = CounterMetricFamily("chatproxy_tls_handshake_failures",
+                                         "TLS handshakes with clients that failed, by listener.", labels=["listener"])
+        for listener, count in sorted(stats.tls_handshake_failures.items()):
+            handshakes.add_metric([listener], count)
+        yield handshakes
+        completed = CounterMetricFamily("chatproxy_tls_handshakes",
+                                        "TLS handshakes with clients that completed, by listener and whether "
+                                        "they resumed a session.", labels=["listener", "resumed"])
+        for (listener, resumed), count in sorted(stats.tls_handshakes.items()):
+            completed.add_metric([listener, "true" if resumed else "false"], count)
+        yield completed
 
 
 #: What an admin endpoint answers: status, content type, body.

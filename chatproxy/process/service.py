@@ -120,8 +120,7 @@ class ChatproxyService(MultiService):
         factory: IProtocolFactory = front
         if listener.tls:
             ensure_certificate(listener)
-            factory = HandshakeCountingTLSFactory(build_server_tls(listener), factory, core.stats.tls_handshake_failures,
-                                                  listener.name)
+            factory = HandshakeCountingTLSFactory(build_server_tls(listener), factory, core.stats, listener.name)
         if listener.allow is not None:
             factory = GateFactory(factory, listener.allow)
         return factory

@@ -53,6 +53,7 @@ from chatproxy.process.master_admin import master_admin_site
 from chatproxy.process.notify import NotifyReceiver, notify_reloading, sd_notify
 from chatproxy.proxy.validate import validate
 from chatproxy.process.sharing import BROKER_SOCKET, bind_listening, can_share, endpoint_kind, socket_identity
+from chatproxy.process.steering import attach as attach_steering
 
 log = Logger()
 
@@ -257,6 +258,16 @@ class Master(Service):
                     self.listening_socket(listener.endpoint, index)
             except (OSError, ValueError) as e:
                 raise StartupError(f"[listen:{name}]: cannot listen on {listener.endpoint}: {e}") from None
+            self._steer(name, listener.endpoint, worker_count(config))
+
+    def _steer(self, name: str, endpoint: str, workers: int) -> None:
+        """Send each client address to one worker (so TLS sessions resume):
+        see :mod:`chatproxy.process.steering`."""
+        try:
+            attach_steering(self.listening_socket(endpoint, 1), workers)
+        except OSError as e:
+            log.warn("[listen:{name}] cannot steer clients to workers by address ({error}): a client that "
+                     "reconnects may reach another worker and not resume its TLS session", name=name, error=e)
 
     def listening_socket(self, endpoint: str, worker: int) -> socket.socket:
         """Worker ``worker``'s listening socket for a TCP endpoint string, bound now if need be."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatproxy.config import ConfigError, Listener, Upstream, UpstreamServer
-from chatproxy.proxy.tls_groups import GroupError, set_groups, unknown_groups
+from chatproxy.proxy.openssl_binding import GroupError, session_reused, set_groups, unknown_groups
+from chatproxy.proxy.stats import Stats
 from chatproxy.proxy.tls_profiles import INTERMEDIATE, TLSSettings, listener_settings
 
 #: The intermediate profile's TLS 1.2 suites (ECDHE only: no DH parameters to manage).
@@ -74,9 +74,13 @@ def _base_context(settings: TLSSettings) -> SSL.Context:
     # No compression, no renegotiation; the server's order of suites and
     # groups wins.  No session tickets: sessions are resumed from the
     # server's session cache (TLS 1.2 session IDs, TLS 1.3 stateful
-    # tickets), so no ticket key exists to be stolen or rotated.
+    # tickets), so no ticket key exists to be stolen or rotated.  A client
+    # that closes the TCP connection without close_notify (many do) ends the
+    # connection as if it had sent one instead of in a fatal error, which
+    # would drop its session from the cache (HTTP's own framing tells a
+    # truncated message, as with nginx).
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_TICKET
-                        | getattr(SSL, "OP_NO_RENEGOTIATION", 0))
+                        | getattr(SSL, "OP_NO_RENEGOTIATION", 0) | getattr(SSL, "OP_IGNORE_UNEXPECTED_EOF", 0))
     # An idle connection (a quiet chat session) gives its ~34 KiB of OpenSSL
     # read/write buffers back, as nginx does.
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
@@ -348,24 +352,32 @@ def build_client_tls(upstream: Upstream, server: UpstreamServer) -> Any:
 
 
 class _HandshakeCountingTLS(TLSMemoryBIOProtocol):
-    """A server TLS connection that counts a handshake that failed (no shared
-    protocol version or cipher, garbage instead of a ClientHello, ...)."""
+    """A server TLS connection that counts its handshake: completed (new or
+    resumed session) or failed (no shared protocol version or cipher, garbage
+    instead of a ClientHello, ...)."""
 
     factory: HandshakeCountingTLSFactory
 
+    def _checkHandshakeStatus(self) -> None:
+        done = self._handshakeDone
+        super()._checkHandshakeStatus()  # type: ignore[no-untyped-call]
+        if self._handshakeDone and not done:
+            resumed = session_reused(self._tlsConnection)
+            self.factory.stats.tls_handshakes[(self.factory.listener, resumed)] += 1
+
     def _tlsShutdownFinished(self, reason: Failure | None) -> None:
         if not self._handshakeDone and reason is not None and reason.check(SSL.Error):
-            self.factory.failures[self.factory.listener] += 1
+            self.factory.stats.tls_handshake_failures[self.factory.listener] += 1
         super()._tlsShutdownFinished(reason)  # type: ignore[no-untyped-call]
 
 
 class HandshakeCountingTLSFactory(TLSMemoryBIOFactory):
-    """TLS for one listener that counts failed handshakes in ``failures[listener]``."""
+    """TLS for one listener that counts its handshakes in ``stats``."""
 
     protocol = _HandshakeCountingTLS
     noisy = False
 
-    def __init__(self, creator: Any, wrapped: Any, failures: Counter[str], listener: str) -> None:
+    def __init__(self, creator: Any, wrapped: Any, stats: Stats, listener: str) -> None:
         super().__init__(creator, False, wrapped)
-        self.failures = failures
+        self.stats = stats
         self.listener = listener

@@ -1,4 +1,5 @@
-"""The key exchange groups of a pyOpenSSL context.
+"""What chatproxy needs of OpenSSL that pyOpenSSL has no API for: the key
+exchange groups of a context, and whether a connection resumed a session.
 
 pyOpenSSL has no API for OpenSSL's group list (``SSL_CTX_set1_groups_list``;
 its ``set_tmp_ecdh`` leaves exactly one elliptic curve, without X25519).
@@ -9,6 +10,7 @@ is the documented entry point to the OpenSSL that pyOpenSSL runs on) has
 takes every group name (``X25519``, ``P-256``, ``X25519MLKEM768``, ...).
 It is called on the ``SSL_CTX`` a pyOpenSSL context wraps, so each listener
 and each SNI certificate has its own list; see docs/architecture.md ("TLS").
+The same binding's ``SSL_session_reused`` tells a resumed handshake.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL
 
-__all__ = ["GroupError", "set_groups", "unknown_groups"]
+__all__ = ["GroupError", "session_reused", "set_groups", "unknown_groups"]
 
 _lib = Binding().lib
 
@@ -53,3 +55,11 @@ def unknown_groups(groups: Sequence[str]) -> list[str]:
         except GroupError:
             unknown.append(name)
     return unknown
+
+
+def session_reused(connection: SSL.Connection) -> bool:
+    """Whether the handshake of ``connection`` resumed a session (False when it cannot be told)."""
+    raw = getattr(connection, "_ssl", None)
+    if raw is None or not hasattr(_lib, "SSL_session_reused"):
+        return False
+    return bool(_lib.SSL_session_reused(raw))
