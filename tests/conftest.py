@@ -161,6 +161,18 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0, pro
 # The recording upstream
 
 
+def wait_until(check: Any, what: str, timeout: float = 20.0) -> Any:
+    """Call ``check`` until it returns something true, and return that; fail after ``timeout``
+    seconds (a bound on a wait, not a timing threshold) naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"timed out after {timeout:g}s waiting for {what}"
+        time.sleep(0.1)
+
+
 def read_request_body(handler: BaseHTTPRequestHandler) -> bytes:
     """The whole request body a test upstream's handler received (Content-Length or chunked)."""
     length = handler.headers.get("Content-Length")

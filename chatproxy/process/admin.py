@@ -11,6 +11,7 @@ is counted twice on the data path).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Protocol
 
@@ -42,6 +43,9 @@ class ProxyView(Protocol):
     @property
     def core(self) -> ProxyCore | None:
         """The proxy's core, None until the process started."""
+
+    def certificates(self) -> list[tuple[str, str, str, float]]:
+        """Every certificate served: listener, SNI name (``default``), file, expiry (Unix time)."""
 
 
 def readiness(service: ProxyView) -> list[str]:
@@ -159,7 +163,7 @@ class ProxyCollector:
                                 value=stats.last_reload_success)
 
     def _tls(self, stats: Stats) -> Iterator[Any]:
-        """The TLS families: handshakes (failed, completed and resumed)."""
+        """The TLS families: handshakes (failed, completed and resumed) and certificate expiry."""
         handshakes = CounterMetricFamily("chatproxy_tls_handshake_failures",
                                          "TLS handshakes with clients that failed, by listener.", labels=["listener"])
         for listener, count in sorted(stats.tls_handshake_failures.items()):
@@ -171,6 +175,14 @@ class ProxyCollector:
         for (listener, resumed), count in sorted(stats.tls_handshakes.items()):
             completed.add_metric([listener, "true" if resumed else "false"], count)
         yield completed
+        expiry = GaugeMetricFamily("chatproxy_certificate_expiry_seconds",
+                                   "Seconds until each served certificate expires (negative: expired), by "
+                                   "listener, SNI name (default: the listener's own) and file.",
+                                   labels=["listener", "name", "file"])
+        now = time.time()
+        for listener, name, file, not_after in sorted(self.service.certificates()):
+            expiry.add_metric([listener, name, file], not_after - now)
+        yield expiry
 
 
 #: What an admin endpoint answers: status, content type, body.
