@@ -299,7 +299,7 @@ def test_webhook_takes_only_post(env: Env, method: str) -> None:
     response = env.public().request(method, WEBHOOK, {"Authorization": f"Bearer {token()}",
                                                       "Content-Type": "application/json"}, body)
     assert response.status == 405 and response.headers["allow"] == "POST"
-    assert response.headers["strict-transport-security"] == "max-age=31536000"  # the listener's, on every answer
+    assert response.headers["strict-transport-security"] == "max-age=63072000"  # the listener's, on every answer
     assert len(env.integration.requests) == before
 
 
