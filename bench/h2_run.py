@@ -1,7 +1,7 @@
 """HTTP/2 benchmark: chatproxy and nginx (``http2`` on, one worker each) in
 front of the same upstream, driven by h2load in the same run.
 
-    /work/venv/bin/python bench/h2_run.py [--requests 20000] [--clients 4] [--streams 100]
+    .venv/bin/python bench/h2_run.py [--requests 20000] [--clients 4] [--streams 100]
                                           [--rounds 3] [--idle-connections 500]
 
 Starts the upstream (nginx answering a fixed small body), nginx as a TLS

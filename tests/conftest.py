@@ -63,6 +63,12 @@ def _issue(ca_cert: Any, ca_key: Any, common_name: str, names: list[str], path_c
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage(
             [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        # What strict validators (cryptography's, which sslyze uses) require of a CA-issued certificate.
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
     )
     if alt:
         builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
@@ -93,10 +99,12 @@ class PKI:
             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                          content_commitment=False, key_encipherment=False, data_encipherment=False,
                                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
         self.ca = directory / "ca.crt"
         self.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        self.ca_certificate, self.ca_private_key = ca_cert, ca_key  # to issue more certificates
         self.cert, self.key = directory / "localhost.crt", directory / "localhost.key"
         _issue(ca_cert, ca_key, "localhost", ["localhost", "127.0.0.1", "::1"], self.cert, self.key)
         self.chat_cert, self.chat_key = directory / "chat.crt", directory / "chat.key"
@@ -151,6 +159,18 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0, pro
 
 # ---------------------------------------------------------------------------
 # The recording upstream
+
+
+def wait_until(check: Any, what: str, timeout: float = 20.0) -> Any:
+    """Call ``check`` until it returns something true, and return that; fail after ``timeout``
+    seconds (a bound on a wait, not a timing threshold) naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"timed out after {timeout:g}s waiting for {what}"
+        time.sleep(0.1)
 
 
 def read_request_body(handler: BaseHTTPRequestHandler) -> bytes:
@@ -485,16 +505,17 @@ def basic_config(upstream_url: str, port: int, *, tls: PKI | None = None, extra:
 # Talking to a running proxy
 
 
-def http_get(port: int, path: str, tls: Any = None) -> tuple[int, bytes]:
-    """GET ``path`` on a new connection (over TLS to ``localhost`` with the ``ssl.SSLContext`` ``tls``):
-    status and body."""
+def http_get(port: int, path: str, tls: Any = None, source: str | None = None) -> tuple[int, bytes]:
+    """GET ``path`` on a new connection (over TLS to ``localhost`` with the ``ssl.SSLContext`` ``tls``),
+    from the loopback address ``source`` if given (workers take clients by address): status and body."""
     import http.client
 
     conn: http.client.HTTPConnection
+    bind = (source, 0) if source is not None else None
     if tls is not None:
-        conn = http.client.HTTPSConnection("localhost", port, timeout=10, context=tls)
+        conn = http.client.HTTPSConnection("localhost", port, timeout=10, context=tls, source_address=bind)
     else:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=bind)
     try:
         conn.request("GET", path)
         response = conn.getresponse()

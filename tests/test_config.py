@@ -240,7 +240,7 @@ TLS_ERROR_CASES = [
     ("sni-key-mismatch", TLS_LISTEN + "sni = chat.example.test: {chat_cert} {other_key}\n", "listen:main", "sni",
      "{other_key}"),
     ("sni-bad-line", TLS_LISTEN + "sni = chat.example.test {chat_cert}\n", "listen:main", "sni",
-     "expected 'HOST: CERTIFICATE-FILE KEY-FILE'"),
+     "expected 'HOST: CERTIFICATE-FILE KEY-FILE [acme:NAME]'"),
     ("sni-missing-file", TLS_LISTEN + "sni = chat.example.test: {dir}/nope.crt {key}\n", "listen:main", "sni",
      "no such file: {dir}/nope.crt"),
     ("sni-bad-host", TLS_LISTEN + "sni = bad_host!: {chat_cert} {key}\n", "listen:main", "sni",
@@ -682,7 +682,7 @@ def test_relative_upstream_ca_resolves_against_config_directory(tmp_path, pki, m
 def test_defaults(tmp_path):
     """A minimal config yields the documented defaults for settings, listener, upstream and route."""
     config = load(write(tmp_path, BASE))
-    assert config.settings == Settings()
+    assert config.settings == Settings(state_directory=tmp_path / "state")
     assert config.settings.access_log == "-"
     assert config.settings.access_log_format == "combined"
     assert config.settings.max_header_bytes == 32768
@@ -692,7 +692,8 @@ def test_defaults(tmp_path):
     assert config.settings.idle_timeout == 60.0
     listener = config.listeners["main"]
     assert (listener.tls, listener.allow, listener.trusted_proxies, listener.min_tls_version) == (False, None, (),
-                                                                                                  "1.2")
+                                                                                                  None)
+    assert (listener.tls_profile, listener.groups, listener.ocsp_stapling) == ("intermediate", None, True)
     assert listener.source == str(tmp_path / "chatproxy.ini")
     upstream = config.upstreams["app"]
     assert upstream.verify is True

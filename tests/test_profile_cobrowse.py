@@ -246,7 +246,7 @@ def test_public_listener_refuses_everything_else(env: Env, method: str, target: 
     body = b"{}" if method == "POST" else None
     response = env.public().request(method, target, {"Content-Type": "application/json"} if body else {}, body)
     assert response.status == status, (response.status, response.body)
-    assert response.headers["strict-transport-security"] == "max-age=31536000"
+    assert response.headers["strict-transport-security"] == "max-age=63072000"
     assert len(env.cobrowse.requests) == before
 
 

@@ -61,8 +61,8 @@ def _ready(admin: int) -> bool:
 
 
 def test_two_workers_share_the_listener_and_the_admin_listener_speaks_for_both(proxy, upstream, ws_upstream):
-    """With workers = 2 two worker processes accept on the same port (new connections reach
-    both), /readyz is ready when both are, and /metrics carries each worker's series with a
+    """With workers = 2 two worker processes accept on the same port (new connections from
+    different client addresses reach both), /readyz is ready when both are, and /metrics carries each worker's series with a
     worker label plus the master's worker gauges."""
     main, admin = free_port(), free_port()
     process = proxy.start(_config(main, admin, upstream.url, ws_upstream.port), port=main, workers=None)
@@ -77,9 +77,9 @@ def test_two_workers_share_the_listener_and_the_admin_listener_speaks_for_both(p
         return counts
 
     sent = 0
-    while len(per_worker()) < 2 and sent < 2000:  # new connections are spread by the kernel
+    while len(per_worker()) < 2 and sent < 2000:  # workers take clients by address
         for _ in range(20):
-            assert http_get(main, f"/spread/{sent}")[0] == 200
+            assert http_get(main, f"/spread/{sent}", source=f"127.0.0.{2 + sent % 250}")[0] == 200
             sent += 1
     counts = per_worker()
     assert set(counts) == {"1", "2"}, counts

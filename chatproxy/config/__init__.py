@@ -12,6 +12,7 @@ listener certificates loaded, by :func:`chatproxy.proxy.validate.validate`.
 
 from chatproxy.config.loader import ConfigError, load_config
 from chatproxy.config.model import (
+    AcmeAccount,
     Admin,
     Config,
     Demo,
@@ -42,6 +43,7 @@ from chatproxy.config.values import (
 )
 
 __all__ = [
+    "AcmeAccount",
     "Admin",
     "Config",
     "ConfigError",

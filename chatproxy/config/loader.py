@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import configparser
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from twisted.internet import ssl
 from twisted.internet.endpoints import serverFromString
 
 from chatproxy.config.model import (
+    AcmeAccount,
     Admin,
     Config,
     Demo,
@@ -288,12 +290,16 @@ class _Section:
 _SETTINGS_OPTIONS = {
     "access_log", "access_log_format", "max_header_bytes", "max_headers", "max_url_bytes",
     "max_body_bytes", "header_timeout", "idle_timeout", "drain_timeout", "close_timeout",
-    "reload_close_window", "workers", "http2_max_streams",
+    "reload_close_window", "workers", "http2_max_streams", "state_directory",
 }
 _LISTEN_OPTIONS = {
-    "endpoint", "tls", "certificate", "key", "sni", "min_tls_version", "ciphers",
-    "create_self_signed", "allow", "trusted_proxies", "response_headers", "http2",
+    "endpoint", "tls", "certificate", "key", "sni", "tls_profile", "min_tls_version", "ciphers", "groups",
+    "create_self_signed", "ocsp_stapling", "acme", "acme_names", "redirect_to_https", "https_port",
+    "allow", "trusted_proxies", "response_headers", "http2",
 }
+#: Listener options that only a TLS listener takes.
+_TLS_ONLY_OPTIONS = ("certificate", "key", "sni", "tls_profile", "min_tls_version", "ciphers", "groups",
+                     "create_self_signed", "ocsp_stapling", "acme", "acme_names")
 _UPSTREAM_OPTIONS = {
     "servers", "verify", "ca", "client_certificate", "client_key", "host_header",
     "connect_timeout", "response_timeout", "max_idle_connections", "idle_connection_timeout",
@@ -306,15 +312,25 @@ _ROUTE_OPTIONS = {
     "listeners", "hosts", "path", "path_regex", "query", "methods", "upstream",
     "rewrite_path", "filters", "websocket", "max_body_bytes", *_WEBSOCKET_OPTIONS,
 }
+_ACME_OPTIONS = {"directory", "contact", "ca"}
 _DEMO_OPTIONS = {"endpoint"}
 _ADMIN_OPTIONS = {"endpoint"}
 
 
-def _read_settings(section: _Section | None) -> Settings:
+def _default_state_directory(first_file: Path) -> Path:
+    """``$STATE_DIRECTORY`` (set by systemd's ``StateDirectory=``), else
+    ``state`` beside the first configuration file."""
+    given = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(given) if given else first_file.resolve().parent / "state"
+
+
+def _read_settings(section: _Section | None, first_file: Path) -> Settings:
+    state = _default_state_directory(first_file)
     if section is None:
-        return Settings()
+        return Settings(state_directory=state)
     d = Settings()
     return Settings(
+        state_directory=section.path("state_directory") or state,
         access_log=_access_log_destination(section),
         access_log_format=section.get("access_log_format", _choice("combined", "json"), d.access_log_format),
         max_header_bytes=section.get("max_header_bytes", parse_size, d.max_header_bytes),
@@ -347,8 +363,9 @@ def _workers(text: str) -> int:
 
 
 def _parse_sni(section: _Section) -> tuple[SniCertificate, ...]:
-    """``sni`` lines: ``host = certificate-file, key-file`` style written as
-    ``host: certificate-file key-file`` (one per line)."""
+    """``sni`` lines: ``host: certificate-file key-file`` (one per line),
+    optionally followed by ``acme:NAME`` (the files are then issued and
+    renewed for ``host`` by that ACME account, and may not exist yet)."""
     if not section.has("sni"):
         return ()
     value = section.raw.options["sni"]
@@ -358,43 +375,71 @@ def _parse_sni(section: _Section) -> tuple[SniCertificate, ...]:
         line = line.strip()
         if not line:
             continue
-        match = re.fullmatch(r"([^\s:]+)\s*:\s*(\S+)\s+(\S+)", line)
+        match = re.fullmatch(r"([^\s:]+)\s*:\s*(\S+)\s+(\S+)(?:\s+acme:(\S+))?", line)
         if not match:
-            raise section.error("sni", f"expected 'HOST: CERTIFICATE-FILE KEY-FILE', got {line!r}")
-        host = match.group(1).lower()
+            raise section.error("sni", f"expected 'HOST: CERTIFICATE-FILE KEY-FILE [acme:NAME]', got {line!r}")
+        host, acme = match.group(1).lower(), match.group(4)
         if not _HOST_RE.match(host):
             raise section.error("sni", f"{host!r} is not a host name")
+        if acme is not None and host.startswith("*."):
+            raise section.error("sni", f"{host}: ACME HTTP-01 validation cannot issue wildcard certificates")
         files = []
         for text in match.group(2), match.group(3):
             path = Path(text).expanduser()
             path = path if path.is_absolute() else base / path
-            if not path.is_file():
+            if acme is None and not path.is_file():
                 raise section.error("sni", f"no such file: {path}")
             files.append(path)
-        entries.append(SniCertificate(host, files[0], files[1]))
+        entries.append(SniCertificate(host, files[0], files[1], acme))
     return tuple(entries)
+
+
+def _check_listener_files(section: _Section, certificate: Path | None, key: Path | None) -> None:
+    """A TLS listener's certificate and key: both given, and existing unless
+    chatproxy makes them (``create_self_signed``, ``acme``)."""
+    create = section.get("create_self_signed", parse_bool, False)
+    acme = section.has("acme")
+    if create and acme:
+        raise section.error("create_self_signed", "give either create_self_signed or acme, not both")
+    for option, path in ("certificate", certificate), ("key", key):
+        if path is None:
+            raise section.error(option, "required when tls = yes")
+        if not (create or acme) and not path.is_file():
+            raise section.error(option, f"no such file: {path}")
+    if (create or acme) and certificate is not None and key is not None and certificate.exists() != key.exists():
+        present, absent = ("certificate", "key") if certificate.exists() else ("key", "certificate")
+        how = "create_self_signed" if create else "acme"
+        raise section.error(absent, f"{how}: the {present} exists but the {absent} does not; "
+                                    "give both files or neither (nothing is overwritten)")
+
+
+def _check_listener_kind(section: _Section, tls: bool) -> None:
+    """Options only a TLS listener, or only a plain one, takes."""
+    if tls:
+        for option in ("redirect_to_https", "https_port"):
+            if section.has(option):
+                raise section.error(option, "only meaningful with tls = no (a plain listener)")
+        if section.has("acme_names") != section.has("acme"):
+            option = "acme" if section.has("acme_names") else "acme_names"
+            raise section.error(option, "acme and acme_names go together")
+        return
+    for option in _TLS_ONLY_OPTIONS:
+        if section.has(option):
+            raise section.error(option, "only meaningful with tls = yes")
+    if section.has("https_port") and not section.get("redirect_to_https", parse_bool, False):
+        raise section.error("https_port", "only meaningful with redirect_to_https = yes")
 
 
 def _read_listener(section: _Section) -> Listener:
     name = section.name.split(":", 1)[1]
     tls = section.get("tls", parse_bool, False)
-    create = section.get("create_self_signed", parse_bool, False)
     certificate = section.path("certificate")
     key = section.path("key")
-    if tls:
-        for option, path in ("certificate", certificate), ("key", key):
-            if path is None:
-                raise section.error(option, "required when tls = yes")
-            if not create and not path.is_file():
-                raise section.error(option, f"no such file: {path}")
-        if create and certificate is not None and key is not None and certificate.exists() != key.exists():
-            present, absent = ("certificate", "key") if certificate.exists() else ("key", "certificate")
-            raise section.error(absent, f"create_self_signed: the {present} exists but the {absent} does not; "
-                                        "give both files or neither (nothing is overwritten)")
-    elif certificate or key or section.has("sni"):
-        option = "certificate" if certificate else "key" if key else "sni"
-        raise section.error(option, "only meaningful with tls = yes")
-    return Listener(
+    profile = section.get("tls_profile", _choice("intermediate", "modern"), "intermediate")
+    min_version = section.get("min_tls_version", _choice("1.2", "1.3"), None)
+    if profile == "modern" and min_version == "1.2":
+        raise section.error("min_tls_version", "tls_profile = modern is TLS 1.3 only")
+    listener = Listener(
         name=name,
         endpoint=section.require("endpoint", _endpoint),
         source=section.raw.file,
@@ -402,14 +447,56 @@ def _read_listener(section: _Section) -> Listener:
         certificate=certificate,
         key=key,
         sni=_parse_sni(section),
-        min_tls_version=section.get("min_tls_version", _choice("1.2", "1.3"), "1.2"),
+        tls_profile=profile,
+        min_tls_version=min_version,
         ciphers=section.get("ciphers", parse_text, None),
-        create_self_signed=create,
+        groups=section.get("groups", _parse_groups, None),
+        create_self_signed=section.get("create_self_signed", parse_bool, False),
+        ocsp_stapling=section.get("ocsp_stapling", parse_bool, True),
+        acme=section.get("acme", _parse_name, None),
+        acme_names=section.get("acme_names", _parse_acme_names, ()),
+        redirect_to_https=section.get("redirect_to_https", parse_bool, False),
+        https_port=section.get("https_port", _port, 443),
         allow=section.get("allow", parse_networks, None),
         trusted_proxies=section.get("trusted_proxies", parse_networks, ()),
         response_headers=section.get("response_headers", _response_headers, ()),
         http2=section.get("http2", parse_bool, True),
     )
+    _check_listener_kind(section, tls)
+    if tls:
+        _check_listener_files(section, certificate, key)
+    return listener
+
+
+def _parse_groups(text: str) -> tuple[str, ...]:
+    """``groups``: OpenSSL group names (``X25519``, ``P-256``, ...), in the
+    server's order of preference (OpenSSL checks the names: proxy.validate)."""
+    names = tuple(item.replace(":", " ").strip() for item in parse_list(text))
+    if not names:
+        raise ValueError("expected at least one group name, such as X25519, P-256, P-384")
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise ValueError(f"{name!r} is not a group name (such as X25519, P-256, P-384)")
+    return names
+
+
+def _parse_acme_names(text: str) -> tuple[str, ...]:
+    """``acme_names``: the host names a certificate is issued for (no
+    wildcards: HTTP-01 cannot validate them; no IP addresses)."""
+    names = _parse_hosts(text)
+    for name in names:
+        if name.startswith("*."):
+            raise ValueError(f"{name}: ACME HTTP-01 validation cannot issue wildcard certificates")
+        if not _HOST_RE.match(name) or "." not in name.rstrip("."):
+            raise ValueError(f"{name!r}: give fully qualified host names")
+    return tuple(name.rstrip(".") for name in names)
+
+
+def _port(text: str) -> int:
+    port = parse_int(text, minimum=1)
+    if port > 65535:
+        raise ValueError("a port is 1-65535")
+    return port
 
 
 def _response_headers(text: str) -> tuple[tuple[bytes, bytes], ...]:
@@ -768,6 +855,7 @@ class _Sections:
     upstreams: dict[str, Upstream] = Factory(dict)
     routes: list[Route] = Factory(list)
     filters: dict[str, FilterSpec] = Factory(dict)
+    acme: dict[str, AcmeAccount] = Factory(dict)
     demo: Demo | None = None
     admin: Admin | None = None
 
@@ -785,7 +873,7 @@ class _Sections:
             _NAMED_SECTIONS[kind](self, raw)
         else:
             raise ConfigError("unknown section (expected [chatproxy], [admin], [demo], [listen:NAME], "
-                              "[upstream:NAME], [route:NAME] or [filter:NAME])", raw.file, raw.name)
+                              "[upstream:NAME], [route:NAME], [filter:NAME] or [acme:NAME])", raw.file, raw.name)
 
     def add_listener(self, raw: _RawSection) -> None:
         """A ``[listen:NAME]`` section."""
@@ -806,13 +894,73 @@ class _Sections:
         spec = _read_filter(raw)
         self.filters[spec.name] = spec
 
+    def add_acme(self, raw: _RawSection) -> None:
+        """An ``[acme:NAME]`` section."""
+        account = _read_acme(_Section(raw, "acme:NAME", _ACME_OPTIONS))
+        self.acme[account.name] = account
+
 
 _NAMED_SECTIONS: dict[str, Callable[[_Sections, _RawSection], None]] = {
     "listen": _Sections.add_listener,
     "upstream": _Sections.add_upstream,
     "route": _Sections.add_route,
     "filter": _Sections.add_filter,
+    "acme": _Sections.add_acme,
 }
+
+
+def _read_acme(section: _Section) -> AcmeAccount:
+    return AcmeAccount(
+        name=section.name.split(":", 1)[1],
+        directory=section.require("directory", _parse_directory_url),
+        source=section.raw.file,
+        contact=section.get("contact", _parse_contact, ()),
+        ca=section.existing_file("ca"),
+    )
+
+
+def _parse_directory_url(text: str) -> str:
+    """An ACME directory URL (``https://``; ``http://`` only on loopback, for test CAs)."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"{text!r} is not an https:// URL")
+    if parts.scheme == "http" and parts.hostname not in ("localhost", "127.0.0.1", "::1"):
+        raise ValueError(f"{text!r}: an ACME directory is reached over https://")
+    return text
+
+
+def _parse_contact(text: str) -> tuple[str, ...]:
+    """Contact addresses: ``ops@example.com`` or ``mailto:ops@example.com``."""
+    contacts = []
+    for item in parse_list(text):
+        address = item.removeprefix("mailto:")
+        if not re.fullmatch(r"[^@\s:,]+@[^@\s:,]+\.[^@\s:,]+", address):
+            raise ValueError(f"{item!r} is not an e-mail address")
+        contacts.append("mailto:" + address)
+    return tuple(contacts)
+
+
+def _check_tls_references(sections: _Sections, raw_sections: Mapping[str, _RawSection]) -> None:
+    """Listeners and SNI names name existing [acme:NAME] sections, and ACME
+    has a plain listener to answer HTTP-01 challenges on."""
+    uses_acme = False
+    for listener in sections.listeners.values():
+        raw = raw_sections[f"listen:{listener.name}"]
+        for option, name in [("acme", listener.acme), *(("sni", entry.acme) for entry in listener.sni)]:
+            if name is None:
+                continue
+            uses_acme = True
+            if name not in sections.acme:
+                known = ", ".join(sorted(sections.acme)) or "none defined"
+                raise ConfigError(f"no [acme:{name}] section (ACME accounts: {known})",
+                                  raw.options[option].file, raw.name, option)
+    if uses_acme and not any(not listener.tls for listener in sections.listeners.values()):
+        first = next(listener for listener in sections.listeners.values() if listener.tls and (
+            listener.acme or any(entry.acme for entry in listener.sni)))
+        raw = raw_sections[f"listen:{first.name}"]
+        option = "acme" if first.acme else "sni"
+        raise ConfigError("ACME validates names with HTTP-01 on port 80: add a plain listener (tls = no), "
+                          "for example with redirect_to_https = yes", raw.options[option].file, raw.name, option)
 
 
 def _check_references(sections: _Sections, raw_sections: Mapping[str, _RawSection]) -> None:
@@ -830,6 +978,9 @@ def _check_references(sections: _Sections, raw_sections: Mapping[str, _RawSectio
             if listener_name not in sections.listeners:
                 known = ", ".join(sorted(sections.listeners))
                 raise ConfigError(f"no [listen:{listener_name}] section (listeners: {known})", *located("listeners"))
+            if sections.listeners[listener_name].redirect_to_https:
+                raise ConfigError(f"[listen:{listener_name}] has redirect_to_https = yes: it answers every request "
+                                  "with a redirect and serves no route", *located("listeners"))
         for filter_name in route.filters:
             if filter_name not in sections.filters:
                 known = ", ".join(sorted(sections.filters)) or "none defined"
@@ -849,10 +1000,11 @@ def load_config(paths: Sequence[str | Path]) -> Config:
     sections = _Sections()
     for raw in raw_sections.values():
         sections.read(raw)
-    settings = _read_settings(sections.settings)
+    settings = _read_settings(sections.settings, files[0])
     if not sections.listeners:
         raise ConfigError("no [listen:NAME] section: the proxy would not listen anywhere", str(files[-1]))
     _check_references(sections, raw_sections)
+    _check_tls_references(sections, raw_sections)
     return Config(
         sources=tuple(str(f) for f in files),
         settings=settings,
@@ -862,6 +1014,7 @@ def load_config(paths: Sequence[str | Path]) -> Config:
         filters=sections.filters,
         demo=sections.demo,
         admin=sections.admin,
+        acme=sections.acme,
         raw_values=tuple(RawValue(value.file, raw.name, option, value.text, value.replaced)
                          for raw in raw_sections.values() for option, value in raw.options.items()),
     )

@@ -11,6 +11,7 @@ from attrs import field, frozen
 from chatproxy.config.values import Network, OptionText
 
 __all__ = [
+    "AcmeAccount",
     "Admin",
     "Config",
     "Demo",
@@ -44,7 +45,10 @@ class Settings:
     http2_max_streams: int = 100  # concurrent streams per HTTP/2 connection
     reload_close_window: float = 10.0
     workers: int = 0  # 0: one per CPU
-
+    # Where chatproxy keeps what it makes: OCSP responses, ACME accounts and
+    # challenges.  None: $STATE_DIRECTORY (systemd's StateDirectory=), else
+    # "state" beside the first configuration file (see state_directory()).
+    state_directory: Path | None = None
 
 
 @frozen
@@ -54,6 +58,7 @@ class SniCertificate:
     host: str
     certificate: Path
     key: Path
+    acme: str | None = None  # the [acme:NAME] that issues this certificate for ``host``
 
 
 @frozen
@@ -67,9 +72,16 @@ class Listener:
     certificate: Path | None = None
     key: Path | None = None
     sni: tuple[SniCertificate, ...] = ()
-    min_tls_version: str = "1.2"
-    ciphers: str | None = None
+    tls_profile: str = "intermediate"  # Mozilla's "intermediate" or "modern"
+    min_tls_version: str | None = None  # None: the profile's
+    ciphers: str | None = None  # None: the profile's TLS 1.2 suites
+    groups: tuple[str, ...] | None = None  # None: the profile's key exchange groups
     create_self_signed: bool = False
+    ocsp_stapling: bool = True
+    acme: str | None = None  # the [acme:NAME] that issues ``certificate`` for ``acme_names``
+    acme_names: tuple[str, ...] = ()
+    redirect_to_https: bool = False  # plain listener: every request gets a redirect to https
+    https_port: int = 443  # where redirect_to_https sends clients
     allow: tuple[Network, ...] | None = None
     trusted_proxies: tuple[Network, ...] = ()
     response_headers: tuple[tuple[bytes, bytes], ...] = ()  # on every answer this listener sends
@@ -197,6 +209,18 @@ class FilterSpec:
 
 
 @frozen
+class AcmeAccount:
+    """An ``[acme:NAME]`` section: an ACME (RFC 8555) account at a CA that
+    issues the certificates of listeners and SNI names that name it."""
+
+    name: str
+    directory: str  # the CA's directory URL
+    source: str
+    contact: tuple[str, ...] = ()  # mailto: URLs
+    ca: Path | None = None  # the CA certificates that verify the directory's TLS (None: the system's)
+
+
+@frozen
 class Demo:
     """The ``[demo]`` section: the bundled demo chat upstream."""
 
@@ -239,4 +263,5 @@ class Config:
     filters: Mapping[str, FilterSpec]
     demo: Demo | None = None
     admin: Admin | None = None
+    acme: Mapping[str, AcmeAccount] = field(factory=dict)
     raw_values: tuple[RawValue, ...] = field(default=(), eq=False)

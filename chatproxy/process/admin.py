@@ -11,6 +11,7 @@ is counted twice on the data path).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Protocol
 
@@ -22,7 +23,7 @@ from twisted.web.server import Site
 from chatproxy.config import Config
 from chatproxy.filters import implements_hook
 from chatproxy.proxy.core import ProxyCore
-from chatproxy.proxy.stats import BUCKETS
+from chatproxy.proxy.stats import BUCKETS, Stats
 from chatproxy.proxy.upstream import EJECT_AFTER
 
 UNHEALTHY_AFTER = EJECT_AFTER  # the same rule as passive ejection
@@ -43,6 +44,9 @@ class ProxyView(Protocol):
     @property
     def core(self) -> ProxyCore | None:
         """The proxy's core, None until the process started."""
+
+    def certificates(self) -> list[tuple[str, str, str, float]]:
+        """Every certificate served: listener, SNI name (``default``), file, expiry (Unix time)."""
 
 
 def readiness(service: ProxyView) -> list[str]:
@@ -148,11 +152,7 @@ class ProxyCollector:
         for event, count in sorted(core.counters.items()):
             events.add_metric([event], count)
         yield events
-        handshakes = CounterMetricFamily("chatproxy_tls_handshake_failures",
-                                         "TLS handshakes with clients that failed, by listener.", labels=["listener"])
-        for listener, count in sorted(stats.tls_handshake_failures.items()):
-            handshakes.add_metric([listener], count)
-        yield handshakes
+        yield from self._tls(stats)
         reloads = CounterMetricFamily("chatproxy_config_reloads", "Reloads (SIGHUP) by result.", labels=["result"])
         for result in ("success", "failure"):
             reloads.add_metric([result], stats.reloads.get(result, 0))
@@ -163,6 +163,28 @@ class ProxyCollector:
         yield GaugeMetricFamily("chatproxy_config_last_reload_success_timestamp_seconds",
                                 "When the configuration in force was loaded (Unix time).",
                                 value=stats.last_reload_success)
+
+    def _tls(self, stats: Stats) -> Iterator[Any]:
+        """The TLS families: handshakes (failed, completed and resumed) and certificate expiry."""
+        handshakes = CounterMetricFamily("chatproxy_tls_handshake_failures",
+                                         "TLS handshakes with clients that failed, by listener.", labels=["listener"])
+        for listener, count in sorted(stats.tls_handshake_failures.items()):
+            handshakes.add_metric([listener], count)
+        yield handshakes
+        completed = CounterMetricFamily("chatproxy_tls_handshakes",
+                                        "TLS handshakes with clients that completed, by listener and whether "
+                                        "they resumed a session.", labels=["listener", "resumed"])
+        for (listener, resumed), count in sorted(stats.tls_handshakes.items()):
+            completed.add_metric([listener, "true" if resumed else "false"], count)
+        yield completed
+        expiry = GaugeMetricFamily("chatproxy_certificate_expiry_seconds",
+                                   "Seconds until each served certificate expires (negative: expired), by "
+                                   "listener, SNI name (default: the listener's own) and file.",
+                                   labels=["listener", "name", "file"])
+        now = time.time()
+        for listener, name, file, not_after in sorted(self.service.certificates()):
+            expiry.add_metric([listener, name, file], not_after - now)
+        yield expiry
 
 
 def filter_metrics(filters: Mapping[str, Any]) -> Iterator[CounterMetricFamily]:

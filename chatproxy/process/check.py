@@ -11,6 +11,7 @@ from typing import TextIO
 from chatproxy.config import Config, ConfigError, Route, load_config
 from chatproxy.config.placeholders import find_placeholders
 from chatproxy.proxy.routing import RouteTable
+from chatproxy.proxy.tls_profiles import listener_settings
 from chatproxy.process.workers import unshareable, worker_count
 from chatproxy.proxy.validate import validate
 
@@ -42,11 +43,17 @@ def describe(config: Config, out: TextIO) -> None:
     for listener in config.listeners.values():
         extra = []
         if listener.tls:
-            extra.append(f"TLS {listener.min_tls_version}+ certificate {listener.certificate}")
+            settings = listener_settings(listener)
+            extra.append(f"TLS {settings.min_version}+ ({settings.profile}) certificate {listener.certificate}")
             if listener.create_self_signed and listener.certificate and not listener.certificate.exists():
                 extra.append("(self-signed, created on first start)")
+            if listener.acme is not None:
+                extra.append(f"(ACME [acme:{listener.acme}] for {','.join(listener.acme_names)})")
             if listener.sni:
-                extra.append("SNI " + ",".join(s.host for s in listener.sni))
+                extra.append("SNI " + ",".join(s.host + (f" (ACME [acme:{s.acme}])" if s.acme else "")
+                                               for s in listener.sni))
+        if listener.redirect_to_https:
+            extra.append(f"redirects every request to https (port {listener.https_port})")
         if listener.allow is not None:
             extra.append("allow " + ",".join(str(n) for n in listener.allow))
         out.write(f"  [listen:{listener.name}] {listener.endpoint} {' '.join(extra)}".rstrip() + "\n")

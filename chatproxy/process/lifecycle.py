@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import signal
 import threading
+from pathlib import Path
 from typing import Any, Callable
 
 from twisted.logger import Logger
 
-from chatproxy.config import Listener
+from chatproxy.config import Config, Listener
 from chatproxy.process.notify import sd_notify
 from chatproxy.proxy.tls import create_self_signed
 
@@ -45,10 +46,19 @@ def ensure_certificate(listener: Listener) -> None:
         )
 
 
-def handle_drain_and_reload(reactor: Any, drain: Callable[[], Any], reload: Callable[[], Any]) -> None:
-    """SIGTERM calls ``drain`` (rather than stopping the reactor at once) and
-    SIGHUP ``reload``, in the reactor thread; only from the main thread, where
-    signal handlers can be set.
+def state_directory(config: Config, *parts: str) -> Path:
+    """A directory under ``[chatproxy] state_directory`` (``ocsp``,
+    ``acme``...): a path, not made until something is written there."""
+    base = config.settings.state_directory or Path("state").resolve()
+    return base.joinpath(*parts)
+
+
+def handle_drain_and_reload(reactor: Any, drain: Callable[[], Any], reload: Callable[[], Any],
+                            refresh: Callable[[], Any] | None = None) -> None:
+    """SIGTERM calls ``drain`` (rather than stopping the reactor at once),
+    SIGHUP ``reload`` and SIGUSR1 ``refresh`` (TLS material written by the
+    master: certificates, OCSP responses), in the reactor thread; only from
+    the main thread, where signal handlers can be set.
 
     Call it before the first socket opens, so that a signal arriving while
     the process starts is neither lost nor fatal (the default action of both
@@ -59,6 +69,8 @@ def handle_drain_and_reload(reactor: Any, drain: Callable[[], Any], reload: Call
         return
     signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(drain))
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
+    if refresh is not None:
+        signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(refresh))
 
 
 def announce_refused_reload(reason: str) -> None:

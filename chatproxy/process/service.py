@@ -22,15 +22,19 @@ from chatproxy.demo import demo_site
 from chatproxy.process.admin import admin_site
 from chatproxy.process.environment import WORKER_DIR_ENV, WORKER_ENV
 from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, default_reactor, ensure_certificate,
-                                         handle_drain_and_reload)
+                                         handle_drain_and_reload, state_directory)
 from chatproxy.process.notify import notify_reloading, sd_notify
 from chatproxy.process.sharing import shared_endpoint, socket_identity
+from chatproxy.process.renewal import Renewer
+from chatproxy.process.stapler import Stapler
 from chatproxy.proxy.accesslog import AccessLog
+from chatproxy.proxy.certificates import TLSMaterial
 from chatproxy.proxy.core import ProxyCore
 from chatproxy.proxy.front import FrontFactory
 from chatproxy.proxy.gate import GateFactory
 from chatproxy.proxy.plan import Plan
-from chatproxy.proxy.tls import HandshakeCountingTLSFactory, build_server_tls
+from chatproxy.proxy.staples import StapleStore
+from chatproxy.proxy.tls import HandshakeCountingTLSFactory
 
 log = Logger()
 
@@ -107,6 +111,11 @@ class ChatproxyService(MultiService):
         self.opened: dict[str, _Opened] = {}
         self._drained: defer.Deferred[None] | None = None
         self._reloading: defer.Deferred[bool] | None = None
+        # The listeners' certificates and OCSP staples; in a single process it
+        # also fetches the staples (a master does that for its workers).
+        self.tls = TLSMaterial(StapleStore(state_directory(config, "ocsp")))
+        self.stapler = Stapler(self.reactor, self.tls.staples, self.tls.refresh) if self.worker is None else None
+        self.renewer = Renewer(self.reactor, state_directory(config), self.tls.refresh) if self.worker is None else None
 
     @property
     def ports(self) -> dict[str, Any]:
@@ -120,8 +129,7 @@ class ChatproxyService(MultiService):
         factory: IProtocolFactory = front
         if listener.tls:
             ensure_certificate(listener)
-            factory = HandshakeCountingTLSFactory(build_server_tls(listener), factory, core.stats.tls_handshake_failures,
-                                                  listener.name)
+            factory = HandshakeCountingTLSFactory(self.tls.server_tls(listener), factory, core.stats, listener.name)
         if listener.allow is not None:
             factory = GateFactory(factory, listener.allow)
         return factory
@@ -178,8 +186,9 @@ class ChatproxyService(MultiService):
 
     def privilegedStartService(self) -> None:
         """Open the listening sockets (before twistd drops privileges).
-        SIGTERM and SIGHUP drain and reload from now on."""
-        handle_drain_and_reload(self.reactor, self.drain, self.reload)
+        SIGTERM and SIGHUP drain and reload from now on (and SIGUSR1
+        refreshes the TLS material)."""
+        handle_drain_and_reload(self.reactor, self.drain, self.reload, self.tls.refresh)
         try:
             try:
                 self.core = core = ProxyCore(self.reactor, self.config, self._filters)
@@ -227,6 +236,9 @@ class ChatproxyService(MultiService):
             self.privilegedStartService()
         assert self.core is not None
         self.core.start()
+        if self.stapler is not None and self.renewer is not None:
+            self.stapler.update(self.config)
+            self.renewer.update(self.config)
         super().startService()
         if hasattr(self.reactor, "callWhenRunning"):
             # After the reactor installed its own signal handlers, so ours win.
@@ -238,8 +250,8 @@ class ChatproxyService(MultiService):
                                       for name, listener in self.config.listeners.items())
 
     def _handle_signals(self) -> None:
-        """SIGTERM drains (and exits 0), SIGHUP reloads."""
-        handle_drain_and_reload(self.reactor, self.drain, self.reload)
+        """SIGTERM drains (and exits 0), SIGHUP reloads, SIGUSR1 refreshes the TLS material."""
+        handle_drain_and_reload(self.reactor, self.drain, self.reload, self.tls.refresh)
 
     # -- reload
 
@@ -360,6 +372,10 @@ class ChatproxyService(MultiService):
         closed = [(key, old) for key, old in self.opened.items() if id(old) not in kept_ports]
         self.opened = opened
         self.config = prepared.config
+        self.tls.retain({name for name, listener in prepared.config.listeners.items() if listener.tls})
+        if self.stapler is not None and self.renewer is not None:
+            self.stapler.update(prepared.config)
+            self.renewer.update(prepared.config)
         closing = 0
         try:
             closing = core.install(prepared.plan, prepared.access_log)
@@ -403,6 +419,7 @@ class ChatproxyService(MultiService):
                  timeout=timeout)
         sd_notify(f"STOPPING=1\nSTATUS=draining (up to {timeout:g}s)")
         self._stop_listening()
+        self._stop_tls_upkeep()
         assert self.core is not None
         self._drained = self.core.drain(timeout)
 
@@ -414,6 +431,18 @@ class ChatproxyService(MultiService):
         self._drained.addBoth(done)
         return self._drained
 
+    def _stop_tls_upkeep(self) -> None:
+        """No more OCSP fetches or ACME orders."""
+        if self.stapler is not None and self.renewer is not None:
+            self.stapler.stop()
+            self.renewer.stop()
+
+    def certificates(self) -> list[tuple[str, str, str, float]]:
+        """Every certificate served (ACME stand-ins aside): listener, SNI name
+        (``default`` for the listener's own), file, expiry (Unix time)."""
+        return [(listener, state.source.name or "default", str(state.source.certificate), state.not_after.timestamp())
+                for listener, state in self.tls.certificates() if state.not_after is not None]
+
     def _stop_listening(self) -> list[defer.Deferred[Any]]:
         stops = [defer.maybeDeferred(opened.port.stopListening) for opened in self.opened.values()]
         self.opened = {}
@@ -422,6 +451,7 @@ class ChatproxyService(MultiService):
     def stopService(self) -> defer.Deferred[Any]:
         """Stop listening, close connections, flush the access log."""
         stops = self._stop_listening()
+        self._stop_tls_upkeep()
         if self.core is not None:
             for connection in list(self.core.connections):
                 connection.close()

@@ -48,11 +48,15 @@ from chatproxy.config import Config, ConfigError, load_config
 from chatproxy.demo import demo_site
 from chatproxy.process.environment import MASTER_PID_ENV, WORKER_DIR_ENV, WORKER_ENV
 from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, default_reactor, ensure_certificate,
-                                         handle_drain_and_reload)
+                                         handle_drain_and_reload, state_directory)
 from chatproxy.process.master_admin import master_admin_site
 from chatproxy.process.notify import NotifyReceiver, notify_reloading, sd_notify
 from chatproxy.proxy.validate import validate
+from chatproxy.process.renewal import Renewer
+from chatproxy.process.stapler import Stapler
+from chatproxy.proxy.staples import StapleStore
 from chatproxy.process.sharing import BROKER_SOCKET, bind_listening, can_share, endpoint_kind, socket_identity
+from chatproxy.process.steering import attach as attach_steering
 
 log = Logger()
 
@@ -87,6 +91,9 @@ def worker_main() -> None:
     # handler (before it listens), a reload must not kill the worker.
     # The master sends it again once the worker is ready.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # SIGUSR1 (new certificates or OCSP responses on disk) too: a worker
+    # starting reads them anyway.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     master = os.environ.get(MASTER_PID_ENV, "")
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -149,6 +156,7 @@ class _Worker(ProcessProtocol):
         self.status = ""
         self.ended = False
         self.reload_pending = False  # SIGHUP it once it is ready (it was starting when a reload came)
+        self.tls_pending = False  # SIGUSR1 it once it is ready (new certificates or staples came meanwhile)
 
     def connectionMade(self) -> None:
         self.pid = int(self.transport.pid)  # type: ignore[union-attr]
@@ -159,8 +167,8 @@ class _Worker(ProcessProtocol):
         value: Any = reason.value
         self.master.worker_ended(self, getattr(value, "exitCode", None), getattr(value, "signal", None))
 
-    def signal(self, name: str) -> None:
-        """Send a signal (``HUP``, ``TERM``, ``KILL``) if it still runs."""
+    def signal(self, name: str | int) -> None:
+        """Send a signal (``HUP``, ``TERM``, ``KILL``, or a number) if it still runs."""
         if not self.ended and self.transport is not None:
             try:
                 self.transport.signalProcess(name)  # type: ignore[attr-defined]
@@ -212,6 +220,10 @@ class Master(Service):
         self.sockets: dict[tuple[str, int], socket.socket] = {}
         self._reload_generation = 0
         self._reload_again = False
+        # The master fetches OCSP responses (and ACME certificates) for its
+        # workers, stores them on disk and tells the workers (SIGUSR1).
+        self.stapler = Stapler(self.reactor, StapleStore(state_directory(config, "ocsp")), self.tls_changed)
+        self.renewer = Renewer(self.reactor, state_directory(config), self.tls_changed)
 
     @property
     def count(self) -> int:
@@ -257,6 +269,16 @@ class Master(Service):
                     self.listening_socket(listener.endpoint, index)
             except (OSError, ValueError) as e:
                 raise StartupError(f"[listen:{name}]: cannot listen on {listener.endpoint}: {e}") from None
+            self._steer(name, listener.endpoint, worker_count(config))
+
+    def _steer(self, name: str, endpoint: str, workers: int) -> None:
+        """Send each client address to one worker (so TLS sessions resume):
+        see :mod:`chatproxy.process.steering`."""
+        try:
+            attach_steering(self.listening_socket(endpoint, 1), workers)
+        except OSError as e:
+            log.warn("[listen:{name}] cannot steer clients to workers by address ({error}): a client that "
+                     "reconnects may reach another worker and not resume its TLS session", name=name, error=e)
 
     def listening_socket(self, endpoint: str, worker: int) -> socket.socket:
         """Worker ``worker``'s listening socket for a TCP endpoint string, bound now if need be."""
@@ -299,6 +321,8 @@ class Master(Service):
         log.info("starting {count} worker processes", count=self.count)
         for index in range(1, self.count + 1):
             self._spawn(index)
+        self.stapler.update(self.config)
+        self.renewer.update(self.config)
         if hasattr(self.reactor, "callWhenRunning"):
             # After the reactor installed its own signal handlers, so ours win.
             self.reactor.callWhenRunning(handle_drain_and_reload, self.reactor, self.drain, self.reload)
@@ -342,6 +366,9 @@ class Master(Service):
         if fields.get("READY") == "1":
             worker.ready = True
             worker.served = True
+            if worker.tls_pending:
+                worker.tls_pending = False
+                worker.signal(signal.SIGUSR1)
             if worker.reload_pending:
                 # It was starting when the reload came: it reloads now, as it may have read the old files.
                 worker.reload_pending = False
@@ -370,6 +397,17 @@ class Master(Service):
         self._ready_sent = True
         sd_notify(f"READY=1\nSTATUS=serving with {len(self.workers)} workers: " + ", ".join(
             f"[listen:{name}] {listener.endpoint}" for name, listener in self.config.listeners.items()))
+
+    def tls_changed(self) -> None:
+        """New certificates or OCSP responses are on disk: every worker reads
+        them again (SIGUSR1).  A worker not ready yet (starting, reloading)
+        gets the signal once it is: before it handles SIGUSR1 the signal
+        would end it."""
+        for worker in self.workers.values():
+            if worker.ready:
+                worker.signal(signal.SIGUSR1)  # Twisted knows only some signals by name
+            else:
+                worker.tls_pending = True
 
     def worker_ended(self, worker: _Worker, code: int | None, by_signal: int | None) -> None:
         """A worker exited: restart it, finish the drain, or give up."""
@@ -463,6 +501,8 @@ class Master(Service):
             return
         self._reopen_master_listeners(self.config, config)
         self.config = config
+        self.stapler.update(config)
+        self.renewer.update(config)
         log.info("SIGHUP: reloading {count} workers", count=wanted)
         self._reloading = True
         self._reload_generation += 1
@@ -524,6 +564,8 @@ class Master(Service):
         if self._draining:
             return
         self._draining = True
+        self.stapler.stop()
+        self.renewer.stop()
         timeout = self.config.settings.drain_timeout
         log.info("SIGTERM: draining {count} workers (up to {timeout}s)", count=len(self.workers), timeout=timeout)
         sd_notify(f"STOPPING=1\nSTATUS=draining (up to {timeout:g}s)")
@@ -556,6 +598,8 @@ class Master(Service):
 
     def stopService(self) -> defer.Deferred[Any]:
         """Stop the workers still running (a stop that is not a drain) and the master's listeners."""
+        self.stapler.stop()
+        self.renewer.stop()
         for worker in self.workers.values():
             worker.signal("TERM")
         stops = [defer.maybeDeferred(port.stopListening) for port in self.ports.values()]

@@ -24,6 +24,7 @@ from chatproxy.filters.chain import Decision, FilterChain
 from chatproxy.http.messages import HOP_BY_HOP, REASONS, Header, RequestHead, replace_headers
 from chatproxy.proxy.accesslog import AccessRecord
 from chatproxy.proxy.forwarding import Connection, upstream_headers
+from chatproxy.proxy.plain import plain_answer
 from chatproxy.proxy.request import Rejection, Request
 from chatproxy.proxy.routing import TRACE_METHODS, allow_value, method_refused
 
@@ -182,6 +183,12 @@ class Exchange:
             return
         assert isinstance(self.request, Request)
         route, head = self.request.route, self.head
+        listener = self.client.listener
+        if listener.redirect_to_https or (self.plan.challenges is not None and not listener.tls):
+            answer = plain_answer(listener, head, self.plan.challenges)  # ACME challenges, redirects to https
+            if answer is not None:
+                self.respond_answer(answer)
+                return
         if head.method in TRACE_METHODS and method_refused(route, head.method):
             self.respond_local(405, f"{head.method} is not allowed", extra=((b"Allow", allow_value(route)),))
             return

@@ -18,6 +18,7 @@ from typing import Any
 from chatproxy.config import Config, Route, Upstream
 from chatproxy.filters.chain import FilterChain, RouteFilter
 from chatproxy.http.messages import in_networks
+from chatproxy.proxy.plain import ChallengeFiles
 from chatproxy.proxy.upstream import UpstreamPools
 from chatproxy.proxy.websocket.sockets import RouteSockets
 from chatproxy.proxy.routing import RouteTable
@@ -48,6 +49,10 @@ class Plan:
         self.filters = dict(filters) if filters is not None else validate(config)
         self.settings = config.settings
         self.table = RouteTable(config.routes)
+        # ACME HTTP-01 answers for the plain listeners (the ACME client writes them there).
+        state = config.settings.state_directory
+        self.challenges = ChallengeFiles(state / "acme" / "challenges") if config.acme and state is not None \
+            else None
         self.routes = {route.name: route for route in config.routes}
         self.pools: dict[str, UpstreamPools] = {}
         self.new_pools: list[UpstreamPools] = []  # made for this plan (not carried over)

@@ -29,6 +29,7 @@ class Stats:
         self.websocket_closes: Counter[tuple[str, int]] = Counter()  # (route, close code)
         self.filter_outcomes: Counter[str] = Counter()  # "FILTER:outcome" (see chatproxy.filters.chain)
         self.tls_handshake_failures: Counter[str] = Counter()  # listener name
+        self.tls_handshakes: Counter[tuple[str, bool]] = Counter()  # (listener name, session resumed)
         self.reloads: Counter[str] = Counter()  # "success" | "failure"
         self.last_reload_success = 0.0  # Unix time of the start or of the last successful reload
         self.last_reload_ok = True  # whether the last reload attempt succeeded

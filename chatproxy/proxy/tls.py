@@ -1,5 +1,6 @@
-"""TLS: server contexts for listeners (SNI, versions, ciphers, ALPN) and
-verified client TLS for ``https://`` upstreams (service-identity via Twisted).
+"""TLS: server contexts for listeners (profile, versions, ciphers, groups,
+SNI, ALPN, OCSP staples), self-signed certificates, and verified client TLS
+for ``https://`` upstreams (service-identity via Twisted).
 """
 
 from __future__ import annotations
@@ -7,29 +8,37 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from collections import Counter
-
-from OpenSSL import SSL
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
 from chatproxy.config import ConfigError, Listener, Upstream, UpstreamServer
+from chatproxy.proxy.openssl_binding import GroupError, session_reused, set_groups, unknown_groups
+from chatproxy.proxy.stats import Stats
+from chatproxy.proxy.tls_profiles import INTERMEDIATE, TLSSettings, listener_settings
 
-# Mozilla's "intermediate" TLS 1.2 suites (ECDHE only: no DH parameters to manage).
-# TLS 1.3 suites are OpenSSL's defaults and all modern.
-DEFAULT_CIPHERS = (
-    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
-    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
-    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
-)
+#: The intermediate profile's TLS 1.2 suites (ECDHE only: no DH parameters to manage).
+DEFAULT_CIPHERS = INTERMEDIATE.ciphers
 _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
-_ALPN = b"http/1.1"
+#: What upstream connections offer with ALPN.
+_UPSTREAM_ALPN = b"http/1.1"
+#: The session cache of a listener's contexts (see docs/architecture.md, "TLS").
+SESSION_ID_CONTEXT = b"chatproxy"
+
+#: Answers the OCSP status request of a client for one certificate: the DER
+#: response to staple, b"" for none; raises SSL.Error to refuse the handshake.
+StapleSource = Callable[[], bytes]
 
 
 class TLSMaterialError(Exception):
@@ -41,34 +50,68 @@ class TLSMaterialError(Exception):
         self.message = message
 
 
-def alpn_protocols(listener: Listener) -> tuple[bytes, ...]:
-    """What a listener's ALPN offers, in the server's order of preference."""
-    return (b"h2", _ALPN) if listener.http2 else (_ALPN,)
+def select_alpn(offered: Sequence[bytes], supported: Sequence[bytes]) -> bytes | None:
+    """The protocol to select: the first of ``supported`` (the server's order) that the client offered."""
+    for protocol in supported:
+        if protocol in offered:
+            return protocol
+    return None
 
 
-def _alpn_selector(protocols: tuple[bytes, ...]) -> Any:
-    """An ALPN callback choosing the first of ``protocols`` the client offers."""
+def _alpn_selector(supported: tuple[bytes, ...]) -> Any:
+    """An ALPN callback choosing the first of ``supported`` the client offers."""
     def select(connection: SSL.Connection, offered: list[bytes]) -> Any:
-        for protocol in protocols:
-            if protocol in offered:
-                return protocol
-        return SSL.NO_OVERLAPPING_PROTOCOLS
+        chosen = select_alpn(offered, supported)
+        return chosen if chosen is not None else SSL.NO_OVERLAPPING_PROTOCOLS
     return select
 
 
-def _context(certificate: Path, key: Path, min_version: str, ciphers: str | None, *, options: tuple[str, str],
-             alpn: tuple[bytes, ...] = (_ALPN,)) -> SSL.Context:
-    """A server context for one certificate; errors name ``options``' entries."""
+def _base_context(settings: TLSSettings) -> SSL.Context:
+    """A server context with the versions, suites, groups and options of
+    ``settings`` and no certificate yet."""
     context = SSL.Context(SSL.TLS_METHOD)
-    context.set_min_proto_version(_VERSIONS[min_version])
-    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | getattr(SSL, "OP_NO_RENEGOTIATION", 0))
+    context.set_min_proto_version(_VERSIONS[settings.min_version])
+    # No compression, no renegotiation; the server's order of suites and
+    # groups wins.  No session tickets: sessions are resumed from the
+    # server's session cache (TLS 1.2 session IDs, TLS 1.3 stateful
+    # tickets), so no ticket key exists to be stolen or rotated.  A client
+    # that closes the TCP connection without close_notify (many do) ends the
+    # connection as if it had sent one instead of in a fatal error, which
+    # would drop its session from the cache (HTTP's own framing tells a
+    # truncated message, as with nginx).
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_TICKET
+                        | getattr(SSL, "OP_NO_RENEGOTIATION", 0) | getattr(SSL, "OP_IGNORE_UNEXPECTED_EOF", 0))
     # An idle connection (a quiet chat session) gives its ~34 KiB of OpenSSL
     # read/write buffers back, as nginx does.
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     try:
-        context.set_cipher_list((ciphers or DEFAULT_CIPHERS).encode("ascii"))
+        context.set_cipher_list(settings.ciphers.encode("ascii"))
     except SSL.Error:
-        raise TLSMaterialError("ciphers", f"OpenSSL accepts none of the ciphers {ciphers!r}") from None
+        raise TLSMaterialError("ciphers", f"OpenSSL accepts none of the ciphers {settings.ciphers!r}") from None
+    context.set_tls13_ciphersuites(settings.tls13_ciphers.encode("ascii"))
+    try:
+        set_groups(context, settings.groups)
+    except GroupError:
+        unknown = unknown_groups(settings.groups)
+        raise TLSMaterialError("groups", f"OpenSSL does not know the group(s) {', '.join(unknown) or '?'} "
+                                         "(for example X25519, P-256, P-384, X25519MLKEM768)") from None
+    context.set_session_id(SESSION_ID_CONTEXT)
+    context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    context.set_alpn_select_callback(_alpn_selector(settings.alpn))
+    return context
+
+
+def _with_staples(context: SSL.Context, staple: StapleSource | None) -> SSL.Context:
+    if staple is not None:
+        context.set_ocsp_server_callback(lambda connection, data: staple())
+    return context
+
+
+def server_context(certificate: Path, key: Path, settings: TLSSettings, *, options: tuple[str, str],
+                   staple: StapleSource | None = None) -> SSL.Context:
+    """A server context for one certificate chain file and its key; errors
+    name ``options``' entries (the certificate's option, the key's)."""
+    context = _base_context(settings)
     try:
         context.use_certificate_chain_file(str(certificate))
     except (SSL.Error, OSError) as e:
@@ -85,8 +128,15 @@ def _context(certificate: Path, key: Path, min_version: str, ciphers: str | None
         context.check_privatekey()
     except SSL.Error:
         raise TLSMaterialError(options[1], f"the key in {key} does not match the certificate in {certificate}") from None
-    context.set_session_id(b"chatproxy")
-    context.set_alpn_select_callback(_alpn_selector(alpn))
+    return _with_staples(context, staple)
+
+
+def memory_context(certificate: x509.Certificate, key: Any, settings: TLSSettings) -> SSL.Context:
+    """A server context for a certificate and key held in memory (an ACME
+    listener's stand-in until its first certificate is issued)."""
+    context = _base_context(settings)
+    context.use_certificate(crypto.X509.from_cryptography(certificate))
+    context.use_privatekey(crypto.PKey.from_cryptography_key(key))
     return context
 
 
@@ -96,41 +146,55 @@ def _ssl_reason(error: Exception) -> str:
     return str(error)
 
 
+def creates_its_own_files(listener: Listener) -> bool:
+    """Whether the listener's certificate files may be missing because
+    chatproxy makes them (``create_self_signed``, ``acme``)."""
+    return listener.create_self_signed or listener.acme is not None
+
+
 def check_listener_tls(listener: Listener) -> None:
-    """Load a listener's certificates and keys to prove they are usable.
+    """Load a listener's certificates and keys, and its TLS settings, to prove they are usable.
 
     Raises :class:`chatproxy.config.ConfigError` naming file, section and
-    option.  Files that ``create_self_signed`` will create are not checked.
+    option.  Files that chatproxy will create (``create_self_signed``,
+    ``acme``) are not checked while they do not exist.
     """
     if not listener.tls:
         return
+    section = f"listen:{listener.name}"
     try:
+        _base_context(listener_settings(listener))
         build_server_tls(listener)
     except TLSMaterialError as e:
-        raise ConfigError(e.message, listener.source, f"listen:{listener.name}", e.option) from None
+        raise ConfigError(e.message, listener.source, section, e.option) from None
     except FileNotFoundError:
-        if not listener.create_self_signed:
+        if not creates_its_own_files(listener):
             raise
 
 
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
-    """Creates the server side of each TLS connection; SNI picks the context."""
+    """Creates the server side of each TLS connection; SNI picks the context.
+
+    The contexts can be replaced (a renewed certificate) while the listener
+    runs: connections already open keep the context they started with."""
 
     def __init__(self, default: SSL.Context, by_host: dict[str, SSL.Context]) -> None:
         self._default = default
         self._by_host = by_host
+        self.replace(default, by_host)
+
+    def replace(self, default: SSL.Context, by_host: dict[str, SSL.Context]) -> None:
+        """New connections use these contexts from now on."""
         if by_host:
             default.set_tlsext_servername_callback(self._pick)
+        self._default, self._by_host = default, by_host
 
     def _pick(self, connection: SSL.Connection) -> None:
         name = connection.get_servername()
         if not name:
             return
-        host = name.decode("ascii", "replace").lower().rstrip(".")
-        context = self._by_host.get(host)
-        if context is None and "." in host:
-            context = self._by_host.get("*." + host.split(".", 1)[1])
+        context = pick_sni(self._by_host, name.decode("ascii", "replace"))
         if context is not None:
             connection.set_context(context)
 
@@ -139,67 +203,98 @@ class ServerTLS:
         return SSL.Connection(self._default, None)
 
 
+def pick_sni(by_host: dict[str, Any], name: str) -> Any:
+    """The entry for an SNI name: exact (case-insensitive, trailing dot
+    ignored), else ``*.parent`` one label up; None when there is none."""
+    host = name.lower().rstrip(".")
+    found = by_host.get(host)
+    if found is None and "." in host:
+        found = by_host.get("*." + host.split(".", 1)[1])
+    return found
+
+
 def build_server_tls(listener: Listener) -> ServerTLS:
-    """The TLS connection creator for a listener with ``tls = yes``."""
+    """The TLS connection creator for a listener with ``tls = yes``, from its
+    files as they are (no staples).  Raises FileNotFoundError when files
+    chatproxy makes itself do not exist yet."""
     assert listener.certificate is not None and listener.key is not None
-    if listener.create_self_signed and not (listener.certificate.exists() and listener.key.exists()):
+    if creates_its_own_files(listener) and not (listener.certificate.exists() and listener.key.exists()):
         raise FileNotFoundError(str(listener.certificate))
-    alpn = alpn_protocols(listener)
-    default = _context(listener.certificate, listener.key, listener.min_tls_version, listener.ciphers,
-                       options=("certificate", "key"), alpn=alpn)
+    settings = listener_settings(listener)
+    default = server_context(listener.certificate, listener.key, settings, options=("certificate", "key"))
     by_host = {
-        entry.host: _context(entry.certificate, entry.key, listener.min_tls_version, listener.ciphers,
-                             options=("sni", "sni"), alpn=alpn)
-        for entry in listener.sni
+        entry.host: server_context(entry.certificate, entry.key, settings, options=("sni", "sni"))
+        for entry in listener.sni if entry.certificate.exists() or entry.acme is None
     }
     return ServerTLS(default, by_host)
 
 
-def create_self_signed(certificate: Path, key: Path, hostnames: tuple[str, ...] = ("localhost",)) -> None:
-    """Write a new self-signed certificate (EC P-256, one year) and its key.
-
-    The subject alternative names cover ``hostnames`` plus 127.0.0.1 and ::1.
-    The key file is created readable by its owner only.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
+def self_signed(hostnames: Sequence[str], days: int = 365) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A new self-signed server certificate (EC P-256) for ``hostnames``
+    plus 127.0.0.1 and ::1, and its key.  It carries what strict validators
+    look for: subject and authority key identifiers, the names as subject
+    alternative names, key usage ``digitalSignature`` (critical), extended key
+    usage ``serverAuth``, and ``CA:FALSE``."""
     private_key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])])
     now = datetime.datetime.now(datetime.timezone.utc)
     alt_names: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
     alt_names += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
-    cert = (
+    subject_key = x509.SubjectKeyIdentifier.from_public_key(private_key.public_key())
+    certificate = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
         .public_key(private_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=365))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(subject_key, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(subject_key), critical=False)
         .sign(private_key, hashes.SHA256())
     )
-    certificate.parent.mkdir(parents=True, exist_ok=True)
-    key.parent.mkdir(parents=True, exist_ok=True)
-    key_bytes = private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that already exists
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(key_bytes)
-    certificate.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return certificate, private_key
+
+
+def write_private_key(path: Path, key: Any) -> None:
+    """Write a PEM private key (PKCS#8, unencrypted) readable by its owner
+    only, replacing ``path`` at once (a reader sees the old file or the new one)."""
+    key_bytes = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())
+    write_file(path, key_bytes, 0o600)
+
+
+def write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` with ``mode`` through a temporary file and a
+    rename, so that no reader ever sees half a file; missing directories are made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)  # O_CREAT's mode is filtered by the umask
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def create_self_signed(certificate: Path, key: Path, hostnames: tuple[str, ...] = ("localhost",)) -> None:
+    """Write a new self-signed certificate (see :func:`self_signed`, one
+    year) and its key, the key file readable by its owner only."""
+    cert, private_key = self_signed(hostnames)
+    write_private_key(key, private_key)
+    write_file(certificate, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _load_ca(path: Path) -> Any:
-    from cryptography import x509
-    from OpenSSL import crypto
-
     certificates = x509.load_pem_x509_certificates(path.read_bytes())
     return ssl.trustRootFromCertificates(
         [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in certificates]
@@ -215,7 +310,7 @@ class _UnverifiedClientTLS:
         self._context = SSL.Context(SSL.TLS_METHOD)
         self._context.set_min_proto_version(SSL.TLS1_2_VERSION)
         self._context.set_verify(SSL.VERIFY_NONE, lambda *args: True)
-        self._context.set_alpn_protos([_ALPN])
+        self._context.set_alpn_protos([_UPSTREAM_ALPN])
         if client is not None:
             self._context.use_certificate(client.original)
             self._context.use_privatekey(client.privateKey.original)
@@ -252,29 +347,37 @@ def build_client_tls(upstream: Upstream, server: UpstreamServer) -> Any:
         server.host,
         trustRoot=trust,
         clientCertificate=client,
-        acceptableProtocols=[_ALPN],
+        acceptableProtocols=[_UPSTREAM_ALPN],
     )
 
 
 class _HandshakeCountingTLS(TLSMemoryBIOProtocol):
-    """A server TLS connection that counts a handshake that failed (no shared
-    protocol version or cipher, garbage instead of a ClientHello, ...)."""
+    """A server TLS connection that counts its handshake: completed (new or
+    resumed session) or failed (no shared protocol version or cipher, garbage
+    instead of a ClientHello, ...)."""
 
     factory: HandshakeCountingTLSFactory
 
+    def _checkHandshakeStatus(self) -> None:
+        done = self._handshakeDone
+        super()._checkHandshakeStatus()  # type: ignore[no-untyped-call]
+        if self._handshakeDone and not done:
+            resumed = session_reused(self._tlsConnection)
+            self.factory.stats.tls_handshakes[(self.factory.listener, resumed)] += 1
+
     def _tlsShutdownFinished(self, reason: Failure | None) -> None:
         if not self._handshakeDone and reason is not None and reason.check(SSL.Error):
-            self.factory.failures[self.factory.listener] += 1
+            self.factory.stats.tls_handshake_failures[self.factory.listener] += 1
         super()._tlsShutdownFinished(reason)  # type: ignore[no-untyped-call]
 
 
 class HandshakeCountingTLSFactory(TLSMemoryBIOFactory):
-    """TLS for one listener that counts failed handshakes in ``failures[listener]``."""
+    """TLS for one listener that counts its handshakes in ``stats``."""
 
     protocol = _HandshakeCountingTLS
     noisy = False
 
-    def __init__(self, creator: Any, wrapped: Any, failures: Counter[str], listener: str) -> None:
+    def __init__(self, creator: Any, wrapped: Any, stats: Stats, listener: str) -> None:
         super().__init__(creator, False, wrapped)
-        self.failures = failures
+        self.stats = stats
         self.listener = listener
