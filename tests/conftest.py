@@ -7,6 +7,7 @@ import datetime
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -133,6 +134,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 
 # ---------------------------------------------------------------------------
 # Ports
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of the command ``name`` (from the Debian ``package``): the test
+    is skipped without it, and fails instead under CI, whose .ci/run installs it."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} (Debian package {package}) is missing; .ci/run installs it")
+        pytest.skip(f"{name} is not installed (Debian package {package})")
+    return path
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,19 +21,14 @@ import pytest
 from hyperframe.frame import (ContinuationFrame, HeadersFrame, PingFrame, PriorityFrame, RstStreamFrame, SettingsFrame,
                               WindowUpdateFrame)
 
-from conftest import RecordingUpstream, free_port, metric_samples
+from conftest import RecordingUpstream, free_port, metric_samples, require_tool
 from h2peers import H2Client, StreamResult, masked_frame, unframe
 from hostile import fd_count, wait_for
 from ws_peers import WsUpstream
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is missing (Debian package nghttp2-client / curl); .ci/run installs it")
-        pytest.skip(f"{name} is not installed")
-    return path
+    return require_tool(name, "nghttp2-client" if name in ("nghttp", "h2load") else name)
 
 
 class Env:
@@ -363,6 +357,22 @@ def _websocket(client: H2Client, path: str, origin: bytes | None = None) -> int:
     return stream_id
 
 
+def _open_websocket(client: H2Client, path: str) -> tuple[int, StreamResult]:
+    """An extended CONNECT for a WebSocket on ``path``, answered 200: its stream id and result."""
+    client.until(lambda: client.server_settings.get(8) == 1)
+    stream_id = _websocket(client, path)
+    result = client.streams[stream_id]
+    client.until(lambda: result.status == 200)
+    return stream_id, result
+
+
+def _close_code(client: H2Client, result: StreamResult, timeout: float = 20) -> int:
+    """The code of the first close frame the stream carries (read until it comes)."""
+    client.until(lambda: any(op == 8 for op, _ in unframe(result.data)), timeout=timeout)
+    close = [payload for op, payload in unframe(result.data) if op == 8][0]
+    return int.from_bytes(close[:2], "big")
+
+
 @pytest.mark.parametrize("path", ["/chat", "/tunnel"])
 def test_websocket_over_h2_is_bridged_or_tunnelled(env, path):
     """The proxy advertises SETTINGS_ENABLE_CONNECT_PROTOCOL; an extended CONNECT for websocket on
@@ -380,9 +390,7 @@ def test_websocket_over_h2_is_bridged_or_tunnelled(env, path):
         client.until(lambda: (1, b"hello over h2") in unframe(result.data))
         client.conn.send_data(stream_id, masked_frame(8, (4001).to_bytes(2, "big") + b"bye"))
         client.flush()
-        client.until(lambda: any(op == 8 for op, _ in unframe(result.data)))
-        close = [payload for op, payload in unframe(result.data) if op == 8][0]
-        assert int.from_bytes(close[:2], "big") == 4001
+        assert _close_code(client, result, timeout=10) == 4001
     finally:
         client.close()
 
@@ -630,17 +638,12 @@ def test_drain_closes_websocket_streams_with_1001(env):
     frame 1001 (going away) on the stream, as an HTTP/1.1 WebSocket would; the process exits 0."""
     client = env.client()
     try:
-        client.until(lambda: client.server_settings.get(8) == 1)
-        stream_id = _websocket(client, "/chat")
-        result = client.streams[stream_id]
-        client.until(lambda: result.status == 200)
+        stream_id, result = _open_websocket(client, "/chat")
         client.conn.send_data(stream_id, masked_frame(1, b"before drain"))
         client.flush()
         client.until(lambda: (1, b"before drain") in unframe(result.data))
         env.process.process.send_signal(signal.SIGTERM)
-        client.until(lambda: any(op == 8 for op, _ in unframe(result.data)), timeout=20)
-        close = [payload for op, payload in unframe(result.data) if op == 8][0]
-        assert int.from_bytes(close[:2], "big") == 1001
+        assert _close_code(client, result) == 1001
         assert client.goaway is not None and client.goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
     finally:
         client.close()
@@ -668,17 +671,12 @@ def test_a_reload_that_removes_its_route_closes_a_websocket_stream_with_1012(env
     connection is still served afterwards."""
     client = env.client()
     try:
-        client.until(lambda: client.server_settings.get(8) == 1)
-        stream_id = _websocket(client, "/chat")
-        result = client.streams[stream_id]
-        client.until(lambda: result.status == 200)
+        _, result = _open_websocket(client, "/chat")
         config = env.process.configs[-1]
         config.write_text(env.config_text.replace("[route:bridge]\npath = /chat\nupstream = ws\nwebsocket = yes\n",
                                                   "").replace("[chatproxy]\n", "[chatproxy]\nreload_close_window = 1s\n"))
         env.process.process.send_signal(signal.SIGHUP)
-        client.until(lambda: any(op == 8 for op, _ in unframe(result.data)), timeout=20)
-        close = [payload for op, payload in unframe(result.data) if op == 8][0]
-        assert int.from_bytes(close[:2], "big") == 1012
+        assert _close_code(client, result) == 1012
         assert client.get("/echo").status == 200
     finally:
         client.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.client
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,19 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RecordingUpstream, free_port
+from conftest import RecordingUpstream, free_port, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
 def _require(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} (Debian package systemd) is missing; .ci/run installs it")
-        pytest.skip(f"{tool} is not installed (Debian package systemd)")
-    return path
+    return require_tool(tool, "systemd")
 
 
 def test_units_pass_systemd_analyze_verify(tmp_path):
