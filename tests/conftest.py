@@ -203,6 +203,10 @@ def read_request_body(handler: BaseHTTPRequestHandler) -> bytes:
     return b""
 
 
+SQL_ERROR_PAGE = (b"<p>You have an error in your SQL syntax; check the manual that corresponds to your MySQL "
+                  b"server version for the right syntax to use near '\\'' at line 1</p>")
+
+
 class UpstreamHandler(BaseHTTPRequestHandler):
     """A small HTTP/1.1 upstream whose behaviour the path chooses.
 
@@ -212,6 +216,11 @@ class UpstreamHandler(BaseHTTPRequestHandler):
     ``/status?code=C``: that status.  ``/slow?delay=S``: answers after S
     seconds.  ``/truncate?n=N``: announces N bytes, sends half, closes.
     ``/garbage``: not HTTP at all.  ``/no-content``: 204.
+    ``/page?text=T&type=M&pad=N&status=C&chunked=1&cut=1``: ``T`` after N
+    bytes of padding, as media type M (default text/html), with that status,
+    chunked when asked (in 8 KiB chunks), cut short (announced whole, half
+    sent, closed) when asked; ``leak=sql`` instead of ``text``: a MySQL
+    error message (data a web application firewall keeps from clients).
     """
 
     protocol_version = "HTTP/1.1"
@@ -286,6 +295,8 @@ class UpstreamHandler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
+        elif route.startswith("/page"):
+            self._send_page(query)
         elif route.startswith("/garbage"):
             self.wfile.write(b"THIS IS NOT HTTP\r\n\r\n")
             self.close_connection = True
@@ -301,6 +312,29 @@ class UpstreamHandler(BaseHTTPRequestHandler):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(payload)
+
+    def _send_page(self, query: dict[str, str]) -> None:
+        text = SQL_ERROR_PAGE if query.get("leak") == "sql" else query.get("text", "hello").encode()
+        page = b"a" * int(query.get("pad", "0")) + text
+        chunked = query.get("chunked") == "1"
+        self.send_response(int(query.get("status", "200")))
+        self.send_header("Content-Type", query.get("type", "text/html"))
+        self.send_header("Transfer-Encoding", "chunked") if chunked else \
+            self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        if query.get("cut") == "1":
+            self.wfile.write(page[: len(page) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+        elif chunked:
+            for i in range(0, len(page), 8192):
+                self.wfile.write(b"%x\r\n%b\r\n" % (len(page[i : i + 8192]), page[i : i + 8192]))
+            self.wfile.write(b"0\r\n\r\n")
+        else:
+            self.wfile.write(page)
 
     def _send_pattern(self, n: int) -> None:
         data = _pattern(n)

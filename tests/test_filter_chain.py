@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from chatproxy.config import load_config
@@ -83,6 +85,31 @@ class ResponseStamper:
         return [h for h in headers if h[0].lower() != b"x-upstream"] + [(b"X-Stamped", b"%d" % status)]
 
 
+class ResponseInspector(Filter):
+    """Holds responses of ``types`` (all when empty) for their first ``limit`` body bytes;
+    refuses those containing ``LEAK``; records what it saw; ``later``: decides when the
+    test fires :attr:`pending`; ``raise``: its hook raises."""
+
+    def __init__(self, limit: int, types: str, how: str, seen: list[tuple[bytes, bool]]) -> None:
+        self.inspect_response_bytes = limit
+        self.inspect_response_types = frozenset(t.encode() for t in types.split())
+        self.how = how
+        self.seen = seen
+        self.pending: defer.Deferred[Any] | None = None
+
+    def response_body(self, head: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                      complete: bool) -> Any:
+        self.seen.append((body, complete))
+        if self.how == "raise":
+            raise RuntimeError("response body hook bug")
+        decision = Refuse(403, "leak", note="outbound") if b"LEAK" in body else None
+        if self.how == "later":
+            self.pending = defer.Deferred()
+            self.pending.addCallback(lambda _: decision)
+            return self.pending
+        return decision
+
+
 class BrokenResponse(Filter):
     """A filter whose response hook raises (a bug)."""
 
@@ -110,6 +137,9 @@ class Kind:
             flt = ResponseStamper()
         elif behaviour == "stamp-raise":
             flt = BrokenResponse()
+        elif behaviour == "inspect":
+            flt = ResponseInspector(int(options["limit"]), options.get("types", ""), options.get("how", "now"),
+                                    self.seen)
         else:
             flt = Scripted(label, behaviour, self.calls)
         self.built[label] = flt
@@ -450,3 +480,115 @@ def test_a_refusals_note_is_on_the_head_in_both_modes():
             request_head(), lambda decision, head: done.append((decision, head)))
     assert [head.notes for _, head in done] == [(("waf", "score=5 rules=1,2"),)] * 2
     assert done[0][0].status == 403 and done[1][0] is None
+
+
+# ---------------------------------------------------------------------------
+# The response body hook: responses held until the hooks let them go
+
+
+def _inspect_chain(tmp_path: Path, limit: int, types: str = "", how: str = "now", mode: str = "enforce") -> Chain:
+    return Chain(tmp_path, [("leaks", "inspect", mode)], extra=f"limit = {limit}\ntypes = {types}\nhow = {how}\n")
+
+
+def _page(body: bytes, content_type: bytes = b"text/html", length: int | None = None) -> bytes:
+    size = len(body) if length is None else length
+    return b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type + b"\r\nContent-Length: %d\r\n\r\n" % size + body
+
+
+def test_a_response_is_held_until_the_hook_has_seen_its_first_bytes(tmp_path):
+    """Nothing of a response reaches the client before the response body hook has seen its
+    first inspect_response_bytes; the upstream is not read while the hook decides; once it
+    passes, the head, the held bytes and the rest follow in order and the connection stays
+    open for the next request."""
+    chain = _inspect_chain(tmp_path, 16, how="later")
+    chain.send(GET)
+    upstream, wire = chain.upstream()
+    upstream.dataReceived(_page(b"0123456789", length=40))
+    assert chain.client.value() == b"" and chain.kind.seen == []
+    upstream.dataReceived(b"abcdefghij")
+    assert chain.kind.seen == [(b"0123456789abcdef", False)]
+    assert chain.client.value() == b"" and wire.producerState == "paused"
+    inspector = chain.kind.built["leaks"]
+    inspector.pending.callback(None)
+    assert wire.producerState == "producing"
+    upstream.dataReceived(b"z" * 20)
+    reply = chain.client.value()
+    assert reply.startswith(b"HTTP/1.1 200 ") and reply.endswith(b"\r\n\r\n0123456789abcdefghij" + b"z" * 20)
+    assert not chain.client.disconnecting
+
+
+def test_a_refused_response_is_replaced_and_the_upstream_connection_closed(tmp_path):
+    """A response the hook refuses before it was complete is replaced by the refusal (its
+    bytes never reach the client) and the upstream connection is closed, not reused; the
+    refusal's note is in the access-log record."""
+    chain = _inspect_chain(tmp_path, 8)
+    chain.send(GET)
+    upstream, wire = chain.upstream()
+    upstream.dataReceived(_page(b"LEAK1234", length=100))
+    reply = chain.client.value()
+    assert reply.startswith(b"HTTP/1.1 403 ") and reply.endswith(b"\r\n\r\nleak\n") and b"LEAK" not in reply
+    assert wire.disconnecting
+    assert chain.core.filter_counters["leaks:refused"] == 1
+
+
+def test_a_short_response_is_inspected_whole(tmp_path):
+    """A response shorter than the limit is inspected once complete (marked complete); a
+    refusal answers the client on the same connection."""
+    chain = _inspect_chain(tmp_path, 1024)
+    chain.send(GET)
+    upstream, wire = chain.upstream()
+    upstream.dataReceived(_page(b"a LEAK"))
+    assert chain.kind.seen == [(b"a LEAK", True)]
+    assert chain.client.value().startswith(b"HTTP/1.1 403 ") and not chain.client.disconnecting
+    assert not wire.disconnecting  # the upstream's response was complete: its connection may be reused
+
+
+def test_only_the_inspected_media_types_are_held(tmp_path):
+    """With inspect_response_types, a response of another media type is relayed at once; one
+    of an inspected type (parameters and case aside) is held."""
+    chain = _inspect_chain(tmp_path, 64, types="text/html text/plain")
+    chain.send(GET)
+    upstream, _ = chain.upstream()
+    upstream.dataReceived(_page(b"LEAK", b"application/octet-stream"))
+    assert chain.client.value().endswith(b"\r\n\r\nLEAK") and chain.kind.seen == []
+    chain.client.clear()
+    chain.send(GET)
+    upstream.dataReceived(_page(b"LEAK", b"Text/Plain; charset=utf-8"))
+    assert chain.kind.seen == [(b"LEAK", True)] and chain.client.value().startswith(b"HTTP/1.1 403 ")
+
+
+def test_responses_without_a_body_are_inspected_and_report_mode_lets_leaks_through(tmp_path):
+    """A HEAD response goes through the hook with an empty, complete body; in report mode a
+    leaking response reaches the client unchanged and is counted as reported."""
+    chain = _inspect_chain(tmp_path, 64, mode="report")
+    chain.send(b"HEAD /x HTTP/1.1\r\nHost: chat.example\r\n\r\n")
+    upstream, _ = chain.upstream()
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 9\r\n\r\n")
+    assert chain.kind.seen == [(b"", True)]
+    assert chain.client.value().startswith(b"HTTP/1.1 200 ")
+    chain.client.clear()
+    chain.send(GET)
+    upstream, _ = chain.upstream()  # a HEAD response's connection is not reused
+    upstream.dataReceived(_page(b"LEAK"))
+    assert chain.client.value().endswith(b"\r\n\r\nLEAK")
+    assert chain.core.filter_counters["leaks:reported"] == 1
+
+
+def test_a_failing_response_body_hook_answers_500_and_a_gone_client_abandons_the_upstream(tmp_path):
+    """A response body hook that raises fails closed (500 instead of the response, counted as
+    an error); a client that goes away while its response is held ends the exchange and the
+    upstream connection when the hook later decides."""
+    chain = _inspect_chain(tmp_path, 4, how="raise")
+    chain.send(GET)
+    upstream, wire = chain.upstream()
+    upstream.dataReceived(_page(b"hello", length=50))
+    assert chain.client.value().startswith(b"HTTP/1.1 500 ") and wire.disconnecting
+    assert chain.core.filter_counters["leaks:error"] == 1
+    later = _inspect_chain(tmp_path, 4, how="later")
+    later.send(GET)
+    upstream, wire = later.upstream()
+    upstream.dataReceived(_page(b"hello", length=50))
+    later.front.connectionLost(Failure(ConnectionDone()))
+    assert wire.disconnecting
+    later.kind.built["leaks"].pending.callback(None)
+    assert later.client.value() == b""

@@ -1,7 +1,8 @@
 """The built-in filter kind ``waf``: ModSecurity v3 (Debian's libmodsecurity3) running
 the OWASP CRS (Debian's modsecurity-crs).  Its ModSecurity configuration written from
 the options, exclusions, the engine's answers turned into verdicts, requests, bodies
-(url-encoded, JSON, multipart with CRLF or LF, XML) and WebSocket messages inspected,
+(url-encoded, JSON, multipart with CRLF or LF, XML), responses (when asked for) and
+WebSocket messages inspected,
 report mode, the access-log note and the metrics, build-time errors naming the option
 (directly and through the configuration loader), the false-positive guard on the
 benign chat corpus (tests/waf_corpus, measured by bench/waf/measure.py), and the filter
@@ -31,15 +32,15 @@ from chatproxy.filters import installed_filter_kinds
 from chatproxy.filters.chain import RouteFilter
 from chatproxy.filters.crs import DEFAULT_CRS, find_crs
 from chatproxy.filters.modsecurity import EngineMissing, ModSecurity, Outcome
-from chatproxy.filters.waf import BLOCKED, WebApplicationFirewall, waf
+from chatproxy.filters.waf import BLOCKED, RESPONSE_BLOCKED, WebApplicationFirewall, waf
 from chatproxy.filters.waf_results import announces_body, message_transaction, parse_message, request_transaction
-from chatproxy.filters.waf_results import verdict
-from chatproxy.filters.waf_setup import SCORE_RULE, Exclusion, WafSettings, crs_setup, engine_setup, exclusions
-from chatproxy.filters.waf_setup import parse_exclusion
+from chatproxy.filters.waf_results import response_transaction, verdict
+from chatproxy.filters.waf_setup import OUTBOUND_SCORE_RULE, SCORE_RULE, Exclusion, WafSettings, crs_setup
+from chatproxy.filters.waf_setup import engine_setup, exclusions, load_order, parse_exclusion
 from chatproxy.http.messages import RequestHead
 from chatproxy.proxy.validate import validate
 from chatproxy.testing import ChainRunner, build_filter, request_head, websocket_head
-from conftest import free_port, wait_for_port
+from conftest import SQL_ERROR_PAGE, free_port, wait_for_port
 from test_filters_basic import WsUpstream, config, listen, log_line, send, ws_upstream  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +126,11 @@ class Settled:
     def message(self, head: RequestHead, payload: bytes, binary: bool, upward: bool) -> Any:
         """The message hook's verdict."""
         return settled(self.flt.message(head, payload, binary, upward))
+
+    def response_body(self, head: RequestHead, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                      complete: bool = True) -> Any:
+        """The response body hook's decision."""
+        return settled(self.flt.response_body(head, status, headers, body, complete))
 
 
 def build(options: dict[str, str] | None = None) -> Any:
@@ -537,6 +543,101 @@ def test_metrics_by_route_outcome_and_rule():
 
 
 # ---------------------------------------------------------------------------
+# Responses (inspect_responses = yes)
+
+HTML = [(b"Content-Type", b"text/html; charset=utf-8")]
+SQL_ERROR = b"<p>You have an error in your SQL syntax; check the manual that corresponds to your MySQL server</p>"
+
+
+def test_the_response_rule_set_is_the_initialization_and_the_response_rules():
+    """The response rule set reads response bodies of the inspected media types up to the
+    limit (not request bodies), loads CRS's initialization and RESPONSE-95x files (not the
+    request rules, not the correlation file), the exclusions and the outbound score rule."""
+    settings = WafSettings(inspect_response_bytes=2048, response_types=("text/html", "application/json"),
+                           exclusions=(Exclusion(951230),))
+    order = load_order(settings, find_crs().files, responses=True)
+    setup = order[0][1]
+    assert "SecResponseBodyAccess On" in setup and "SecResponseBodyLimit 2048" in setup
+    assert "SecResponseBodyMimeType text/html application/json" in setup and "SecRequestBodyAccess Off" in setup
+    files = [Path(item).name for kind, item, _ in order if kind == "file"]
+    assert files[0] == "REQUEST-901-INITIALIZATION.conf"
+    assert files[1:] and all(name.startswith("RESPONSE-95") for name in files[1:])
+    assert "RESPONSE-959-BLOCKING-EVALUATION.conf" in files
+    assert "SecRuleRemoveById 951230" in order[-1][1] and f"id:{OUTBOUND_SCORE_RULE},phase:5" in order[-1][1]
+    assert "SecResponseBodyAccess Off" in engine_setup(settings)
+
+
+def test_responses_are_inspected_only_when_asked(firewall):
+    """By default the waf reads no response (no response rule set, no bytes wanted);
+    inspect_responses = yes wants the first 64 KiB of text/plain, text/html and text/xml
+    responses, or what inspect_response_bytes and response_content_types say."""
+    assert firewall.inspect_response_bytes == 0 and firewall.response_rules is None
+    flt = build({"inspect_responses": "yes"})
+    assert flt.inspect_response_bytes == 65536
+    assert flt.inspect_response_types == frozenset({b"text/plain", b"text/html", b"text/xml"})
+    flt = build({"inspect_responses": "yes", "inspect_response_bytes": "8k",
+                 "response_content_types": "text/html, Application/JSON"})
+    assert flt.inspect_response_bytes == 8192 and flt.inspect_response_types == {b"text/html", b"application/json"}
+
+
+@pytest.fixture(scope="module")
+def response_firewall() -> Any:
+    """The waf with inspect_responses = yes, built once for the module."""
+    return build({"inspect_responses": "yes"})
+
+
+@pytest.mark.parametrize("body, rule", [
+    (SQL_ERROR, 951230),
+    (b"<pre>java.lang.NullPointerException\n\tat com.example.Chat.send(Chat.java:42)</pre>", 952110),
+    (b"<?php echo $secret; ?>", 953120),
+    (b"<html><title>Index of /backup</title><h1>Index of /backup</h1></html>", 950130),
+])
+def test_leaking_responses_are_refused(response_firewall, body, rule):
+    """A response leaking an SQL error, a Java stack trace, PHP source or a directory
+    listing is refused with 403 (CRS's outbound anomaly threshold); the note has the
+    outbound score and the rule."""
+    decision = response_firewall.response_body(make_head(), 200, HTML, body)
+    assert isinstance(decision, Refuse) and decision.status == 403 and decision.reason == RESPONSE_BLOCKED
+    assert decision.note.startswith("outbound_anomaly_score=") and str(rule) in decision.note
+
+
+@pytest.mark.parametrize("status, body", [
+    (200, b"<html><body><p>Hi Jane, how can I help you with order #4512?</p></body></html>"),
+    (200, b"Thanks for waiting -- an agent will join shortly; select an option: 1) billing 2) orders"),
+    (404, b"<html><body>Not found</body></html>"),
+])
+def test_ordinary_responses_pass(response_firewall, status, body):
+    """Ordinary chat pages and errors pass the response rules."""
+    assert response_firewall.response_body(make_head(), status, HTML, body) is None
+
+
+def test_outbound_threshold_exclusions_and_paranoia_apply_to_responses():
+    """outbound_anomaly_threshold decides (a leak scoring 5 passes a threshold of 10 and is
+    counted as matched); an exclusion by id turns the rule off for responses too; paranoia
+    2 adds CRS's 5xx-status rule."""
+    lenient = build({"inspect_responses": "yes", "outbound_anomaly_threshold": "10"})
+    assert lenient.response_body(make_head(), 200, HTML, SQL_ERROR) is None
+    assert lenient.inspections[("chat", "response", "matched")] == 1
+    assert lenient.rule_matches[("chat", 951230)] == 1
+    excluded = build({"inspect_responses": "yes", "exclude_rules": "951230"})
+    assert excluded.response_body(make_head(), 200, HTML, SQL_ERROR) is None
+    strict = build({"inspect_responses": "yes", "paranoia": "2", "outbound_anomaly_threshold": "100"})
+    strict.response_body(make_head(), 503, HTML, b"down for maintenance")
+    assert strict.rule_matches[("chat", 950100)] == 1
+    assert build({"inspect_responses": "yes"}).response_body(make_head(), 503, HTML, b"down") is None
+
+
+def test_response_transaction():
+    """A response is run with the request's method, target and headers (no request body)
+    and its own status, headers and body; HTTP/2 requests say so to the engine."""
+    transaction = response_transaction(make_head(q("x")), 200, HTML, b"<p>hi</p>")
+    assert transaction.method == "GET" and transaction.uri == b"/prweb/chat?q=x" and transaction.body is None
+    assert transaction.response is not None and transaction.response.status == 200
+    assert transaction.response.body == b"<p>hi</p>" and transaction.response.protocol == "HTTP 1.1"
+    assert response_transaction(make_head(version="2"), 204, [], b"").response.protocol == "HTTP 2.0"
+
+
+# ---------------------------------------------------------------------------
 # Errors
 
 
@@ -549,6 +650,9 @@ def test_metrics_by_route_outcome_and_rule():
     ({"exclude_rules": "942100 args:q"}, "exclude_rules", "not a ModSecurity target"),
     ({"exclude_rules": "tag:attack-nosuch"}, "exclude_rules", "unknown tag attack-nosuch: no rule of the CRS"),
     ({"crs": "/nonexistent/crs"}, "crs", "no OWASP CRS at /nonexistent/crs: the directory does not exist"),
+    ({"inspect_responses": "sometimes"}, "inspect_responses", "yes"),
+    ({"inspect_responses": "yes", "inspect_response_bytes": "17m"}, "inspect_response_bytes", "must be at most 16m"),
+    ({"inspect_responses": "yes", "response_content_types": "html"}, "response_content_types", "not a media type"),
     ({"threshold": "5"}, "threshold", "unknown option"),
     ({"disable_rules": "942100"}, "disable_rules", "unknown option"),
 ])
@@ -782,3 +886,44 @@ def test_waf_drops_attack_messages_through_twistd(proxy, ws_upstream):  # noqa: 
         assert [ws.recv(timeout=10) for _ in benign] == benign
         ws.send(benign[0])
         assert ws.recv(timeout=10) == benign[0]
+
+
+def test_waf_responses_through_twistd(proxy, upstream, tmp_path):
+    """Through twistd with inspect_responses = yes and inspect_response_bytes = 16k: a page
+    leaking a MySQL error gets 403 (plain or chunked), and the leak never reaches the client;
+    a JSON response (not an inspected type) and an ordinary page pass; a 1 MB page is held
+    for its first 16 KiB then streamed whole (a leak past them is not seen); an upstream
+    that cuts its page short gets the client a 502; the access log records the outbound
+    score and rule ids, /metrics counts the responses; the proxy holds no more file
+    descriptors afterwards than before."""
+    port, admin = free_port(), free_port()
+    access = tmp_path / "access.log"
+    process = proxy.start(config(upstream.url, listen(port), "filters = firewall",
+                                 WAF_FILTER + "inspect_responses = yes\ninspect_response_bytes = 16k\n"
+                                 f"[admin]\nendpoint = tcp:{admin}:interface=127.0.0.1\n",
+                                 f"access_log = {access}\naccess_log_format = json"), port=port)
+    pid = process.process.pid
+    send(port, "GET", "/page?text=warm")
+    before = len(os.listdir(f"/proc/{pid}/fd"))
+    for target in ("/page?leak=sql", "/page?leak=sql&chunked=1", "/page?leak=sql&pad=9000&chunked=1"):
+        refused = send(port, "GET", target)
+        assert refused.status == 403 and refused.body == RESPONSE_BLOCKED.encode() + b"\n", target
+    assert send(port, "GET", "/page?leak=sql&type=application/json").body.startswith(b"<p>You have an error")
+    assert send(port, "GET", "/page?text=" + quote("<p>Hi Jane, an agent will join you shortly.</p>")).status == 200
+    big = send(port, "GET", "/page?leak=sql&pad=1000000&chunked=1")
+    assert big.status == 200 and len(big.body) == 1000000 + len(SQL_ERROR_PAGE)
+    assert send(port, "GET", "/page?pad=100&cut=1").status == 502
+    records = [json.loads(text) for text in wait_for_lines(access, 8)]
+    assert [r["status"] for r in records[1:]] == [403, 403, 403, 200, 200, 200, 502]
+    assert records[1]["filters"]["firewall"].startswith("outbound_anomaly_score=5 rules=951230,959100")
+    line = log_line(process, "waf: refused with 403")
+    assert "outbound anomaly score 5, threshold 4" in line and "951230 mysql SQL Information Leakage" in line
+    wait_for_port(admin)
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
+        metrics = response.read().decode()
+    assert 'chatproxy_waf_inspections_total{filter="firewall",outcome="refused",route="all",what="response"} 3.0' \
+        in metrics
+    deadline = time.monotonic() + 10
+    while len(os.listdir(f"/proc/{pid}/fd")) > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(os.listdir(f"/proc/{pid}/fd")) <= before

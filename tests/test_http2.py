@@ -184,9 +184,12 @@ def test_curl_and_nghttp_against_the_routes(env, tmp_path):
 def test_the_waf_inspects_h2_requests_and_their_bodies(proxy, pki, tmp_path):
     """The waf (ModSecurity with the CRS) on a route refuses, over HTTP/2, SQL injection in the
     query and in a JSON body sent without content-length (403, nothing reaches the upstream),
-    and passes a benign JSON chat message."""
+    and passes a benign JSON chat message; with inspect_responses = yes, a page leaking a
+    MySQL error is replaced by a 403 and an ordinary page passes."""
     environment = Env(proxy, pki, tmp_path, extra="[filter:firewall]\nuse = waf\n\n"
-                                                  "[route:guarded]\npath = /guarded\nupstream = app\nfilters = firewall\n")
+                                                  "[route:guarded]\npath = /guarded\nupstream = app\nfilters = firewall\n"
+                                                  "[filter:leaks]\nuse = waf\ninspect_responses = yes\n\n"
+                                                  "[route:pages]\npath = /page\nupstream = app\nfilters = leaks\n")
     client = environment.client()
     try:
         assert client.get("/guarded/x?q=" + "%27%20or%20%271%27%3D%271%27%20--").status == 403
@@ -195,10 +198,14 @@ def test_the_waf_inspects_h2_requests_and_their_bodies(proxy, pki, tmp_path):
         assert client.get("/guarded/echo", method="POST", body=attack, headers=json_type).status == 403
         benign = json.dumps({"message": "Hi, I'd like to check order 4512 please"}).encode()
         assert client.get("/guarded/echo", method="POST", body=benign, headers=json_type).status == 200
+        leak = client.get("/page?leak=sql&chunked=1")
+        assert leak.status == 403 and b"SQL" not in leak.data
+        page = client.get("/page?text=hello")
+        assert page.status == 200 and page.data == b"hello"
     finally:
         client.close()
         environment.stop()
-    assert [r["method"] for r in environment.upstream.requests] == ["POST"]
+    assert [r["method"] for r in environment.upstream.requests] == ["POST", "GET", "GET"]
 
 
 # ---------------------------------------------------------------------------

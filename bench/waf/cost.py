@@ -1,4 +1,4 @@
-"""What the ``waf`` filter costs per request, body and message, and whether its engine
+"""What the ``waf`` filter costs per request, body, response and message, and whether its engine
 runs in parallel with Python (the binding releases the GIL).
 
     .venv/bin/python bench/waf/cost.py
@@ -29,6 +29,7 @@ if str(ROOT) not in sys.path:
 from chatproxy.filters.modsecurity import Transaction  # noqa: E402
 from chatproxy.filters.waf import WebApplicationFirewall, waf  # noqa: E402
 from chatproxy.filters.waf_results import message_transaction, request_transaction  # noqa: E402
+from chatproxy.filters.waf_results import response_transaction  # noqa: E402
 from chatproxy.testing import request_head, websocket_head  # noqa: E402
 
 BROWSER = [("User-Agent", "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -65,6 +66,11 @@ def cases() -> dict[str, Transaction]:
     for size in (200, 8 * 1024):
         message = json.dumps({"type": "message", "text": text_of(size)}).encode()
         found[f"message, {len(message)} B JSON"] = message_transaction(session, message, False)
+    page = request_head("/prweb/PRChat/app/default/", headers=BROWSER)
+    for size in (2 * 1024, 64 * 1024):
+        html = ("<html><body>" + "<p>" + text_of(size - 30) + "</p></body></html>").encode()
+        found[f"response, {len(html) // 1024} KiB HTML"] = response_transaction(
+            page, 200, [(b"Content-Type", b"text/html; charset=utf-8")], html)
     return found
 
 
@@ -94,11 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paranoia", type=int, default=1, choices=(1, 2, 3, 4))
     parser.add_argument("--repeat", type=int, default=20, help="items per measurement (default 20)")
     args = parser.parse_args(argv)
-    flt = waf.build({"paranoia": str(args.paranoia), "inspect_body_bytes": "64k"})
+    flt = waf.build({"paranoia": str(args.paranoia), "inspect_body_bytes": "64k", "inspect_responses": "yes"})
     print(f"# {flt.engine.version}, OWASP CRS {flt.crs.version}, paranoia {args.paranoia}")
     print(f"{'case':40} {'CPU ms/item':>12} {'1 thread s':>11} {'2 threads s':>12} {'speed-up':>9}")
     for name, transaction in cases().items():
-        repeat = args.repeat if transaction.body is None or len(transaction.body) < 10000 else max(2, args.repeat // 4)
+        size = len(transaction.body or b"") + (len(transaction.response.body) if transaction.response else 0)
+        repeat = args.repeat if size < 10000 else max(2, args.repeat // 4)
         cpu = cpu_per_item(flt, transaction, repeat)
 
         def work(count: int = repeat, t: Transaction = transaction) -> None:

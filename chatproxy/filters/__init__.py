@@ -126,6 +126,16 @@ class IRequestFilter(Interface):
         """Optional (int): with ``request_body``, how many bytes of each request
         body the filter reads before the request is forwarded (0: none).""")
 
+    inspect_response_bytes = Attribute(
+        """Optional (int): with ``response_body``, how many bytes of each
+        response body (of the media types in ``inspect_response_types``) the
+        filter reads before the response is sent to the client (0: none).""")
+
+    inspect_response_types = Attribute(
+        """Optional (frozenset of lower-case media types, e.g. ``b"text/html"``):
+        the responses ``response_body`` sees, by their ``Content-Type``
+        (empty: every response but a protocol switch).""")
+
     max_body_bytes = Attribute(
         """Optional (int): a request body limit; the route's limit is the
         smallest of its filters' and its own (larger bodies get 413).""")
@@ -145,6 +155,16 @@ class IRequestFilter(Interface):
         upstream's, or the proxy's own answer on the route): return the new
         list of headers, or None to leave them.  Connection and framing
         headers are the proxy's and stay as they were."""
+
+    def response_body(head: RequestHead, status: int, headers: list[Header], body: bytes,
+                      complete: bool) -> RequestDecision | Deferred[RequestDecision]:
+        """Optional.  Decide about a response before any of it is sent to the
+        client: its status, its end-to-end headers and the first
+        ``inspect_response_bytes`` bytes of its body (``complete``: that is
+        the whole body).  The response is held (and the upstream not read)
+        until then.  None lets it go on; :class:`Refuse` and :class:`Answer`
+        replace it (the upstream connection is closed unless the response
+        was complete).  May return a Deferred firing with one."""
 
     def message(head: RequestHead, payload: bytes, binary: bool, upward: bool) -> MessageVerdict | Deferred[MessageVerdict]:
         """Optional.  See one whole WebSocket message of a session on a bridge
@@ -187,6 +207,8 @@ class Filter:
     never called).  ``request`` passes every request unless overridden."""
 
     inspect_body_bytes: int = 0
+    inspect_response_bytes: int = 0
+    inspect_response_types: frozenset[bytes] = frozenset()
     max_body_bytes: int | None = None
 
     def request(self, head: RequestHead) -> RequestDecision | Deferred[RequestDecision]:
@@ -201,6 +223,11 @@ class Filter:
         """Leave the response head as it is (override to change it)."""
         return None
 
+    def response_body(self, head: RequestHead, status: int, headers: list[Header], body: bytes,
+                      complete: bool) -> RequestDecision | Deferred[RequestDecision]:
+        """Let the response go on (override, and set ``inspect_response_bytes``, to read responses)."""
+        return None
+
     def message(self, head: RequestHead, payload: bytes, binary: bool,
                 upward: bool) -> MessageVerdict | Deferred[MessageVerdict]:
         """Relay the message (override to look at WebSocket messages)."""
@@ -213,7 +240,7 @@ class Filter:
 
 def implements_hook(flt: object, hook: str) -> bool:
     """Whether ``flt`` has the optional ``hook`` (``request_body``,
-    ``response``, ``message``, ``metrics``): a method of its own, not
+    ``response``, ``response_body``, ``message``, ``metrics``): a method of its own, not
     :class:`Filter`'s do-nothing one."""
     method = getattr(flt, hook, None)
     if not callable(method):

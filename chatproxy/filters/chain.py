@@ -3,22 +3,25 @@
 A :class:`FilterChain` is built per route by the plan.  It calls the hooks
 of :class:`~chatproxy.filters.IRequestFilter` in the route's order:
 
-============  ===========================================  =========================
-hook          returns                                      a filter that fails [#]_
-============  ===========================================  =========================
-request       None, Rewrite, Refuse, Answer (or Deferred)  refuses with 500
-request_body  None, Refuse, Answer (or Deferred) [#]_      refuses with 500
-response      None, or the new list of headers             the answer becomes a 500
-message       None, DROP, CloseSession (or Deferred)       closes the session, 1011
-============  ===========================================  =========================
+=============  ===========================================  =========================
+hook           returns                                      a filter that fails [#f]_
+=============  ===========================================  =========================
+request        None, Rewrite, Refuse, Answer (or Deferred)  refuses with 500
+request_body   None, Refuse, Answer (or Deferred) [#r]_     refuses with 500
+response_body  None, Refuse, Answer (or Deferred) [#r]_     the answer becomes a 500
+response       None, or the new list of headers             the answer becomes a 500
+message        None, DROP, CloseSession (or Deferred)       closes the session, 1011
+=============  ===========================================  =========================
 
-.. [#] a Rewrite returned there is ignored: the request hooks decided the head.
-.. [#] raises, fails its Deferred or returns anything else: counted as
+.. [#r] a Rewrite returned there is ignored: the request hooks decided the head.
+.. [#f] raises, fails its Deferred or returns anything else: counted as
    ``error``, logged with a traceback and the filter's name; no other filter,
    request or session is affected.
 
-The first refusal or answer ends a request hook run; the first DROP or
-CloseSession ends a message's.  A filter in ``mode = report`` is run the same
+``response_body`` runs on responses of the media types its filters inspect
+(:meth:`FilterChain.inspects_response`), before ``response``.  The first
+refusal or answer ends a request, body or response body hook run; the
+first DROP or CloseSession ends a message's.  A filter in ``mode = report`` is run the same
 way, but what it would have refused, answered, changed or dropped is logged
 and counted as ``reported`` and the request, response or message goes on
 unchanged.  A Refuse's ``note`` is added to the head's ``notes`` (for the
@@ -116,6 +119,14 @@ class FilterChain:
         self._body = tuple(f for f in self.filters if f.has("request_body") and (_int_attribute(f, "inspect_body_bytes") or 0) > 0)
         self._response = tuple(f for f in self.filters if f.has("response"))
         self._message = tuple(f for f in self.filters if f.has("message"))
+        self._response_body = tuple(f for f in self.filters if f.has("response_body")
+                                    and (_int_attribute(f, "inspect_response_bytes") or 0) > 0)
+        #: How many response body bytes the response body hooks want before the response is sent (0: none).
+        self.inspect_response_bytes = max((_int_attribute(f, "inspect_response_bytes") or 0
+                                           for f in self._response_body), default=0)
+        types = [frozenset(getattr(f.filter, "inspect_response_types", None) or ()) for f in self._response_body]
+        #: The response media types the response body hooks see (None: all).
+        self.response_types: frozenset[bytes] | None = None if not all(types) else frozenset().union(*types)
         #: How many body bytes the body hooks want before the request is forwarded (0: none).
         self.inspect_body_bytes = max((_int_attribute(f, "inspect_body_bytes") or 0 for f in self._body), default=0)
         limits = [_int_attribute(f, "max_body_bytes") for f in self.filters if not f.report]
@@ -206,6 +217,29 @@ class FilterChain:
         self.counters[f"{flt.name}:error"] += 1
         log.failure("filter {name} failed; request refused with 500", failure, name=flt.name)
         return _FILTER_ERROR
+
+    # -- response body hook
+
+    def inspects_response(self, headers: Sequence[Header]) -> bool:
+        """Whether a response with these headers goes to the response body
+        hooks first (by the media type of its ``Content-Type``)."""
+        if not self.inspect_response_bytes:
+            return False
+        types = self.response_types
+        if types is None:
+            return True
+        for name, value in headers:
+            if name.lower() == b"content-type":
+                return value.split(b";", 1)[0].strip().lower() in types
+        return False
+
+    def response_body(self, head: RequestHead, status: int, headers: list[Header], body: bytes, complete: bool,
+                      done: Callable[[Decision, RequestHead], None]) -> None:
+        """Run the response body hooks on a response held before it is sent
+        (its first bytes; ``complete``: that is all of it); ``done`` as for
+        :meth:`request`, with a decision that replaces the response."""
+        self._run(self._response_body,
+                  lambda flt, head: flt.filter.response_body(head, status, headers, body, complete), head, done)
 
     # -- response hook
 

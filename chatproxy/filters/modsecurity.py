@@ -22,7 +22,7 @@ from typing import Any
 from attrs import frozen
 from cffi import FFI
 
-__all__ = ["ENGINE_PACKAGE", "EngineMissing", "ModSecurity", "Rules", "RulesError", "Transaction", "engine"]
+__all__ = ["ENGINE_PACKAGE", "EngineMissing", "ModSecurity", "Response", "Rules", "RulesError", "Transaction", "engine"]
 
 LIBRARY = "libmodsecurity.so.3"
 ENGINE_PACKAGE = "libmodsecurity3"
@@ -59,6 +59,11 @@ int msc_add_n_request_header(Transaction *transaction, const unsigned char *key,
 int msc_process_request_headers(Transaction *transaction);
 int msc_append_request_body(Transaction *transaction, const unsigned char *body, size_t size);
 int msc_process_request_body(Transaction *transaction);
+int msc_add_n_response_header(Transaction *transaction, const unsigned char *key, size_t len_key,
+                              const unsigned char *value, size_t len_value);
+int msc_process_response_headers(Transaction *transaction, int code, const char *protocol);
+int msc_append_response_body(Transaction *transaction, const unsigned char *body, size_t size);
+int msc_process_response_body(Transaction *transaction);
 int msc_intervention(Transaction *transaction, ModSecurityIntervention *it);
 int msc_process_logging(Transaction *transaction);
 void msc_transaction_cleanup(Transaction *transaction);
@@ -76,9 +81,21 @@ class RulesError(Exception):
 
 
 @frozen
+class Response:
+    """A response as the engine sees it: status, headers and the start of the
+    body (``protocol`` as ModSecurity's connectors write it)."""
+
+    status: int
+    headers: Sequence[tuple[bytes, bytes]]
+    body: bytes = b""
+    protocol: str = "HTTP 1.1"
+
+
+@frozen
 class Transaction:
     """One HTTP request as the engine sees it.  ``body`` None: the request body
-    phase runs without a body."""
+    phase runs without a body.  With a ``response``, the response phases run
+    too (when the request phases did not intervene)."""
 
     method: str
     uri: bytes
@@ -89,6 +106,7 @@ class Transaction:
     client_port: int = 0
     server: str = "127.0.0.1"
     server_port: int = 0
+    response: Response | None = None
 
 
 @frozen
@@ -160,10 +178,11 @@ class ModSecurity:
         return Rules(self)
 
     def run(self, rules: Rules, request: Transaction) -> Outcome:
-        """Run one request through every request phase and the logging phase
-        (the response phases are never run): the intervention's status, if
-        any, and the messages the matching rules logged.  Safe to call from
-        several threads at once (each call has its own transaction)."""
+        """Run one request through every request phase, then the response
+        phases when it has a response, and the logging phase: the status of
+        the first intervention, if any, and the messages the matching rules
+        logged.  Safe to call from several threads at once (each call has its
+        own transaction)."""
         ffi, lib = self.ffi, self.lib
         messages: list[str] = []
         handle = ffi.new_handle(messages)
@@ -182,10 +201,27 @@ class ModSecurity:
                     lib.msc_append_request_body(transaction, request.body, len(request.body))
                 lib.msc_process_request_body(transaction)
                 status = self._intervention(transaction, messages)
+            response = request.response
+            if status is None and response is not None:
+                status = self._respond(transaction, response, messages)
             lib.msc_process_logging(transaction)
         finally:
             lib.msc_transaction_cleanup(transaction)
         return Outcome(status, tuple(messages))
+
+    def _respond(self, transaction: Any, response: Response, messages: list[str]) -> int | None:
+        """The response phases (headers, then body): the intervention's status, or None."""
+        lib = self.lib
+        for name, value in response.headers:
+            lib.msc_add_n_response_header(transaction, name, len(name), value, len(value))
+        lib.msc_process_response_headers(transaction, response.status, response.protocol.encode("latin-1"))
+        status = self._intervention(transaction, messages)
+        if status is None:
+            if response.body:
+                lib.msc_append_response_body(transaction, response.body, len(response.body))
+            lib.msc_process_response_body(transaction)
+            status = self._intervention(transaction, messages)
+        return status
 
     def _intervention(self, transaction: Any, messages: list[str]) -> int | None:
         """The status of a disruptive intervention, or None; the rule's message

@@ -19,7 +19,11 @@ level, thresholds and exclusions.
 
 Hooks: ``request`` runs a request that announces no body through every
 request phase; ``request_body`` runs the head with the first
-``inspect_body_bytes`` of the body; ``message`` runs each client-to-upstream
+``inspect_body_bytes`` of the body; with ``inspect_responses = yes``,
+``response_body`` runs each response of the ``response_content_types``
+(its status, headers and first ``inspect_response_bytes``) through the
+response phases of a rule set of its own (CRS's initialization and response
+rules), whose outbound anomaly threshold refuses it; ``message`` runs each client-to-upstream
 WebSocket text message (at most ``inspect_message_bytes`` of it) as a request
 of its own (:func:`~chatproxy.filters.waf_results.message_transaction`).
 Every transaction runs in the waf's thread pool (the binding releases the
@@ -61,16 +65,19 @@ from chatproxy.filters import (
 from chatproxy.filters import modsecurity
 from chatproxy.filters.crs import DEFAULT_CRS, CrsError, CrsInstall, find_crs
 from chatproxy.filters.modsecurity import ModSecurity, Outcome, Rules, RulesError, Transaction
-from chatproxy.filters.waf_results import Verdict, announces_body, message_transaction, request_transaction, verdict
-from chatproxy.filters.waf_setup import SETUP_RULES, Exclusion, WafSettings, load_order, parse_exclusion
+from chatproxy.filters.waf_results import (Verdict, announces_body, message_transaction, request_transaction,
+                                           response_transaction, verdict)
+from chatproxy.filters.waf_setup import RESPONSE_TYPES, SETUP_RULES, Exclusion, WafSettings, load_order, parse_exclusion
 
 log = Logger()
 
 __all__ = ["BLOCKED", "TOO_LARGE", "WafKind", "WebApplicationFirewall", "waf"]
 
 _OPTIONS = ("crs", "paranoia", "inbound_anomaly_threshold", "outbound_anomaly_threshold", "allowed_methods",
-            "allowed_content_types", "exclude_rules", "inspect_body_bytes", "inspect_message_bytes", "over_limit")
+            "allowed_content_types", "exclude_rules", "inspect_body_bytes", "inspect_message_bytes", "over_limit",
+            "inspect_responses", "inspect_response_bytes", "response_content_types")
 BLOCKED = "request blocked by the web application firewall"
+RESPONSE_BLOCKED = "response blocked by the web application firewall"
 TOO_LARGE = "larger than the web application firewall inspects"
 MAX_INSPECT_BYTES = 16 * 1024 * 1024
 POOL_THREADS = 2
@@ -78,7 +85,8 @@ EXCERPT_CHARS = 100
 _T = TypeVar("_T")
 _METHOD = re.compile(r"[A-Za-z]+")
 _MEDIA = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+")
-_INSPECTIONS_HELP = ("Requests and WebSocket messages the waf inspected, by route, what (request, message) and outcome "
+_INSPECTIONS_HELP = ("Requests, responses and WebSocket messages the waf inspected, by route, what (request, response, "
+                     "message) and outcome "
                      "(clean; matched: rules matched, below the threshold; refused: by the engine, or would have been "
                      "in report mode; over_limit: refused for its size).")
 
@@ -135,6 +143,11 @@ class WebApplicationFirewall(Filter):
         self.over_limit = over_limit
         self.engine = engine if engine is not None else modsecurity.engine()
         self.rules = load_rules(self.engine, settings, crs)
+        #: The response rule set (None: responses are not inspected).
+        self.response_rules = load_rules(self.engine, settings, crs, responses=True) \
+            if settings.inspect_response_bytes else None
+        self.inspect_response_bytes = settings.inspect_response_bytes
+        self.inspect_response_types = frozenset(t.encode("ascii") for t in settings.response_types)
         self.offload = offload if offload is not None else _Pool.run
         #: Inspections by (route, what: request or message, outcome: clean, matched, refused, over_limit).
         self.inspections: Counter[tuple[str, str, str]] = Counter()
@@ -143,15 +156,23 @@ class WebApplicationFirewall(Filter):
 
     # -- running the engine
 
+    def run(self, transaction: Transaction) -> Outcome:
+        """Run one transaction through the engine, here and now (in this
+        thread), on the response rule set if it carries a response."""
+        if transaction.response is not None:
+            assert self.response_rules is not None, "responses are inspected only with inspect_responses = yes"
+            return self.engine.run(self.response_rules, transaction)
+        return self.engine.run(self.rules, transaction)
+
     def inspect(self, transaction: Transaction) -> Verdict:
-        """Run one transaction through the engine, here and now (in this thread)."""
-        return verdict(self.engine.run(self.rules, transaction))
+        """The verdict on one transaction, here and now (in this thread)."""
+        return verdict(self.run(transaction))
 
     def _inspected(self, transaction: Transaction, head: RequestHead, what: str,
                    described: str) -> defer.Deferred[Refuse | None]:
         """Run the transaction off the reactor thread (:attr:`offload`); the
         Deferred fires, in the reactor thread, with the refusal, if any."""
-        work = self.offload(lambda: self.engine.run(self.rules, transaction))
+        work = self.offload(lambda: self.run(transaction))
         return work.addCallback(lambda outcome: self._decide(head, what, verdict(outcome), described))
 
     # -- hooks
@@ -170,6 +191,17 @@ class WebApplicationFirewall(Filter):
         if (not complete or len(body) > limit) and self._over_limit(head, "request", "a request body"):
             return Refuse(413, f"request body {TOO_LARGE}")
         return self._inspected(request_transaction(head, body[:limit]), head, "request", "")
+
+    def response_body(self, head: RequestHead, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
+                      complete: bool) -> Any:
+        """Inspect a response (of the inspected media types: the chain only
+        calls this for those) with the first ``inspect_response_bytes`` of its
+        body through the response rules; a refusal replaces it (403, the
+        engine's status for the outbound anomaly threshold)."""
+        if self.response_rules is None:
+            return None
+        transaction = response_transaction(head, status, headers, body)
+        return self._inspected(transaction, head, "response", f"the {status} response to ")
 
     def message(self, head: RequestHead, payload: bytes, binary: bool, upward: bool) -> Any:
         """Inspect a client-to-upstream text message (at most
@@ -205,15 +237,20 @@ class WebApplicationFirewall(Filter):
             self.rule_matches[(head.route, rule)] += 1
         if not found.matches and found.status is None:
             return None
-        log.info("waf: {verdict} (anomaly score {score}, threshold {threshold}, paranoia {paranoia}) for "
-                 "{what}{method} {target} from {client}: {matches}",
+        outbound = what == "response"
+        log.info("waf: {verdict} ({direction}anomaly score {score}, threshold {threshold}, paranoia {paranoia}) "
+                 "for {what}{method} {target} from {client}: {matches}",
                  verdict=f"refused with {found.status}" if found.status is not None else "passed",
-                 score=found.score, threshold=self.threshold, paranoia=self.paranoia, what=described,
+                 direction="outbound " if outbound else "", score=found.score,
+                 threshold=self.settings.outbound_threshold if outbound else self.threshold,
+                 paranoia=self.paranoia, what=described,
                  method=head.method, target=excerpt(head.target), client=head.client,
                  matches="; ".join(m.describe() for m in found.matches) or "-")
         if found.status is None:
             return None
         rules = ",".join(map(str, found.rule_ids)) or "-"
+        if what == "response":
+            return Refuse(found.status, RESPONSE_BLOCKED, note=f"outbound_anomaly_score={found.score} rules={rules}")
         return Refuse(found.status, BLOCKED, note=f"anomaly_score={found.score} rules={rules}")
 
     # -- metrics
@@ -229,11 +266,12 @@ class WebApplicationFirewall(Filter):
                          "matched, by route and rule id.", (("route", route), ("rule", str(rule))), count)
 
 
-def load_rules(engine: ModSecurity, settings: WafSettings, crs: CrsInstall) -> Rules:
-    """The rule set of one filter: setup, CRS files, exclusions.  A piece
-    ModSecurity refuses is a FilterOptionError naming the option it comes from."""
+def load_rules(engine: ModSecurity, settings: WafSettings, crs: CrsInstall, responses: bool = False) -> Rules:
+    """The rule set of one filter (``responses``: its response rule set):
+    setup, CRS files, exclusions.  A piece ModSecurity refuses is a
+    FilterOptionError naming the option it comes from."""
     rules = engine.rules()
-    for kind, item, option in load_order(settings, crs.files):
+    for kind, item, option in load_order(settings, crs.files, responses):
         try:
             if kind == "file":
                 rules.add_file(item)
@@ -300,6 +338,12 @@ class WafKind:
             if value > MAX_INSPECT_BYTES:
                 raise FilterOptionError(option, "must be at most 16m")
         over_limit = opts.choice("over_limit", ("pass", "refuse"), "pass")
+        responses = opts.boolean("inspect_responses", False)
+        response_bytes = opts.size("inspect_response_bytes", 64 * 1024, minimum=1)
+        if response_bytes > MAX_INSPECT_BYTES:
+            raise FilterOptionError("inspect_response_bytes", "must be at most 16m")
+        response_types = words(opts.items("response_content_types", RESPONSE_TYPES, what="content type"),
+                               "response_content_types", _MEDIA)
         excluded = opts.items("exclude_rules", (), allow_empty=True)
         try:
             crs = find_crs(path)
@@ -310,7 +354,8 @@ class WafKind:
             engine = modsecurity.engine()
         except modsecurity.EngineMissing as e:
             raise FilterOptionError("use", str(e)) from None
-        settings = WafSettings(paranoia, inbound, outbound, methods, types, body_bytes, exclusions)
+        settings = WafSettings(paranoia, inbound, outbound, methods, types, body_bytes, exclusions,
+                               response_bytes if responses else 0, response_types)
         return WebApplicationFirewall(settings, crs, inspect_message_bytes=message_bytes, over_limit=over_limit,
                                       engine=engine)
 

@@ -1,7 +1,8 @@
 """What a ``waf`` filter gives the engine and makes of its answer (no I/O).
 
-:func:`request_transaction` and :func:`message_transaction` turn a request
-head (and the start of its body) or a WebSocket text message into the
+:func:`request_transaction`, :func:`response_transaction` and
+:func:`message_transaction` turn a request head (and the start of its body),
+a response to it, or a WebSocket text message into the
 :class:`~chatproxy.filters.modsecurity.Transaction` the engine runs;
 :func:`verdict` turns the engine's :class:`~chatproxy.filters.modsecurity.Outcome`
 into a :class:`Verdict`: the refusal status, the inbound anomaly score and
@@ -15,14 +16,14 @@ import json
 import re
 from urllib.parse import quote_from_bytes
 
-from attrs import frozen
+from attrs import evolve, frozen
 
-from chatproxy.filters.modsecurity import Outcome, Transaction
-from chatproxy.filters.waf_setup import SCORE_RULE
+from chatproxy.filters.modsecurity import Outcome, Response, Transaction
+from chatproxy.filters.waf_setup import OUTBOUND_SCORE_RULE, SCORE_RULE
 from chatproxy.http.messages import RequestHead
 
 __all__ = ["RuleMatch", "Verdict", "announces_body", "message_transaction", "parse_message", "request_transaction",
-           "verdict"]
+           "response_transaction", "verdict"]
 
 _FIELD = re.compile(r'\[(id|msg|data|severity) "(.*?)"\](?= \[|$)', re.S)
 _TARGET = re.compile(r" found within ([^\s:]+(?::[^\s]*?)?): ", re.S)
@@ -51,7 +52,8 @@ class RuleMatch:
 @frozen
 class Verdict:
     """What the engine decided: ``status`` is the refusal's (403 for the
-    anomaly threshold, 400 for a body that does not parse; None: pass)."""
+    anomaly threshold, 400 for a body that does not parse; None: pass);
+    ``score`` is the inbound anomaly score (the outbound one for a response)."""
 
     status: int | None
     score: int
@@ -77,8 +79,8 @@ def parse_message(text: str) -> RuleMatch | None:
 
 
 def verdict(outcome: Outcome) -> Verdict:
-    """The verdict of an engine outcome: chatproxy's score rule gives the
-    score (and is not listed among the matches); a rule listed twice is
+    """The verdict of an engine outcome: chatproxy's score rules give the
+    score (and are not listed among the matches); a rule listed twice is
     listed once."""
     score = 0
     matches: list[RuleMatch] = []
@@ -87,7 +89,7 @@ def verdict(outcome: Outcome) -> Verdict:
         match = parse_message(text)
         if match is None:
             continue
-        if match.id == SCORE_RULE:
+        if match.id in (SCORE_RULE, OUTBOUND_SCORE_RULE):
             found = _SCORE.search(match.data)
             score = int(found.group(1)) if found else 0
         elif match.id not in seen:
@@ -117,6 +119,16 @@ def request_transaction(head: RequestHead, body: bytes | None = None) -> Transac
     before left them), with the start of its body when given."""
     return Transaction(head.method, head.target.encode("latin-1", "replace"), head.version, head.headers, body,
                        client=_client(head))
+
+
+def response_transaction(head: RequestHead, status: int, headers: list[tuple[bytes, bytes]],
+                         body: bytes) -> Transaction:
+    """A response (its status, headers and the start of its body) with the
+    head of the request it answers (no request body: the request rule set
+    inspected it)."""
+    request = request_transaction(head)
+    protocol = "HTTP 2.0" if head.version == "2" else "HTTP 1.1"
+    return evolve(request, response=Response(status, tuple(headers), body, protocol))
 
 
 def message_transaction(head: RequestHead, payload: bytes, truncated: bool) -> Transaction:

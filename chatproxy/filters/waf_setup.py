@@ -15,6 +15,17 @@ A ``waf`` filter loads, in this order (see :func:`load_order`):
    for one, the way CRS users write them after the CRS (``SecRuleRemoveById``,
    ``SecRuleRemoveByTag``, ``SecRuleUpdateTargetById``, ``SecRuleUpdateTargetByTag``), and chatproxy's rule that reports the
    inbound anomaly score in the logging phase (:data:`SCORE_RULE`).
+
+A filter that inspects responses (``inspect_responses = yes``) loads a
+second, smaller rule set for them (``load_order(..., responses=True)``):
+:func:`response_engine_setup` (response bodies of the inspected media types
+read up to their limit, request bodies not read), the same
+:func:`crs_setup`, CRS's initialization file and its ``RESPONSE-*`` files
+(:func:`response_files`), and the same exclusions with the rule that reports
+the outbound anomaly score (:data:`OUTBOUND_SCORE_RULE`).  Response rules
+need nothing from the request phases but the initialization, so a response
+is inspected as a transaction of its own and no engine state is kept
+between a request and its response.
 """
 
 from __future__ import annotations
@@ -24,13 +35,17 @@ from collections.abc import Iterable, Sequence
 
 from attrs import frozen
 
-__all__ = ["SCORE_RULE", "SETUP_RULES", "TAG_RE", "TARGET_RE", "Exclusion", "WafSettings", "crs_setup", "engine_setup",
-           "exclusions", "load_order", "parse_exclusion"]
+__all__ = ["OUTBOUND_SCORE_RULE", "RESPONSE_TYPES", "SCORE_RULE", "SETUP_RULES", "TAG_RE", "TARGET_RE", "Exclusion",
+           "WafSettings", "crs_setup", "engine_setup", "exclusions", "load_order", "parse_exclusion", "response_engine_setup", "response_files"]
 
 SCORE_RULE = 99100
 """chatproxy's own rule (a local-use id) that logs the inbound anomaly score."""
 
-SETUP_RULES = frozenset({200000, 200001, 200002, 200003, 900000, 900110, 900200, 900220, 900990, SCORE_RULE})
+OUTBOUND_SCORE_RULE = 99101
+"""chatproxy's own rule that logs the outbound anomaly score (responses)."""
+
+SETUP_RULES = frozenset({200000, 200001, 200002, 200003, 900000, 900110, 900200, 900220, 900990, SCORE_RULE,
+                         OUTBOUND_SCORE_RULE})
 """The ids of the rules :func:`engine_setup`, :func:`crs_setup` and
 :func:`exclusions` write (200000-200003 as in ModSecurity's recommended
 configuration, 9000xx as in CRS's crs-setup.conf)."""
@@ -38,6 +53,10 @@ configuration, 9000xx as in CRS's crs-setup.conf)."""
 TARGET_RE = re.compile(r"(?:[A-Z][A-Z_]*)(?::(?:[^\s\"'|,]+|/[^/\s]+/))?\Z")
 """One ModSecurity target: a collection (``ARGS``, ``REQUEST_COOKIES``, ...)
 and optionally a key or a /regex/ (``ARGS:message``, ``ARGS:/^json\\./``)."""
+
+RESPONSE_TYPES = ("text/plain", "text/html", "text/xml")
+"""The response media types inspected unless ``response_content_types`` says
+otherwise (ModSecurity's recommended ``SecResponseBodyMimeType``)."""
 
 CRS_SETUP_VERSION = 334
 """What ``tx.crs_setup_version`` says: CRS checks only that it is set."""
@@ -68,6 +87,8 @@ class WafSettings:
     allowed_content_types: tuple[str, ...] = ()  # empty: CRS's default
     inspect_body_bytes: int = 64 * 1024  # 0: request bodies are not read
     exclusions: tuple[Exclusion, ...] = ()
+    inspect_response_bytes: int = 0  # 0: responses are not inspected
+    response_types: tuple[str, ...] = RESPONSE_TYPES
 
 
 TAG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]*\Z")
@@ -135,6 +156,34 @@ SecRule {_MULTIPART_ERRORS} \\
 """
 
 
+def response_engine_setup(settings: WafSettings) -> str:
+    """The engine's settings for the response rule set: request bodies not
+    read (the request rule set did), response bodies of the inspected media
+    types read up to ``inspect_response_bytes`` (the rest is not inspected)."""
+    return f"""
+SecRuleEngine On
+SecRequestBodyAccess Off
+SecResponseBodyAccess On
+SecResponseBodyMimeType {" ".join(settings.response_types)}
+SecResponseBodyLimit {max(settings.inspect_response_bytes, 1)}
+SecResponseBodyLimitAction ProcessPartial
+SecAuditEngine Off
+SecArgumentSeparator &
+SecCookieFormat 0
+"""
+
+
+def response_files(rule_files: Sequence[str]) -> tuple[str, ...]:
+    """The CRS files the response rule set loads: the initialization
+    (``REQUEST-901-*``) and the response rules (``RESPONSE-*``) but the
+    correlation file (``RESPONSE-980-*``, which reports on the request's
+    inbound score)."""
+    def wanted(name: str) -> bool:
+        return name.startswith("REQUEST-901-") or (name.startswith("RESPONSE-")
+                                                   and not name.startswith("RESPONSE-980-"))
+    return tuple(path for path in rule_files if wanted(path.rsplit("/", 1)[-1]))
+
+
 def _quoted(values: Iterable[str]) -> str:
     return " ".join(values).replace("'", "")
 
@@ -163,10 +212,10 @@ def crs_setup(settings: WafSettings) -> str:
     return "\n".join(lines) + "\n"
 
 
-def exclusions(settings: WafSettings) -> str:
+def exclusions(settings: WafSettings, responses: bool = False) -> str:
     """The exclusions (after the CRS) and the rule that logs the inbound
-    anomaly score (CRS 3's and CRS 4's variable) in the logging phase, which
-    runs whatever the verdict."""
+    anomaly score (``responses``: the outbound one; CRS 3's and CRS 4's
+    variable) in the logging phase, which runs whatever the verdict."""
     lines = []
     for exclusion in settings.exclusions:
         by, which = ("Id", str(exclusion.rule)) if exclusion.rule is not None else ("Tag", f'"{exclusion.tag}"')
@@ -174,16 +223,23 @@ def exclusions(settings: WafSettings) -> str:
             lines.append(f"SecRuleRemoveBy{by} {which}")
         else:
             lines.append(f'SecRuleUpdateTargetBy{by} {which} "!{exclusion.target}"')
-    lines.append(f'SecRule TX:ANOMALY_SCORE|TX:BLOCKING_INBOUND_ANOMALY_SCORE "@gt 0" '
-                 f"\"id:{SCORE_RULE},phase:5,pass,t:none,log,msg:'chatproxy: inbound anomaly score',"
+    variables, rule, which = ("TX:OUTBOUND_ANOMALY_SCORE|TX:BLOCKING_OUTBOUND_ANOMALY_SCORE", OUTBOUND_SCORE_RULE,
+                              "outbound") if responses else \
+        ("TX:ANOMALY_SCORE|TX:BLOCKING_INBOUND_ANOMALY_SCORE", SCORE_RULE, "inbound")
+    lines.append(f'SecRule {variables} "@gt 0" '
+                 f"\"id:{rule},phase:5,pass,t:none,log,msg:'chatproxy: {which} anomaly score',"
                  f"logdata:'%{{MATCHED_VAR}}'\"")
     return "\n".join(lines) + "\n"
 
 
-def load_order(settings: WafSettings, rule_files: Sequence[str]) -> Sequence[tuple[str, str, str | None]]:
-    """What a filter loads, in order: ``(kind, what, option)`` with kind
-    ``text`` (directives) or ``file`` (a path), and the option whose value
-    the piece comes from (None: the options as a whole)."""
-    return ([("text", engine_setup(settings), None), ("text", crs_setup(settings), None)]
-            + [("file", path, "crs") for path in rule_files]
-            + [("text", exclusions(settings), "exclude_rules")])
+def load_order(settings: WafSettings, rule_files: Sequence[str],
+               responses: bool = False) -> Sequence[tuple[str, str, str | None]]:
+    """What a filter loads, in order (``responses``: for its response rule
+    set): ``(kind, what, option)`` with kind ``text`` (directives) or
+    ``file`` (a path), and the option whose value the piece comes from
+    (None: the options as a whole)."""
+    setup = response_engine_setup(settings) if responses else engine_setup(settings)
+    files = response_files(rule_files) if responses else rule_files
+    return ([("text", setup, None), ("text", crs_setup(settings), None)]
+            + [("file", path, "crs") for path in files]
+            + [("text", exclusions(settings, responses), "exclude_rules")])

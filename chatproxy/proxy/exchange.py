@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-from attrs import evolve
+from attrs import define, evolve, field
 from twisted.internet.error import ConnectingCancelledError, TimeoutError as ConnectTimeout
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -120,6 +120,23 @@ def _connection_tokens(head: RequestHead, names: tuple[bytes, ...]) -> frozenset
                      if lower == b"connection" for token in value.split(b",") if token.strip())
 
 
+@define
+class HeldResponse:
+    """A response kept from the client while the route's response body hooks
+    look at it: its head as it would be sent, the body bytes read so far,
+    whether that is all of it, and whether the hooks are running."""
+
+    status: int
+    reason: bytes
+    headers: list[Header]
+    framing: str
+    close: bool
+    body: list[bytes] = field(factory=list)
+    size: int = 0
+    complete: bool = False
+    inspecting: bool = False
+
+
 class Exchange:
     """One request on a client side and the response it gets."""
 
@@ -137,6 +154,7 @@ class Exchange:
     connect_retried = False  # another server tried once after a failed connect
     set_cookie: bytes | None = None  # the sticky cookie for the response, when one is due
     response_started = False
+    held: HeldResponse | None = None  # a response the response body hooks have not yet let go
     status = 0
     bytes_sent = 0
     _buffered = 0
@@ -444,6 +462,9 @@ class Exchange:
         close = not self.client_keep_alive or self.close_after or client.closing or client.draining
         framing = "stream" if body_framing in ("chunked", "eof") else body_framing
         chain = self.chain
+        if chain is not None and chain.inspect_response_bytes and chain.inspects_response(out):
+            self.held = HeldResponse(status, reason, out, framing, close)
+            return
         if (chain is None or not chain.sees_responses) and not client.listener.response_headers:
             self.status = status  # nothing to change: the common case, without a call more
             self.response_started = True
@@ -501,6 +522,16 @@ class Exchange:
         """Response body bytes from the upstream."""
         if self.finished or not data:
             return
+        held = self.held
+        if held is not None:
+            held.body.append(data)
+            held.size += len(data)
+            assert self.chain is not None
+            if held.size >= self.chain.inspect_response_bytes:
+                if self.connection is not None:
+                    self.connection.pause_reading()  # until the hooks have let the response go
+                self._inspect_response(held)
+            return
         self.bytes_sent += len(data)
         self.client.send_body(data)
 
@@ -509,11 +540,61 @@ class Exchange:
         self.connection = None
         if self.finished:
             return
+        held = self.held
+        if held is not None:
+            held.complete = True
+            self._inspect_response(held)
+            return
+        self._response_ended()
+
+    def _response_ended(self) -> None:
         self.client.end_response()
         if not self.body_done:
             self.discarding = True
             self.close_after = True
         self._finish()
+
+    def _inspect_response(self, held: HeldResponse) -> None:
+        """Give the held response to the response body hooks (once)."""
+        if held.inspecting:
+            return
+        held.inspecting = True
+        chain = self.chain
+        assert chain is not None
+        limit = chain.inspect_response_bytes
+        body = b"".join(held.body)
+        chain.response_body(self.head, held.status, held.headers, body[:limit], held.complete and len(body) <= limit,
+                            self._response_inspected)
+
+    def _response_inspected(self, decision: Decision, head: RequestHead) -> None:
+        """The response body hooks decided: send the held response, or replace it."""
+        held, self.held = self.held, None
+        if self.finished or held is None:
+            return
+        if head.notes != self.head.notes:
+            self.head = evolve(self.head, notes=head.notes)  # for the access log
+        if decision is not None:
+            if not held.complete:
+                self._give_up_upstream()
+                self.close_after = True
+            self._decided(decision)
+            return
+        final = self._answer_headers(held.status, held.headers)
+        if final is None:
+            self._give_up_upstream()
+            self.respond_local(500, "internal filter error", hooks=False)
+            return
+        client = self.client
+        client.cork()
+        self._send_head(held.status, held.reason, final, held.framing, held.close)
+        for data in held.body:
+            self.bytes_sent += len(data)
+            client.send_body(data)
+        client.uncork()
+        if held.complete:
+            self._response_ended()
+        elif self.connection is not None and not client.client_paused:
+            self.connection.resume_reading()
 
     def response_upgraded(self, leftover: bytes) -> None:
         """The upstream switched protocols: from now on bytes are relayed as they are."""
