@@ -888,6 +888,39 @@ def test_waf_drops_attack_messages_through_twistd(proxy, ws_upstream):  # noqa: 
         assert ws.recv(timeout=10) == benign[0]
 
 
+def test_the_chat_corpus_as_websocket_messages_gets_the_filters_verdicts(proxy, ws_upstream):  # noqa: F811
+    """Every line of the chat corpus (760 attacks, 718 benign lines), sent as a JSON chat
+    message over one WebSocket session through twistd (refused_message = drop), is relayed
+    exactly when the filter object, given the same handshake headers, passes it: the
+    relayed messages are the passing ones, in the order sent."""
+    from websockets.sync.client import connect
+
+    port = free_port()
+    proxy.start(config(f"http://127.0.0.1:{ws_upstream.port}", listen(port), "websocket = yes\nfilters = firewall",
+                       WAF_FILTER + "refused_message = drop\n"), port=port)
+    agent = BROWSER[0][1]
+    session = websocket_head("/chat", headers=[("Host", f"127.0.0.1:{port}"), ("User-Agent", agent)], route="all")
+    expected_filter = build({})
+    messages = [measure.message_of(line).decode() for line in
+                [text for _, text in measure.load_attacks()] + measure.load_benign()]
+    passing = [m for m in messages if expected_filter.message(session, m.encode(), False, True) is None]
+    assert 0 < len(passing) < len(messages)
+    sentinel = json.dumps({"type": "message", "text": "that is all, thanks"})
+    assert expected_filter.message(session, sentinel.encode(), False, True) is None
+    relayed = []
+    with connect(f"ws://127.0.0.1:{port}/chat", open_timeout=10, close_timeout=5, user_agent_header=agent,
+                 max_size=None) as ws:
+        for message in messages:
+            ws.send(message)
+        ws.send(sentinel)
+        while len(relayed) <= len(messages):
+            echoed = ws.recv(timeout=30)
+            if echoed == sentinel:
+                break
+            relayed.append(echoed)
+    assert relayed == passing
+
+
 def test_waf_responses_through_twistd(proxy, upstream, tmp_path):
     """Through twistd with inspect_responses = yes and inspect_response_bytes = 16k: a page
     leaking a MySQL error gets 403 (plain or chunked), and the leak never reaches the client;
