@@ -92,8 +92,8 @@ def test_example_plugin_installed_in_a_fresh_venv_is_used_by_twistd(tmp_path: Pa
     run([str(python), "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels),
          str(sources / "chatproxy"), str(sources / "example")], BUILD_TIMEOUT, env=clean_env())
     built = sorted(wheels.glob("*.whl"))
-    assert [w.name.split("-")[0] for w in built] == ["chatproxy", "chatproxy_example_filter"], built
-    names = zipfile.ZipFile(built[1]).namelist()
+    assert [w.name.split("-")[0] for w in built] == ["chatproxy_example_filter", "chatproxy_gateway"], built
+    names = zipfile.ZipFile(built[0]).namelist()
     assert "twisted/plugins/chatproxy_example_user_agent_block.py" in names
     assert "chatproxy_example_filter/user_agent_block.py" in names
     assert "twisted/__init__.py" not in names and "twisted/plugins/__init__.py" not in names

@@ -7,12 +7,16 @@ import sys
 import zipfile
 from pathlib import Path
 
+import chatproxy
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
 def test_wheel_contains_the_twistd_plugin_and_demo_page(tmp_path):
-    """The built wheel holds twisted/plugins/chatproxy_plugin.py (find_namespace:), the demo page
+    """The wheel is the distribution chatproxy-gateway (``chatproxy`` on the package index
+    is another project; the import package and the twistd plugin are ``chatproxy``); it
+    holds twisted/plugins/chatproxy_plugin.py (find_namespace:), the demo page
     and the py.typed marker (so that plugins type-check against chatproxy.filters and
     chatproxy.testing), and no twisted/__init__.py that would shadow Twisted itself."""
     result = subprocess.run(
@@ -20,8 +24,10 @@ def test_wheel_contains_the_twistd_plugin_and_demo_page(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    wheel = next(tmp_path.glob("chatproxy-*.whl"))
+    wheel = next(tmp_path.glob("chatproxy_gateway-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
+    metadata = zipfile.ZipFile(wheel).read(f"chatproxy_gateway-{chatproxy.__version__}.dist-info/METADATA").decode()
+    assert "\nName: chatproxy-gateway\n" in metadata
     assert "twisted/plugins/chatproxy_plugin.py" in names
     assert "chatproxy/demo/chat.html" in names
     assert "chatproxy/py.typed" in names

@@ -71,3 +71,27 @@ def test_quickstart_refuses_what_no_route_allows(proxy, tmp_path):
         assert error.code == 404
     else:
         raise AssertionError("POST was not refused")
+
+
+def test_quickstart_log_is_one_line_per_listener_without_twisted_chatter(proxy, tmp_path):
+    """The quick start's log, from start to stop with a HEAD and a GET served, says once per
+    listener what serves where, and has none of Twisted's port/factory/protocol chatter, no
+    worker repeating twistd's start lines, no private admin socket announced as [admin], and
+    no "returning a message body" warning for HEAD (the demo answers HEAD without a body,
+    with the page's Content-Length)."""
+    process, port = _quickstart(proxy, tmp_path)
+    context = ssl.create_default_context(cafile=str(tmp_path / "tls" / "localhost.crt"))
+    head = urllib.request.Request(f"https://localhost:{port}/", method="HEAD")
+    with urllib.request.urlopen(head, context=context, timeout=10) as response:
+        assert response.status == 200 and response.read() == b""
+        assert int(response.headers["Content-Length"]) > 1000
+    with urllib.request.urlopen(f"https://localhost:{port}/whoami", context=context, timeout=10) as response:
+        assert response.status == 200
+    assert process.stop() == 0
+    log = process.output()
+    assert log.count("listening on") == 2, log  # the TLS listener and the demo upstream
+    assert log.count(f"[listen:public] listening on tcp:{port}:interface=127.0.0.1 with TLS") == 1, log
+    for chatter in ("starting on", "Port", "Starting protocol", "Stopping protocol", "Starting factory",
+                    "[admin]", "I think I'll eat it", "Traceback"):
+        assert chatter not in log, (chatter, log)
+    assert log.count("starting up.") == 1 and log.count("Server Shut Down.") == 1, log

@@ -42,17 +42,24 @@ class ChatFactory(WebSocketServerFactory):  # type: ignore[misc]
         self.members: set[ChatProtocol] = set()
 
 
-class _Page(Resource):
+class _Leaf(Resource):
+    """A leaf resource that answers HEAD as GET without the body (and with its length)."""
+
     isLeaf = True
 
+    def render_HEAD(self, request: Any) -> bytes:
+        body = self.render_GET(request)  # type: ignore[attr-defined]
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b""
+
+
+class _Page(_Leaf):
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         return resources.files(__package__).joinpath("chat.html").read_bytes()
 
 
-class _WhoAmI(Resource):
-    isLeaf = True
-
+class _WhoAmI(_Leaf):
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"content-type", b"application/json")
         headers = {k.decode("latin-1"): v[0].decode("latin-1") for k, v in request.requestHeaders.getAllRawHeaders()}
@@ -60,9 +67,7 @@ class _WhoAmI(Resource):
                           indent=2).encode("utf-8")
 
 
-class _NoIcon(Resource):
-    isLeaf = True
-
+class _NoIcon(_Leaf):
     def render_GET(self, request: Any) -> bytes:
         request.setResponseCode(204)  # browsers ask; there is none, and that is fine
         return b""

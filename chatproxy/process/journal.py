@@ -19,6 +19,7 @@ from typing import IO, Any
 from twisted.logger import FileLogObserver, ILogObserver, LogLevel, eventAsText
 
 from chatproxy.process.environment import WORKER_ENV
+from chatproxy.process.quiet import quiet
 
 #: syslog priorities by Twisted log level.
 PRIORITIES = {
@@ -45,5 +46,7 @@ def format_for_journal(event: dict[str, Any]) -> str:
 
 def observer(stream: IO[str] | None = None) -> ILogObserver:
     """The twistd ``--logger`` factory: journal lines on the real standard
-    output (twistd points ``sys.stdout`` itself at the log)."""
-    return FileLogObserver(stream if stream is not None else sys.__stdout__, format_for_journal)  # type: ignore[arg-type]
+    output (twistd points ``sys.stdout`` itself at the log), without
+    Twisted's port chatter (:mod:`chatproxy.process.quiet`)."""
+    return quiet(FileLogObserver(stream if stream is not None else sys.__stdout__,  # type: ignore[arg-type]
+                                 format_for_journal))

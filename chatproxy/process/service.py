@@ -24,6 +24,7 @@ from chatproxy.process.environment import WORKER_DIR_ENV, WORKER_ENV
 from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, default_reactor, ensure_certificate,
                                          handle_drain_and_reload, state_directory)
 from chatproxy.process.notify import notify_reloading, sd_notify
+from chatproxy.process.quiet import quiet_twisted_chatter
 from chatproxy.process.sharing import shared_endpoint, socket_identity
 from chatproxy.process.renewal import Renewer
 from chatproxy.process.stapler import Stapler
@@ -188,6 +189,7 @@ class ChatproxyService(MultiService):
         """Open the listening sockets (before twistd drops privileges).
         SIGTERM and SIGHUP drain and reload from now on (and SIGUSR1
         refreshes the TLS material)."""
+        quiet_twisted_chatter()
         handle_drain_and_reload(self.reactor, self.drain, self.reload, self.tls.refresh)
         try:
             try:
@@ -222,6 +224,8 @@ class ChatproxyService(MultiService):
         super().privilegedStartService()
 
     def _log_open(self, key: str, endpoint: str, listener: Listener | None) -> None:
+        if self.worker is not None:
+            return  # the master says what serves where, once for all workers (its admin socket is private)
         if key == "demo":
             log.info("demo chat upstream listening on {endpoint}", endpoint=endpoint)
         elif key == "admin":

@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from twisted.scripts.twistd import run as run_twistd
 
 from chatproxy.config import Config, ConfigError, load_config
+from chatproxy.process.quiet import quiet_twisted_chatter
 from chatproxy.demo import demo_site
 from chatproxy.process.environment import MASTER_PID_ENV, WORKER_DIR_ENV, WORKER_ENV
 from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, default_reactor, ensure_certificate,
@@ -111,14 +112,16 @@ _PR_SET_PDEATHSIG = 1
 def _logger_args(argv: Sequence[str]) -> list[str]:
     """The master's ``--logger`` option (twistd's, before ``chatproxy``), for
     its workers to log the same way (``chatproxy.process.journal.observer`` under
-    systemd); workers otherwise log to standard output, which they share."""
+    systemd); without one, workers log to standard output, which they share,
+    through :func:`chatproxy.process.quiet.worker_observer` (without the start
+    lines their master already wrote)."""
     before = list(argv[1:argv.index("chatproxy")] if "chatproxy" in argv else argv[1:])
     for i, arg in enumerate(before):
         if arg.startswith("--logger="):
             return [arg]
         if arg == "--logger" and i + 1 < len(before):
             return [arg, before[i + 1]]
-    return []
+    return ["--logger=chatproxy.process.quiet.worker_observer"]
 
 
 def _systemd_sockets(env: dict[str, str]) -> int:
@@ -212,6 +215,7 @@ class Master(Service):
         self.ports: dict[str, Any] = {}
         self._draining = False
         self._reloading = False
+        self._announced: set[tuple[str, str, bool]] = set()  # listeners logged as listening
         self._ready_sent = False
         self._exit_status = 0
         self.reloads: dict[str, int] = {"success": 0, "failure": 0}
@@ -237,6 +241,7 @@ class Master(Service):
         listeners (before twistd drops privileges, like a single process).
         SIGTERM and SIGHUP drain and reload from now on."""
         self._privileged_done = True
+        quiet_twisted_chatter()
         handle_drain_and_reload(self.reactor, self.drain, self.reload)
         try:
             self._bind_listeners(self.config)
@@ -262,6 +267,11 @@ class Master(Service):
         """Bind every worker's listening socket for ``config``'s TCP listeners
         (those not bound yet).  Raises StartupError."""
         for name, listener in config.listeners.items():
+            announced = (name, listener.endpoint, listener.tls)
+            if announced not in self._announced:
+                self._announced.add(announced)
+                log.info("[listen:{name}] listening on {endpoint}{tls} (every worker)", name=name,
+                         endpoint=listener.endpoint, tls=" with TLS" if listener.tls else "")
             if endpoint_kind(listener.endpoint) == "systemd":
                 continue
             try:
