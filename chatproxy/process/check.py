@@ -68,7 +68,10 @@ def describe(config: Config, out: TextIO) -> None:
     for route in RouteTable(config.routes).routes:
         out.write(describe_route(route) + "\n")
     if config.admin is not None:
-        out.write(f"admin (healthz, readyz, metrics): {config.admin.endpoint}\n")
+        guard = [f"allow {','.join(str(n) for n in config.admin.allow)}"] if config.admin.allow is not None else []
+        guard += [f"basic auth as {config.admin.user}"] if config.admin.user is not None else []
+        out.write(f"admin (healthz, readyz, metrics, status): {config.admin.endpoint}"
+                  + (f" ({'; '.join(guard)})" if guard else "") + "\n")
     if config.demo is not None:
         out.write(f"demo upstream: {config.demo.endpoint}\n")
     count = worker_count(config)
