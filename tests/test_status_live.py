@@ -33,10 +33,11 @@ def ws_upstream() -> Iterator[WsUpstream]:
     server.stop()
 
 
-def _config(port: int, admin: int, app_url: str, ws_port: int, dead: int, admin_extra: str = "") -> str:
+def _config(port: int, admin: int, app_url: str, ws_port: int, dead: int, admin_extra: str = "",
+            tls: str = "") -> str:
     return (
         "[chatproxy]\naccess_log = off\n"
-        f"[listen:main]\nendpoint = tcp:{port}:interface=127.0.0.1\n"
+        f"[listen:main]\nendpoint = tcp:{port}:interface=127.0.0.1\n{tls}"
         f"[admin]\nendpoint = tcp:{admin}:interface=127.0.0.1\n{admin_extra}"
         f"[upstream:app]\nservers = {app_url}\nhealth_check_path = /echo/health\nhealth_check_interval = 1\n"
         f"health_check_timeout = 1\n"
@@ -116,16 +117,19 @@ def _check_page(page: str, facts: dict[str, Any], dead: int, workers: int) -> No
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_status_page_shows_live_traffic(proxy, upstream, ws_upstream, workers):
+def test_status_page_shows_live_traffic(proxy, upstream, ws_upstream, pki, workers):
     """Through twistd (workers = 1, and a master with 2 workers): after GETs, a refused POST
     carrying a secret token (query string, Authorization, Cookie) and with a WebSocket session
     open through the bridge route, /status shows the routes, the filter, the upstreams' health
     (active checks passing and failing), the one open session, and the refusal with its reason
-    and path but none of the secret; / redirects to /status."""
+    and path but none of the secret, and the TLS listener's certificate with its expiry;
+    / redirects to /status."""
     from websockets.sync.client import connect
 
-    port, admin, dead = free_port(), free_port(), free_port()
-    proxy.start(_config(port, admin, upstream.url, ws_upstream.port, dead), port=port, workers=workers)
+    port, admin, dead, secure = free_port(), free_port(), free_port(), free_port()
+    tls = f"[listen:secure]\nendpoint = tcp:{secure}:interface=127.0.0.1\ntls = yes\ncertificate = {pki.cert}\n" \
+          f"key = {pki.key}\n"
+    proxy.start(_config(port, admin, upstream.url, ws_upstream.port, dead, tls=tls), port=port, workers=workers)
     wait_for_port(admin)
     _traffic(port)
     with connect(f"ws://127.0.0.1:{port}/chat", open_timeout=10, close_timeout=5) as ws:
@@ -136,6 +140,10 @@ def test_status_page_shows_live_traffic(proxy, upstream, ws_upstream, workers):
         assert status == 200 and headers["content-type"].startswith("text/html")
         assert "default-src 'none'" in headers["content-security-policy"]
         _check_page(page, facts, dead, workers)
+        [certificate] = facts["certificates"]
+        assert (certificate["listener"], certificate["name"], certificate["file"]) == ("secure", "default",
+                                                                                      str(pki.cert))
+        assert str(pki.cert) in page and "days" in page and "<td>TLS</td>" in page
     status, headers, _ = _get(admin, "/")
     assert status in (301, 302) and headers["location"].endswith("/status")
 
