@@ -1,4 +1,5 @@
-"""``python -m chatproxy check --config FILE``: validate a configuration."""
+"""``python -m chatproxy check --config FILE``: validate a configuration;
+``python -m chatproxy hash-password``: a hash for ``[admin] password_hash``."""
 
 from __future__ import annotations
 

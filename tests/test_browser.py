@@ -80,8 +80,8 @@ class Browsers:
         self.dir = directory
         self.drivers: dict[str, Any] = {}
 
-    def open(self, name: str, certificate: Path) -> Any:
-        """Start a browser that trusts ``certificate``'s key; returns its Selenium driver."""
+    def open(self, name: str, certificate: Path | None) -> Any:
+        """Start a browser that trusts ``certificate``'s key (None: plain http only); returns its Selenium driver."""
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
 
@@ -94,7 +94,8 @@ class Browsers:
                      "--window-size=1000,760"):
             options.add_argument(flag)
         options.add_argument(f"--user-data-dir={self.dir / ('profile-' + name)}")
-        options.add_argument(f"--ignore-certificate-errors-spki-list={_spki_hash(certificate)}")
+        if certificate is not None:
+            options.add_argument(f"--ignore-certificate-errors-spki-list={_spki_hash(certificate)}")
         options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         # An explicit driver path: Selenium Manager is skipped and downloads nothing.
         service = Service(executable_path=CHROMEDRIVER, log_output=str(self.dir / f"chromedriver-{name}.log"))

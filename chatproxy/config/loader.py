@@ -52,6 +52,7 @@ from chatproxy.config.values import (
 )
 from chatproxy.config.values import OptionText
 from chatproxy.http.messages import CONNECTION_HEADERS, parse_header_lines
+from chatproxy.http.passwords import parse_password_hash
 from chatproxy.http.paths import PathError, normalize_path
 
 __all__ = ["ConfigError", "load_config"]
@@ -314,7 +315,7 @@ _ROUTE_OPTIONS = {
 }
 _ACME_OPTIONS = {"directory", "contact", "ca"}
 _DEMO_OPTIONS = {"endpoint"}
-_ADMIN_OPTIONS = {"endpoint"}
+_ADMIN_OPTIONS = {"endpoint", "allow", "user", "password_hash"}
 
 
 def _default_state_directory(first_file: Path) -> Path:
@@ -865,7 +866,7 @@ class _Sections:
         if raw.name == "chatproxy":
             self.settings = _Section(raw, "chatproxy", _SETTINGS_OPTIONS)  # read once every section is in
         elif raw.name == "admin":
-            self.admin = Admin(_Section(raw, "admin", _ADMIN_OPTIONS).get("endpoint", _endpoint, Admin().endpoint))
+            self.admin = _read_admin(_Section(raw, "admin", _ADMIN_OPTIONS))
         elif raw.name == "demo":
             self.demo = Demo(_Section(raw, "demo", _DEMO_OPTIONS).require("endpoint", _endpoint))
         elif kind in _NAMED_SECTIONS and ":" in raw.name:
@@ -907,6 +908,28 @@ _NAMED_SECTIONS: dict[str, Callable[[_Sections, _RawSection], None]] = {
     "filter": _Sections.add_filter,
     "acme": _Sections.add_acme,
 }
+
+
+def _read_admin(section: _Section) -> Admin:
+    """The ``[admin]`` section: ``user`` and ``password_hash`` go together."""
+    user = section.get("user", _parse_user, None)
+    password_hash = section.get("password_hash", _parse_password_hash, None)
+    if user is not None and password_hash is None:
+        raise section.error("password_hash", "required with user (make it with python -m chatproxy hash-password)")
+    if password_hash is not None and user is None:
+        raise section.error("user", "required with password_hash")
+    return Admin(endpoint=section.get("endpoint", _endpoint, Admin().endpoint),
+                 allow=section.get("allow", parse_networks, None), user=user, password_hash=password_hash)
+
+
+def _parse_user(text: str) -> str:
+    if not text or ":" in text or any(ord(c) < 0x21 or ord(c) == 0x7F for c in text):
+        raise ValueError("a user name must be non-empty, without ':', spaces or control characters")
+    return text
+
+
+def _parse_password_hash(text: str) -> str:
+    return str(parse_password_hash(text))
 
 
 def _read_acme(section: _Section) -> AcmeAccount:

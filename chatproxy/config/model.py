@@ -229,9 +229,15 @@ class Demo:
 
 @frozen
 class Admin:
-    """The ``[admin]`` section: health and metrics endpoints."""
+    """The ``[admin]`` section: health, metrics and status endpoints, and who may
+    read ``/status`` and ``/metrics``: clients in ``allow`` (None: any that can
+    connect), with basic auth when ``user`` is set (``password_hash`` as made by
+    ``python -m chatproxy hash-password``; both or neither)."""
 
     endpoint: str = "tcp:9180:interface=127.0.0.1"
+    allow: tuple[Network, ...] | None = None
+    user: str | None = None
+    password_hash: str | None = None
 
 
 @frozen

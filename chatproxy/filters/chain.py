@@ -112,9 +112,13 @@ def _int_attribute(flt: RouteFilter, name: str) -> int | None:
 class FilterChain:
     """The filters of one route, in order, with the hooks each implements."""
 
-    def __init__(self, filters: Sequence[RouteFilter], counters: Counter[str]) -> None:
+    def __init__(self, filters: Sequence[RouteFilter], counters: Counter[str],
+                 on_refused: Callable[[str, RequestHead, int, str], None] | None = None) -> None:
+        """``on_refused(filter, head, status, reason)`` is told of every request a
+        filter refuses (request and body hooks, not in report mode)."""
         self.filters = tuple(filters)
         self.counters = counters
+        self.on_refused = on_refused
         self._request = self.filters
         self._body = tuple(f for f in self.filters if f.has("request_body") and (_int_attribute(f, "inspect_body_bytes") or 0) > 0)
         self._response = tuple(f for f in self.filters if f.has("response"))
@@ -211,6 +215,8 @@ class FilterChain:
             log.info("filter {name} refused {method} {target} from {client}: {status} {reason}",
                      name=flt.name, method=head.method, target=head.target, client=head.client,
                      status=result.status, reason=reason)
+            if self.on_refused is not None:
+                self.on_refused(flt.name, head, result.status, reason)
         return True, result, head
 
     def _error(self, flt: RouteFilter, failure: Failure | None) -> Refuse:

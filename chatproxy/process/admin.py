@@ -1,4 +1,6 @@
-"""The admin listener: ``/healthz``, ``/readyz`` and ``/metrics`` (Prometheus).
+"""The admin listener: ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus) and
+``/status`` (an HTML page; ``/status.json`` the same facts as JSON; ``/``
+redirects to it).
 
 ``/healthz`` answers 200 while the process runs.  ``/readyz`` answers 200 only
 when every listener is open and each upstream has at least one server that is
@@ -6,11 +8,17 @@ not failing (fewer than :data:`UNHEALTHY_AFTER` connection attempts failed in a
 row, and passing its active health checks when it has them), 503 otherwise,
 with the reasons.  ``/metrics`` is the Prometheus text format, produced with
 ``prometheus_client`` from the proxy's running totals at scrape time (nothing
-is counted twice on the data path).
+is counted twice on the data path).  ``/status`` is built by
+:mod:`chatproxy.process.status_page` from facts gathered here
+(:mod:`chatproxy.process.status_data`).  ``/status``, ``/status.json`` and
+``/metrics`` are guarded by ``[admin] allow`` and basic auth
+(:mod:`chatproxy.process.admin_access`); ``/healthz`` and ``/readyz`` stay
+open for load balancers and probes.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Protocol
@@ -19,9 +27,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from twisted.web.util import Redirect
 
-from chatproxy.config import Config
+from chatproxy.config import Admin, Config
 from chatproxy.filters import implements_hook
+from chatproxy.process.admin_access import AdminAccess
+from chatproxy.process.status_data import Facts, config_facts, process_facts
+from chatproxy.process.status_page import render_status
+from chatproxy.process.status_window import SnapshotWindow
 from chatproxy.proxy.core import ProxyCore
 from chatproxy.proxy.stats import BUCKETS, Stats
 from chatproxy.proxy.upstream import EJECT_AFTER
@@ -44,6 +57,14 @@ class ProxyView(Protocol):
     @property
     def core(self) -> ProxyCore | None:
         """The proxy's core, None until the process started."""
+
+    @property
+    def config_paths(self) -> list[str]:
+        """The configuration files (and directories) given at start."""
+
+    @property
+    def window(self) -> SnapshotWindow:
+        """Snapshots of the running totals, for the status page's last minutes."""
 
     def certificates(self) -> list[tuple[str, str, str, float]]:
         """Every certificate served: listener, SNI name (``default``), file, expiry (Unix time)."""
@@ -207,7 +228,32 @@ def filter_metrics(filters: Mapping[str, Any]) -> Iterator[CounterMetricFamily]:
 #: What an admin endpoint answers: status, content type, body.
 Answer = tuple[int, bytes, bytes]
 PLAIN = b"text/plain; charset=utf-8"
+HTML = b"text/html; charset=utf-8"
+JSON = b"application/json"
 HEALTHY: Answer = (200, PLAIN, b"ok\n")
+#: The status page has no script, loads nothing and is not framed.
+STATUS_POLICY = b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
+
+
+def status_facts(service: ProxyView) -> Facts:
+    """The facts of one process (single or worker) for ``/status`` and ``/status.json``."""
+    facts = config_facts(service.config, service.config_paths)
+    core = service.core
+    if core is not None:
+        listeners = [key.partition(":")[2] for key in service.ports if key.startswith("listen:")]
+        facts.update(process_facts(core, service.window, time.time(), listeners, service.certificates()))
+    facts["workers"] = None
+    return facts
+
+
+def status_answer(facts: Facts) -> Answer:
+    """The ``/status`` page."""
+    return 200, HTML, render_status(facts).encode("utf-8")
+
+
+def json_answer(facts: Facts) -> Answer:
+    """The ``/status.json`` answer."""
+    return 200, JSON, json.dumps(facts, sort_keys=True).encode("utf-8")
 
 
 def readiness_answer(problems: list[str]) -> Answer:
@@ -223,7 +269,33 @@ def prepare(request: Any, answer: Answer) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", content_type)
     request.setHeader(b"cache-control", b"no-store")
+    if content_type == HTML:
+        request.setHeader(b"content-security-policy", STATUS_POLICY)
     return bytes(body)
+
+
+class Guarded(Resource):
+    """An admin endpoint only clients :class:`AdminAccess` lets through may read."""
+
+    isLeaf = True
+
+    def __init__(self, wrapped: Resource, access: AdminAccess) -> None:
+        super().__init__()
+        self.wrapped = wrapped
+        self.access = access
+
+    def render(self, request: Any) -> Any:
+        """The wrapped endpoint's answer, or the refusal (403, or 401 asking for basic auth)."""
+        denial = self.access.check(getattr(request.getClientAddress(), "host", None),
+                                   request.getHeader(b"authorization"))
+        if denial is None:
+            return self.wrapped.render(request)
+        request.setResponseCode(denial.status)
+        for name, value in denial.headers:
+            request.setHeader(name, value)
+        request.setHeader(b"content-type", PLAIN)
+        request.setHeader(b"cache-control", b"no-store")
+        return denial.body
 
 
 class TextResource(Resource):
@@ -240,18 +312,24 @@ class TextResource(Resource):
         return prepare(request, self.answer())
 
 
-def admin_site(service: ProxyView) -> Site:
-    """The admin endpoints as a twisted.web Site."""
+def admin_site(service: ProxyView, admin: Admin | None = None) -> Site:
+    """The admin endpoints as a twisted.web Site, guarded by ``admin``'s
+    ``allow``, ``user`` and ``password_hash`` (None: a worker's private site,
+    which only its master reads)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProxyCollector(service))  # type: ignore[arg-type]
 
     def metrics() -> Answer:
         return 200, CONTENT_TYPE_LATEST.encode("ascii"), generate_latest(registry)
 
+    access = AdminAccess(admin)
     root = Resource()
     root.putChild(b"healthz", TextResource(lambda: HEALTHY))
     root.putChild(b"readyz", TextResource(lambda: readiness_answer(readiness(service))))
-    root.putChild(b"metrics", TextResource(metrics))
+    root.putChild(b"metrics", Guarded(TextResource(metrics), access))
+    root.putChild(b"status", Guarded(TextResource(lambda: status_answer(status_facts(service))), access))
+    root.putChild(b"status.json", Guarded(TextResource(lambda: json_answer(status_facts(service))), access))
+    root.putChild(b"", Redirect(b"/status"))
     return quiet_site(root)
 
 

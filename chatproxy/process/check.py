@@ -1,12 +1,16 @@
 """The ``check`` command: validate a configuration without starting anything,
 print the listeners and routes it would serve, and warn (on standard error,
-the exit status unchanged) about values still at a profile's examples."""
+the exit status unchanged) about values still at a profile's examples.
+:func:`main` also dispatches ``hash-password``
+(:mod:`chatproxy.process.hash_password`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import TextIO
+
+from chatproxy.process import hash_password
 
 from chatproxy.config import Config, ConfigError, Route, load_config
 from chatproxy.config.placeholders import find_placeholders
@@ -64,7 +68,10 @@ def describe(config: Config, out: TextIO) -> None:
     for route in RouteTable(config.routes).routes:
         out.write(describe_route(route) + "\n")
     if config.admin is not None:
-        out.write(f"admin (healthz, readyz, metrics): {config.admin.endpoint}\n")
+        guard = [f"allow {','.join(str(n) for n in config.admin.allow)}"] if config.admin.allow is not None else []
+        guard += [f"basic auth as {config.admin.user}"] if config.admin.user is not None else []
+        out.write(f"admin (healthz, readyz, metrics, status): {config.admin.endpoint}"
+                  + (f" ({'; '.join(guard)})" if guard else "") + "\n")
     if config.demo is not None:
         out.write(f"demo upstream: {config.demo.endpoint}\n")
     count = worker_count(config)
@@ -72,14 +79,18 @@ def describe(config: Config, out: TextIO) -> None:
     out.write(f"processes: {'a master and ' + str(count) + ' workers' if count > 1 else 'one'} ({how})\n")
 
 
-def main(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def main(argv: list[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr, stdin: TextIO = sys.stdin) -> int:
     """Entry point; returns the process exit status."""
     parser = argparse.ArgumentParser(prog="python -m chatproxy")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate a configuration and print what it serves")
     check.add_argument("--config", "-c", action="append", required=True, metavar="FILE",
                        help="an INI file or a directory of *.ini files (repeatable)")
+    commands.add_parser("hash-password", help="print a password hash for [admin] password_hash (the password "
+                                              "from standard input, or asked for on a terminal)")
     args = parser.parse_args(argv)
+    if args.command == "hash-password":
+        return hash_password.main(stdin, out, err)
     try:
         config = load_config(args.config)
         validate(config)

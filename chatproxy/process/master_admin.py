@@ -6,11 +6,17 @@ them together, each series labelled with ``worker="k"`` (sum them in
 queries: ``sum without (worker) (rate(chatproxy_requests_total[1m]))``), plus
 the master's own (workers running, restarts, reloads).  ``/readyz`` is ready
 when every worker is; ``/healthz`` answers while the master runs.
+``/status`` (and ``/status.json``) asks every worker for its
+``/status.json`` the same way and shows the master's configuration with the
+workers' figures merged (:func:`chatproxy.process.status_data.merge_process_facts`)
+and the workers themselves.  ``[admin]``'s ``allow`` and basic auth guard
+``/status``, ``/status.json`` and ``/metrics``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import json
+from collections.abc import Iterator, Mapping, Sequence
 import typing
 from typing import Any, Callable
 
@@ -25,8 +31,13 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.util import Redirect
 
-from chatproxy.process.admin import HEALTHY, Answer, TextResource, prepare, quiet_site, readiness_answer
+from chatproxy.config import Config
+from chatproxy.process.admin import (HEALTHY, Answer, Guarded, TextResource, json_answer, prepare, quiet_site,
+                                     readiness_answer, status_answer)
+from chatproxy.process.admin_access import AdminAccess
+from chatproxy.process.status_data import Facts, config_facts, merge_process_facts
 
 #: How long the master waits for a worker's answer.
 WORKER_TIMEOUT = 5.0
@@ -39,6 +50,14 @@ class WorkerView(typing.Protocol):
     def ended(self) -> bool:
         """Whether the worker process has exited (it may be waiting for its restart)."""
 
+    @property
+    def pid(self) -> int:
+        """Its process id."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether it serves (said READY=1 since it started or since the last reload began)."""
+
 
 class MasterView(typing.Protocol):
     """What the master's admin site reads of the master (a
@@ -47,6 +66,14 @@ class MasterView(typing.Protocol):
     @property
     def reactor(self) -> Any:
         """The reactor, to connect to the workers."""
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force."""
+
+    @property
+    def config_paths(self) -> Sequence[str]:
+        """The configuration files (and directories) given at start."""
 
     @property
     def directory(self) -> str:
@@ -200,10 +227,43 @@ def _readyz(master: MasterView, answers: list[tuple[int, int, bytes]]) -> Answer
     return readiness_answer(problems)
 
 
+def status_facts(master: MasterView, answers: list[tuple[int, int, bytes]]) -> Facts:
+    """The master's configuration, the workers' figures merged, and the workers."""
+    parts: dict[int, Facts] = {}
+    for index, status, body in answers:
+        if status != 200:
+            continue
+        try:
+            part = json.loads(body)
+        except ValueError:  # a truncated answer: this worker's figures are left out
+            continue
+        if isinstance(part, dict) and "windows" in part:
+            parts[index] = part
+    facts = config_facts(master.config, list(master.config_paths))
+    facts.update(merge_process_facts(parts))
+    facts["workers"] = {
+        "configured": master.count,
+        "running": sum(1 for worker in master.workers.values() if not worker.ended),
+        "answering": len(parts),
+        "restarts": master.restarts,
+        "list": [{"index": index, "pid": worker.pid, "answering": index in parts, "ready": worker.ready}
+                 for index, worker in sorted(master.workers.items())],
+    }
+    return facts
+
+
 def master_admin_site(master: MasterView) -> Site:
-    """The master's admin endpoints as a twisted.web Site."""
+    """The master's admin endpoints as a twisted.web Site (guarded by the
+    ``[admin]`` section in force when it is made: a reload that changes the
+    section makes a new one)."""
+    access = AdminAccess(master.config.admin)
     root = Resource()
     root.putChild(b"healthz", TextResource(lambda: HEALTHY))
     root.putChild(b"readyz", _Async(master, "/readyz", _readyz))
-    root.putChild(b"metrics", _Async(master, "/metrics", _metrics))
+    root.putChild(b"metrics", Guarded(_Async(master, "/metrics", _metrics), access))
+    root.putChild(b"status", Guarded(_Async(master, "/status.json",
+                                            lambda m, answers: status_answer(status_facts(m, answers))), access))
+    root.putChild(b"status.json", Guarded(_Async(master, "/status.json",
+                                                 lambda m, answers: json_answer(status_facts(m, answers))), access))
+    root.putChild(b"", Redirect(b"/status"))
     return quiet_site(root)

@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -26,6 +27,7 @@ from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, 
 from chatproxy.process.notify import notify_reloading, sd_notify
 from chatproxy.process.quiet import quiet_twisted_chatter
 from chatproxy.process.sharing import shared_endpoint, socket_identity
+from chatproxy.process.status_window import SnapshotWindow, status_totals
 from chatproxy.process.renewal import Renewer
 from chatproxy.process.stapler import Stapler
 from chatproxy.proxy.accesslog import AccessLog
@@ -117,6 +119,10 @@ class ChatproxyService(MultiService):
         self.tls = TLSMaterial(StapleStore(state_directory(config, "ocsp")))
         self.stapler = Stapler(self.reactor, self.tls.staples, self.tls.refresh) if self.worker is None else None
         self.renewer = Renewer(self.reactor, state_directory(config), self.tls.refresh) if self.worker is None else None
+        # The status page's figures over the last minutes: snapshots of the running totals.
+        self.window = SnapshotWindow()
+        self._snapshots = LoopingCall(self._snapshot)
+        self._snapshots.clock = self.reactor
 
     @property
     def ports(self) -> dict[str, Any]:
@@ -143,7 +149,9 @@ class ChatproxyService(MultiService):
         for listener in config.listeners.values():
             wanted[f"listen:{listener.name}"] = (listener.endpoint, FrontFactory(core, listener), listener)
         if config.admin is not None or self.worker is not None:
-            wanted["admin"] = (self._admin_endpoint(config), admin_site(self), None)
+            # A worker's private site is read by its master only, which guards [admin] itself.
+            wanted["admin"] = (self._admin_endpoint(config), admin_site(self, config.admin if self.worker is None
+                                                                        else None), None)
         return wanted
 
     def _admin_endpoint(self, config: Config) -> str:
@@ -240,6 +248,8 @@ class ChatproxyService(MultiService):
             self.privilegedStartService()
         assert self.core is not None
         self.core.start()
+        if not self._snapshots.running and hasattr(self.reactor, "seconds"):
+            self._snapshots.start(self.window.interval, now=True)
         if self.stapler is not None and self.renewer is not None:
             self.stapler.update(self.config)
             self.renewer.update(self.config)
@@ -248,6 +258,11 @@ class ChatproxyService(MultiService):
             # After the reactor installed its own signal handlers, so ours win.
             self.reactor.callWhenRunning(self._handle_signals)
             self.reactor.callWhenRunning(sd_notify, "READY=1\nSTATUS=" + self._status())
+
+    def _snapshot(self) -> None:
+        """Keep a snapshot of the running totals (every :attr:`SnapshotWindow.interval` seconds)."""
+        if self.core is not None:
+            self.window.record(time.time(), status_totals(self.core.stats))
 
     def _status(self) -> str:
         return "serving " + ", ".join(f"[listen:{name}] {listener.endpoint}"
@@ -456,6 +471,8 @@ class ChatproxyService(MultiService):
         """Stop listening, close connections, flush the access log."""
         stops = self._stop_listening()
         self._stop_tls_upkeep()
+        if self._snapshots.running:
+            self._snapshots.stop()
         if self.core is not None:
             for connection in list(self.core.connections):
                 connection.close()

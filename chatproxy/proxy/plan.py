@@ -72,7 +72,7 @@ class Plan:
         self.chains = {
             route.name: FilterChain([RouteFilter(name, self.filters[name], config.filters[name].mode == "report",
                                                  config.filters[name].refused_message == "drop")
-                                     for name in route.filters], stats.filter_outcomes)
+                                     for name in route.filters], stats.filter_outcomes, stats.filter_refused)
             for route in config.routes
         }
         self._body_limits = {route.name: _body_limit(route, config.settings.max_body_bytes, self.chains[route.name])

@@ -7,11 +7,35 @@ request; turning the totals into Prometheus series is left to the scrape
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
-from collections import Counter
+from collections import Counter, deque
+
+from attrs import frozen
+
+from chatproxy.http.messages import RequestHead
 
 # Request duration buckets, seconds (Prometheus' defaults, which suit a proxy).
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: How many filter refusals :attr:`Stats.refusals` keeps (the newest).
+RECENT_REFUSALS = 20
+#: Longer paths and reasons are cut to this many characters in a kept refusal.
+REFUSAL_TEXT = 200
+
+
+@frozen
+class Refusal:
+    """One request a filter refused, as the status page shows it: the
+    normalised path only (never the query string, a header or a body)."""
+
+    time: float  # Unix time
+    filter: str
+    route: str
+    client: str
+    method: str
+    path: str
+    status: int
+    reason: str
 
 
 class Stats:
@@ -33,6 +57,12 @@ class Stats:
         self.reloads: Counter[str] = Counter()  # "success" | "failure"
         self.last_reload_success = 0.0  # Unix time of the start or of the last successful reload
         self.last_reload_ok = True  # whether the last reload attempt succeeded
+        self.refusals: deque[Refusal] = deque(maxlen=RECENT_REFUSALS)  # the newest last
+
+    def filter_refused(self, name: str, head: RequestHead, status: int, reason: str) -> None:
+        """Keep one refusal by filter ``name`` (see :class:`Refusal`: no query string)."""
+        self.refusals.append(Refusal(time.time(), name, head.route, head.client, head.method,
+                                     head.path[:REFUSAL_TEXT], status, reason[:REFUSAL_TEXT]))
 
     def request(self, route: str, status: int, duration: float, sent: int, received: int,
                 protocol: str = "http/1.1") -> None:
