@@ -18,7 +18,7 @@ from chatproxy.config import ConfigError, load_config
 from chatproxy.config.model import Admin
 from chatproxy.http.messages import RequestHead
 from chatproxy.http.passwords import basic_credentials, hash_password, parse_password_hash
-from chatproxy.process.admin_access import AdminAccess
+from chatproxy.process.admin_access import AdminAccess, Verify
 from chatproxy.process.check import main as cli_main
 from chatproxy.process.status_data import merge_process_facts
 from chatproxy.process.status_page import render_status
@@ -256,13 +256,15 @@ def test_admin_access_allow_then_basic_auth():
     access = AdminAccess(admin)
     denial = access.check("127.0.0.1", _basic("ops", "s3cret"))
     assert denial is not None and denial.status == 403
-    assert access.check("::ffff:127.0.0.2", _basic("ops", "s3cret")) is None
+    pending = access.check("::ffff:127.0.0.2", _basic("ops", "s3cret"))
+    assert isinstance(pending, Verify) and access.verify(pending) is None
     for authorization in (None, _basic("ops", "wrong"), _basic("root", "s3cret"), b"Bearer s3cret"):
         denial = access.check("127.0.0.2", authorization)
+        if isinstance(denial, Verify):  # a password to check (in a thread, by the site)
+            denial = access.verify(denial)
         assert denial is not None and denial.status == 401
         assert dict(denial.headers)[b"www-authenticate"].startswith(b'Basic realm="chatproxy"')
-    assert access.check("127.0.0.2", _basic("ops", "s3cret")) is None
-    assert access.check("127.0.0.2", _basic("ops", "s3cret")) is None
+    assert access.check("127.0.0.2", _basic("ops", "s3cret")) is None  # remembered: no second scrypt
     assert AdminAccess(None).check("203.0.113.1", None) is None
     assert AdminAccess(Admin(allow=admin.allow)).check(None, None) is None
 
@@ -322,3 +324,29 @@ def test_admin_option_errors_name_file_section_and_option(tmp_path, text, option
     error = info.value
     assert (error.file, error.section, error.option) == (str(path), "admin", option), str(error)
     assert f"{path} [admin] {option}: " in str(error) and fragment in str(error)
+
+
+def test_a_password_is_checked_off_the_reactor_thread(monkeypatch):
+    """The admin site never runs an scrypt while rendering: a request whose password must be
+    checked gets NOT_DONE_YET and the check goes to a thread (deferToThread), after which
+    the answer is written; remembered credentials are answered at once."""
+    from twisted.internet import defer
+    from twisted.web.server import NOT_DONE_YET
+    from twisted.web.test.requesthelper import DummyRequest
+
+    import chatproxy.process.admin as admin_module
+    from chatproxy.process.admin import Guarded, TextResource
+
+    threaded: list[Any] = []
+    monkeypatch.setattr(admin_module, "deferToThread",
+                        lambda work, *args: threaded.append((work, args)) or defer.succeed(work(*args)))
+    access = AdminAccess(Admin(user="ops", password_hash=str(hash_password("s3cret", **FAST))))
+    guarded = Guarded(TextResource(lambda: (200, b"text/plain", b"the status\n")), access)
+    request = DummyRequest([b"status"])
+    request.requestHeaders.setRawHeaders(b"authorization", [_basic("ops", "s3cret")])
+    assert guarded.render(request) is NOT_DONE_YET
+    assert [work for work, _ in threaded] == [access.verify]
+    assert request.finished and b"".join(request.written) == b"the status\n"
+    again = DummyRequest([b"status"])
+    again.requestHeaders.setRawHeaders(b"authorization", [_basic("ops", "s3cret")])
+    assert guarded.render(again) == b"the status\n" and len(threaded) == 1

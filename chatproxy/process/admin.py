@@ -4,7 +4,9 @@ redirects to it).
 
 ``/healthz`` answers 200 while the process runs.  ``/readyz`` answers 200 only
 when every listener is open and each upstream has at least one server that is
-not failing (fewer than :data:`UNHEALTHY_AFTER` connection attempts failed in a
+not failing (fewer than :data:`log = Logger()
+
+UNHEALTHY_AFTER` connection attempts failed in a
 row, and passing its active health checks when it has them), 503 otherwise,
 with the reasons.  ``/metrics`` is the Prometheus text format, produced with
 ``prometheus_client`` from the proxy's running totals at scrape time (nothing
@@ -25,19 +27,24 @@ from typing import Any, Callable, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.util import Redirect
 
 from chatproxy.config import Admin, Config
 from chatproxy.filters import implements_hook
-from chatproxy.process.admin_access import AdminAccess
+from chatproxy.process.admin_access import AdminAccess, Denial, Verify
 from chatproxy.process.status_data import Facts, config_facts, process_facts
 from chatproxy.process.status_page import render_status
 from chatproxy.process.status_window import SnapshotWindow
 from chatproxy.proxy.core import ProxyCore
 from chatproxy.proxy.stats import BUCKETS, Stats
 from chatproxy.proxy.upstream import EJECT_AFTER
+
+log = Logger()
 
 UNHEALTHY_AFTER = EJECT_AFTER  # the same rule as passive ejection
 
@@ -275,7 +282,11 @@ def prepare(request: Any, answer: Answer) -> bytes:
 
 
 class Guarded(Resource):
-    """An admin endpoint only clients :class:`AdminAccess` lets through may read."""
+    """An admin endpoint only clients :class:`AdminAccess` lets through may
+    read.  A password is checked in a thread (an scrypt costs tens of
+    milliseconds: the reactor, which also proxies in a single process, never
+    waits for it), one check at a time (a flood of wrong passwords queues
+    here instead of taking memory and cores)."""
 
     isLeaf = True
 
@@ -283,11 +294,31 @@ class Guarded(Resource):
         super().__init__()
         self.wrapped = wrapped
         self.access = access
+        self._one_at_a_time = defer.DeferredSemaphore(1)
 
     def render(self, request: Any) -> Any:
         """The wrapped endpoint's answer, or the refusal (403, or 401 asking for basic auth)."""
-        denial = self.access.check(getattr(request.getClientAddress(), "host", None),
-                                   request.getHeader(b"authorization"))
+        decision = self.access.check(getattr(request.getClientAddress(), "host", None),
+                                     request.getHeader(b"authorization"))
+        if not isinstance(decision, Verify):
+            return self._answer(request, decision)
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        checked = self._one_at_a_time.run(deferToThread, self.access.verify, decision)
+
+        def answer(denial: Denial | None) -> None:
+            if gone:
+                return
+            body = self._answer(request, denial)
+            if body is not NOT_DONE_YET:
+                request.write(body)
+                request.finish()
+
+        checked.addCallback(answer)
+        checked.addErrback(lambda failure: log.failure("admin: checking a password failed", failure))
+        return NOT_DONE_YET
+
+    def _answer(self, request: Any, denial: Denial | None) -> Any:
         if denial is None:
             return self.wrapped.render(request)
         request.setResponseCode(denial.status)

@@ -4,7 +4,10 @@ those networks, checked as a listener's ``allow`` is) and, with
 ``[admin] user``, HTTP basic authentication against ``password_hash``.
 
 The decision only: :meth:`AdminAccess.check` takes the client's address and
-``Authorization`` header and says what to answer instead (None: go on).
+``Authorization`` header and says what to answer instead (None: go on), or
+that the password must be checked first (a :class:`Verify`, which
+:meth:`AdminAccess.verify` settles: an scrypt, tens of milliseconds of CPU,
+so the admin site runs it in a thread, one at a time, never in the reactor).
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ class Denial:
 
 
 FORBIDDEN = Denial(403, b"forbidden: this address may not read the admin listener ([admin] allow)\n")
+@frozen
+class Verify:
+    """Credentials whose password must be checked (:meth:`AdminAccess.verify`)."""
+
+    user_ok: bool
+    password: bytes
+    fingerprint: bytes
+
+
 UNAUTHORIZED = Denial(401, b"authentication required\n",
                       ((b"www-authenticate", b'Basic realm="' + REALM + b'", charset="UTF-8"'),))
 
@@ -41,7 +53,7 @@ class AdminAccess:
     Checking a password costs an scrypt (tens of milliseconds): the last
     ``Authorization`` value that passed is remembered (as its SHA-256), so a
     scraper sending the same credentials every few seconds costs one; a wrong
-    one costs a full check every time."""
+    one costs a full check every time (in a thread: see :class:`Verify`)."""
 
     def __init__(self, admin: Admin | None) -> None:
         self.allow = admin.allow if admin is not None else None
@@ -50,9 +62,10 @@ class AdminAccess:
             if admin is not None and admin.password_hash is not None else None
         self._accepted: bytes | None = None
 
-    def check(self, host: str | None, authorization: bytes | None) -> Denial | None:
+    def check(self, host: str | None, authorization: bytes | None) -> Denial | Verify | None:
         """None when a client at ``host`` (None: not an IP client, e.g. a UNIX
-        socket) sending ``authorization`` may go on, else what to answer."""
+        socket) sending ``authorization`` may go on, a Denial with what to
+        answer, or a :class:`Verify` when the password must be checked first."""
         if self.allow is not None and host is not None and not in_networks(host, self.allow):
             return FORBIDDEN
         if self.user is None or self.password is None:
@@ -64,9 +77,14 @@ class AdminAccess:
         if self._accepted is not None and hmac.compare_digest(fingerprint, self._accepted):
             return None
         user, password = credentials
-        user_ok = hmac.compare_digest(user, self.user)
-        password_ok = self.password.matches(password)  # computed even for a wrong user: same cost
-        if user_ok and password_ok:
-            self._accepted = fingerprint
+        return Verify(hmac.compare_digest(user, self.user), password, fingerprint)
+
+    def verify(self, pending: Verify) -> Denial | None:
+        """Check a password (the scrypt runs even for a wrong user: same cost);
+        safe in any thread.  None when it passes (and is remembered)."""
+        assert self.password is not None
+        password_ok = self.password.matches(pending.password)
+        if pending.user_ok and password_ok:
+            self._accepted = pending.fingerprint
             return None
         return UNAUTHORIZED
