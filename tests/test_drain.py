@@ -120,3 +120,49 @@ def test_sigterm_while_starting_drains_and_exits_0(upstream, tmp_path, workers):
     for pid in re.findall(r"worker \d started \(pid (\d+)\)", output):
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid), 0)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_readyz_says_draining_while_the_drain_runs(proxy, upstream, workers):
+    """From SIGTERM until the process exits, the admin listener stays open and /readyz answers
+    503 "draining" (a load balancer checking it takes the instance out), while the public
+    listener refuses new connections and a request in flight still completes; before the
+    SIGTERM /readyz was 200 -- with one process and with a master and two workers."""
+    port, admin = free_port(), free_port()
+    process = proxy.start(basic_config(upstream.url, port, settings="access_log = off\ndrain_timeout = 20",
+                                       extra=f"[admin]\nendpoint = tcp:{admin}:interface=127.0.0.1\n"),
+                          port=port, workers=workers)
+
+    def readyz() -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=10)
+        conn.request("GET", "/readyz")
+        response = conn.getresponse()
+        return response.status, response.read()
+
+    deadline = time.monotonic() + 15
+    while readyz()[0] != 200:
+        assert time.monotonic() < deadline, readyz()
+        time.sleep(0.1)
+    result: dict[str, int] = {}
+
+    def slow_request() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        conn.request("GET", "/slow?delay=3")
+        result["status"] = conn.getresponse().status
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    while not upstream.requests:
+        assert time.monotonic() < deadline + 10, "the slow request never reached the upstream"
+        time.sleep(0.02)
+    process.process.send_signal(signal.SIGTERM)
+    while True:
+        status, body = readyz()
+        if status == 503:
+            break
+        assert time.monotonic() < deadline + 20, (status, body)
+        time.sleep(0.05)
+    assert b"draining" in body
+    thread.join(20)
+    assert result.get("status") == 200
+    assert process.process.wait(30) == 0

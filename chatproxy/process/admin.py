@@ -62,6 +62,10 @@ class ProxyView(Protocol):
         """The open listening ports by key (``listen:NAME``, ``demo``, ``admin``)."""
 
     @property
+    def draining(self) -> bool:
+        """Whether the process is draining (SIGTERM): not ready for new clients."""
+
+    @property
     def core(self) -> ProxyCore | None:
         """The proxy's core, None until the process started."""
 
@@ -79,6 +83,8 @@ class ProxyView(Protocol):
 
 def readiness(service: ProxyView) -> list[str]:
     """Why the proxy is not ready (empty when it is)."""
+    if service.draining:
+        return ["draining (SIGTERM): no new connections"]
     problems = []
     for name in service.config.listeners:
         if f"listen:{name}" not in service.ports:

@@ -80,6 +80,10 @@ class MasterView(typing.Protocol):
         """The master's private directory, holding each worker's ``worker-k.sock``."""
 
     @property
+    def draining(self) -> bool:
+        """Whether SIGTERM started the drain."""
+
+    @property
     def workers(self) -> Mapping[int, WorkerView]:
         """The workers by number."""
 
@@ -220,6 +224,8 @@ def _metrics(master: MasterView, answers: list[tuple[int, int, bytes]]) -> Answe
 
 
 def _readyz(master: MasterView, answers: list[tuple[int, int, bytes]]) -> Answer:
+    if master.draining:
+        return readiness_answer(["draining (SIGTERM): no new connections"])
     problems = [f"worker {index}: " + (body.decode("utf-8", "replace").strip() if status else "not answering")
                 for index, status, body in answers if status != 200]
     if len(master.workers) < master.count:

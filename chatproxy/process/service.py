@@ -437,7 +437,7 @@ class ChatproxyService(MultiService):
         log.info("SIGTERM: draining (up to {timeout}s): no new connections, in-flight requests finish",
                  timeout=timeout)
         sd_notify(f"STOPPING=1\nSTATUS=draining (up to {timeout:g}s)")
-        self._stop_listening()
+        self._stop_listening(keep=("admin",))  # /readyz answers 503 "draining" until the end
         self._stop_tls_upkeep()
         assert self.core is not None
         self._drained = self.core.drain(timeout)
@@ -462,10 +462,16 @@ class ChatproxyService(MultiService):
         return [(listener, state.source.name or "default", str(state.source.certificate), state.not_after.timestamp())
                 for listener, state in self.tls.certificates() if state.not_after is not None]
 
-    def _stop_listening(self) -> list[defer.Deferred[Any]]:
-        stops = [defer.maybeDeferred(opened.port.stopListening) for opened in self.opened.values()]
-        self.opened = {}
+    def _stop_listening(self, keep: tuple[str, ...] = ()) -> list[defer.Deferred[Any]]:
+        stops = [defer.maybeDeferred(opened.port.stopListening) for key, opened in self.opened.items()
+                 if key not in keep]
+        self.opened = {key: opened for key, opened in self.opened.items() if key in keep}
         return stops
+
+    @property
+    def draining(self) -> bool:
+        """Whether SIGTERM started the drain."""
+        return self._drained is not None
 
     def stopService(self) -> defer.Deferred[Any]:
         """Stop listening, close connections, flush the access log."""

@@ -230,6 +230,11 @@ class Master(Service):
         self.renewer = Renewer(self.reactor, state_directory(config), self.tls_changed)
 
     @property
+    def draining(self) -> bool:
+        """Whether SIGTERM started the drain (the admin listener says 503 "draining" meanwhile)."""
+        return self._draining
+
+    @property
     def count(self) -> int:
         """How many workers the configuration in force asks for."""
         return worker_count(self.config)
