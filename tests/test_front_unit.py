@@ -701,3 +701,31 @@ def test_unknown_method_answers():
     assert unknown_method(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nTRACK / HTTP/1.1\r\n", "e")[0] == 405
     assert unknown_method(b"BREW /pot HTTP/1.1\r\n", "e") == (501, "method BREW is not implemented")
     assert unknown_method(b"\x00\x01garbage", "e")[0] == 400
+
+
+def test_drain_answers_a_request_that_arrives_just_after_it_on_an_idle_connection(make):
+    """When the drain begins, an idle keep-alive connection is not cut at once: a request
+    that arrives within DRAIN_IDLE_GRACE is forwarded and answered with Connection: close
+    (then the connection closes); one that stays idle is closed silently after the grace."""
+    from chatproxy.proxy.front import DRAIN_IDLE_GRACE
+
+    h = make(settings="idle_timeout = 30")
+    busy, busy_client = h.client()
+    quiet, quiet_client = h.client("192.0.2.11")
+    for front in (busy, quiet):
+        front.dataReceived(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    for _ in range(2):
+        upstream, _wire = h.accept_upstream()
+        upstream.dataReceived(ok(b"A"))
+    busy_client.clear()
+    quiet_client.clear()
+    h.core.drain(10)
+    assert not busy_client.disconnecting and not quiet_client.disconnecting
+    busy.dataReceived(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream, _wire = h.accept_upstream() if h.pending_connects else h.accepted[-1]
+    upstream.dataReceived(ok(b"B"))
+    (answer,) = responses(busy_client.value())
+    assert answer["status"] == 200 and header(answer, "connection") == "close" and answer["body"] == b"B"
+    assert busy_client.disconnecting
+    h.advance(DRAIN_IDLE_GRACE + 0.2)
+    assert quiet_client.disconnecting and quiet_client.value() == b""

@@ -42,6 +42,11 @@ log = Logger()
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNK_END = b"0\r\n\r\n"
 
+#: Seconds an idle keep-alive connection stays open once the drain began: a
+#: request already on its way is answered (with ``Connection: close``).
+DRAIN_IDLE_GRACE = 1.0
+
+
 class _Reject(Exception):
     """Raised inside a parser callback to refuse the request with ``status``."""
 
@@ -527,15 +532,18 @@ class FrontConnection(Protocol):
         """The transport is going away."""
 
     def drain(self) -> None:
-        """Shutdown: close now if nothing is going on, else once the current
-        exchange is answered (with ``Connection: close``); an HTTP/2 session
+        """Shutdown: close once the current exchange is answered (with
+        ``Connection: close``); an idle keep-alive connection is closed after
+        :data:`DRAIN_IDLE_GRACE` unless a request comes first (answered with
+        ``Connection: close``: a client that sent it just as the drain began
+        gets its answer instead of a closed connection); an HTTP/2 session
         sends GOAWAY.  WebSocket sessions are closed by the proxy core,
         tunnels over the drain window."""
         self.draining = True
         if self.tunnel is not None:
             self.tunnel.drain()
         elif not self._queue and not self._in_head:
-            self.close()
+            self._set_deadline("idle", DRAIN_IDLE_GRACE)
 
     def close(self) -> None:
         """End the connection after what has been written is sent.
