@@ -1,0 +1,233 @@
+"""The reference deployment of README's "Scaling out", started from the repository's own
+files (etc/deploy/haproxy.cfg, etc/deploy/redis.conf, etc/deploy/chatproxy.ini) with
+only addresses, ports, certificates and servers moved to loopback by a site file:
+Debian's HAProxy (TCP mode, PROXY protocol v2, health checks on /readyz) in front of two
+chatproxy instances (each a master with its workers) sharing their rate limits in
+Debian's redis-server, all real processes started and stopped here.  Checked: traffic
+reaches both instances with the client's own address; a limit holds across both; a sticky
+client stays on its server whichever instance it reaches; SIGTERM to one instance under
+wrk's load loses no request and ends its WebSocket sessions with 1001 while the other's
+go on; Redis stopped and started again."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import signal
+import ssl
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import ProxyProcess, free_port, require_tool, wait_for_port, wait_until
+from profile_peers import StandIn
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "etc" / "deploy"
+WAIT = 30.0
+
+
+def moved(text: str, replacements: dict[str, str]) -> str:
+    """A shipped file's text with each of its site values replaced (each must be there)."""
+    for old, new in replacements.items():
+        assert old in text, f"{old!r} is no longer in the shipped file"
+        text = text.replace(old, new)
+    return text
+
+
+class Process:
+    """A server process (HAProxy, Redis) the test started, its output in a file."""
+
+    def __init__(self, args: list[str], log: Path, port: int) -> None:
+        self.args, self.log_path, self.port = args, log, port
+        self.start()
+
+    def start(self) -> None:
+        """Start it (again) and wait for its port."""
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, timeout=WAIT, process=self.process)
+
+    def stop(self) -> None:
+        """SIGTERM, bounded wait, SIGKILL if need be."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()
+
+
+class Deployment:
+    """HAProxy, Redis, two upstream servers and two chatproxy instances on loopback."""
+
+    def __init__(self, tmp_path: Path, pki: Any) -> None:
+        self.tmp, self.pki = tmp_path, pki
+        self.servers = [StandIn(ws_prefixes=("/chat",)) for _ in range(2)]
+        self.redis_port = free_port()
+        redis_dir = tmp_path / "redis"
+        redis_dir.mkdir()
+        redis_conf = tmp_path / "redis.conf"
+        redis_conf.write_text(moved((DEPLOY / "redis.conf").read_text(), {
+            "bind 10.0.0.30": "bind 127.0.0.1", "port 6379": f"port {self.redis_port}",
+            "dir /var/lib/redis": f"dir {redis_dir}"}))
+        self.redis = Process([require_tool("redis-server", "redis-server"), str(redis_conf)], tmp_path / "redis.log",
+                             self.redis_port)
+        self.instances: list[ProxyProcess] = []
+        self.ports: list[tuple[int, int]] = []
+        self.access_logs: list[Path] = []
+        for name in ("a", "b"):
+            public, admin = free_port(), free_port()
+            access = tmp_path / f"access-{name}.log"
+            site = tmp_path / f"site-{name}.ini"
+            site.write_text(
+                f"[chatproxy]\naccess_log = {access}\nworkers = 2\n"
+                f"[listen:public]\nendpoint = haproxy:tcp:{public}:interface=127.0.0.1\nallow = 127.0.0.1/32\n"
+                f"certificate = {pki.cert}\nkey = {pki.key}\n"
+                f"[admin]\nendpoint = tcp:{admin}:interface=127.0.0.1\nallow = 127.0.0.1/32\n"
+                f"[upstream:chat]\nservers = {self.servers[0].url}, {self.servers[1].url}\n"
+                f"[filter:per-client]\nrate = 1000\nburst = 100000\nstore = redis://127.0.0.1:{self.redis_port}/0\n"
+                # A strict limit of the same kind, on a route of its own, to count against.
+                f"[filter:strict]\nuse = rate_limit\nrate = 6/min\nburst = 10\nkey = client\n"
+                f"store = redis://127.0.0.1:{self.redis_port}/0\non_store_error = local\n"
+                "[route:limited]\npath = /limited\nupstream = chat\nfilters = strict\n")
+            (tmp_path / name).mkdir()
+            instance = ProxyProcess(tmp_path / name, [DEPLOY / "chatproxy.ini", site], None)
+            self.instances.append(instance)
+            self.ports.append((public, admin))
+            self.access_logs.append(access)
+        for public, admin in self.ports:
+            wait_for_port(admin, timeout=WAIT)
+        self.haproxy_port = free_port()
+        (a_public, a_admin), (b_public, b_admin) = self.ports
+        haproxy_cfg = tmp_path / "haproxy.cfg"
+        haproxy_cfg.write_text(moved((DEPLOY / "haproxy.cfg").read_text(), {
+            "bind :443": f"bind 127.0.0.1:{self.haproxy_port}",
+            "server chatproxy-a 10.0.0.21:8443 check port 9180": f"server chatproxy-a 127.0.0.1:{a_public} check port {a_admin}",
+            "server chatproxy-b 10.0.0.22:8443 check port 9180": f"server chatproxy-b 127.0.0.1:{b_public} check port {b_admin}"}))
+        self.haproxy = Process([require_tool("haproxy", "haproxy"), "-db", "-f", str(haproxy_cfg)],
+                               tmp_path / "haproxy.log", self.haproxy_port)
+        self.context = ssl.create_default_context(cafile=str(pki.ca))
+
+    def get(self, path: str, source: str = "127.0.0.1", headers: dict[str, str] | None = None) -> Any:
+        """One request through HAProxy on a new TLS connection from ``source``: the response."""
+        conn = http.client.HTTPSConnection("localhost", self.haproxy_port, context=self.context, timeout=WAIT,
+                                           source_address=(source, 0))
+        try:
+            conn.request("GET", path, headers=headers or {})
+            response = conn.getresponse()
+            response.body = response.read()
+            return response
+        finally:
+            conn.close()
+
+    def served_by(self, line_start: str) -> list[int]:
+        """How many access-log lines starting with ``line_start`` each instance wrote."""
+        return [sum(1 for line in path.read_text().splitlines() if line.startswith(line_start))
+                if path.exists() else 0 for path in self.access_logs]
+
+    def stop(self) -> None:
+        """Stop everything (bounded)."""
+        for process in (self.haproxy, self.redis):
+            process.stop()
+        for instance in self.instances:
+            if instance.process.poll() is None:
+                instance.process.send_signal(signal.SIGTERM)
+                try:
+                    instance.process.wait(30)
+                except subprocess.TimeoutExpired:
+                    instance.process.kill()
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture
+def deployment(tmp_path, pki):
+    """The reference deployment, running."""
+    built = Deployment(tmp_path, pki)
+    try:
+        wait_until(lambda: all(built.get(f"/warm/{n}").status == 200 for n in range(4))
+                   and all(built.served_by("127.0.0.1 ")), "HAProxy sending to both instances", timeout=WAIT)
+        yield built
+    finally:
+        built.stop()
+
+
+def test_the_reference_deployment(deployment):
+    """Both instances serve, with the client's own address (PROXY protocol v2) in their
+    access logs; a limit of 10 per client holds across both instances; a client with the
+    sticky cookie reaches the same upstream server through either instance; Redis stopped:
+    the strict limit falls back to each worker's own bucket (on_store_error = local) and
+    requests are still served; Redis back: one shared limit again."""
+    d = deployment
+    before = d.served_by("127.0.0.2 ")
+    for n in range(8):
+        assert d.get(f"/who/{n}", source="127.0.0.2").status == 200
+    after = d.served_by("127.0.0.2 ")
+    assert all(b > a for a, b in zip(before, after)), (before, after)  # both instances, the real address
+
+    statuses = [d.get("/limited/x", source="127.0.0.3").status for _ in range(16)]
+    assert statuses.count(200) == 10 and statuses.count(429) == 6, statuses
+    assert all(d.served_by("127.0.0.3 ")), "the limited requests reached both instances"
+
+    first = d.get("/session/start", source="127.0.0.4")
+    cookie = first.getheader("Set-Cookie").split(";")[0]
+    assert cookie.startswith("chat_server=")
+    landed = [len(server.requests) for server in d.servers]
+    for n in range(8):
+        assert d.get(f"/session/{n}", source="127.0.0.4", headers={"Cookie": cookie}).status == 200
+    grown = [len(server.requests) - before for server, before in zip(d.servers, landed)]
+    assert sorted(grown) == [0, 8], grown  # one server had them all
+    assert all(d.served_by("127.0.0.4 "))  # ... reached through both instances
+
+    d.redis.stop()
+    statuses = [d.get("/limited/y", source="127.0.0.5").status for _ in range(8)]
+    assert statuses == [200] * 8, statuses  # each worker's own bucket of 10
+    d.redis.start()
+    wait_until(lambda: d.get("/limited/z", source="127.0.0.6").status == 429, "the shared limit back",
+               timeout=WAIT)
+
+
+def test_sigterm_to_one_instance_under_load(deployment):
+    """wrk drives HTTPS requests through HAProxy while one instance gets SIGTERM: no
+    request fails (HAProxy sees /readyz turn 503 and retries refused connections on the
+    other instance; in-flight requests finish); the drained instance's WebSocket sessions
+    get 1001 while the other instance's sessions keep working; the drained instance
+    exits 0."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    d = deployment
+    wrk = require_tool("wrk", "wrk")
+    sessions = [connect(f"wss://localhost:{d.haproxy_port}/chat/room-{n}", ssl=d.context, open_timeout=WAIT)
+                for n in range(4)]
+    try:
+        wait_until(lambda: sum(len(server.sessions) for server in d.servers) >= len(sessions),
+                   "the sessions at the upstream servers")
+        load = subprocess.Popen([wrk, "-t1", "-c8", "-d8s", f"https://localhost:{d.haproxy_port}/load"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(2)  # let the load run before the restart (not a timing assertion)
+        drained = d.instances[0]
+        drained.process.send_signal(signal.SIGTERM)
+        output, _ = load.communicate(timeout=60)
+        assert drained.process.wait(45) == 0
+        requests = int(re.search(r"(\d+) requests in", output).group(1))
+        assert requests > 0 and "Non-2xx" not in output and "Socket errors" not in output, output
+        codes = {}
+        for n, ws in enumerate(sessions):
+            try:
+                ws.send(f"still here {n}")
+                codes[n] = ("open", ws.recv(timeout=10))
+            except ConnectionClosed as closed:
+                codes[n] = ("closed", closed.rcvd.code if closed.rcvd else None)
+        assert {state for state, _ in codes.values()} == {"open", "closed"}, codes
+        assert all(value == 1001 for state, value in codes.values() if state == "closed"), codes
+        assert all(value == f"still here {n}" for n, (state, value) in codes.items() if state == "open"), codes
+    finally:
+        for ws in sessions:
+            ws.close()
