@@ -553,8 +553,38 @@ def test_password_from_a_file(twisted_reactor: ReactorThread, tmp_path: Path) ->
         assert isinstance(decide(twisted_reactor, good), Refuse)
         assert server.call("DBSIZE") == "1"
         assert decide(twisted_reactor, anonymous) == STORE_UNAVAILABLE
+        assert metric_values(anonymous)[("chatproxy_rate_limit_store_errors", (("kind", "connection"),))] == 1
     finally:
         close(twisted_reactor, good, anonymous)
+        server.stop()
+
+
+def test_refused_password_is_retried_slowly(twisted_reactor: ReactorThread, tmp_path: Path,
+                                            log_events: list[dict[str, Any]],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A password Redis refuses: the reason is logged once, requests go to the
+    fallback at once (no reconnect loop), and after ``RETRY_GIVEN_UP`` (here
+    0) a new connection is tried; once Redis takes the password (changed on
+    the server) the shared bucket decides (bounded wait)."""
+    from chatproxy.filters import redis_buckets
+
+    server = RedisServer(tmp_path / "redis", password="right")
+    (tmp_path / "redis.password").write_text("later\n")
+    flt = redis_filter({"rate": "1/min", "burst": "1", "store": server.url(1), "store_timeout": "1s",
+                        "on_store_error": "allow", "store_password_file": "redis.password"}, tmp_path)
+    try:
+        assert decide(twisted_reactor, flt) is None  # allowed by the policy
+        wait_until(lambda: logged(log_events, "refused the connection") == 1, "the refusal to be logged")
+        assert [decide(twisted_reactor, flt) for _ in range(3)] == [None] * 3
+        assert metric_values(flt)[("chatproxy_rate_limit_store_requests", ())] == 0
+        server.call("CONFIG", "SET", "requirepass", "later")
+        server.password = "later"
+        monkeypatch.setattr(redis_buckets, "RETRY_GIVEN_UP", 0.0)
+        wait_until(lambda: isinstance(decide(twisted_reactor, flt), Refuse), "the shared bucket to decide",
+                   timeout=30)
+        assert logged(log_events, "answers again") == 1
+    finally:
+        close(twisted_reactor, flt)
         server.stop()
 
 

@@ -112,7 +112,10 @@ def _classify(failure: Any) -> StoreError:
     if failure.check(defer.TimeoutError, defer.CancelledError):
         return StoreError("timeout", "no answer in time")
     if failure.check(txredisapi.ResponseError):
-        return StoreError("script", str(failure.value))
+        message = str(failure.value)
+        if message.startswith(("NOAUTH", "WRONGPASS", "NOPERM")):  # not allowed in: the connection is unusable
+            return StoreError("connection", message)
+        return StoreError("script", message)
     if failure.check(txredisapi.ConnectionError, error.ConnectError, error.ConnectionLost, error.ConnectionDone):
         return StoreError("connection", str(failure.value) or failure.type.__name__)
     return StoreError("connection", repr(failure.value))
