@@ -816,7 +816,7 @@ def _read_filter(raw: _RawSection) -> FilterSpec:
     return FilterSpec(
         name=name,
         kind=raw.options["use"].text,
-        options={option: OptionText(value.text, Path(value.file).resolve().parent)
+        options={option: OptionText(value.text, Path(value.file).resolve().parent, name)
                  for option, value in raw.options.items() if option not in _GENERIC_FILTER_OPTIONS},
         mode=_read_filter_choice(raw, "mode", ("enforce", "report")),
         refused_message=_read_filter_choice(raw, "refused_message", ("close", "drop")),

@@ -156,13 +156,16 @@ class OptionText(str):
     """An option value as a filter kind's ``build`` receives it: the text, plus
     ``directory``, the directory of the configuration file that set it (None
     when built without a file), against which relative file names are
-    resolved (:func:`option_path`)."""
+    resolved (:func:`option_path`), and ``section``, the name of the
+    ``[filter:NAME]`` section it belongs to (None when built without one)."""
 
     directory: Path | None
+    section: str | None
 
-    def __new__(cls, text: str, directory: Path | None = None) -> OptionText:
+    def __new__(cls, text: str, directory: Path | None = None, section: str | None = None) -> OptionText:
         value = super().__new__(cls, text)
         value.directory = directory
+        value.section = section
         return value
 
 

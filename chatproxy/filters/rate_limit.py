@@ -14,9 +14,18 @@ bounded: a bucket that has refilled completely is the same as no bucket and is
 dropped, and at most ``max_keys`` buckets exist (the least recently used is
 dropped first), so a flood of distinct addresses cannot exhaust memory.
 
+With ``store = redis://host:port/db`` (or ``rediss://`` for TLS) the request
+buckets are kept in Redis instead, shared by every process and instance that
+uses the same store and section (see :mod:`chatproxy.filters.rate_limit_store`
+for the options and :mod:`chatproxy.filters.redis_buckets` for the script);
+the in-process buckets then decide only while the store fails, when
+``on_store_error = local`` (the default; ``allow`` passes such requests,
+``deny`` refuses them with 503).
+
 On bridge routes the filter also limits each WebSocket session's messages
 from the client to ``message_rate`` per second (default: ``rate``, bursts of
 ``message_burst``, default ``burst``); a session over it is closed with 1008.
+Those buckets are always in-process: a session lives in one process.
 """
 
 from __future__ import annotations
@@ -28,21 +37,27 @@ import re
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatproxy.filters import CloseSession, Filter, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, Refuse
+from chatproxy.filters import CloseSession, Filter, FilterOptionError, FilterOptions, IFilterFactory, IRequestFilter, \
+    Metric, Refuse, RequestDecision
+from chatproxy.filters.rate_limit_store import STORE_OPTIONS, StoreCounters, StoreSettings, bucket_name, \
+    read_store_settings
+from chatproxy.filters.redis_buckets import RedisBuckets, StoreError, shared_buckets
 from chatproxy.http.messages import FIELD_NAME_RE
 
 log = Logger()
 
 Clock = Callable[[], float]
 
-OPTIONS = ("rate", "burst", "key", "max_keys", "message_rate", "message_burst")
+OPTIONS = ("rate", "burst", "key", "max_keys", "message_rate", "message_burst", *STORE_OPTIONS)
 DEFAULT_MAX_KEYS = 100_000
 EVICTION_WARNING_INTERVAL = 60.0  # seconds between two "max_keys reached" warnings
 
@@ -167,6 +182,17 @@ def retry_after(wait: float) -> int:
     return max(1, math.ceil(wait - 1e-9))
 
 
+def over_limit(wait: float) -> Refuse | None:
+    """The decision for a bucket's answer: pass (no wait) or 429 with ``Retry-After``."""
+    if wait == 0.0:
+        return None
+    return Refuse(429, "rate limit exceeded", ((b"Retry-After", b"%d" % retry_after(wait)),))
+
+
+#: ``on_store_error = deny``: the limit cannot be checked, so the request is not served.
+STORE_UNAVAILABLE = Refuse(503, "rate limit unavailable", ((b"Retry-After", b"1"),))
+
+
 @implementer(IRequestFilter)
 class RateLimit(Filter):
     """Refuses requests over ``rate`` per second (bursts of ``burst``) per key
@@ -175,10 +201,18 @@ class RateLimit(Filter):
 
     def __init__(self, rate: float, burst: int, key: str = "client", max_keys: int = DEFAULT_MAX_KEYS,
                  message_rate: float | None = None, message_burst: int | None = None,
-                 clock: Clock = time.monotonic) -> None:
+                 clock: Clock = time.monotonic, store: StoreSettings | None = None,
+                 shared: RedisBuckets | None = None) -> None:
+        """``store``: the shared store's settings (None: in-process buckets
+        only); ``shared``: its client (default: the one :func:`shared_buckets`
+        gives for ``store``)."""
         self.key = key
         self.header_name = key[len("header:"):] if key.startswith("header:") else None
+        self.clock = clock
         self.buckets = TokenBuckets(rate, burst, max_keys, clock)
+        self.store = store
+        self.shared = shared if shared is not None or store is None else shared_buckets(store)
+        self.counters = StoreCounters()
         self.sessions: TokenBuckets | None = None
         self._session_refs: dict[Hashable, Any] = {}
         if message_rate is not None:
@@ -204,12 +238,44 @@ class RateLimit(Filter):
             return ("route", str(getattr(head, "route", "") or ""))
         return ("client", head.client)
 
-    def request(self, head: Any) -> Refuse | None:
-        """Pass the request if its key's bucket has a token, else 429."""
-        wait = self.buckets.take(self.key_of(head))
-        if wait == 0.0:
-            return None
-        return Refuse(429, "rate limit exceeded", ((b"Retry-After", b"%d" % retry_after(wait)),))
+    def request(self, head: Any) -> RequestDecision | defer.Deferred[RequestDecision]:
+        """Pass the request if its key's bucket has a token, else 429.  With
+        a shared store, a Deferred firing with that decision, or with
+        ``on_store_error``'s when the store fails or is too slow."""
+        key = self.key_of(head)
+        if self.store is None or self.shared is None:
+            return over_limit(self.buckets.take(key))
+        started = self.clock()
+        buckets = self.buckets
+        taken = self.shared.take(bucket_name(self.store.prefix, key), buckets.rate, buckets.burst, self.store.timeout)
+        return taken.addCallbacks(lambda wait: self._answered(wait, started),
+                                  lambda failure: self._store_failed(failure, key))
+
+    def _answered(self, wait: float, started: float) -> RequestDecision:
+        self.counters.answer(max(0.0, self.clock() - started))
+        return over_limit(wait)
+
+    def _store_failed(self, failure: Failure, key: Hashable) -> RequestDecision:
+        failure.trap(StoreError)
+        assert self.store is not None
+        self.counters.error(failure.value.kind)  # type: ignore[union-attr]
+        policy = self.store.on_error
+        if policy == "allow":
+            decision: Refuse | None = None
+        elif policy == "deny":
+            decision = STORE_UNAVAILABLE
+        else:
+            decision = over_limit(self.buckets.take(key))
+        self.counters.decided(policy, decision is None)
+        return decision
+
+    def metrics(self) -> Iterator[Metric]:
+        """With a shared store: its latency (count and sum), its errors by
+        kind and the decisions ``on_store_error`` made."""
+        if self.store is None:
+            return
+        for name, help_text, labels, value in self.counters.values():
+            yield Metric(name, help_text, labels, value)
 
     def message(self, head: Any, payload: bytes, binary: bool, upward: bool) -> CloseSession | None:
         """Count the client's messages per session (the session's request head
@@ -260,7 +326,7 @@ class RateLimitKind:
             if message_rate is None:
                 raise FilterOptionError("message_burst", "has no effect with message_rate = off")
             message_burst = opts.integer("message_burst")
-        return RateLimit(rate, burst, key, max_keys, message_rate, message_burst, clock)
+        return RateLimit(rate, burst, key, max_keys, message_rate, message_burst, clock, read_store_settings(opts))
 
 
 rate_limit = RateLimitKind()
