@@ -729,3 +729,26 @@ def test_drain_answers_a_request_that_arrives_just_after_it_on_an_idle_connectio
     assert busy_client.disconnecting
     h.advance(DRAIN_IDLE_GRACE + 0.2)
     assert quiet_client.disconnecting and quiet_client.value() == b""
+
+
+def test_drain_after_a_keep_alive_head_went_out_answers_the_next_request_with_close(make):
+    """When the drain begins after a response's head already promised keep-alive, the
+    connection is not closed at the end of that response (the client would send its next
+    request into a closed connection): the next request is answered with Connection:
+    close, and only then is the connection closed."""
+    h = make(settings="idle_timeout = 30")
+    front, client = h.client()
+    front.dataReceived(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream, _wire = h.accept_upstream()
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n")  # the head, not yet the body
+    h.core.drain(10)
+    upstream.dataReceived(b"A")
+    (first,) = responses(client.value())
+    assert header(first, "connection") is None and first["body"] == b"A"
+    assert not client.disconnecting
+    client.clear()
+    front.dataReceived(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream.dataReceived(ok(b"B"))
+    (second,) = responses(client.value())
+    assert header(second, "connection") == "close" and second["body"] == b"B"
+    assert client.disconnecting

@@ -41,17 +41,25 @@ _PORT_CHATTER = re.compile(
     r"|(?:Starting|Stopping) (?:factory|protocol) .*",  # noisy factories and protocols
     re.S,
 )
+#: Twisted's new-style factory lines (any factory's namespace).
+_FACTORY_FORMATS = ("Starting factory {factory!r}", "Stopping factory {factory!r}")
+#: ClientService's reconnection lines (the Redis store of rate_limit reports its
+#: store going down and coming back itself, once each).
+_CLIENT_SERVICE = "twisted.application._client_service.ClientService"
 _TWISTD_LINES = ("twisted.scripts._twistd_unix.UnixAppLogger", "twisted.application.app.AppLogger")
 
 
 def is_chatter(event: dict[str, Any], worker: bool = False) -> bool:
-    """Whether a log event is Twisted's port and factory chatter (or, in a
-    ``worker``, twistd's start/stop lines and the reactor's "Main loop
-    terminated."), which chatproxy's log leaves out.  Errors never are."""
+    """Whether a log event is Twisted's port and factory chatter, or a
+    reconnecting client service's retry line (or, in a ``worker``, twistd's
+    start/stop lines and the reactor's "Main loop terminated."), which
+    chatproxy's log leaves out.  Errors never are."""
     if event.get("log_level", LogLevel.info) not in (LogLevel.info, LogLevel.debug) or "log_failure" in event:
         return False
     namespace = event.get("log_namespace", "")
     if worker and (namespace in _TWISTD_LINES or namespace == "twisted.internet.base"):
+        return True
+    if event.get("log_format") in _FACTORY_FORMATS or namespace == _CLIENT_SERVICE:
         return True
     if namespace != "log_legacy":
         return False

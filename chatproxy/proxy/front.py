@@ -362,9 +362,12 @@ class FrontConnection(Protocol):
         if aborted:
             self.abort(hard=close_delimited)
             return
-        if closing or exchange.close_after or not exchange.client_keep_alive or self.draining:
+        if closing or exchange.close_after or not exchange.client_keep_alive:
             self.close()
             return
+        # Draining, after a response whose head went out before the drain began
+        # (so it promised keep-alive): the client may send its next request at
+        # once; it is answered with Connection: close (see drain()).
         if len(self._queue) <= 1:
             if self._read_pauses:
                 self.resume_reading("pipeline")
@@ -376,7 +379,7 @@ class FrontConnection(Protocol):
         elif self._pending_error is not None:
             self._answer_error(*self._pending_error)
         elif not self._in_head:
-            self._set_deadline("idle", self.settings.idle_timeout)
+            self._set_deadline("idle", DRAIN_IDLE_GRACE if self.draining else self.settings.idle_timeout)
 
     def _stream_error(self, status: int, message: str) -> None:
         """The byte stream broke (malformed, too large, too slow): answer, then close."""
