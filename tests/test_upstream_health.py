@@ -284,7 +284,7 @@ def test_readiness_and_metrics_include_the_active_state():
     chatproxy_upstream_server_healthy gauge is 0 for an actively unhealthy server."""
     _reactor, pools = make_pools()
     first, second = pools.servers
-    service: Any = SimpleNamespace(config=SimpleNamespace(listeners={}), ports={},
+    service: Any = SimpleNamespace(config=SimpleNamespace(listeners={}), ports={}, draining=False,
                                    core=SimpleNamespace(pools={"app": pools}))
     first.check_healthy = False
     assert readiness(service) == []
