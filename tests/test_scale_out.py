@@ -50,7 +50,11 @@ class Process:
         """Start it (again) and wait for its port."""
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
-        wait_for_port(self.port, timeout=WAIT, process=self.process)
+        try:
+            wait_for_port(self.port, timeout=WAIT, process=self.process)
+        except BaseException:
+            self.stop()
+            raise RuntimeError(f"{self.args[0]} did not start:\n{self.log_path.read_text(errors='replace')}") from None
 
     def stop(self) -> None:
         """SIGTERM, bounded wait, SIGKILL if need be."""
@@ -69,7 +73,17 @@ class Deployment:
 
     def __init__(self, tmp_path: Path, pki: Any) -> None:
         self.tmp, self.pki = tmp_path, pki
+        self.haproxy: Process | None = None
+        self.redis: Process | None = None
+        self.instances: list[ProxyProcess] = []
         self.servers = [StandIn(ws_prefixes=("/chat",)) for _ in range(2)]
+        try:
+            self._start(tmp_path, pki)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, tmp_path: Path, pki: Any) -> None:
         self.redis_port = free_port()
         redis_dir = tmp_path / "redis"
         redis_dir.mkdir()
@@ -79,7 +93,6 @@ class Deployment:
             "dir /var/lib/redis": f"dir {redis_dir}"}))
         self.redis = Process([require_tool("redis-server", "redis-server"), str(redis_conf)], tmp_path / "redis.log",
                              self.redis_port)
-        self.instances: list[ProxyProcess] = []
         self.sites: list[Path] = []
         self.ports: list[tuple[int, int]] = []
         self.access_logs: list[Path] = []
@@ -158,9 +171,10 @@ class Deployment:
                 if path.exists() else 0 for path in self.access_logs]
 
     def stop(self) -> None:
-        """Stop everything (bounded)."""
+        """Stop everything started (bounded)."""
         for process in (self.haproxy, self.redis):
-            process.stop()
+            if process is not None:
+                process.stop()
         for instance in self.instances:
             if instance.process.poll() is None:
                 instance.process.send_signal(signal.SIGTERM)
@@ -175,7 +189,7 @@ class Deployment:
 @pytest.fixture
 def deployment(tmp_path, pki):
     """The reference deployment, running."""
-    built = Deployment(tmp_path, pki)
+    built = Deployment(tmp_path, pki)  # stops what it started if it cannot finish
     try:
         wait_until(lambda: built.warm() and all(built.served_by("127.0.0.1 ")), "HAProxy sending to both instances",
                    timeout=WAIT)
