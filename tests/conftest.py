@@ -25,6 +25,10 @@ import pytest
 
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
+ROOT = Path(__file__).resolve().parent.parent
+#: What a copy of the checkout leaves out: version control, build output, caches, virtualenvs.
+CHECKOUT_JUNK = (".git", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", "dropin.cache", ".mypy_cache",
+                 ".pytest_cache", ".venv", ".venv-*", "venv")
 
 
 # ---------------------------------------------------------------------------
@@ -145,6 +149,46 @@ def require_tool(name: str, package: str) -> str:
             pytest.fail(f"{name} (Debian package {package}) is missing; .ci/run installs it")
         pytest.skip(f"{name} is not installed (Debian package {package})")
     return path
+
+
+def copy_checkout(source: Path, destination: Path, *also_ignore: str) -> Path:
+    """A copy of ``source`` (the checkout, or a project in it) at ``destination``
+    without :data:`CHECKOUT_JUNK` nor the ``also_ignore`` patterns."""
+    shutil.copytree(source, destination, ignore=shutil.ignore_patterns(*CHECKOUT_JUNK, *also_ignore))
+    return destination
+
+
+def replace_each(text: str, replacements: dict[str, str], where: str) -> str:
+    """``text`` with each key of ``replacements`` replaced by its value; each must be
+    in the text (``where`` names the file in the failure), so a shipped file that
+    changed fails the test instead of being used unedited."""
+    for old, new in replacements.items():
+        assert old in text, f"{old!r} is no longer in {where}"
+        text = text.replace(old, new)
+    return text
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM a server process the test started (if it still runs), wait at most
+    ``timeout``, then SIGKILL it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def admin_ready(admin_port: int) -> bool:
+    """Whether the admin listener's /readyz answers 200 (False while it cannot be reached)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=10) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:

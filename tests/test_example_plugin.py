@@ -18,15 +18,15 @@ from typing import Any
 
 import pytest
 
-from conftest import free_port, stop_proxy, wait_for_port
+from conftest import copy_checkout, free_port, stop_proxy, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "chatproxy-example-filter"
 # Bounds on each step: creating the venv, building the wheels, installing them
 # (dependencies come from the package index) and starting twistd.
 VENV_TIMEOUT, BUILD_TIMEOUT, INSTALL_TIMEOUT, RUN_TIMEOUT = 120, 300, 600, 60
-COPY_IGNORE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", "dropin.cache",
-                                     ".mypy_cache", ".pytest_cache", ".venv", "venv", "bench", "examples", "etc")
+#: Left out of the copies besides the usual junk: what the wheels do not need.
+NOT_BUILT = ("bench", "examples", "etc")
 
 
 def base_python() -> str:
@@ -86,8 +86,8 @@ def test_example_plugin_installed_in_a_fresh_venv_is_used_by_twistd(tmp_path: Pa
     # Build both projects from copies, so that no build/ or *.egg-info is
     # written into (or stale files taken from) the checkout.
     sources = tmp_path / "src"
-    shutil.copytree(ROOT, sources / "chatproxy", ignore=COPY_IGNORE)
-    shutil.copytree(EXAMPLE, sources / "example", ignore=COPY_IGNORE)
+    copy_checkout(ROOT, sources / "chatproxy", *NOT_BUILT)
+    copy_checkout(EXAMPLE, sources / "example", *NOT_BUILT)
     wheels = tmp_path / "wheels"
     run([str(python), "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels),
          str(sources / "chatproxy"), str(sources / "example")], BUILD_TIMEOUT, env=clean_env())

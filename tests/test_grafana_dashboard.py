@@ -29,7 +29,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatproxy.filters.crs import DEFAULT_CRS
-from conftest import (PKI, ProxyProcess, ProxyStarter, RecordingUpstream, free_port, http_get, metric_samples,
+from conftest import (PKI, ProxyProcess, admin_ready, stop_process, ProxyStarter, RecordingUpstream, free_port, http_get, metric_samples,
                       require_tool, wait_for_port, wait_until)
 from ws_peers import WsUpstream
 
@@ -162,15 +162,6 @@ def _worker_pids(output: str) -> dict[int, int]:
     return {int(index): int(pid) for index, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", output)}
 
 
-def _ready(admin: int) -> bool:
-    """Whether the master's /readyz says every worker is ready."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=10) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def _metric(admin: int, name: str, **labels: str) -> float:
     """The sum of the samples called ``name`` with these labels (all workers)."""
     return sum(value for found, value in metric_samples(admin, name)
@@ -269,32 +260,24 @@ def scene(tmp_path_factory: pytest.TempPathFactory, pki: PKI) -> Iterator[Scene]
             require_tool("prometheus", "prometheus")  # fails under CI without it
             prometheus, prometheus_port = _start_prometheus(directory, admin)
 
-            def stop_prometheus() -> None:
-                prometheus.terminate()
-                try:
-                    prometheus.wait(10)
-                except subprocess.TimeoutExpired:
-                    prometheus.kill()
-                    prometheus.wait(5)
-
-            stack.callback(stop_prometheus)
+            stack.callback(stop_process, prometheus)
         starter = ProxyStarter(directory)
         stack.callback(starter.stop_all)
         process = starter.start(_config(main, secure, admin, pki, upstream.url, dead, gone, ws_upstream.port),
                                 port=main, workers=None)
         wait_for_port(admin)
-        wait_until(lambda: _ready(admin), "both workers ready")
+        wait_until(lambda: admin_ready(admin), "both workers ready")
         if prometheus_port is not None:  # it saw the counters before they count anything
             _prometheus_scraped_after(prometheus_port, time.time())
         pids = _worker_pids(process.output())
         assert set(pids) == {1, 2}
         os.kill(pids[1], signal.SIGKILL)
         wait_until(lambda: _worker_pids(process.output())[1] != pids[1], "worker 1 restarted")
-        wait_until(lambda: _ready(admin), "the restarted worker ready")
+        wait_until(lambda: admin_ready(admin), "the restarted worker ready")
         process.process.send_signal(signal.SIGHUP)
         wait_until(lambda: _metric(admin, "chatproxy_master_reloads_total", result="success") == 1,
                    "the reload counted by the master")
-        wait_until(lambda: _ready(admin), "both workers ready after the reload")
+        wait_until(lambda: admin_ready(admin), "both workers ready after the reload")
         # Round 1 makes the series exist; Prometheus sees them, and round 2 makes them grow
         # (rate() cannot see the increment that created a series).
         evaluated_at = None

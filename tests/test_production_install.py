@@ -21,11 +21,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import RecordingUpstream, free_port, require_tool
+from conftest import RecordingUpstream, copy_checkout, free_port, replace_each, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
-COPY_IGNORE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", "dropin.cache",
-                                     ".mypy_cache", ".pytest_cache", ".venv", ".venv-*", "venv", "tls", "state")
 PRELUDE = """set -euo pipefail
 useradd() { echo "useradd $*" >> "$RECORD"; }
 systemctl() { echo "systemctl $*" >> "$RECORD"; }
@@ -67,16 +65,6 @@ def run_block(block: str, root: Path, cwd: Path, record: Path, timeout: float) -
     return result
 
 
-def edit_site_file(site: Path, values: dict[str, str]) -> None:
-    """What the README asks the operator to do: replace each example value of the
-    installed site file (each must be there) with the site's own."""
-    text = site.read_text()
-    for example, own in values.items():
-        assert example in text, f"{example!r} is no longer in {site}"
-        text = text.replace(example, own)
-    site.write_text(text)
-
-
 def test_the_production_install_works_word_for_word(tmp_path, pki):
     """The README's production install and start blocks, run as written (paths under a
     temporary root): chatproxy-gateway is installed in its own venv, the user is created
@@ -89,7 +77,7 @@ def test_the_production_install_works_word_for_word(tmp_path, pki):
     analyze = require_tool("systemd-analyze", "systemd")
     activate = require_tool("systemd-socket-activate", "systemd")
     source, root, record = tmp_path / "checkout", tmp_path / "root", tmp_path / "record"
-    shutil.copytree(ROOT, source, ignore=COPY_IGNORE)
+    copy_checkout(ROOT, source, "tls", "state")
     for system_dir in ("opt", "etc/systemd/system"):
         (root / system_dir).mkdir(parents=True)
     run_block(readme_block("production-install"), root, source, record, timeout=600)
@@ -111,13 +99,14 @@ def test_the_production_install_works_word_for_word(tmp_path, pki):
     try:
         shutil.copy(pki.cert, etc / "tls" / "chat.crt")
         shutil.copy(pki.key, etc / "tls" / "chat.key")
-        edit_site_file(etc / "20-site.ini", {
+        site = etc / "20-site.ini"  # what the README asks the operator to edit: each example value
+        site.write_text(replace_each(site.read_text(), {
             "tls/chat.mycompany.com.crt": "tls/chat.crt",
             "tls/chat.mycompany.com.key": "tls/chat.key",
             "https://mycompany-prod.pegacloud.net": upstream.url,
             "https://www.mycompany.com, https://chat.mycompany.com": "https://www.test.example",
             "MyCoSelfService": "TestApp",
-        })
+        }, str(site)))
         started = run_block(readme_block("production-start"), root, source, record, timeout=120)
         assert f"configuration OK: {etc}/" in started.stdout
         assert "[listen:public] systemd:domain=INET6:name=https TLS" in started.stdout

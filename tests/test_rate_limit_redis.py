@@ -26,7 +26,7 @@ from chatproxy.filters.rate_limit_store import StoreAddress, StoreHealth, StoreS
 from chatproxy.filters.redis_buckets import SCRIPT_SHA, RedisBuckets, StoreError
 from chatproxy.proxy.validate import validate
 from chatproxy.testing import build_filter, request_head
-from conftest import PKI, basic_config, free_port, require_tool, wait_for_port, wait_until
+from conftest import PKI, basic_config, free_port, require_tool, stop_process, wait_for_port, wait_until
 
 # ---------------------------------------------------------------------------
 # Helpers
@@ -265,7 +265,7 @@ class RedisServer:
         self.port = free_port()
         self.password = password
         self.tls = tls
-        lines = [f"bind 127.0.0.1", f"dir {directory}", 'save ""', "appendonly no", "daemonize no",
+        lines = ["bind 127.0.0.1", f"dir {directory}", 'save ""', "appendonly no", "daemonize no",
                  f"logfile {directory / 'redis.log'}", "databases 4"]
         if tls is not None:
             self.plain_port = free_port()  # for redis-cli, which the checks use without TLS
@@ -294,13 +294,8 @@ class RedisServer:
             return
         process, self.process = self.process, None
         if process.poll() is None:
-            process.send_signal(signal.SIGCONT)
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+            process.send_signal(signal.SIGCONT)  # a frozen server cannot act on SIGTERM
+        stop_process(process)
 
     def freeze(self, frozen: bool) -> None:
         """SIGSTOP the server (connections stay open, nothing is answered) or SIGCONT it."""

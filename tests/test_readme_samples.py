@@ -16,11 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import free_port, wait_for_port, wait_until
+from conftest import copy_checkout, free_port, wait_for_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-COPY_IGNORE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", "dropin.cache",
-                                     ".mypy_cache", ".pytest_cache", ".venv", ".venv-*", "tls", "state", "bench")
 README = (ROOT / "README.md").read_text()
 
 
@@ -46,7 +44,7 @@ def checkout_copy(tmp_path: Path) -> Path:
     """A copy of the checkout at ``tmp_path/chatproxy`` whose ``.venv`` is this test's
     environment, with the quick start's self-signed certificate made."""
     copy = tmp_path / "chatproxy"
-    shutil.copytree(ROOT, copy, ignore=COPY_IGNORE)
+    copy_checkout(ROOT, copy, "tls", "state", "bench")
     (copy / ".venv").symlink_to(Path(sys.executable).parent.parent)
     code = ("from chatproxy.config import load_config; from chatproxy.process.lifecycle import ensure_certificate; "
             "ensure_certificate(load_config(['etc/chatproxy.ini']).listeners['public'])")

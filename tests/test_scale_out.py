@@ -23,20 +23,12 @@ from typing import Any
 
 import pytest
 
-from conftest import ProxyProcess, free_port, require_tool, wait_for_port, wait_until
+from conftest import ProxyProcess, free_port, replace_each, require_tool, stop_process, wait_for_port, wait_until
 from profile_peers import StandIn
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "etc" / "deploy"
 WAIT = 30.0
-
-
-def moved(text: str, replacements: dict[str, str]) -> str:
-    """A shipped file's text with each of its site values replaced (each must be there)."""
-    for old, new in replacements.items():
-        assert old in text, f"{old!r} is no longer in the shipped file"
-        text = text.replace(old, new)
-    return text
 
 
 class Process:
@@ -58,13 +50,7 @@ class Process:
 
     def stop(self) -> None:
         """SIGTERM, bounded wait, SIGKILL if need be."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
         self._log.close()
 
 
@@ -88,9 +74,9 @@ class Deployment:
         redis_dir = tmp_path / "redis"
         redis_dir.mkdir()
         redis_conf = tmp_path / "redis.conf"
-        redis_conf.write_text(moved((DEPLOY / "redis.conf").read_text(), {
+        redis_conf.write_text(replace_each((DEPLOY / "redis.conf").read_text(), {
             "bind 10.0.0.30": "bind 127.0.0.1", "port 6379": f"port {self.redis_port}",
-            "dir /var/lib/redis": f"dir {redis_dir}"}))
+            "dir /var/lib/redis": f"dir {redis_dir}"}, "etc/deploy/redis.conf"))
         self.redis = Process([require_tool("redis-server", "redis-server"), str(redis_conf)], tmp_path / "redis.log",
                              self.redis_port)
         self.sites: list[Path] = []
@@ -120,10 +106,11 @@ class Deployment:
         self.haproxy_port = free_port()
         (a_public, a_admin), (b_public, b_admin) = self.ports
         haproxy_cfg = tmp_path / "haproxy.cfg"
-        haproxy_cfg.write_text(moved((DEPLOY / "haproxy.cfg").read_text(), {
+        haproxy_cfg.write_text(replace_each((DEPLOY / "haproxy.cfg").read_text(), {
             "bind :443": f"bind 127.0.0.1:{self.haproxy_port}",
             "server chatproxy-a 10.0.0.21:8443 check port 9180": f"server chatproxy-a 127.0.0.1:{a_public} check port {a_admin}",
-            "server chatproxy-b 10.0.0.22:8443 check port 9180": f"server chatproxy-b 127.0.0.1:{b_public} check port {b_admin}"}))
+            "server chatproxy-b 10.0.0.22:8443 check port 9180": f"server chatproxy-b 127.0.0.1:{b_public} check port {b_admin}"},
+            "etc/deploy/haproxy.cfg"))
         self.haproxy = Process([require_tool("haproxy", "haproxy"), "-db", "-f", str(haproxy_cfg)],
                                tmp_path / "haproxy.log", self.haproxy_port)
         self.context = ssl.create_default_context(cafile=str(pki.ca))

@@ -11,12 +11,11 @@ import signal
 import socket
 import threading
 import time
-import urllib.request
 from typing import Any
 
 import pytest
 
-from conftest import free_port, http_get, metric_samples, wait_for_port
+from conftest import admin_ready, free_port, http_get, metric_samples, wait_for_port
 from ws_peers import WsUpstream
 
 
@@ -52,14 +51,6 @@ def _wait(predicate: Any, message: str, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
-def _ready(admin: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=10) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 def test_two_workers_share_the_listener_and_the_admin_listener_speaks_for_both(proxy, upstream, ws_upstream):
     """With workers = 2 two worker processes accept on the same port (new connections from
     different client addresses reach both), /readyz is ready when both are, and /metrics carries each worker's series with a
@@ -67,7 +58,7 @@ def test_two_workers_share_the_listener_and_the_admin_listener_speaks_for_both(p
     main, admin = free_port(), free_port()
     process = proxy.start(_config(main, admin, upstream.url, ws_upstream.port), port=main, workers=None)
     wait_for_port(admin)
-    _wait(lambda: _ready(admin), "the master never became ready")
+    _wait(lambda: admin_ready(admin), "the master never became ready")
     assert len(_worker_pids(process.output())) == 2
 
     def per_worker() -> dict[str, float]:
@@ -94,14 +85,14 @@ def test_a_worker_that_dies_is_restarted_and_serving_goes_on(proxy, upstream, ws
     main, admin = free_port(), free_port()
     process = proxy.start(_config(main, admin, upstream.url, ws_upstream.port), port=main, workers=None)
     wait_for_port(admin)
-    _wait(lambda: _ready(admin), "the master never became ready")
+    _wait(lambda: admin_ready(admin), "the master never became ready")
     pids = _worker_pids(process.output())
     os.kill(pids[1], signal.SIGKILL)
     _wait(lambda: "worker 1 (pid" in process.output() and "died" in process.output(), "the death was not noticed")
     for n in range(50):
         assert http_get(main, f"/meanwhile/{n}")[0] == 200
     _wait(lambda: _worker_pids(process.output())[1] != pids[1], "worker 1 was not restarted")
-    _wait(lambda: _ready(admin), "the restarted worker never became ready")
+    _wait(lambda: admin_ready(admin), "the restarted worker never became ready")
     assert metric_samples(admin, "chatproxy_worker_restarts_total") == [({}, 1.0)]
     assert _worker_pids(process.output())[2] == pids[2]
 
@@ -116,7 +107,7 @@ def test_reload_and_drain_reach_every_worker(proxy, upstream, ws_upstream):
     config = proxy.write(_config(main, admin, upstream.url, ws_upstream.port))
     process = proxy.start(configs=[config], port=main, workers=None)
     wait_for_port(admin)
-    _wait(lambda: _ready(admin), "the master never became ready")
+    _wait(lambda: admin_ready(admin), "the master never became ready")
     with contextlib.ExitStack() as stack:
         sessions = [stack.enter_context(connect(f"ws://127.0.0.1:{main}/chat?sid=s{i}", open_timeout=10))
                     for i in range(8)]
@@ -173,7 +164,7 @@ def test_a_second_instance_on_the_same_port_is_refused_not_mixed_in(proxy, upstr
     with 'address in use' instead of quietly taking part of the connections."""
     main, admin = free_port(), free_port()
     first = proxy.start(_config(main, admin, upstream.url, ws_upstream.port), port=main, workers=None)
-    _wait(lambda: _ready(admin), "the first instance never became ready")
+    _wait(lambda: admin_ready(admin), "the first instance never became ready")
     second_dir = tmp_path / "second"
     second_dir.mkdir()
     from conftest import ProxyStarter
@@ -235,7 +226,7 @@ def test_a_reload_that_changes_workers_starts_or_stops_workers(proxy, upstream, 
     main, admin = free_port(), free_port()
     config = proxy.write(_config(main, admin, upstream.url, ws_upstream.port))
     process = proxy.start(configs=[config], port=main, workers=None)
-    _wait(lambda: _ready(admin), "the master never became ready")
+    _wait(lambda: admin_ready(admin), "the master never became ready")
 
     def gauges() -> dict[str, float]:
         return {labels["state"]: value for labels, value in metric_samples(admin, "chatproxy_workers")}
@@ -278,7 +269,7 @@ def test_sigterm_right_after_a_worker_died_still_ends_the_master(proxy, upstream
     master waiting: it drains the other worker and exits 0."""
     main, admin = free_port(), free_port()
     process = proxy.start(_config(main, admin, upstream.url, ws_upstream.port), port=main, workers=None)
-    _wait(lambda: _ready(admin), "the master never became ready")
+    _wait(lambda: admin_ready(admin), "the master never became ready")
     pids = _worker_pids(process.output())
     os.kill(pids[1], signal.SIGKILL)
     _wait(lambda: "died" in process.output(), "the death was not noticed")
@@ -292,7 +283,7 @@ def test_a_sighup_during_a_reload_is_applied_after_it(proxy, upstream, ws_upstre
     main, admin = free_port(), free_port()
     config = proxy.write(_config(main, admin, upstream.url, ws_upstream.port))
     process = proxy.start(configs=[config], port=main, workers=None)
-    _wait(lambda: _ready(admin), "the master never became ready")
+    _wait(lambda: admin_ready(admin), "the master never became ready")
     base = _config(main, admin, upstream.url, ws_upstream.port)
     config.write_text(base + "\n[route:new]\npath = /new\nupstream = app\nrewrite_path = /first\n")
     process.process.send_signal(signal.SIGHUP)
