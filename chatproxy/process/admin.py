@@ -4,11 +4,9 @@ redirects to it).
 
 ``/healthz`` answers 200 while the process runs.  ``/readyz`` answers 200 only
 when every listener is open and each upstream has at least one server that is
-not failing (fewer than :data:`log = Logger()
-
-UNHEALTHY_AFTER` connection attempts failed in a
+not failing (fewer than :data:`UNHEALTHY_AFTER` connection attempts failed in a
 row, and passing its active health checks when it has them), 503 otherwise,
-with the reasons.  ``/metrics`` is the Prometheus text format, produced with
+with the reasons (:data:`DRAINING` from SIGTERM until the process exits).  ``/metrics`` is the Prometheus text format, produced with
 ``prometheus_client`` from the proxy's running totals at scrape time (nothing
 is counted twice on the data path).  ``/status`` is built by
 :mod:`chatproxy.process.status_page` from facts gathered here
@@ -47,6 +45,8 @@ from chatproxy.proxy.upstream import EJECT_AFTER
 log = Logger()
 
 UNHEALTHY_AFTER = EJECT_AFTER  # the same rule as passive ejection
+#: Why /readyz says no once SIGTERM started the drain (one process, or a master).
+DRAINING = "draining (SIGTERM): no new connections"
 
 
 class ProxyView(Protocol):
@@ -84,7 +84,7 @@ class ProxyView(Protocol):
 def readiness(service: ProxyView) -> list[str]:
     """Why the proxy is not ready (empty when it is)."""
     if service.draining:
-        return ["draining (SIGTERM): no new connections"]
+        return [DRAINING]
     problems = []
     for name in service.config.listeners:
         if f"listen:{name}" not in service.ports:

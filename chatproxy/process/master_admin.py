@@ -34,7 +34,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.util import Redirect
 
 from chatproxy.config import Config
-from chatproxy.process.admin import (HEALTHY, Answer, Guarded, TextResource, json_answer, prepare, quiet_site,
+from chatproxy.process.admin import (DRAINING, HEALTHY, Answer, Guarded, TextResource, json_answer, prepare, quiet_site,
                                      readiness_answer, status_answer)
 from chatproxy.process.admin_access import AdminAccess
 from chatproxy.process.status_data import Facts, config_facts, merge_process_facts
@@ -225,7 +225,7 @@ def _metrics(master: MasterView, answers: list[tuple[int, int, bytes]]) -> Answe
 
 def _readyz(master: MasterView, answers: list[tuple[int, int, bytes]]) -> Answer:
     if master.draining:
-        return readiness_answer(["draining (SIGTERM): no new connections"])
+        return readiness_answer([DRAINING])
     problems = [f"worker {index}: " + (body.decode("utf-8", "replace").strip() if status else "not answering")
                 for index, status, body in answers if status != 200]
     if len(master.workers) < master.count:

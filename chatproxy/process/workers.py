@@ -45,7 +45,6 @@ from twisted.python.failure import Failure
 from twisted.scripts.twistd import run as run_twistd
 
 from chatproxy.config import Config, ConfigError, load_config
-from chatproxy.process.quiet import quiet_twisted_chatter
 from chatproxy.demo import demo_site
 from chatproxy.process.environment import MASTER_PID_ENV, WORKER_DIR_ENV, WORKER_ENV
 from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, default_reactor, ensure_certificate,
@@ -53,6 +52,7 @@ from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, 
 from chatproxy.process.master_admin import master_admin_site
 from chatproxy.process.notify import NotifyReceiver, notify_reloading, sd_notify
 from chatproxy.proxy.validate import validate
+from chatproxy.process.quiet import quiet_twisted_chatter
 from chatproxy.process.renewal import Renewer
 from chatproxy.process.stapler import Stapler
 from chatproxy.proxy.staples import StapleStore

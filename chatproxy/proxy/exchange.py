@@ -470,10 +470,8 @@ class Exchange:
             self.response_started = True
             client.send_head(status, reason, out, framing, close)
             return
-        final = self._answer_headers(status, out)
+        final = self._upstream_answer_headers(status, out)
         if final is None:
-            self._give_up_upstream()
-            self.respond_local(500, "internal filter error", hooks=False)
             return
         self._send_head(status, reason, final, framing, close)
 
@@ -487,10 +485,8 @@ class Exchange:
         upgrade_to = next((v for (_, v), k in zip(headers, names) if k == b"upgrade"), b"websocket")
         if self.set_cookie is not None:
             out.append((b"Set-Cookie", self.set_cookie))
-        final = self._answer_headers(101, out)
+        final = self._upstream_answer_headers(101, out)
         if final is None:
-            self._give_up_upstream()
-            self.respond_local(500, "internal filter error", hooks=False)
             return
         self.status = 101
         self.response_started = True
@@ -512,6 +508,15 @@ class Exchange:
                     [h for h in headers if h[0].lower() in _HOP_AND_LENGTH]
         own = self.client.listener.response_headers
         return replace_headers(headers, own) if own else headers
+
+    def _upstream_answer_headers(self, status: int, headers: list[Header]) -> list[Header] | None:
+        """:meth:`_answer_headers` for the upstream's answer; when a response hook
+        failed, the upstream is given up and the client answered 500 instead (None)."""
+        final = self._answer_headers(status, headers)
+        if final is None:
+            self._give_up_upstream()
+            self.respond_local(500, "internal filter error", hooks=False)
+        return final
 
     def _send_head(self, status: int, reason: bytes, headers: list[Header], framing: str, close: bool) -> None:
         self.status = status
@@ -579,10 +584,8 @@ class Exchange:
                 self.close_after = True
             self._decided(decision)
             return
-        final = self._answer_headers(held.status, held.headers)
+        final = self._upstream_answer_headers(held.status, held.headers)
         if final is None:
-            self._give_up_upstream()
-            self.respond_local(500, "internal filter error", hooks=False)
             return
         client = self.client
         client.cork()
