@@ -36,7 +36,8 @@ from collections.abc import Iterable, Sequence
 from attrs import frozen
 
 __all__ = ["OUTBOUND_SCORE_RULE", "RESPONSE_TYPES", "SCORE_RULE", "SETUP_RULES", "TAG_RE", "TARGET_RE", "Exclusion",
-           "WafSettings", "crs_setup", "engine_setup", "exclusions", "load_order", "parse_exclusion", "response_engine_setup", "response_files"]
+           "WafSettings", "crs_setup", "engine_setup", "exclusions", "load_order", "parse_exclusion",
+           "response_engine_setup", "response_files"]
 
 SCORE_RULE = 99100
 """chatproxy's own rule (a local-use id) that logs the inbound anomaly score."""
