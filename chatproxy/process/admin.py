@@ -7,8 +7,9 @@ when every listener is open and each upstream has at least one server that is
 not failing (fewer than :data:`UNHEALTHY_AFTER` connection attempts failed in a
 row, and passing its active health checks when it has them), 503 otherwise,
 with the reasons (:data:`DRAINING` from SIGTERM until the process exits).
-``/metrics`` is the Prometheus text format, produced with ``prometheus_client`` from the proxy's running totals at scrape time (nothing
-is counted twice on the data path).  ``/status`` is built by
+``/metrics`` is the Prometheus text format, produced with ``prometheus_client``
+from the proxy's running totals at scrape time (nothing is counted twice on
+the data path).  ``/status`` is built by
 :mod:`chatproxy.process.status_page` from facts gathered here
 (:mod:`chatproxy.process.status_data`).  ``/status``, ``/status.json`` and
 ``/metrics`` are guarded by ``[admin] allow`` and basic auth
