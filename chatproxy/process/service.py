@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from chatproxy.config import Config, ConfigError, Listener, load_config
 from chatproxy.demo import demo_site
+from chatproxy.process.dispatch import dispatch_directly
 from chatproxy.process.admin import admin_site
 from chatproxy.process.environment import WORKER_DIR_ENV, WORKER_ENV
 from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, default_reactor, ensure_certificate,
@@ -247,6 +248,7 @@ class ChatproxyService(MultiService):
         if self.core is None:
             self.privilegedStartService()
         assert self.core is not None
+        dispatch_directly(self.reactor)  # no per-event log context (see chatproxy.process.dispatch)
         self.core.start()
         if not self._snapshots.running and hasattr(self.reactor, "seconds"):
             self._snapshots.start(self.window.interval, now=True)

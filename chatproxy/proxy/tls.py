@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from chatproxy.config import ConfigError, Listener, Upstream, UpstreamServer
 from chatproxy.proxy.openssl_binding import GroupError, session_reused, set_groups, unknown_groups
+from chatproxy.proxy.sending import send
 from chatproxy.proxy.stats import Stats
 from chatproxy.proxy.tls_profiles import INTERMEDIATE, TLSSettings, listener_settings
 
@@ -135,8 +136,8 @@ def memory_context(certificate: x509.Certificate, key: Any, settings: TLSSetting
     """A server context for a certificate and key held in memory (an ACME
     listener's stand-in until its first certificate is issued)."""
     context = _base_context(settings)
-    context.use_certificate(crypto.X509.from_cryptography(certificate))
-    context.use_privatekey(crypto.PKey.from_cryptography_key(key))
+    context.use_certificate(certificate)
+    context.use_privatekey(key)
     return context
 
 
@@ -354,9 +355,19 @@ def build_client_tls(upstream: Upstream, server: UpstreamServer) -> Any:
 class _HandshakeCountingTLS(TLSMemoryBIOProtocol):
     """A server TLS connection that counts its handshake: completed (new or
     resumed session) or failed (no shared protocol version or cipher, garbage
-    instead of a ClientHello, ...)."""
+    instead of a ClientHello, ...), and sends its records at once when the
+    socket can take them (:func:`chatproxy.proxy.sending.send`)."""
 
     factory: HandshakeCountingTLSFactory
+
+    def _flushSendBIO(self) -> None:
+        # Twisted's version queues every record with transport.write: one
+        # more reactor turn and two epoll_ctl calls for each response.
+        try:
+            records = self._tlsConnection.bio_read(2 ** 15)
+        except SSL.WantReadError:
+            return  # nothing in the send BIO
+        send(self.transport, records)
 
     def _checkHandshakeStatus(self) -> None:
         done = self._handshakeDone
