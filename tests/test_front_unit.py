@@ -4,6 +4,8 @@ StringTransports for the client side and for fake upstream connections."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -752,3 +754,42 @@ def test_drain_after_a_keep_alive_head_went_out_answers_the_next_request_with_cl
     (second,) = responses(client.value())
     assert header(second, "connection") == "close" and second["body"] == b"B"
     assert client.disconnecting
+
+
+def _accept_key(key: bytes) -> bytes:
+    """The Sec-WebSocket-Accept answering ``key`` (RFC 6455, 4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+
+
+def test_an_open_bridge_session_keeps_nothing_of_its_handshake(make):
+    """Once a bridged WebSocket session is open, the front connection no
+    longer holds an HTTP parser, neither leg holds the raw handshake or its
+    parsed headers, and the upstream leg's factory no longer holds the
+    forwarded headers (an idle session lasts for hours); messages still pass
+    both ways afterwards."""
+    h = make(routes="[route:ws]\npath = /\nupstream = app\nwebsocket = yes\nping_interval = 0\n")
+    front, client = h.client()
+    front.dataReceived(b"GET /chat HTTP/1.1\r\nHost: chat.example.com\r\nUpgrade: websocket\r\n"
+                       b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                       b"Sec-WebSocket-Version: 13\r\nCookie: a=1\r\nUser-Agent: test\r\n\r\n")
+    upstream, up_transport = h.accept_upstream()
+    handshake = up_transport.value()
+    assert handshake.startswith(b"GET /chat HTTP/1.1\r\n") and b"Cookie: a=1" in handshake
+    key = re.search(rb"Sec-WebSocket-Key: (\S+)", handshake).group(1)  # type: ignore[union-attr]
+    up_transport.clear()
+    upstream.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          b"Sec-WebSocket-Accept: " + _accept_key(key) + b"\r\n\r\n")
+    assert client.value().startswith(b"HTTP/1.1 101 ")
+    client.clear()
+    bridge = front.tunnel
+    assert bridge is not None and front._parser is None
+    for leg in (bridge.client, bridge.upstream):
+        assert leg.http_headers == {} and leg.http_request_data == b"" and leg.http_response_data == b""
+    assert bridge.upstream.factory.headers == {}
+    mask = b"\x01\x02\x03\x04"
+    front.dataReceived(b"\x81\x82" + mask + bytes(a ^ b for a, b in zip(b"hi", mask)))
+    sent = up_transport.value()
+    assert sent[:1] == b"\x81" and sent[1] == 0x82
+    assert bytes(a ^ b for a, b in zip(sent[6:8], sent[2:6])) == b"hi"
+    upstream.dataReceived(b"\x81\x02ho")
+    assert client.value() == b"\x81\x02ho"

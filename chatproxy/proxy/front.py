@@ -60,7 +60,18 @@ class _Reject(Exception):
 class FrontConnection(Protocol):
     """One client connection to a listener."""
 
+    # Slots: a connection lives as long as its client (an idle chat session
+    # for hours), so its state is kept in slots rather than a dictionary.
+    __slots__ = ("transport", "connected", "factory", "core", "listener", "settings", "peer", "connection",
+                 "deadline", "closing", "draining", "client_paused", "tunnel", "_deadline_kind", "_parser",
+                 "_queue", "_parsing", "_read_pauses", "_in_head", "_head_bytes", "_url", "_headers",
+                 "_max_headers", "_hosts", "_pending_error", "_upgrade_buffer", "_upgrade_request",
+                 "_body_parser", "_starting", "_stop_parsing", "_peer_known", "_corked", "_out", "_chunked",
+                 "_close_delimited", "_close_after_response")
+
     def __init__(self, factory: FrontFactory) -> None:
+        self.transport = None
+        self.connected = 0
         self.factory = factory
         self.core: ProxyCore = factory.core
         self.listener: Listener = factory.listener
@@ -73,7 +84,7 @@ class FrontConnection(Protocol):
         self.client_paused = False
         self.tunnel: Tunnel | WebSocketBridge | http2.H2Session | None = None  # who took the connection over
         self._deadline_kind = "header"
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: Any = httptools.HttpRequestParser(self)  # None once a session took the connection over
         self._queue: deque[Exchange] = deque()
         self._parsing: Exchange | None = None
         self._read_pauses: set[str] = set()
@@ -604,6 +615,8 @@ class FrontConnection(Protocol):
         HTTP parsing needed (long-lived idle sessions should be small)."""
         self._headers = []
         self._url = b""
+        self._parser = None  # (a parser holds its callbacks: about 1 KiB)
+        self._upgrade_request = None
         self.core.sweeper.discard(self)
 
     def _start_http2(self) -> None:

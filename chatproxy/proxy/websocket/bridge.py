@@ -62,7 +62,7 @@ from chatproxy.filters import CloseSession
 from chatproxy.filters.chain import FilterChain
 from chatproxy.http.messages import HOP_BY_HOP
 from chatproxy.proxy.forwarding import upstream_headers
-from chatproxy.proxy.websocket.legs import ClientLeg, UpstreamLeg, is_closed, is_open
+from chatproxy.proxy.websocket.legs import ClientLeg, UpstreamLeg, is_closed, is_open, shed_handshake
 from chatproxy.proxy.websocket.sockets import TIMER, RouteSockets
 
 if TYPE_CHECKING:
@@ -315,6 +315,9 @@ class WebSocketBridge:
         """The client leg is open: deliver what the upstream already sent."""
         self._client_open = True
         self._last_message = time.monotonic()
+        shed_handshake(self.client)
+        if self.upstream is not None:
+            shed_handshake(self.upstream)
         self.front.core.websocket_sessions.add(self)
         pending, self._pending_to_client = self._pending_to_client, []
         for payload, binary in pending:

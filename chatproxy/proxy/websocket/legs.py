@@ -262,3 +262,15 @@ def is_closed(leg: Any) -> bool:
     """Whether a leg is closed (or was never connected)."""
     # A leg whose connection was never made has no state yet: nothing to close.
     return bool(getattr(leg, "state", leg.STATE_CLOSED) == leg.STATE_CLOSED)
+
+
+def shed_handshake(leg: Any) -> None:
+    """Drop what a leg kept of its opening handshake (the raw request or
+    response, the parsed headers): an open session can last for hours, and
+    nothing reads them afterwards.  Empty values, not deleted attributes, so
+    that any later read still works."""
+    leg.http_headers = {}
+    leg.http_request_data = b""
+    leg.http_response_data = b""
+    if isinstance(leg, UpstreamLeg):
+        leg.factory.headers = {}  # its factory is its own (the handshake's headers); a client leg's is shared
