@@ -9,7 +9,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -64,6 +64,8 @@ class Supervisor:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.servers: list[Server] = []
+        #: Given a server's name, the CPUs (a ``taskset -c`` list) it is pinned to, or None.
+        self.affinity: Callable[[str], str | None] = lambda name: None
 
     def start(self, name: str, argv: Sequence[str], cwd: Path | None = None) -> Server:
         """Start ``argv`` with its output going to ``<log_dir>/<name>.log`` (``<name>-2.log`` ... if taken)."""
@@ -71,6 +73,9 @@ class Supervisor:
         while log_path.exists():
             number += 1
             log_path = self.log_dir / f"{name}-{number}.log"
+        cpus = self.affinity(name)
+        if cpus is not None:  # pinned: it and every process it starts (a master's workers)
+            argv = ["taskset", "-c", cpus, *argv]
         with log_path.open("wb") as log:
             process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                        cwd=cwd, start_new_session=True)

@@ -86,13 +86,17 @@ def parse_wrk_output(output: str, exit_status: int = 0) -> WrkResult:
     return result
 
 
-def run_wrk(url: str, *, duration: float, connections: int, threads: int, wrk: str = "wrk") -> WrkResult:
-    """Drive ``url`` with wrk for ``duration`` seconds and return what it measured.
+def run_wrk(url: str, *, duration: float, connections: int, threads: int, wrk: str = "wrk",
+            cpus: str | None = None) -> WrkResult:
+    """Drive ``url`` with wrk for ``duration`` seconds and return what it measured;
+    ``cpus``: pin wrk to these CPUs (a ``taskset -c`` list).
 
     The subprocess is killed if this is interrupted (``subprocess.run`` does
     that on any exception) or if wrk overruns its duration by 30 seconds.
     """
     argv = [wrk, "--latency", "-t", str(threads), "-c", str(connections), "-d", f"{duration:g}s", url]
+    if cpus is not None:
+        argv = ["taskset", "-c", cpus, *argv]
     try:
         completed = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30,
                                    stdin=subprocess.DEVNULL, check=False)
