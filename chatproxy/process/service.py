@@ -20,8 +20,8 @@ from twisted.python.failure import Failure
 
 from chatproxy.config import Config, ConfigError, Listener, load_config
 from chatproxy.demo import demo_site
-from chatproxy.process.dispatch import dispatch_directly
 from chatproxy.process.admin import admin_site
+from chatproxy.process.dispatch import dispatch_directly
 from chatproxy.process.environment import WORKER_DIR_ENV, WORKER_ENV
 from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, default_reactor, ensure_certificate,
                                          handle_drain_and_reload, state_directory)
