@@ -127,7 +127,8 @@ def chatproxy_config(upstream_port: int, port: int, mode: str, tls: bool, certif
 def _knows_workers(ctx: WsContext) -> bool:
     """Whether the chatproxy to run has the ``workers`` option (``--chatproxy-at`` may name an older one)."""
     sources = [BENCH_DIR.parent] if ctx.chatproxy_path is None else ctx.chatproxy_path
-    return any((source / "chatproxy" / "workers.py").exists() for source in sources)
+    return any((source / "chatproxy" / place / "workers.py").exists()
+               for source in sources for place in (".", "process"))
 
 
 def _start_chatproxy(ctx: WsContext, port: int, tls: bool, mode: str) -> Server:

@@ -761,12 +761,10 @@ def _accept_key(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
 
 
-def test_an_open_bridge_session_keeps_nothing_of_its_handshake(make):
-    """Once a bridged WebSocket session is open, the front connection no
-    longer holds an HTTP parser, neither leg holds the raw handshake or its
-    parsed headers, and the upstream leg's factory no longer holds the
-    forwarded headers (an idle session lasts for hours); messages still pass
-    both ways afterwards."""
+def _open_bridge(make: Any) -> tuple[Any, Any, Any, Any]:
+    """A bridged WebSocket session opened through a front connection:
+    (front, client transport, upstream leg's connection, upstream transport),
+    both transports cleared."""
     h = make(routes="[route:ws]\npath = /\nupstream = app\nwebsocket = yes\nping_interval = 0\n")
     front, client = h.client()
     front.dataReceived(b"GET /chat HTTP/1.1\r\nHost: chat.example.com\r\nUpgrade: websocket\r\n"
@@ -781,6 +779,32 @@ def test_an_open_bridge_session_keeps_nothing_of_its_handshake(make):
                           b"Sec-WebSocket-Accept: " + _accept_key(key) + b"\r\n\r\n")
     assert client.value().startswith(b"HTTP/1.1 101 ")
     client.clear()
+    return front, client, upstream, up_transport
+
+
+def _masked(opcode: int, payload: bytes, mask: bytes = b"\x01\x02\x03\x04") -> bytes:
+    """One whole client frame (FIN set, payload under 126 bytes), masked."""
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def _unmasked_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each whole masked frame (payloads under 126 bytes) the bridge sent upstream."""
+    frames = []
+    while data:
+        length = data[1] & 0x7F
+        mask = data[2:6]
+        frames.append((data[0] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(data[6:6 + length]))))
+        data = data[6 + length:]
+    return frames
+
+
+def test_an_open_bridge_session_keeps_nothing_of_its_handshake(make):
+    """Once a bridged WebSocket session is open, the front connection no
+    longer holds an HTTP parser, neither leg holds the raw handshake or its
+    parsed headers, and the upstream leg's factory no longer holds the
+    forwarded headers (an idle session lasts for hours); messages still pass
+    both ways afterwards."""
+    front, client, upstream, up_transport = _open_bridge(make)
     bridge = front.tunnel
     assert bridge is not None and front._parser is None
     for leg in (bridge.client, bridge.upstream):
@@ -793,3 +817,23 @@ def test_an_open_bridge_session_keeps_nothing_of_its_handshake(make):
     assert bytes(a ^ b for a, b in zip(sent[6:8], sent[2:6])) == b"hi"
     upstream.dataReceived(b"\x81\x02ho")
     assert client.value() == b"\x81\x02ho"
+
+
+def test_bridge_reads_relay_every_frame_in_order_and_nothing_after_a_close(make):
+    """Bytes read from an open bridged session are cut into frames however
+    they arrive: several whole frames in one read, a frame split over reads
+    (its header too), a ping among messages (answered, not relayed); a close
+    frame goes on upstream and a message the client sends after its close in
+    the same read is not relayed."""
+    front, client, upstream, up_transport = _open_bridge(make)
+    stream = (_masked(1, b"one") + _masked(2, b"\x00two") + _masked(9, b"p") + _masked(1, b"three")
+              + _masked(1, "vier \u00e9".encode()))
+    front.dataReceived(stream[:20])
+    front.dataReceived(stream[20:21])
+    front.dataReceived(stream[21:])
+    assert _unmasked_frames(up_transport.value()) == [(1, b"one"), (2, b"\x00two"), (1, b"three"),
+                                                      (1, "vier \u00e9".encode())]
+    assert client.value() == b"\x8a\x01p"  # the pong, from the proxy
+    up_transport.clear()
+    front.dataReceived(_masked(1, b"last") + _masked(8, b"\x03\xe8bye") + _masked(1, b"after"))
+    assert _unmasked_frames(up_transport.value()) == [(1, b"last"), (8, b"\x03\xe8bye")]

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from attrs import evolve
 
+from chatproxy.proxy.sending import send
+
 if TYPE_CHECKING:
     from chatproxy.proxy.core import ProxyCore
     from chatproxy.proxy.exchange import Exchange
@@ -56,7 +58,7 @@ class Tunnel:
         """Client bytes: to the upstream."""
         self.bytes_up += len(data)
         if self.upstream.transport is not None:
-            self.upstream.transport.write(data)
+            send(self.upstream.transport, data)
 
     def write(self, data: bytes) -> None:
         """Upstream bytes: to the client."""

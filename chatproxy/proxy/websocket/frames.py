@@ -41,6 +41,24 @@ class FastFrames:
     _RECEIVE_MASKED: bool  # frames from the peer are masked (it is a client)
     _SEND_MASKED: bool  # frames to the peer are masked (we are its client)
 
+    def dataReceived(self, data: bytes) -> None:
+        # In an open session, bytes go straight to Autobahn's frame loop (that
+        # of its consumeData): its own dataReceived formats three debug-log
+        # arguments (a qualified function name among them) for every read
+        # before it gets there.
+        try:
+            direct = _FAST_PATH and self.state == _OPEN and not self.logOctets  # type: ignore[attr-defined]
+        except AttributeError:  # an Autobahn whose internals differ
+            _disable_fast_path()
+            direct = False
+        if not direct:
+            super().dataReceived(data)  # type: ignore[misc]
+            return
+        self.trafficStats.incomingOctetsWireLevel += len(data)  # type: ignore[attr-defined]
+        self.data += data
+        while self.processData() and self.state != _CLOSED:  # type: ignore[attr-defined]  # as consumeData does
+            pass
+
     def processData(self) -> bool:
         if _FAST_PATH:
             try:
@@ -118,6 +136,7 @@ class FastFrames:
 
 
 _OPEN = WebSocketProtocol.STATE_OPEN
+_CLOSED = WebSocketProtocol.STATE_CLOSED
 #: Whether the fast path is used: it reads Autobahn's protocol attributes, so
 #: an Autobahn whose internals differ turns it off (and is used for everything).
 _FAST_PATH = True
