@@ -43,6 +43,7 @@ from typing import Any
 from processes import (BenchError, Server, Supervisor, exit_on_termination_signals, background_load, free_ports,
                        group_cpu_by_process, select_targets, system_cpu_seconds, wait_for_listeners,
                        wait_until_serving)
+from sources import chatproxy_pythonpath, export_chatproxy
 from targets import BENCH_DIR, BODY, TARGETS, Context, Target, make_certificate, start_upstream
 from wrk import WrkResult, run_wrk
 
@@ -427,7 +428,8 @@ def machine_line(machine: dict[str, Any]) -> str:
     dirty = f" + uncommitted changes to {', '.join(changes)}" if changes else ""
     line = (f"{machine['cpus']} x {machine['cpu_model']}, {machine['kernel']}; Python {machine['python']}, "
             f"Twisted {machine['twisted']}, httptools {machine['httptools']}; {machine['nginx']}; "
-            f"{machine['wrk'].split(' Copyright')[0]}; chatproxy {machine['chatproxy_commit']}{dirty}")
+            f"{machine['wrk'].split(' Copyright')[0]}; chatproxy {machine['chatproxy_commit']}{dirty}"
+            + (f"; *-baseline: chatproxy at {machine['baseline_commit']}" if machine.get("baseline_commit") else ""))
     end = (machine.get("chatproxy_commit_at_end"), machine.get("chatproxy_uncommitted_changes_at_end"))
     if end[0] is not None and end != (machine["chatproxy_commit"], changes):
         line += (f"\nwarning: chatproxy changed during the run (at the end: {end[0]}"
@@ -514,6 +516,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="chatproxy's workers for the chatproxy-workers and chatproxy-tls-workers targets "
                              "(default: one per CPU, as workers = auto; here %(default)s)")
     parser.add_argument("--only", help="comma-separated targets to run: " + ", ".join(t.name for t in TARGETS))
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run chatproxy-baseline and chatproxy-tls-baseline: chatproxy as committed at "
+                             "this git revision (exported with git archive), for an A/B in the same run")
     parser.add_argument("--pin-proxy", metavar="CPUS",
                         help="run each proxy on these CPUs (a taskset -c list, e.g. 1) and wrk and the upstream "
                              "on the others, as on a production box where the proxy has cores to itself")
@@ -597,7 +602,7 @@ def measure_all(targets: list[Target], ctx: Context, wrk: str, args: argparse.Na
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; 0 if every run was clean, 1 otherwise."""
-    targets = select_targets(TARGETS, args.only)
+    targets = select_targets([t for t in TARGETS if args.baseline or not t.baseline], args.only)
     nginx, wrk = ensure_tools()
     machine = machine_info(nginx, wrk)
     machine["background_load_at_start"] = round(wait_for_quiet(args.wait_for_quiet), 2)
@@ -611,7 +616,11 @@ def run(args: argparse.Namespace) -> int:
             supervisor.affinity = lambda name: args.load_cpus if name == "upstream" else args.pin_proxy
         try:
             certificate, key = make_certificate(workdir)
-            ctx = Context(supervisor, workdir, nginx, free_ports(1)[0], certificate, key, args.workers)
+            baseline_path = None
+            if args.baseline:
+                machine["baseline_commit"] = export_chatproxy(args.baseline, workdir / "baseline-src")
+                baseline_path = chatproxy_pythonpath(workdir / "baseline-src", workdir / "baseline-shim")
+            ctx = Context(supervisor, workdir, nginx, free_ports(1)[0], certificate, key, args.workers, baseline_path)
             outcomes, upstream_notes = measure_all(targets, ctx, wrk, args)
         finally:
             supervisor.stop_all()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from processes import Server, Supervisor
+from sources import with_pythonpath
 
 BENCH_DIR = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -35,6 +36,8 @@ class Context:
     key: Path
     #: ``workers`` for the chatproxy-*-workers targets (``--workers``, default one per CPU).
     workers: int = 1
+    #: PYTHONPATH that runs the chatproxy of ``--baseline`` (for the *-baseline targets).
+    baseline_path: list[Path] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class Target:
     start: Callable[[Context, int], Server] | None
     #: Runs ``--workers`` chatproxy workers, accepting on the master's listening socket.
     multi_worker: bool = False
+    #: Runs the chatproxy of ``--baseline REV`` (only selected with that option).
+    baseline: bool = False
 
     @property
     def nginx_reference(self) -> str:
@@ -178,15 +183,15 @@ def _chatproxy_config(ctx: Context, port: int, tls: bool, workers: int) -> str:
     )
 
 
-def _start_chatproxy(ctx: Context, port: int, tls: bool, several: bool = False) -> Server:
-    name = ("chatproxy-tls" if tls else "chatproxy") + ("-workers" if several else "")
+def _start_chatproxy(ctx: Context, port: int, tls: bool, several: bool = False, baseline: bool = False) -> Server:
+    name = ("chatproxy-tls" if tls else "chatproxy") + ("-workers" if several else "") + ("-baseline" if baseline else "")
     workers = ctx.workers if several else 1
     directory = ctx.workdir / name
     directory.mkdir(exist_ok=True)
     config = directory / "chatproxy.ini"
     config.write_text(_chatproxy_config(ctx, port, tls, workers))
-    return ctx.supervisor.start(name, [TWISTD, "-n", "--pidfile=", "chatproxy", "--config", str(config)],
-                                cwd=directory)
+    argv = [TWISTD, "-n", "--pidfile=", "chatproxy", "--config", str(config)]
+    return ctx.supervisor.start(name, with_pythonpath(argv, ctx.baseline_path if baseline else None), cwd=directory)
 
 
 def start_chatproxy(ctx: Context, port: int) -> Server:
@@ -197,6 +202,16 @@ def start_chatproxy(ctx: Context, port: int) -> Server:
 def start_chatproxy_tls(ctx: Context, port: int) -> Server:
     """One chatproxy process (``workers = 1``) with a TLS listener."""
     return _start_chatproxy(ctx, port, tls=True)
+
+
+def start_chatproxy_baseline(ctx: Context, port: int) -> Server:
+    """``chatproxy`` as committed at ``--baseline REV``."""
+    return _start_chatproxy(ctx, port, tls=False, baseline=True)
+
+
+def start_chatproxy_tls_baseline(ctx: Context, port: int) -> Server:
+    """``chatproxy-tls`` as committed at ``--baseline REV``."""
+    return _start_chatproxy(ctx, port, tls=True, baseline=True)
 
 
 def start_chatproxy_workers(ctx: Context, port: int) -> Server:
@@ -232,5 +247,9 @@ TARGETS: tuple[Target, ...] = (
            start_chatproxy_workers, multi_worker=True),
     Target("chatproxy-tls-workers", "chatproxy, a master and --workers worker processes, TLS", True,
            start_chatproxy_tls_workers, multi_worker=True),
+    Target("chatproxy-baseline", "the chatproxy target as committed at --baseline REV", False,
+           start_chatproxy_baseline, baseline=True),
+    Target("chatproxy-tls-baseline", "the chatproxy-tls target as committed at --baseline REV", True,
+           start_chatproxy_tls_baseline, baseline=True),
     Target("twisted-rpr", "twisted.web.proxy.ReverseProxyResource, one process", False, start_twisted_rpr),
 )

@@ -54,6 +54,7 @@ from typing import Any
 from processes import (BenchError, Server, Supervisor, exit_on_termination_signals, free_ports, group_pids,
                        select_targets, wait_until_serving)
 from run import BACKGROUND_LIMIT, _find_nginx, _git, _ms, _ratio, _version_of, _x, log_notes, wait_for_quiet
+from sources import chatproxy_pythonpath, export_chatproxy
 from targets import BENCH_DIR, BODY, Context, make_certificate
 from ws_targets import LOAD, WS_DIR, WS_PATH, WS_TARGETS, WsContext, WsTarget, find_node, start_echo_upstream
 
@@ -742,35 +743,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.message_size < 40:
         parser.error("need --message-size >= 40 (the message carries a session and sequence number)")
     return args
-
-
-def export_chatproxy(rev: str, directory: Path) -> str:
-    """Put ``chatproxy/`` and ``twisted/plugins/`` as committed at ``rev`` in ``directory``; the commit."""
-    commit = _git("rev-parse", "--short", "--verify", f"{rev}^{{commit}}").strip()
-    if not commit:
-        raise BenchError(f"--chatproxy-at: no such revision: {rev}")
-    archive = subprocess.run(["git", "-C", str(BENCH_DIR.parent), "archive", "--format=tar", commit,
-                              "chatproxy", "twisted"], capture_output=True, check=False)
-    if archive.returncode != 0:
-        raise BenchError(f"git archive failed: {archive.stderr.decode(errors='replace')}")
-    directory.mkdir()
-    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive.stdout, check=True)
-    return commit
-
-
-def chatproxy_pythonpath(source: Path, shim: Path) -> list[Path]:
-    """PYTHONPATH for running chatproxy from ``source`` instead of the working tree.
-
-    The editable install puts the working tree on sys.path (a .pth file), and with it the
-    working tree's twisted/plugins: a ``sitecustomize`` module in ``shim`` takes it off
-    again, so that only ``source`` is seen.
-    """
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(
-        "import os, sys\n"
-        f"_TREE = {str(BENCH_DIR.parent.resolve())!r}\n"
-        "sys.path[:] = [p for p in sys.path if os.path.realpath(p or '.') != _TREE]\n")
-    return [shim, source.resolve()]
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,7 +9,6 @@ usual WebSocket configuration, and chatproxy with a ``websocket = yes``
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from processes import BenchError, Server
+from sources import with_pythonpath
 from targets import BENCH_DIR, TWISTD, Context, _start_nginx
 
 WS_DIR = BENCH_DIR / "ws"
@@ -139,10 +139,7 @@ def _start_chatproxy(ctx: WsContext, port: int, tls: bool, mode: str) -> Server:
     config = directory / "chatproxy.ini"
     config.write_text(chatproxy_config(base.upstream_port, port, mode, tls, base.certificate, base.key,
                                        _knows_workers(ctx)))
-    argv = [TWISTD, "-n", "--pidfile=", "chatproxy", "--config", str(config)]
-    if ctx.chatproxy_path is not None:
-        pythonpath = os.pathsep.join(filter(None, [*map(str, ctx.chatproxy_path), os.environ.get("PYTHONPATH")]))
-        argv = ["/usr/bin/env", f"PYTHONPATH={pythonpath}", *argv]
+    argv = with_pythonpath([TWISTD, "-n", "--pidfile=", "chatproxy", "--config", str(config)], ctx.chatproxy_path)
     return base.supervisor.start(name, argv, cwd=directory)
 
 

@@ -28,6 +28,7 @@ from chatproxy.http.messages import client_ip, in_networks
 from chatproxy.proxy.forwarding import resolve_client
 from chatproxy.proxy.tls import DEFAULT_CIPHERS
 from conftest import PKI, RecordingUpstream, free_port, wait_for_port
+from hostile import fd_count
 
 OPENSSL = shutil.which("openssl")
 CURL = shutil.which("curl")
@@ -507,6 +508,71 @@ def test_connection_close_over_tls_closes_the_connection(proxy, upstream, pki):
     with tls_connect(port, client_context(pki), "localhost") as sock:
         sock.sendall(request)
         assert _read_to_eof(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def _read_response(sock: ssl.SSLSocket) -> tuple[bytes, bytes]:
+    """(head, body) of one response with a Content-Length, read off ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"EOF inside a response head: {data[:200]!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"EOF after {len(body)} of {length} body bytes"
+        body += chunk
+    assert len(body) == length
+    return head, body
+
+
+def test_tls_carries_big_bodies_and_pipelined_requests_whole_and_every_client_end_frees_its_socket(
+        proxy, upstream, pki):
+    """Over TLS (TLS 1.2 and 1.3): a 300 KB upload reaches the upstream
+    intact, a 300 KB download arrives intact, three requests written at once
+    get three answers in order; then clients that end with close_notify,
+    with a bare EOF in the middle of a record, or with a forged record after
+    the handshake all leave the proxy holding no socket for them, and it
+    still serves."""
+    port = free_port()
+    process = proxy.start(make_config(port, upstream.url, listener=tls_listener(pki)), port=port)
+    pid = process.process.pid
+    upload = os.urandom(300_000)
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        context = client_context(pki, min_version=version, max_version=version)
+        with tls_connect(port, context, "localhost") as sock:
+            sock.sendall(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 300000\r\n\r\n" + upload)
+            head, _ = _read_response(sock)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert upstream.requests[-1]["body_sha"] == __import__("hashlib").sha256(upload).hexdigest()
+            sock.sendall(b"GET /bytes?n=300000 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            head, body = _read_response(sock)
+            assert head.startswith(b"HTTP/1.1 200 ") and body == (bytes(range(256)) * 1200)[:300_000]
+            sock.sendall(b"".join(f"GET /bytes?n={n} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode()
+                                  for n in (10, 20_000, 30)))
+            assert [len(_read_response(sock)[1]) for _ in range(3)] == [10, 20_000, 30]
+    baseline = fd_count(pid)
+    for ending in ("close_notify", "eof inside a record", "forged record"):
+        for _ in range(20):
+            sock = tls_connect(port, client_context(pki), "localhost")
+            sock.sendall(b"GET /bytes?n=10 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            _read_response(sock)
+            if ending == "close_notify":
+                sock.unwrap().close()
+                continue
+            raw = socket.socket(fileno=sock.detach())
+            # A TLS application-data record header announcing 100 bytes: then
+            # EOF after 10 of them, or 100 bytes that fail the integrity check.
+            raw.sendall(b"\x17\x03\x03\x00\x64" + os.urandom(10 if ending == "eof inside a record" else 100))
+            raw.close()
+    deadline = time.monotonic() + 10
+    while fd_count(pid) > baseline and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fd_count(pid) <= baseline
+    with tls_connect(port, client_context(pki), "localhost") as sock:
+        sock.sendall(b"GET /bytes?n=5 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert _read_response(sock)[1] == bytes(range(5))
 
 
 @needs_curl

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from chatproxy.config import ConfigError, Listener, Upstream, UpstreamServer
 from chatproxy.proxy.openssl_binding import GroupError, session_reused, set_groups, unknown_groups
+from chatproxy.proxy import tls_records
 from chatproxy.proxy.sending import send
 from chatproxy.proxy.stats import Stats
 from chatproxy.proxy.tls_profiles import INTERMEDIATE, TLSSettings, listener_settings
@@ -34,6 +35,8 @@ DEFAULT_CIPHERS = INTERMEDIATE.ciphers
 _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 #: What upstream connections offer with ALPN.
 _UPSTREAM_ALPN = b"http/1.1"
+#: The most plaintext one TLS record carries.
+_RECORD = 2 ** 14
 #: The session cache of a listener's contexts (see docs/architecture.md, "TLS").
 SESSION_ID_CONTEXT = b"chatproxy"
 
@@ -356,18 +359,66 @@ class _HandshakeCountingTLS(TLSMemoryBIOProtocol):
     """A server TLS connection that counts its handshake: completed (new or
     resumed session) or failed (no shared protocol version or cipher, garbage
     instead of a ClientHello, ...), and sends its records at once when the
-    socket can take them (:func:`chatproxy.proxy.sending.send`)."""
+    socket can take them (:func:`chatproxy.proxy.sending.send`).
+
+    Once the handshake is done, application data moves through
+    :mod:`chatproxy.proxy.tls_records` (the same OpenSSL calls without
+    pyOpenSSL's per-call wrappers); whatever that leaves aside (a
+    close_notify, an alert, a failed write, the handshake itself) takes
+    Twisted's own path, which pyOpenSSL's exceptions drive."""
 
     factory: HandshakeCountingTLSFactory
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._handshakeDone and not self._appSendBuffer and tls_records.AVAILABLE \
+                and tls_records.feed(self._tlsConnection, data):
+            self._flushReceiveBIO()
+        else:
+            super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    def _flushReceiveBIO(self) -> None:
+        if not (self._handshakeDone and tls_records.AVAILABLE):
+            super()._flushReceiveBIO()  # type: ignore[no-untyped-call]
+            return
+        connection = self._tlsConnection
+        while not self._lostTLSConnection:
+            data = tls_records.read_plaintext(connection)
+            if data is None:
+                super()._flushReceiveBIO()  # type: ignore[no-untyped-call]  # raises what Twisted handles
+                return
+            if not data:
+                break  # OpenSSL needs more bytes from the client
+            if not self._aborted:
+                self.wrappedProtocol.dataReceived(data)
+        self._flushSendBIO()
+
+    def _write(self, data: bytes) -> None:
+        if not (self._handshakeDone and tls_records.AVAILABLE) or self._lostTLSConnection:
+            super()._write(data)  # type: ignore[no-untyped-call]
+            return
+        connection = self._tlsConnection
+        offset, size = 0, len(data)
+        while offset < size:
+            chunk = data if offset == 0 and size <= _RECORD else data[offset:offset + _RECORD]
+            taken = tls_records.write_plaintext(connection, chunk)
+            if not taken:
+                super()._write(data[offset:])  # type: ignore[no-untyped-call]  # buffers or fails as Twisted does
+                return
+            offset += taken
+            self._flushSendBIO()
 
     def _flushSendBIO(self) -> None:
         # Twisted's version queues every record with transport.write: one
         # more reactor turn and two epoll_ctl calls for each response.
-        try:
-            records = self._tlsConnection.bio_read(2 ** 15)
-        except SSL.WantReadError:
-            return  # nothing in the send BIO
-        send(self.transport, records)
+        if tls_records.AVAILABLE:
+            records = tls_records.take_records(self._tlsConnection)
+        else:
+            try:
+                records = self._tlsConnection.bio_read(2 ** 15)
+            except SSL.WantReadError:
+                return  # nothing in the send BIO
+        if records:
+            send(self.transport, records)
 
     def _checkHandshakeStatus(self) -> None:
         done = self._handshakeDone

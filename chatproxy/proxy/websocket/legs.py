@@ -255,7 +255,7 @@ class _PauseOther:
 
 def is_open(leg: Any) -> bool:
     """Whether a leg's session is open."""
-    return bool(getattr(leg, "state", None) == leg.STATE_OPEN)
+    return getattr(leg, "state", None) == _OPEN
 
 
 def is_closed(leg: Any) -> bool:

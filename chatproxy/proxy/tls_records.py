@@ -1,0 +1,97 @@
+"""Application data in and out of an established TLS connection without
+pyOpenSSL's per-call wrappers.
+
+A served request over TLS goes through OpenSSL four or five times: the
+client's records into the connection's receive BIO, plaintext out (until
+OpenSSL wants more bytes), the response in, its records out of the send BIO
+(until that is empty).  pyOpenSSL wraps each call in argument checks, a fresh
+buffer and, for "nothing more right now", a raised and caught ``WantReadError``:
+that was about half the TLS layer's CPU per request (bench/README.md).  The
+functions here make the same OpenSSL calls through the binding pyOpenSSL
+itself runs on (``cryptography``'s, see :mod:`chatproxy.proxy.openssl_binding`)
+and say "nothing more" with a return value.
+
+They handle only success and "wants more bytes".  Anything else -- a
+close_notify, a fatal alert, a failed write -- they leave as it is (None, 0),
+and the caller repeats the operation through pyOpenSSL,
+which sees the same condition (OpenSSL keeps it, and its error queue, until
+asked again) and raises the exception Twisted's TLS protocol handles.  If this
+pyOpenSSL's connections lack the attributes read here, :data:`AVAILABLE` is
+False and callers use pyOpenSSL for everything.
+
+Only for the reactor thread: one read buffer serves every connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from cryptography.hazmat.bindings.openssl.binding import Binding
+from OpenSSL import SSL
+
+__all__ = ["AVAILABLE", "feed", "read_plaintext", "take_records", "write_plaintext"]
+
+_binding = Binding()
+_lib: Any = _binding.lib
+_ffi: Any = _binding.ffi
+
+#: The largest plaintext one read returns (a TLS record holds at most 16 KiB).
+_READ_SIZE: Final = 2 ** 15
+_buffer = _ffi.new("char[]", _READ_SIZE)
+_WANT_READ: Final = _lib.SSL_ERROR_WANT_READ
+
+
+def _has_memory_bios(connection: SSL.Connection) -> bool:
+    return all(getattr(connection, name, None) is not None for name in ("_ssl", "_into_ssl", "_from_ssl"))
+
+
+def _check_available() -> bool:
+    """Whether this pyOpenSSL's connections expose what the functions read."""
+    try:
+        return _has_memory_bios(SSL.Connection(SSL.Context(SSL.TLS_METHOD), None))
+    except Exception:  # an OpenSSL that refuses the context: pyOpenSSL then
+        return False
+
+
+#: Whether the direct path can be used with this pyOpenSSL.
+AVAILABLE: Final = _check_available()
+
+
+def feed(connection: SSL.Connection, data: bytes) -> bool:
+    """Put records received from the peer into the connection's receive BIO;
+    False when OpenSSL did not take them all (then use ``bio_write``)."""
+    return bool(_lib.BIO_write(connection._into_ssl, data, len(data)) == len(data))
+
+
+def read_plaintext(connection: SSL.Connection) -> bytes | None:
+    """The next application data the records fed so far decrypt to; b""
+    when OpenSSL needs more bytes from the peer first; None for anything else
+    (see the module docstring)."""
+    ssl = connection._ssl
+    count = _lib.SSL_read(ssl, _buffer, _READ_SIZE)
+    if count > 0:
+        data: bytes = _ffi.unpack(_buffer, count)
+        return data
+    return b"" if _lib.SSL_get_error(ssl, count) == _WANT_READ else None
+
+
+def write_plaintext(connection: SSL.Connection, data: bytes) -> int:
+    """Encrypt ``data`` (at most 16 KiB, one record) into the send BIO: the
+    number of bytes taken, or 0 for anything else (see the module docstring)."""
+    count: int = _lib.SSL_write(connection._ssl, data, len(data))
+    return max(count, 0)
+
+
+def take_records(connection: SSL.Connection) -> bytes:
+    """Everything in the connection's send BIO (records to send to the
+    peer), emptying it; b"" when there is nothing."""
+    bio = connection._from_ssl
+    count = _lib.BIO_read(bio, _buffer, _READ_SIZE)
+    if count <= 0:
+        return b""
+    records: bytes = _ffi.unpack(_buffer, count)
+    while count == _READ_SIZE:
+        count = _lib.BIO_read(bio, _buffer, _READ_SIZE)
+        if count > 0:
+            records += _ffi.unpack(_buffer, count)
+    return records
