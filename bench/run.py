@@ -2,12 +2,14 @@
 
     /work/venv/bin/python bench/run.py [--duration 10] [--connections 32] [--threads 1]
                                        [--rounds 1] [--wait-for-quiet 60] [--workers N] [--only NAME,...]
+                                       [--pin-proxy CPUS] [--baseline REV]
 
 Starts an upstream (nginx with a fixed small response), then one target at a
 time in front of it -- nginx as a reverse proxy (plain and TLS), chatproxy
 with one process (``workers = 1``, plain and TLS) and with ``--workers``
 worker processes under a master (plain and TLS),
-``twisted.web.proxy.ReverseProxyResource`` -- and drives each with wrk at
+``twisted.web.proxy.ReverseProxyResource``, and with ``--baseline REV``
+chatproxy as committed at REV (an A/B in the same run) -- and drives each with wrk at
 the same concurrency: a short warm-up, then the measured run.  Prints
 requests/s, p50 and p99 latency, the ratios to the direct connection, to
 nginx and (for the several-worker targets) to one worker, and the CPU each
