@@ -801,15 +801,17 @@ def _unmasked_frames(data: bytes) -> list[tuple[int, bytes]]:
 def test_an_open_bridge_session_keeps_nothing_of_its_handshake(make):
     """Once a bridged WebSocket session is open, the front connection no
     longer holds an HTTP parser, neither leg holds the raw handshake or its
-    parsed headers, and the upstream leg's factory no longer holds the
-    forwarded headers (an idle session lasts for hours); messages still pass
+    parsed headers, and the upstream leg no longer holds a factory of its own
+    with the forwarded headers (an idle session lasts for hours); messages still pass
     both ways afterwards."""
     front, client, upstream, up_transport = _open_bridge(make)
     bridge = front.tunnel
     assert bridge is not None and front._parser is None
     for leg in (bridge.client, bridge.upstream):
         assert leg.http_headers == {} and leg.http_request_data == b"" and leg.http_response_data == b""
-    assert bridge.upstream.factory.headers == {}
+    # The upstream leg's own factory (the handshake's URL and headers) gave way to the route's shared one.
+    assert bridge.upstream.factory is bridge.sockets.open_client_factory
+    assert bridge.upstream.factory.headers == {} and bridge.upstream.factory.url is None
     mask = b"\x01\x02\x03\x04"
     front.dataReceived(b"\x81\x82" + mask + bytes(a ^ b for a, b in zip(b"hi", mask)))
     sent = up_transport.value()

@@ -48,7 +48,6 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
-from autobahn.twisted.websocket import WebSocketClientFactory
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from attrs import evolve
@@ -63,7 +62,7 @@ from chatproxy.filters.chain import FilterChain
 from chatproxy.http.messages import HOP_BY_HOP
 from chatproxy.proxy.forwarding import upstream_headers
 from chatproxy.proxy.websocket.legs import ClientLeg, UpstreamLeg, is_closed, is_open, shed_handshake
-from chatproxy.proxy.websocket.sockets import TIMER, RouteSockets
+from chatproxy.proxy.websocket.sockets import RouteSockets
 
 if TYPE_CHECKING:
     from chatproxy.config import Listener
@@ -190,17 +189,13 @@ class WebSocketBridge:
         path = route.rewrite_path or head.path
         resource = f"{path}?{head.query}" if head.query else path
         scheme = "wss" if server.server.tls else "ws"
-        factory = WebSocketClientFactory(
+        factory = self.sockets.client_factory(
             url=f"{scheme}://{_url_host(server.server.host)}:{server.server.port}{resource}",
             protocols=list(request.protocols or []),
             headers=self._upstream_headers(),
             useragent=head.header("user-agent") or None,
             origin=head.header("origin") or None,
         )
-        factory.noisy = False
-        factory.protocol = UpstreamLeg
-        factory.setProtocolOptions(**self.sockets.client_options())
-        factory._batched_timer = TIMER
         if upstream_config.host_header == "client" and head.authority:
             # Host as the client sent it (Autobahn writes "Host: host:port"), not
             # the client's host name with the upstream's port.
@@ -317,7 +312,7 @@ class WebSocketBridge:
         self._last_message = time.monotonic()
         shed_handshake(self.client)
         if self.upstream is not None:
-            shed_handshake(self.upstream)
+            shed_handshake(self.upstream, self.sockets.open_client_factory)
         self.front.core.websocket_sessions.add(self)
         pending, self._pending_to_client = self._pending_to_client, []
         for payload, binary in pending:

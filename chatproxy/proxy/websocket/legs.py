@@ -264,13 +264,15 @@ def is_closed(leg: Any) -> bool:
     return bool(getattr(leg, "state", leg.STATE_CLOSED) == leg.STATE_CLOSED)
 
 
-def shed_handshake(leg: Any) -> None:
+def shed_handshake(leg: Any, open_factory: Any = None) -> None:
     """Drop what a leg kept of its opening handshake (the raw request or
-    response, the parsed headers): an open session can last for hours, and
+    response, the parsed headers, and for an upstream leg its own factory,
+    which held the handshake's URL and headers: ``open_factory``, the route's
+    shared one, takes its place): an open session can last for hours, and
     nothing reads them afterwards.  Empty values, not deleted attributes, so
     that any later read still works."""
     leg.http_headers = {}
     leg.http_request_data = b""
     leg.http_response_data = b""
-    if isinstance(leg, UpstreamLeg):
-        leg.factory.headers = {}  # its factory is its own (the handshake's headers); a client leg's is shared
+    if open_factory is not None:
+        leg.factory = open_factory

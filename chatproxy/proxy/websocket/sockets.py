@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from autobahn.twisted.websocket import WebSocketServerFactory
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory
 from autobahn.websocket.compress import (
     PerMessageDeflateOffer,
     PerMessageDeflateOfferAccept,
@@ -13,7 +13,7 @@ from autobahn.websocket.compress import (
     PerMessageDeflateResponseAccept,
 )
 
-from chatproxy.proxy.websocket.legs import ClientLeg
+from chatproxy.proxy.websocket.legs import ClientLeg, UpstreamLeg
 
 if TYPE_CHECKING:
     from chatproxy.config import Route
@@ -44,6 +44,19 @@ class RouteSockets:
         )
         factory._batched_timer = TIMER
         self.server_factory = factory
+        #: What an open upstream leg keeps as its factory in place of its
+        #: own (which held its handshake): the route's options and timer, shared.
+        self.open_client_factory = self.client_factory()
+
+    def client_factory(self, **handshake: Any) -> WebSocketClientFactory:
+        """An Autobahn client factory for one upstream leg of this route:
+        ``handshake`` (url, protocols, headers, ...) and the route's options."""
+        factory = WebSocketClientFactory(**handshake)
+        factory.noisy = False
+        factory.protocol = UpstreamLeg
+        factory.setProtocolOptions(**self.client_options())
+        factory._batched_timer = TIMER
+        return factory
 
     def client_options(self) -> dict[str, Any]:
         """Protocol options for an upstream leg of this route."""
