@@ -397,6 +397,8 @@ class _HandshakeCountingTLS(TLSMemoryBIOProtocol):
             super()._write(data)  # type: ignore[no-untyped-call]
             return
         connection = self._tlsConnection
+        if type(data) is not bytes:
+            data = bytes(data)  # a bytearray or memoryview, which Twisted's write takes too
         offset, size = 0, len(data)
         while offset < size:
             chunk = data if offset == 0 and size <= _RECORD else data[offset:offset + _RECORD]
