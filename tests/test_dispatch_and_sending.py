@@ -18,7 +18,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 
+from chatproxy.config import load_config
 from chatproxy.process.dispatch import dispatch_directly, poll
+from chatproxy.proxy.core import ProxyCore
 from chatproxy.proxy.sending import send
 from chatproxy.proxy.stats import Stats
 from chatproxy.proxy.tls import HandshakeCountingTLSFactory, ServerTLS, memory_context, self_signed
@@ -228,3 +230,27 @@ def test_poll_hands_each_event_to_its_descriptor_and_logs_what_escapes() -> None
             b.close()
     assert any(event["log_failure"].check(RuntimeError) for event in failures)
     assert broken not in reactor.getReaders()
+
+
+def test_an_upstream_connection_reads_without_the_endpoints_wrapper(reactor: Any, tmp_path: Any) -> None:
+    """A new upstream connection takes its reads straight from the transport
+    (not through the client endpoint's pass-through wrapper), and still
+    learns when the server closes it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    config_path = tmp_path / "chatproxy.ini"
+    config_path.write_text(
+        "[chatproxy]\naccess_log = off\n[listen:main]\nendpoint = tcp:8080:interface=127.0.0.1\n"
+        f"[upstream:app]\nservers = http://127.0.0.1:{server.getsockname()[1]}\n"
+        "[route:all]\npath = /\nupstream = app\n")
+    core = ProxyCore(reactor, load_config([config_path]))
+    connected: list[Any] = []
+    core.pools["app"].servers[0].connect().addCallback(connected.append)
+    _turn(reactor, lambda: connected)
+    connection = connected[0]
+    assert connection.transport.protocol is connection
+    peer, _ = server.accept()
+    peer.close()
+    _turn(reactor, lambda: connection._closed)
+    server.close()

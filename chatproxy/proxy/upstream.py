@@ -91,6 +91,11 @@ class UpstreamConnection(Protocol):
 
     def connectionMade(self) -> None:
         self._connected = True
+        transport: Any = self.transport
+        if getattr(getattr(transport, "protocol", None), "_wrappedProtocol", None) is self:
+            # The client endpoint's wrapper only passes every call on to this
+            # protocol: reads (one per response) come here without it.
+            transport.protocol = self
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
