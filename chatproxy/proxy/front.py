@@ -10,7 +10,6 @@ is closed after ``idle_timeout``, as is one whose request body stalls that long.
 from __future__ import annotations
 
 import re
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -85,7 +84,7 @@ class FrontConnection(Protocol):
         self.tunnel: Tunnel | WebSocketBridge | http2.H2Session | None = None  # who took the connection over
         self._deadline_kind = "header"
         self._parser: Any = httptools.HttpRequestParser(self)  # None once a session took the connection over
-        self._queue: deque[Exchange] = deque()
+        self._queue: list[Exchange] = []  # in order (a list: an empty deque is ten times the size)
         self._parsing: Exchange | None = None
         self._read_pauses: set[str] = set()
         self._in_head = False
@@ -363,7 +362,7 @@ class FrontConnection(Protocol):
     def exchange_done(self, exchange: Exchange, aborted: bool) -> None:
         """An exchange finished: start the next one, keep alive, or close."""
         if self._queue and self._queue[0] is exchange:
-            self._queue.popleft()
+            del self._queue[0]
         if self._read_pauses:
             self.resume_reading("upstream")
             self.resume_reading("body")
@@ -633,7 +632,7 @@ class FrontConnection(Protocol):
         """Hand this connection to the WebSocket bridge (a bridge-mode route
         accepted the upgrade request; the bridge now answers it)."""
         if self._queue and self._queue[0] is exchange:
-            self._queue.popleft()
+            del self._queue[0]
         head = exchange.head
         assert head is not None and exchange.route is not None
         self.deadline = 0.0
@@ -650,7 +649,7 @@ class FrontConnection(Protocol):
     def start_tunnel(self, exchange: Exchange, connection: UpstreamConnection, leftover: bytes) -> None:
         """Relay bytes both ways from now on (the upstream accepted the upgrade)."""
         if self._queue and self._queue[0] is exchange:
-            self._queue.popleft()
+            del self._queue[0]
         self.deadline = 0.0
         self.tunnel = Tunnel(self, connection, exchange)
         self.core.session_started(exchange, self.close)

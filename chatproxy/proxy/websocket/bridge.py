@@ -117,7 +117,7 @@ class WebSocketBridge:
         self.options = sockets.options
         self.reactor = front.core.reactor
         self.started = time.monotonic()
-        self.client = ClientLeg()
+        self.client = sockets.client_leg()
         self.client.bridge = self
         self.client.factory = sockets.server_factory
         self.upstream: UpstreamLeg | None = None
@@ -201,7 +201,7 @@ class WebSocketBridge:
             # the client's host name with the upstream's port.
             factory.host, factory.port = _split_authority(head.authority, 443 if self.front.connection.tls else 80)
         self._handshake = defer.Deferred()
-        leg = UpstreamLeg()
+        leg = self.sockets.upstream_leg()
         leg.bridge = self
         leg.factory = factory
         self.upstream = leg

@@ -11,6 +11,8 @@ Autobahn whose attributes differ it turns itself off (logged once).
 from __future__ import annotations
 
 import random
+from collections import deque
+from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.xormasker import create_xor_masker  # type: ignore[attr-defined]
@@ -38,6 +40,7 @@ class FastFrames:
     """
 
     data: bytes  # Autobahn's receive buffer
+    send_queue: Any  # Autobahn's queue of chopped or synchronous writes
     _RECEIVE_MASKED: bool  # frames from the peer are masked (it is a client)
     _SEND_MASKED: bool  # frames to the peer are masked (we are its client)
 
@@ -130,10 +133,19 @@ class FastFrames:
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         # Close frames, pings and pongs, and what the fast path leaves to Autobahn.
         if sync or chopsize or self.send_queue or self.logOctets:  # type: ignore[attr-defined]
+            if "send_queue" not in vars(self):  # an open leg dropped its empty queue (legs.shed_handshake)
+                self.send_queue = deque()
             super().sendData(data, sync, chopsize)  # type: ignore[misc]
         else:
             send(self.transport, data)  # type: ignore[attr-defined]
 
+
+#: The Autobahn protocol options the fast path reads on every message: a
+#: leg keeps its own copy of these (reading an instance's attribute is faster
+#: than reading its class's), the others are on the route's leg classes (see
+#: :class:`~chatproxy.proxy.websocket.sockets.RouteSockets`).
+READ_PER_MESSAGE = frozenset({"logOctets", "logFrames", "maxFramePayloadSize", "maxMessagePayloadSize",
+                              "utf8validateIncoming", "autoPingRestartOnAnyTraffic", "autoFragmentSize"})
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSED = WebSocketProtocol.STATE_CLOSED

@@ -4,6 +4,7 @@ their messages, close frames, failures and ends to their bridge
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from autobahn.twisted.websocket import WebSocketClientProtocol, WebSocketServerProtocol
@@ -264,15 +265,59 @@ def is_closed(leg: Any) -> bool:
     return bool(getattr(leg, "state", leg.STATE_CLOSED) == leg.STATE_CLOSED)
 
 
+#: What Autobahn keeps of the opening handshake, and the empty value a read
+#: finds (on the leg's class) once an open leg has dropped it: the raw
+#: request or response, the parsed request line and headers, the offered
+#: origin, subprotocols, extensions and key.  Nothing reads them afterwards.
+_HANDSHAKE_ONLY: dict[str, Any] = {
+    "http_status_line": "", "http_headers": MappingProxyType({}), "http_request_data": b"",
+    "http_response_data": b"", "http_request_host": "", "http_request_uri": "", "http_request_path": "",
+    "http_request_params": MappingProxyType({}), "websocket_origin": "", "websocket_protocols": (),
+    "websocket_extensions": (), "websocket_extensions_in_use": (), "_wskey": "", "websocket_key": b"",
+}
+
+#: Autobahn's per-connection state as it stands in an open session nothing
+#: has happened to yet (no close or failure, no ping outstanding, no timing
+#: kept): an open leg drops each that still has this value, a read finds the
+#: same value on the class, and Autobahn's next change puts it back on the leg.
+_SETTLED: dict[str, Any] = {
+    "triggered": False, "wasMaxFramePayloadSizeExceeded": False, "wasMaxMessagePayloadSizeExceeded": False,
+    "closedByMe": False, "failedByMe": False, "droppedByMe": False, "wasClean": False, "wasNotCleanReason": None,
+    "wasServerConnectionDropTimeout": False, "wasOpenHandshakeTimeout": False, "wasCloseHandshakeTimeout": False,
+    "wasServingFlashSocketPolicyFile": False, "localCloseCode": None, "localCloseReason": None,
+    "remoteCloseCode": None, "remoteCloseReason": None, "openHandshakeTimeoutCall": None,
+    "closeHandshakeTimeoutCall": None, "autoPingPending": None, "autoPingPendingCall": None,
+    "autoPingPendingSent": None, "trackedTimings": None, "websocket_protocol_in_use": None,
+}
+
+for _name, _value in {**_HANDSHAKE_ONLY, **_SETTLED}.items():
+    setattr(_BridgeLeg, _name, _value)
+#: Autobahn's queue of chopped or synchronous writes (which the bridge never
+#: asks for: FastFrames.sendData gives a leg its own queue again if it ever
+#: does): an open leg drops its empty one, and reads find it empty here.
+_BridgeLeg.send_queue = ()  # type: ignore[attr-defined]
+
+
 def shed_handshake(leg: Any, open_factory: Any = None) -> None:
-    """Drop what a leg kept of its opening handshake (the raw request or
-    response, the parsed headers, and for an upstream leg its own factory,
-    which held the handshake's URL and headers: ``open_factory``, the route's
-    shared one, takes its place): an open session can last for hours, and
-    nothing reads them afterwards.  Empty values, not deleted attributes, so
-    that any later read still works."""
-    leg.http_headers = {}
-    leg.http_request_data = b""
-    leg.http_response_data = b""
+    """Make an open leg as small as it can be: an idle session can last for
+    hours, and Autobahn's protocol keeps about ninety attributes.
+
+    It drops what it kept of its opening handshake (:data:`_HANDSHAKE_ONLY`),
+    the state that still has its resting value (:data:`_SETTLED`) and its
+    empty write queue, whose values reads then find on the class; an upstream
+    leg also gives up its own factory, which held the handshake's URL and
+    headers, for ``open_factory``, the route's shared one.  Its dictionary is
+    then rebuilt at the size it now needs (a Python dictionary never shrinks
+    by itself).  The route's protocol options are not on the leg at all (see
+    :class:`~chatproxy.proxy.websocket.sockets.RouteSockets`)."""
+    state = vars(leg)
+    for name in _HANDSHAKE_ONLY:
+        state.pop(name, None)
+    for name, value in _SETTLED.items():
+        if name in state and type(state[name]) is type(value) and state[name] == value:
+            del state[name]
+    if "send_queue" in state and not state["send_queue"]:
+        del state["send_queue"]
     if open_factory is not None:
-        leg.factory = open_factory
+        state["factory"] = open_factory
+    leg.__dict__ = dict(state)

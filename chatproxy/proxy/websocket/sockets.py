@@ -13,6 +13,7 @@ from autobahn.websocket.compress import (
     PerMessageDeflateResponseAccept,
 )
 
+from chatproxy.proxy.websocket.frames import READ_PER_MESSAGE
 from chatproxy.proxy.websocket.legs import ClientLeg, UpstreamLeg
 
 if TYPE_CHECKING:
@@ -20,7 +21,15 @@ if TYPE_CHECKING:
 
 
 class RouteSockets:
-    """The Autobahn server factory and limits for one WebSocket route."""
+    """The Autobahn server factory and limits for one WebSocket route, and
+    the classes of its two legs.
+
+    The legs' classes carry the route's protocol options as class attributes:
+    Autobahn copies each option from the factory into every protocol it
+    starts, unless the protocol already has it, so the route's sessions share
+    one copy of the thirty or so instead of each holding its own (all but the
+    few the relay reads on every message,
+    :data:`~chatproxy.proxy.websocket.frames.READ_PER_MESSAGE`)."""
 
     def __init__(self, route: Route, open_timeout: float, close_timeout: float) -> None:
         options = route.ws
@@ -44,16 +53,20 @@ class RouteSockets:
         )
         factory._batched_timer = TIMER
         self.server_factory = factory
+        #: The classes of the route's client and upstream legs.
+        self.client_leg: type[ClientLeg] = _with_options(ClientLeg, factory)
+        self.upstream_leg: type[UpstreamLeg] = UpstreamLeg  # until the route's own, just below
         #: What an open upstream leg keeps as its factory in place of its
         #: own (which held its handshake): the route's options and timer, shared.
         self.open_client_factory = self.client_factory()
+        self.upstream_leg = self.open_client_factory.protocol = _with_options(UpstreamLeg, self.open_client_factory)
 
     def client_factory(self, **handshake: Any) -> WebSocketClientFactory:
         """An Autobahn client factory for one upstream leg of this route:
         ``handshake`` (url, protocols, headers, ...) and the route's options."""
         factory = WebSocketClientFactory(**handshake)
         factory.noisy = False
-        factory.protocol = UpstreamLeg
+        factory.protocol = self.upstream_leg
         factory.setProtocolOptions(**self.client_options())
         factory._batched_timer = TIMER
         return factory
@@ -73,6 +86,16 @@ class RouteSockets:
             perMessageCompressionAccept=_accept_deflate_response if options.compression else None,
             failByDrop=False,
         )
+
+
+def _with_options(leg: type[Any], factory: Any) -> type[Any]:
+    """A subclass of ``leg`` whose class attributes are ``factory``'s protocol
+    options (Autobahn's ``CONFIG_ATTRS`` for that side, but those read on
+    every message), so that Autobahn finds them on the class and does not
+    copy them onto each protocol."""
+    options = {name: getattr(factory, name) for name in leg.CONFIG_ATTRS if name not in READ_PER_MESSAGE}
+    return type(leg.__name__, (leg,), {"__module__": leg.__module__, "__qualname__": leg.__qualname__,
+                                       "__doc__": leg.__doc__, **options})
 
 
 class _Timer:
