@@ -8,6 +8,7 @@ import base64
 import hashlib
 import re
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -762,23 +763,29 @@ def _accept_key(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
 
 
-def _open_bridge(make: Any, options: str = "") -> tuple[Any, Any, Any, Any]:
+def _open_bridge(make: Any, options: str = "", client_headers: bytes = b"",
+                 upstream_headers: bytes = b"") -> tuple[Any, Any, Any, Any]:
     """A bridged WebSocket session opened through a front connection (its
-    route with ``options`` lines added): (front, client transport, upstream
-    leg's connection, upstream transport), both transports cleared."""
+    route with ``options`` lines added, the client's handshake and the
+    upstream's 101 with the given header lines added): (front, client
+    transport, upstream leg's connection, upstream transport), both
+    transports cleared."""
     h = make(routes="[route:ws]\npath = /\nupstream = app\nwebsocket = yes\nping_interval = 0\n" + options)
     front, client = h.client()
     front.dataReceived(b"GET /chat HTTP/1.1\r\nHost: chat.example.com\r\nUpgrade: websocket\r\n"
                        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                       b"Sec-WebSocket-Version: 13\r\nCookie: a=1\r\nUser-Agent: test\r\n\r\n")
+                       b"Sec-WebSocket-Version: 13\r\nCookie: a=1\r\nUser-Agent: test\r\n"
+                       + client_headers + b"\r\n")
     upstream, up_transport = h.accept_upstream()
     handshake = up_transport.value()
     assert handshake.startswith(b"GET /chat HTTP/1.1\r\n") and b"Cookie: a=1" in handshake
     key = re.search(rb"Sec-WebSocket-Key: (\S+)", handshake).group(1)  # type: ignore[union-attr]
     up_transport.clear()
     upstream.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                          b"Sec-WebSocket-Accept: " + _accept_key(key) + b"\r\n\r\n")
-    assert client.value().startswith(b"HTTP/1.1 101 ")
+                          b"Sec-WebSocket-Accept: " + _accept_key(key) + b"\r\n" + upstream_headers + b"\r\n")
+    upstream.handshake_sent = handshake  # for tests that check what the upstream was offered
+    assert client.value().startswith(b"HTTP/1.1 101 "), client.value()
+    client.opened = client.value()  # for tests that check the client's 101
     client.clear()
     return front, client, upstream, up_transport
 
@@ -820,6 +827,31 @@ def test_an_open_bridge_session_keeps_nothing_of_its_handshake(make):
     assert bytes(a ^ b for a, b in zip(sent[6:8], sent[2:6])) == b"hi"
     upstream.dataReceived(b"\x81\x02ho")
     assert client.value() == b"\x81\x02ho"
+
+
+@pytest.mark.parametrize("compression", [False, True])
+def test_a_client_offering_compression_gets_the_routes_answer_on_each_leg(make, compression):
+    """A client offering permessage-deflate opens its session on a route with
+    or without compression (the route's accept function is called as the
+    plain function it is, not as a method of the leg): with compression both
+    legs negotiate it and a compressed message passes; without, neither
+    the upstream nor the client hears of the extension."""
+    front, client, upstream, up_transport = _open_bridge(
+        make, options="compression = yes\n" if compression else "",
+        client_headers=b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+        upstream_headers=b"Sec-WebSocket-Extensions: permessage-deflate\r\n" if compression else b"")
+    assert (b"permessage-deflate" in upstream.handshake_sent) is compression
+    assert (b"permessage-deflate" in client.opened) is compression
+    deflater = zlib.compressobj(wbits=-15)
+    payload = b"\x81\x02hi" if not compression else bytes(
+        (0xC1, len(body := deflater.compress(b"hello") + deflater.flush(zlib.Z_SYNC_FLUSH)[:-4]))) + body
+    upstream.dataReceived(payload)
+    received = client.value()
+    if compression:
+        inflater = zlib.decompressobj(wbits=-15)
+        assert received[0] == 0xC1 and inflater.decompress(received[2:] + b"\x00\x00\xff\xff") == b"hello"
+    else:
+        assert received == b"\x81\x02hi"
 
 
 def test_an_open_bridge_leg_keeps_in_itself_only_what_the_relay_changes_or_reads_per_message(make):

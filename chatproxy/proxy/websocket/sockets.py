@@ -3,6 +3,7 @@ of both legs, shared by the route's sessions."""
 
 from __future__ import annotations
 
+from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory
@@ -93,9 +94,17 @@ def _with_options(leg: type[Any], factory: Any) -> type[Any]:
     options (Autobahn's ``CONFIG_ATTRS`` for that side, but those read on
     every message), so that Autobahn finds them on the class and does not
     copy them onto each protocol."""
-    options = {name: getattr(factory, name) for name in leg.CONFIG_ATTRS if name not in READ_PER_MESSAGE}
+    options = {name: _as_class_attribute(getattr(factory, name))
+               for name in leg.CONFIG_ATTRS if name not in READ_PER_MESSAGE}
     return type(leg.__name__, (leg,), {"__module__": leg.__module__, "__qualname__": leg.__qualname__,
                                        "__doc__": leg.__doc__, **options})
+
+
+def _as_class_attribute(value: Any) -> Any:
+    """``value`` as it must sit on a class to read back unchanged from an
+    instance: a plain function (an option such as
+    ``perMessageCompressionAccept``) would otherwise come back bound."""
+    return staticmethod(value) if isinstance(value, FunctionType) else value
 
 
 class _Timer:
