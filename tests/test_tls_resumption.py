@@ -3,7 +3,9 @@ resumes its session whatever worker count (each client address is steered to
 one worker: chatproxy.process.steering), with ``openssl s_client
 -sess_out/-sess_in`` and Python's ``ssl``, over a real ``twistd`` master and
 its workers on loopback; clients from many addresses still reach every
-worker.  Also the steering program itself against a reuseport group."""
+worker.  Where a client's address tells nothing (a plain listener, a
+``haproxy:`` endpoint) connections spread by address and port.  Also the
+steering programs themselves against a reuseport group."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import time
 import urllib.request
@@ -158,6 +161,97 @@ def test_the_steering_program_sends_each_address_to_its_socket():
                         chosen = group[worker_for(source, 3)]
                         accepted, _ = chosen.accept()  # times out if the kernel chose another socket
                         accepted.close()
+        finally:
+            for sock in group:
+                sock.close()
+
+
+def _requests_by_worker(admin: int) -> collections.Counter[str]:
+    """Requests answered so far, by worker (the master's /metrics)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for labels, value in metric_samples(admin, "chatproxy_requests_total"):
+        counts[labels["worker"]] += int(value)
+    return counts
+
+
+def _one_request(port: int, context: ssl.SSLContext | None, proxy_header: bool = False) -> int:
+    """One connection from 127.0.0.1 making one request (over TLS with ``context``,
+    after a PROXY v2 header naming a client at 203.0.113.7 with ``proxy_header``); its source port."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.settimeout(10)
+    try:
+        raw.bind(("127.0.0.1", 0))
+        source_port = raw.getsockname()[1]
+        raw.connect(("127.0.0.1", port))
+        if proxy_header:
+            addresses = socket.inet_aton("203.0.113.7") + socket.inet_aton("127.0.0.1") + struct.pack("!HH", 40000, port)
+            raw.sendall(b"\r\n\r\n\x00\r\nQUIT\n\x21\x11" + struct.pack("!H", len(addresses)) + addresses)
+        sock = context.wrap_socket(raw, server_hostname="localhost") if context is not None else raw
+        with sock:
+            assert http_over(sock)[0] == 200
+    finally:
+        raw.close()
+    return source_port
+
+
+def test_connections_spread_by_port_where_an_address_tells_nothing(proxy, upstream, pki):
+    """With two workers or more, connections from one address (127.0.0.1) to a plain
+    listener, or to a TLS listener behind a ``haproxy:`` endpoint (where every
+    connection comes from the balancer), each go to the worker their address and
+    port pick, so they reach every worker; on a TLS listener clients reach directly
+    they all go to the one worker their address picks (so sessions resume)."""
+    plain, direct, balanced, admin = free_port(), free_port(), free_port(), free_port()
+    settings = "access_log = off" + ("\nworkers = 2" if _workers() < 2 else "")
+    text = make_config(plain, upstream.url, settings=settings, extra=(
+        f"[listen:direct]\nendpoint = tcp:{direct}:interface=127.0.0.1\n{tls_listener(pki)}\n\n"
+        f"[listen:balanced]\nendpoint = haproxy:tcp:{balanced}:interface=127.0.0.1\n{tls_listener(pki)}\n\n"
+        f"[admin]\nendpoint = tcp:{admin}:interface=127.0.0.1\n"))
+    proxy.start(text, port=plain, workers=None)
+    wait_for_port(admin)
+    wait_for_port(direct)
+    wait_for_port(balanced)
+    workers = max(_workers(), 2)
+    context = _python_client(pki)
+    for port, tls, proxied in ((plain, None, False), (balanced, context, True), (direct, context, False)):
+        before = _requests_by_worker(admin)
+        ports = [_one_request(port, tls, proxied) for _ in range(24)]
+        served = _requests_by_worker(admin) - before
+        if port == direct:
+            assert served == {str(worker_for("127.0.0.1", workers) + 1): 24}
+        else:
+            expected = collections.Counter(str(worker_for("127.0.0.1", workers, p) + 1) for p in ports)
+            assert served == expected
+            assert len(served) == workers, served
+
+
+def test_the_steering_program_with_client_ports_sends_each_connection_to_its_socket():
+    """The program with ``client_ports`` makes the kernel hand each connection from one
+    address to the socket ``worker_for(address, 3, source port)`` names, IPv4 (also on
+    a dual-stack socket) and IPv6, and connections from one address reach every socket."""
+    for family, listen_on, source in ((socket.AF_INET, "127.0.0.1", "127.0.0.1"),
+                                      (socket.AF_INET6, "::", "::1"), (socket.AF_INET6, "::", "127.0.0.1")):
+        group = []
+        try:
+            for _ in range(3):
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                group.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((listen_on, group[0].getsockname()[1] if len(group) > 1 else 0))
+                sock.listen(16)
+                sock.settimeout(5)
+            attach(group[0], 3, client_ports=True)
+            port = group[0].getsockname()[1]
+            chosen_sockets = set()
+            for _ in range(30):
+                client_family = socket.AF_INET6 if ":" in source else socket.AF_INET
+                with socket.socket(client_family, socket.SOCK_STREAM) as client:
+                    client.bind((source, 0))
+                    client.connect(("::1" if client_family == socket.AF_INET6 else "127.0.0.1", port))
+                    chosen = worker_for(source, 3, client.getsockname()[1])
+                    accepted, _ = group[chosen].accept()  # times out if the kernel chose another socket
+                    accepted.close()
+                    chosen_sockets.add(chosen)
+            assert chosen_sockets == {0, 1, 2}
         finally:
             for sock in group:
                 sock.close()

@@ -44,7 +44,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import run as run_twistd
 
-from chatproxy.config import Config, ConfigError, load_config
+from chatproxy.config import Config, ConfigError, Listener, load_config
 from chatproxy.demo import demo_site
 from chatproxy.process.environment import MASTER_PID_ENV, WORKER_DIR_ENV, WORKER_ENV
 from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, default_reactor, ensure_certificate,
@@ -284,16 +284,20 @@ class Master(Service):
                     self.listening_socket(listener.endpoint, index)
             except (OSError, ValueError) as e:
                 raise StartupError(f"[listen:{name}]: cannot listen on {listener.endpoint}: {e}") from None
-            self._steer(name, listener.endpoint, worker_count(config))
+            self._steer(name, listener, worker_count(config))
 
-    def _steer(self, name: str, endpoint: str, workers: int) -> None:
-        """Send each client address to one worker (so TLS sessions resume):
-        see :mod:`chatproxy.process.steering`."""
+    def _steer(self, name: str, listener: Listener, workers: int) -> None:
+        """Send each client address to one worker on a TLS listener clients
+        reach directly (so TLS sessions resume), each connection its own way
+        elsewhere (no session to resume, or every connection from one load
+        balancer): see :mod:`chatproxy.process.steering`."""
+        by_connection = not listener.tls or endpoint_kind(listener.endpoint) == "haproxy"
         try:
-            attach_steering(self.listening_socket(endpoint, 1), workers)
+            attach_steering(self.listening_socket(listener.endpoint, 1), workers, client_ports=by_connection)
         except OSError as e:
-            log.warn("[listen:{name}] cannot steer clients to workers by address ({error}): a client that "
-                     "reconnects may reach another worker and not resume its TLS session", name=name, error=e)
+            log.warn("[listen:{name}] cannot steer connections to workers ({error}): the kernel spreads them, "
+                     "and a worker that a reload retires may still be handed some; a client that reconnects "
+                     "may reach another worker and not resume its TLS session", name=name, error=e)
 
     def listening_socket(self, endpoint: str, worker: int) -> socket.socket:
         """Worker ``worker``'s listening socket for a TCP endpoint string, bound now if need be."""
