@@ -10,6 +10,7 @@ steering programs themselves against a reuseport group."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import shutil
 import socket
@@ -18,6 +19,7 @@ import struct
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import pytest
 
@@ -132,6 +134,39 @@ def test_clients_from_many_addresses_reach_every_worker_and_each_resumes(proxy, 
     assert per_worker == collections.Counter({w: 2 * n for w, n in expected.items()})
 
 
+@contextlib.contextmanager
+def _steered_group(family: int, listen_on: str, client_ports: bool = False) -> Iterator[tuple[list[socket.socket], int]]:
+    """Three SO_REUSEPORT listening sockets on one loopback port with the steering
+    program for 3 workers attached: (the sockets, the port), closed afterwards."""
+    group: list[socket.socket] = []
+    try:
+        for _ in range(3):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            group.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((listen_on, group[0].getsockname()[1] if len(group) > 1 else 0))
+            sock.listen(16)
+            sock.settimeout(5)
+        attach(group[0], 3, client_ports=client_ports)
+        yield group, group[0].getsockname()[1]
+    finally:
+        for sock in group:
+            sock.close()
+
+
+def _accepted_from(source: str, port: int, group: list[socket.socket], client_ports: bool) -> int:
+    """Connect from ``source`` to ``port``; the index of the socket ``worker_for`` names,
+    after that socket accepted the connection (times out if the kernel chose another)."""
+    family = socket.AF_INET6 if ":" in source else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as client:
+        client.bind((source, 0))
+        client.connect(("::1" if family == socket.AF_INET6 else "127.0.0.1", port))
+        chosen = worker_for(source, 3, client.getsockname()[1] if client_ports else None)
+        accepted, _ = group[chosen].accept()
+        accepted.close()
+    return chosen
+
+
 def test_the_steering_program_sends_each_address_to_its_socket():
     """The BPF program attached to a group of three SO_REUSEPORT sockets makes the kernel
     hand each connection to the socket ``worker_for`` names, from IPv4 and IPv6 clients
@@ -140,30 +175,10 @@ def test_the_steering_program_sends_each_address_to_its_socket():
         (socket.AF_INET, "127.0.0.1", [f"127.0.0.{n}" for n in range(2, 20)]),
         (socket.AF_INET6, "::", ["::1", *(f"127.0.0.{n}" for n in range(2, 12))]),
     ):
-        group = []
-        try:
-            for _ in range(3):
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                group.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind((listen_on, group[0].getsockname()[1] if len(group) > 1 else 0))
-                sock.listen(16)
-                sock.settimeout(5)
-            attach(group[0], 3)
-            port = group[0].getsockname()[1]
+        with _steered_group(family, listen_on) as (group, port):
             for source in clients:
                 for _ in range(2):
-                    client_family = socket.AF_INET6 if ":" in source else socket.AF_INET
-                    target = "::1" if client_family == socket.AF_INET6 else "127.0.0.1"
-                    with socket.socket(client_family, socket.SOCK_STREAM) as client:
-                        client.bind((source, 0))
-                        client.connect((target, port))
-                        chosen = group[worker_for(source, 3)]
-                        accepted, _ = chosen.accept()  # times out if the kernel chose another socket
-                        accepted.close()
-        finally:
-            for sock in group:
-                sock.close()
+                    _accepted_from(source, port, group, client_ports=False)
 
 
 def _requests_by_worker(admin: int) -> collections.Counter[str]:
@@ -230,28 +245,6 @@ def test_the_steering_program_with_client_ports_sends_each_connection_to_its_soc
     a dual-stack socket) and IPv6, and connections from one address reach every socket."""
     for family, listen_on, source in ((socket.AF_INET, "127.0.0.1", "127.0.0.1"),
                                       (socket.AF_INET6, "::", "::1"), (socket.AF_INET6, "::", "127.0.0.1")):
-        group = []
-        try:
-            for _ in range(3):
-                sock = socket.socket(family, socket.SOCK_STREAM)
-                group.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind((listen_on, group[0].getsockname()[1] if len(group) > 1 else 0))
-                sock.listen(16)
-                sock.settimeout(5)
-            attach(group[0], 3, client_ports=True)
-            port = group[0].getsockname()[1]
-            chosen_sockets = set()
-            for _ in range(30):
-                client_family = socket.AF_INET6 if ":" in source else socket.AF_INET
-                with socket.socket(client_family, socket.SOCK_STREAM) as client:
-                    client.bind((source, 0))
-                    client.connect(("::1" if client_family == socket.AF_INET6 else "127.0.0.1", port))
-                    chosen = worker_for(source, 3, client.getsockname()[1])
-                    accepted, _ = group[chosen].accept()  # times out if the kernel chose another socket
-                    accepted.close()
-                    chosen_sockets.add(chosen)
-            assert chosen_sockets == {0, 1, 2}
-        finally:
-            for sock in group:
-                sock.close()
+        with _steered_group(family, listen_on, client_ports=True) as (group, port):
+            chosen = {_accepted_from(source, port, group, client_ports=True) for _ in range(30)}
+        assert chosen == {0, 1, 2}
