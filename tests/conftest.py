@@ -595,13 +595,15 @@ def basic_config(upstream_url: str, port: int, *, tls: PKI | None = None, extra:
 # Talking to a running proxy
 
 
-def http_get(port: int, path: str, tls: Any = None, source: str | None = None) -> tuple[int, bytes]:
+def http_get(port: int, path: str, tls: Any = None, source: str | None = None,
+             source_port: int = 0) -> tuple[int, bytes]:
     """GET ``path`` on a new connection (over TLS to ``localhost`` with the ``ssl.SSLContext`` ``tls``),
-    from the loopback address ``source`` if given (workers take clients by address): status and body."""
+    from the loopback address ``source`` (and ``source_port``) if given (workers take clients by
+    address, or by address and port): status and body."""
     import http.client
 
     conn: http.client.HTTPConnection
-    bind = (source, 0) if source is not None else None
+    bind = (source, source_port) if source is not None else None
     if tls is not None:
         conn = http.client.HTTPSConnection("localhost", port, timeout=10, context=tls, source_address=bind)
     else:

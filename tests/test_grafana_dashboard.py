@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatproxy.filters.crs import DEFAULT_CRS
+from chatproxy.process.steering import worker_for
 from conftest import (PKI, ProxyProcess, admin_ready, stop_process, ProxyStarter, RecordingUpstream, free_port, http_get, metric_samples,
                       require_tool, wait_for_port, wait_until)
 from ws_peers import WsUpstream
@@ -186,6 +188,26 @@ def _start_prometheus(directory: Path, admin: int) -> tuple[subprocess.Popen[byt
     return process, port
 
 
+_SOURCE_PORTS = itertools.count(20000)  # below the kernel's ephemeral range; each used once
+
+
+def _to_worker_one() -> tuple[str, int]:
+    """A source address and port from which the steering program sends a connection to the
+    main listener to worker 1 (of 2): every connection of the rounds reaches one worker, so
+    each counter's series exists after round 1 and grows in round 2 (rate() cannot see the
+    increment that created a series)."""
+    for port in _SOURCE_PORTS:
+        if worker_for("127.0.0.1", 2, port) == 0:
+            return "127.0.0.1", port
+    raise AssertionError("unreachable: the count is endless")
+
+
+def _get(main: int, path: str) -> int:
+    """GET ``path`` on the main listener from a source that reaches worker 1; the status."""
+    source, port = _to_worker_one()
+    return http_get(main, path, source=source, source_port=port)[0]
+
+
 def _drive_traffic(main: int, secure: int, admin: int, pki: PKI, round: int) -> None:
     """One round of traffic: requests (200, 405 refused by a filter, 403 refused by the waf,
     503 from the upstream, 502 from a dead one, a POST with a body), an HTTPS request and a
@@ -195,12 +217,12 @@ def _drive_traffic(main: int, secure: int, admin: int, pki: PKI, round: int) -> 
     from websockets.sync.client import connect
 
     for n in range(6):  # round robin meets the app's dead server too, until its checks fail
-        assert http_get(main, f"/hello/{n}")[0] == 200
-    assert http_get(main, "/status?code=503")[0] == 503
-    assert http_get(main, "/dead")[0] == 502
-    assert http_get(main, "/search?q=1%27%20union%20select%20password%20from%20users--")[0] == 403
+        assert _get(main, f"/hello/{n}") == 200
+    assert _get(main, "/status?code=503") == 503
+    assert _get(main, "/dead") == 502
+    assert _get(main, "/search?q=1%27%20union%20select%20password%20from%20users--") == 403
     for path, status in (("/form", 405), ("/upload", 200)):
-        post = http.client.HTTPConnection("127.0.0.1", main, timeout=10)
+        post = http.client.HTTPConnection("127.0.0.1", main, timeout=10, source_address=_to_worker_one())
         with contextlib.closing(post):
             post.request("POST", path, body=b"message=hello")
             assert post.getresponse().status == status
@@ -209,11 +231,13 @@ def _drive_traffic(main: int, secure: int, admin: int, pki: PKI, round: int) -> 
         raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # plain HTTP to a TLS listener
         while raw.recv(4096):
             pass
-    with connect(f"ws://127.0.0.1:{main}/chat?sid=grafana-{round}", open_timeout=10, close_timeout=10) as ws:
+    with connect(f"ws://127.0.0.1:{main}/chat?sid=grafana-{round}", open_timeout=10, close_timeout=10,
+                 source_address=_to_worker_one()) as ws:
         for text in ("hello", "anyone there?"):
             ws.send(text)
             assert ws.recv(timeout=10) == text
-    with connect(f"ws://127.0.0.1:{main}/limited?sid=limited-{round}", open_timeout=10, close_timeout=10) as ws:
+    with connect(f"ws://127.0.0.1:{main}/limited?sid=limited-{round}", open_timeout=10, close_timeout=10,
+                 source_address=_to_worker_one()) as ws:
         with pytest.raises(ConnectionClosed) as closed:  # the close may come while sending
             for n in range(10):  # at once, against 1 message/s (a bucket of 2)
                 ws.send(f"message {n}")
