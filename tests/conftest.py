@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -593,6 +594,18 @@ def basic_config(upstream_url: str, port: int, *, tls: PKI | None = None, extra:
 
 # ---------------------------------------------------------------------------
 # Talking to a running proxy
+
+
+def for_sync_websockets(context: ssl.SSLContext) -> ssl.SSLContext:
+    """``context`` limited to TLS 1.2, for ``websockets.sync`` clients.  That client reads
+    its socket in a background thread while the caller writes to it; with TLS 1.3 the
+    server's post-handshake messages (session tickets) arrive just then, and CPython's
+    SSLSocket is not safe for concurrent read and write: about one connection in 150-300
+    hangs before its handshake request is sent, until the proxy's header timeout answers
+    408 (seen against websockets' own server as well, so not a chatproxy fault).  Raw and
+    asyncio clients keep TLS 1.3."""
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def http_get(port: int, path: str, tls: Any = None, source: str | None = None,

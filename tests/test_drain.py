@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import basic_config, free_port
+from conftest import basic_config, for_sync_websockets, free_port
 
 
 def test_sigterm_lets_an_in_flight_request_finish_and_exits_0(proxy, upstream):
@@ -70,7 +70,7 @@ def test_sigterm_closes_websocket_sessions_with_1001(proxy, tmp_path):
     process = proxy.start(text, port=https_port)
     import ssl
 
-    context = ssl.create_default_context(cafile=str(tmp_path / "tls" / "localhost.crt"))
+    context = for_sync_websockets(ssl.create_default_context(cafile=str(tmp_path / "tls" / "localhost.crt")))
     with connect(f"wss://localhost:{https_port}/chat", ssl=context, open_timeout=10) as session:
         session.send("hello")
         assert session.recv(timeout=10) == "hello"

@@ -8,7 +8,7 @@ import ssl
 import urllib.request
 from pathlib import Path
 
-from conftest import free_port, wait_for_port
+from conftest import for_sync_websockets, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +49,7 @@ def test_quickstart_chat_messages_flow_over_wss_between_two_clients(proxy, tmp_p
     from websockets.sync.client import connect
 
     _, port = _quickstart(proxy, tmp_path)
-    context = ssl.create_default_context(cafile=str(tmp_path / "tls" / "localhost.crt"))
+    context = for_sync_websockets(ssl.create_default_context(cafile=str(tmp_path / "tls" / "localhost.crt")))
     url = f"wss://localhost:{port}/chat"
     with connect(url, ssl=context, open_timeout=10) as alice, connect(url, ssl=context, open_timeout=10) as bob:
         message = json.dumps({"name": "alice", "text": "hello through the proxy ✓"})

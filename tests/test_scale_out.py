@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ProxyProcess, free_port, replace_each, require_tool, stop_process, wait_for_port, wait_until
+from conftest import ProxyProcess, for_sync_websockets, free_port, replace_each, require_tool, stop_process, wait_for_port, wait_until
 from profile_peers import StandIn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +113,11 @@ class Deployment:
             "etc/deploy/haproxy.cfg"))
         self.haproxy = Process([require_tool("haproxy", "haproxy"), "-db", "-f", str(haproxy_cfg)],
                                tmp_path / "haproxy.log", self.haproxy_port)
-        self.context = ssl.create_default_context(cafile=str(pki.ca))
+        self.context = self.tls_context()
+
+    def tls_context(self) -> ssl.SSLContext:
+        """A client context trusting the deployment's CA."""
+        return ssl.create_default_context(cafile=str(self.pki.ca))
 
     def start_instance(self, index: int) -> ProxyProcess:
         """Start instance ``index`` (again): the shipped file and its site file."""
@@ -247,7 +251,8 @@ def test_rolling_restart_under_load(deployment):
         while min(d.open_sessions()) == 0:
             assert len(sessions) < 40, d.open_sessions()
             sessions.append(opened.enter_context(connect(f"wss://localhost:{d.haproxy_port}/chat/room-{len(sessions)}",
-                                                         ssl=d.context, open_timeout=WAIT)))
+                                                         ssl=for_sync_websockets(d.tls_context()),
+                                                         open_timeout=WAIT)))
             wait_until(lambda: sum(d.open_sessions()) == len(sessions), "the sessions counted by the instances")
         on_b = d.open_sessions()[1]
         load = subprocess.Popen([wrk, "-t1", "-c8", "-d25s", f"https://localhost:{d.haproxy_port}/load"],

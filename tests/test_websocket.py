@@ -31,7 +31,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from conftest import PKI, ProxyStarter, free_port, metric_samples
+from conftest import PKI, ProxyStarter, for_sync_websockets, free_port, metric_samples
 from ws_peers import (
     OP_BINARY,
     OP_CLOSE,
@@ -131,16 +131,8 @@ def write_filter_plugin(directory: Path) -> Path:
 
 
 def sync_client_tls(pki: PKI) -> ssl.SSLContext:
-    """The TLS context for ``websockets.sync`` clients: TLS 1.2 at most.  That
-    client reads its socket in a background thread while the caller writes to
-    it; with TLS 1.3 the server's post-handshake messages (session tickets)
-    arrive just then, and CPython's SSLSocket is not safe for concurrent
-    read and write: about one connection in 300 hangs before its handshake
-    request is sent (seen against websockets' own server as well, so not a
-    chatproxy fault).  Raw and asyncio clients keep TLS 1.3."""
-    context = pki.client_context()
-    context.maximum_version = ssl.TLSVersion.TLSv1_2
-    return context
+    """The TLS context for ``websockets.sync`` clients (see ``conftest.for_sync_websockets``)."""
+    return for_sync_websockets(pki.client_context())
 
 
 def proxy_config(pki: PKI, port: int, tls_port: int, up: int, ups: int, upz: int,
