@@ -15,7 +15,6 @@ import os
 import shutil
 import socket
 import ssl
-import struct
 import subprocess
 import time
 import urllib.request
@@ -191,7 +190,7 @@ def _requests_by_worker(admin: int) -> collections.Counter[str]:
 
 def _one_request(port: int, context: ssl.SSLContext | None, proxy_header: bool = False) -> int:
     """One connection from 127.0.0.1 making one request (over TLS with ``context``,
-    after a PROXY v2 header naming a client at 203.0.113.7 with ``proxy_header``); its source port."""
+    after a PROXY header naming a client at 203.0.113.7 with ``proxy_header``); its source port."""
     raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     raw.settimeout(10)
     try:
@@ -199,8 +198,7 @@ def _one_request(port: int, context: ssl.SSLContext | None, proxy_header: bool =
         source_port = raw.getsockname()[1]
         raw.connect(("127.0.0.1", port))
         if proxy_header:
-            addresses = socket.inet_aton("203.0.113.7") + socket.inet_aton("127.0.0.1") + struct.pack("!HH", 40000, port)
-            raw.sendall(b"\r\n\r\n\x00\r\nQUIT\n\x21\x11" + struct.pack("!H", len(addresses)) + addresses)
+            raw.sendall(f"PROXY TCP4 203.0.113.7 127.0.0.1 40000 {port}\r\n".encode())
         sock = context.wrap_socket(raw, server_hostname="localhost") if context is not None else raw
         with sock:
             assert http_over(sock)[0] == 200

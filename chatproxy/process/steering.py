@@ -24,11 +24,12 @@ sockets of the current workers, which the kernel's own hash would not
 guarantee while a reload retires some).
 
 The program reads the client address from the IP header (version 4: the
-source address; version 6: the four words of the source address, XORed;
-with ``client_ports``, XORed with the TCP source port, found after the IPv4
-header's own length or the fixed IPv6 header), multiplies by a 32-bit odd constant (Fibonacci hashing) and returns
-``hash % workers``: the index of a socket in the group, which is the order
-the master bound them in (worker 1 first).
+source address; version 6: the four words of the source address, XORed; with
+``client_ports``, XORed with the TCP source port, found after the IPv4
+header's own length or the fixed IPv6 header), multiplies by a 32-bit odd
+constant (Fibonacci hashing) and returns ``hash % workers``: the index of a
+socket in the group, which is the order the master bound them in (worker 1
+first).
 """
 
 from __future__ import annotations
