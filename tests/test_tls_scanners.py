@@ -19,6 +19,7 @@ import pytest
 from conftest import free_port, wait_until
 from test_ocsp import OCSPPKI, Responder, _stapled_good
 from test_tls import make_config
+from test_tls_resumption import _s_client
 
 ROOT = Path(__file__).resolve().parent.parent
 SSLYZE = os.environ.get("CHATPROXY_SSLYZE") or next(
@@ -81,6 +82,18 @@ def test_sslyze_finds_the_modern_profile_compliant_with_mozilla_modern(proxy, up
     assert "OK - Compliant" in result.stdout, result.stdout[-3000:]
 
 
+def _resumes_by_session_id(port: int, pki: OCSPPKI, tmp_path: Path) -> bool:
+    """testssl's probe for resumption by ID (TLS 1.3, no ticket extension, the saved session
+    offered again), with the first connection kept open for a request so that the server's
+    session message arrives.  testssl's own ``s_client`` reads /dev/null and quits right after
+    the handshake: it saves a session only when the server's NewSessionTicket beats that
+    (against chatproxy about one run in four on an idle machine, against nginx never), and
+    testssl then reports "not supported"."""
+    session = tmp_path / "id-session.pem"
+    _s_client(port, "-tls1_3", pki, "-no_ticket", "-sess_out", str(session))
+    return "Reused, " in _s_client(port, "-tls1_3", pki, "-no_ticket", "-sess_in", str(session))
+
+
 @needs_testssl
 def test_testssl_finds_nothing_high_and_sees_the_staple(scanned, tmp_path):
     """testssl.sh (protocols, ciphers, forward secrecy, server preferences and defaults,
@@ -102,5 +115,7 @@ def test_testssl_finds_nothing_high_and_sees_the_staple(scanned, tmp_path):
     assert findings["cipher_order"]["severity"] == "OK", findings["cipher_order"]
     assert sorted(findings["PFS_ECDHE_curves"]["finding"].split()) == ["X25519", "prime256v1", "secp384r1"]
     assert findings["OCSP_stapling"]["finding"].startswith("offered"), findings["OCSP_stapling"]
-    assert findings["sessionresumption_ID"]["finding"].startswith("supported"), findings["sessionresumption_ID"]
+    by_id = findings["sessionresumption_ID"]
+    assert by_id["finding"].startswith("supported") or (
+        by_id["finding"] == "not supported" and _resumes_by_session_id(port, pki, tmp_path)), by_id
     assert findings["HSTS_time"]["severity"] == "OK", findings["HSTS_time"]
