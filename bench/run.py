@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatproxy.compiled import describe as describe_build
 from processes import (BenchError, Server, Supervisor, exit_on_termination_signals, background_load, free_ports,
                        group_cpu_by_process, select_targets, system_cpu_seconds, wait_for_listeners,
                        wait_until_serving)
@@ -212,6 +213,7 @@ def machine_info(nginx: str, wrk: str) -> dict[str, Any]:
         "chatproxy_commit": commit or "unknown",
         "chatproxy_commit_at_end": None,
         "chatproxy_uncommitted_changes": modified,
+        "chatproxy_build": describe_build(),
         "load_average_at_start": os.getloadavg(),
     }
 
@@ -431,7 +433,9 @@ def machine_line(machine: dict[str, Any]) -> str:
     line = (f"{machine['cpus']} x {machine['cpu_model']}, {machine['kernel']}; Python {machine['python']}, "
             f"Twisted {machine['twisted']}, httptools {machine['httptools']}; {machine['nginx']}; "
             f"{machine['wrk'].split(' Copyright')[0]}; chatproxy {machine['chatproxy_commit']}{dirty}"
-            + (f"; *-baseline: chatproxy at {machine['baseline_commit']}" if machine.get("baseline_commit") else ""))
+            + (f" ({machine['chatproxy_build']})" if machine.get("chatproxy_build") else "")
+            + (f"; *-baseline: chatproxy at {machine['baseline_commit']} (pure Python)"
+               if machine.get("baseline_commit") else ""))
     end = (machine.get("chatproxy_commit_at_end"), machine.get("chatproxy_uncommitted_changes_at_end"))
     if end[0] is not None and end != (machine["chatproxy_commit"], changes):
         line += (f"\nwarning: chatproxy changed during the run (at the end: {end[0]}"

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatproxy.compiled import describe as describe_build
 from processes import (BenchError, Server, Supervisor, exit_on_termination_signals, free_ports, group_pids,
                        select_targets, wait_until_serving)
 from run import BACKGROUND_LIMIT, _find_nginx, _git, _ms, _ratio, _version_of, _x, log_notes, wait_for_quiet
@@ -766,14 +767,15 @@ def run(args: argparse.Namespace) -> int:
         if args.chatproxy_at:
             commit = export_chatproxy(args.chatproxy_at, workdir / "chatproxy-src")
             chatproxy_path = chatproxy_pythonpath(workdir / "chatproxy-src", workdir / "shim")
-            machine["chatproxy_source"] = f"commit {commit} (exported; --chatproxy-at {args.chatproxy_at})"
+            machine["chatproxy_source"] = f"commit {commit} (exported, pure Python; --chatproxy-at {args.chatproxy_at})"
         elif args.chatproxy_src:
             chatproxy_path = chatproxy_pythonpath(args.chatproxy_src, workdir / "shim")
             machine["chatproxy_source"] = f"{args.chatproxy_src.resolve()} (--chatproxy-src)"
         else:
             modified = [line[3:] for line in _git("status", "--porcelain", "--", "chatproxy", "twisted").splitlines()]
             machine["chatproxy_source"] = (f"working tree at {machine['chatproxy_commit']}"
-                                           + (f" + uncommitted changes to {', '.join(modified)}" if modified else ""))
+                                           + (f" + uncommitted changes to {', '.join(modified)}" if modified else "")
+                                           + f" ({describe_build()})")
         supervisor = Supervisor(log_dir)
         try:
             certificate, key = make_certificate(workdir)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 import chatproxy
+from chatproxy.compiled import MODULES
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -18,10 +22,13 @@ def test_wheel_contains_the_twistd_plugin_and_demo_page(tmp_path):
     is another project; the import package and the twistd plugin are ``chatproxy``); it
     holds twisted/plugins/chatproxy_plugin.py (find_namespace:), the demo page
     and the py.typed marker (so that plugins type-check against chatproxy.filters and
-    chatproxy.testing), and no twisted/__init__.py that would shadow Twisted itself."""
+    chatproxy.testing), and no twisted/__init__.py that would shadow Twisted itself.
+    Unless CHATPROXY_COMPILE=1 asks for the compiled build, the wheel is pure Python
+    (no extension module, even when a compiled build lies in the checkout)."""
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
         capture_output=True, text=True, timeout=300,
+        env={name: value for name, value in os.environ.items() if name != "CHATPROXY_COMPILE"},
     )
     assert result.returncode == 0, result.stderr
     wheel = next(tmp_path.glob("chatproxy_gateway-*.whl"))
@@ -33,6 +40,8 @@ def test_wheel_contains_the_twistd_plugin_and_demo_page(tmp_path):
     assert "chatproxy/py.typed" in names
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
+    assert [name for name in names if name.endswith((".so", ".c"))] == []
+    assert "-py3-none-any.whl" in wheel.name
 
 
 def test_twistd_lists_the_chatproxy_plugin_outside_the_checkout(tmp_path):
@@ -48,3 +57,25 @@ def test_mypy_is_clean_on_the_package():
     result = subprocess.run([sys.executable, "-m", "mypy", "chatproxy"], cwd=ROOT, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_compiled_wheel_holds_every_listed_module_compiled(tmp_path):
+    """``CHATPROXY_COMPILE=1 pip install .`` (README, "The compiled build") builds a
+    wheel for this Python with an extension module for each module chatproxy/compiled.py
+    lists, next to the .py files (the reference, and what tracebacks point to).
+    Built in CI's run on the compiled build, where a C compiler is installed."""
+    if os.environ.get("CHATPROXY_EXPECT_COMPILED") != "1":
+        pytest.skip("the compiled wheel is built in CI's second run (CHATPROXY_EXPECT_COMPILED=1)")
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=900, env=dict(os.environ, CHATPROXY_COMPILE="1"),
+    )
+    assert result.returncode == 0, result.stderr
+    wheel = next(tmp_path.glob("chatproxy_gateway-*.whl"))
+    assert "-py3-none-any" not in wheel.name  # a wheel for this Python and platform
+    names = zipfile.ZipFile(wheel).namelist()
+    for name in MODULES:
+        stem = name.replace(".", "/")
+        assert stem + ".py" in names
+        assert [n for n in names if n.startswith(stem + ".") and n.endswith(".so")], f"{name} is not compiled"
+    assert not [n for n in names if n.endswith(".c")]

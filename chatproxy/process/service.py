@@ -18,6 +18,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from chatproxy import __version__
+from chatproxy.compiled import describe as describe_build
 from chatproxy.config import Config, ConfigError, Listener, load_config
 from chatproxy.demo import demo_site
 from chatproxy.process.admin import admin_site
@@ -249,6 +251,8 @@ class ChatproxyService(MultiService):
             self.privilegedStartService()
         assert self.core is not None
         dispatch_directly(self.reactor)  # no per-event log context (see chatproxy.process.dispatch)
+        if self.worker is None:  # (a master says it once for all its workers)
+            log.info("chatproxy {version}, {build}", version=__version__, build=describe_build())
         self.core.start()
         if not self._snapshots.running and hasattr(self.reactor, "seconds"):
             self._snapshots.start(self.window.interval, now=True)

@@ -3,7 +3,6 @@ of both legs, shared by the route's sessions."""
 
 from __future__ import annotations
 
-from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketServerFactory
@@ -102,9 +101,12 @@ def _with_options(leg: type[Any], factory: Any) -> type[Any]:
 
 def _as_class_attribute(value: Any) -> Any:
     """``value`` as it must sit on a class to read back unchanged from an
-    instance: a plain function (an option such as
-    ``perMessageCompressionAccept``) would otherwise come back bound."""
-    return staticmethod(value) if isinstance(value, FunctionType) else value
+    instance: a function (an option such as ``perMessageCompressionAccept``)
+    would otherwise come back bound.  Any callable is wrapped, not only
+    Python's own function type: compiled, the option is a Cython function,
+    which binds as well (and ``staticmethod`` gives any other callable back
+    as it is)."""
+    return staticmethod(value) if callable(value) else value
 
 
 class _Timer:

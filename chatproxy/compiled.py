@@ -1,0 +1,86 @@
+"""The optional compiled build: which modules it compiles, and which are compiled here.
+
+chatproxy is pure Python; that is the reference build, and what ``pip install``
+gives.  ``CHATPROXY_COMPILE=1 pip install ...`` also compiles the modules of
+the data path listed in :data:`MODULES` with Cython (``setup.py`` reads this
+list), to C extension modules that Python imports instead of the ``.py``
+files beside them.  The code is the same: no Cython types, no ``.pxd`` files;
+what compiling saves is the interpreter's work between the lines (about a
+fifth of chatproxy's own CPU per request, bench/README.md).  The test suite
+runs on both builds in CI.
+
+This module has no imports beyond the standard library, so that ``setup.py``
+can read it before chatproxy's dependencies are installed.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+from typing import Final
+
+#: The modules the compiled build compiles: what a request, a response, a
+#: tunnel, an HTTP/2 stream or a bridged WebSocket message passes through.
+#: (Modules that Twisted drives as generators, ``inlineCallbacks``, stay
+#: Python: a Cython generator is not a ``types.GeneratorType``.)
+MODULES: Final = (
+    "chatproxy.filters.chain",
+    "chatproxy.http.messages",
+    "chatproxy.http.paths",
+    "chatproxy.proxy.accesslog",
+    "chatproxy.proxy.core",
+    "chatproxy.proxy.exchange",
+    "chatproxy.proxy.forwarding",
+    "chatproxy.proxy.front",
+    "chatproxy.proxy.gate",
+    "chatproxy.proxy.h2headers",
+    "chatproxy.proxy.http2",
+    "chatproxy.proxy.plain",
+    "chatproxy.proxy.request",
+    "chatproxy.proxy.sending",
+    "chatproxy.proxy.stats",
+    "chatproxy.proxy.timeouts",
+    "chatproxy.proxy.tls",
+    "chatproxy.proxy.tls_records",
+    "chatproxy.proxy.tunnel",
+    "chatproxy.proxy.upstream",
+    "chatproxy.proxy.validate",
+    "chatproxy.proxy.websocket.bridge",
+    "chatproxy.proxy.websocket.closing",
+    "chatproxy.proxy.websocket.frames",
+    "chatproxy.proxy.websocket.legs",
+    "chatproxy.proxy.websocket.sockets",
+)
+
+#: Cython's settings for them: Python 3 semantics, type annotations ignored
+#: (they are for mypy, not C types), functions that behave like Python's
+#: (introspection, keyword arguments, binding as methods), and no C types
+#: inferred for local variables (Python's integers never overflow).
+DIRECTIVES: Final = {
+    "language_level": 3,
+    "annotation_typing": False,
+    "binding": True,
+    "always_allow_keywords": True,
+    "infer_types": False,
+}
+
+
+def compiled_modules() -> list[str]:
+    """Those of :data:`MODULES` that this Python imports from extension modules
+    (the compiled build), in the order of :data:`MODULES`; whether they are
+    imported yet or not (a master process never imports the data path)."""
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    compiled = []
+    for name in MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and (spec.origin or "").endswith(suffixes):
+            compiled.append(name)
+    return compiled
+
+
+def describe() -> str:
+    """One line for the start-up log: which build runs."""
+    compiled = compiled_modules()
+    if not compiled:
+        return "pure Python (the reference build)"
+    return f"compiled build: {len(compiled)} of {len(MODULES)} data-path modules compiled with Cython"
