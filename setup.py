@@ -16,7 +16,9 @@ def extensions() -> list[Extension]:
     """The extension modules of the compiled build; none unless asked for."""
     if os.environ.get("CHATPROXY_COMPILE", "") != "1":
         return []
-    from Cython.Build import cythonize
+    if os.environ.get("CHATPROXY_ASKING_BUILD_REQUIRES") == "1":
+        return []  # build_backend.py is only asking what the build needs (it adds Cython)
+    from Cython.Build import cythonize  # with CHATPROXY_COMPILE=1 and no Cython: an ImportError, not a pure build
 
     build = runpy.run_path(os.path.join("chatproxy", "compiled.py"))
     modules = [Extension(name, [name.replace(".", os.sep) + ".py"]) for name in build["MODULES"]]

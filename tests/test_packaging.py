@@ -24,13 +24,15 @@ def test_wheel_contains_the_twistd_plugin_and_demo_page(tmp_path):
     and the py.typed marker (so that plugins type-check against chatproxy.filters and
     chatproxy.testing), and no twisted/__init__.py that would shadow Twisted itself.
     Unless CHATPROXY_COMPILE=1 asks for the compiled build, the wheel is pure Python
-    (no extension module, even when a compiled build lies in the checkout)."""
+    (no extension module, even when a compiled build lies in the checkout) and its
+    build does not fetch Cython."""
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(tmp_path), str(ROOT)],
         capture_output=True, text=True, timeout=300,
         env={name: value for name, value in os.environ.items() if name != "CHATPROXY_COMPILE"},
     )
     assert result.returncode == 0, result.stderr
+    assert "Cython" not in result.stdout  # build_backend.py asks for it for the compiled build only
     wheel = next(tmp_path.glob("chatproxy_gateway-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     metadata = zipfile.ZipFile(wheel).read(f"chatproxy_gateway-{chatproxy.__version__}.dist-info/METADATA").decode()
