@@ -15,17 +15,8 @@ from setuptools.build_meta import *  # noqa: F401,F403  (every other hook as set
 COMPILE_REQUIRES = ["Cython>=3.1"]
 
 
-#: Set while setuptools runs setup.py only to learn the build requirements
-#: (Cython is not installed yet then; setup.py compiles nothing in that run).
-ASKING_ENV = "CHATPROXY_ASKING_BUILD_REQUIRES"
-
-
 def _requires(setuptools_hook: Any, config_settings: dict[str, Any] | None) -> list[str]:
-    os.environ[ASKING_ENV] = "1"
-    try:
-        requires = list(setuptools_hook(config_settings))
-    finally:
-        del os.environ[ASKING_ENV]
+    requires = list(setuptools_hook(config_settings))
     return requires + (COMPILE_REQUIRES if os.environ.get("CHATPROXY_COMPILE", "") == "1" else [])
 
 

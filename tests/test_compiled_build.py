@@ -19,7 +19,8 @@ from chatproxy.compiled import MODULES, compiled_modules, describe
 from conftest import admin_ready, basic_config, free_port, http_get, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-#: Set by .ci/run for its second run of the suite, on the build made with CHATPROXY_COMPILE=1.
+#: .ci/run sets CHATPROXY_EXPECT_COMPILED to 0 for its first run of the suite (pure Python)
+#: and to 1 for its second, on the build made with CHATPROXY_COMPILE=1.
 EXPECT_COMPILED = os.environ.get("CHATPROXY_EXPECT_COMPILED") == "1"
 
 
@@ -27,41 +28,77 @@ def _source(name: str) -> Path:
     return ROOT.joinpath(*name.split(".")).with_suffix(".py")
 
 
-def test_every_listed_module_is_a_source_file_twisted_does_not_drive_as_a_generator() -> None:
+def test_every_listed_module_is_a_source_file_that_compiles_to_the_same_behaviour() -> None:
     """Each module the compiled build lists is a .py file of the package, and none
-    holds what would break once compiled: a function run by ``inlineCallbacks``
-    or an ``async def`` (Twisted checks for Python's own generator and coroutine
-    types, which Cython's are not)."""
+    holds what behaves differently once compiled: a function run by
+    ``inlineCallbacks`` or an ``async def`` (Twisted checks for Python's own
+    generator and coroutine types, which Cython's are not), a look at the
+    caller's frame (compiled code has none), or a ``Logger()`` without a
+    namespace (Twisted names it from the importing frame: compiled, every
+    line it logs would say ``importlib._bootstrap``)."""
     for name in MODULES:
         path = _source(name)
         assert path.is_file(), f"{name} is listed in chatproxy/compiled.py but {path} does not exist"
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
-            assert not isinstance(node, ast.AsyncFunctionDef), f"{name}: async def {node.name}"
+            where = f"{name}, line {getattr(node, 'lineno', '?')}"
+            assert not isinstance(node, ast.AsyncFunctionDef), f"{where}: async def"
+            if isinstance(node, ast.alias):
+                assert node.name != "inlineCallbacks", f"{where}: imports inlineCallbacks"
             if isinstance(node, (ast.Name, ast.Attribute)):
                 spelled = node.id if isinstance(node, ast.Name) else node.attr
-                assert spelled != "inlineCallbacks", f"{name}, line {node.lineno}: inlineCallbacks"
+                assert spelled not in ("inlineCallbacks", "_getframe", "currentframe"), f"{where}: {spelled}"
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Logger":
+                assert any(keyword.arg == "namespace" for keyword in node.keywords) or node.args, \
+                    f"{where}: Logger() without a namespace"
+
+
+def test_each_module_logs_under_its_own_name() -> None:
+    """The listed modules' loggers are named after their modules, in whichever
+    build runs (compiled, a bare ``Logger()`` would be named after the importer)."""
+    for name in MODULES:
+        module: Any = importlib.import_module(name)
+        if hasattr(module, "log"):
+            assert module.log.namespace == name
 
 
 def test_the_suite_runs_on_the_build_ci_asked_for() -> None:
     """In CI's run on the compiled build every listed module is imported from its
     extension module, in this process too (so the in-memory tests exercise the
-    compiled code, not the .py beside it); in a checkout without extension
-    modules (CI's first run) nothing is compiled and the build says so."""
+    compiled code, not the .py beside it); in CI's first run (pure Python)
+    nothing is compiled and the build says so."""
     compiled = compiled_modules()
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
-    if EXPECT_COMPILED:
+    expected = os.environ.get("CHATPROXY_EXPECT_COMPILED")
+    if expected is None:
+        pytest.skip("CHATPROXY_EXPECT_COMPILED is set by .ci/run: 0 for its first run, 1 for its second")
+    if expected == "1":
         assert compiled == list(MODULES)
         for name in MODULES:
             module: Any = importlib.import_module(name)
             assert module.__file__.endswith(suffixes), f"{name} was imported from {module.__file__}"
-            assert describe() == f"compiled build: {len(MODULES)} of {len(MODULES)} data-path modules " \
-                                 "compiled with Cython"
-    elif not any(_source(name).parent.glob(name.rsplit(".", 1)[1] + ".*" + suffix)
-                 for name in MODULES for suffix in suffixes):
-        # The checkout has no extension modules (the pure build, CI's first run).
+        assert describe() == f"compiled build: {len(MODULES)} of {len(MODULES)} data-path modules " \
+                             "compiled with Cython"
+    else:
         assert compiled == []
+        for name in MODULES:
+            module = importlib.import_module(name)
+            assert module.__file__.endswith(".py"), f"{name} was imported from {module.__file__}"
         assert describe() == "pure Python (the reference build)"
+
+
+def test_no_extension_module_in_the_checkout_is_stale_or_unlisted() -> None:
+    """An extension module in the checkout shadows the .py beside it: each one
+    must be of a listed module and built after its .py was last changed (else
+    the tests would run old code: rebuild, or delete the extension modules)."""
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    listed = {_source(name).with_suffix("") for name in MODULES}
+    for built in (ROOT / "chatproxy").rglob("*.so"):
+        stem = Path(str(built)[:-len(next(s for s in suffixes if str(built).endswith(s)))])
+        assert stem in listed, f"{built} is not of a module chatproxy/compiled.py lists: delete it"
+        source = stem.with_suffix(".py")
+        assert built.stat().st_mtime >= source.stat().st_mtime, \
+            f"{built} is older than {source}: rebuild (CHATPROXY_COMPILE=1 pip install -e .) or delete it"
 
 
 @pytest.mark.parametrize("workers", [1, 2])

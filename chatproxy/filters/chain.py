@@ -48,7 +48,7 @@ from twisted.python.failure import Failure
 from chatproxy.filters import DROP, Answer, CloseSession, Header, Refuse, Rewrite, implements_hook
 from chatproxy.http.messages import RequestHead
 
-log = Logger()
+log = Logger(namespace=__name__)  # (a compiled module has no frame Twisted could name it from)
 
 __all__ = ["Decision", "FilterChain", "MessageVerdict", "RouteFilter", "apply_rewrite"]
 

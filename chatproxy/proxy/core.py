@@ -21,7 +21,7 @@ from chatproxy.proxy.stats import Stats
 from chatproxy.proxy.timeouts import TimeoutSweeper
 
 
-log = Logger()
+log = Logger(namespace=__name__)  # (a compiled module has no frame Twisted could name it from)
 
 
 class Session(Protocol):

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from chatproxy.proxy.plan import Plan
     from chatproxy.proxy.upstream import ServerPool, UpstreamConnection
 
-log = Logger()
+log = Logger(namespace=__name__)  # (a compiled module has no frame Twisted could name it from)
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _BODY_BUFFER_LIMIT = 65536

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from chatproxy.proxy.upstream import UpstreamConnection
     from chatproxy.proxy.core import ProxyCore
 
-log = Logger()
+log = Logger(namespace=__name__)  # (a compiled module has no frame Twisted could name it from)
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNK_END = b"0\r\n\r\n"

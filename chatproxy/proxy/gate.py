@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from chatproxy.http.messages import in_networks
 
-log = Logger()
+log = Logger(namespace=__name__)  # (a compiled module has no frame Twisted could name it from)
 
 
 @implementer(IProtocolFactory)

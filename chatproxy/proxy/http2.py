@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from chatproxy.proxy.request import HostMemo
     from chatproxy.proxy.upstream import UpstreamConnection
 
-log = Logger()
+log = Logger(namespace=__name__)  # (a compiled module has no frame Twisted could name it from)
 
 PROTOCOL = b"h2"  # the ALPN name
 

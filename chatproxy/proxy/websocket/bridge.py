@@ -70,7 +70,7 @@ if TYPE_CHECKING:
     from chatproxy.proxy.exchange import Exchange
     from chatproxy.proxy.forwarding import Connection
 
-log = Logger()
+log = Logger(namespace=__name__)  # (a compiled module has no frame Twisted could name it from)
 
 # Close codes used when one side vanishes without a close frame.
 UPSTREAM_LOST = 1011

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 from chatproxy.proxy.sending import send
 
-log = Logger()
+log = Logger(namespace=__name__)  # (a compiled module has no frame Twisted could name it from)
 
 
 class FastFrames:

@@ -16,7 +16,7 @@ from zope.interface import implementer
 from chatproxy.proxy.websocket.closing import close_frame_problem
 from chatproxy.proxy.websocket.frames import FastFrames
 
-log = Logger()
+log = Logger(namespace=__name__)  # (a compiled module has no frame Twisted could name it from)
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSING = WebSocketProtocol.STATE_CLOSING
