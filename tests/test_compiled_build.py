@@ -21,7 +21,8 @@ from conftest import admin_ready, basic_config, free_port, http_get, wait_until
 ROOT = Path(__file__).resolve().parent.parent
 #: .ci/run sets CHATPROXY_EXPECT_COMPILED to 0 for its first run of the suite (pure Python)
 #: and to 1 for its second, on the build made with CHATPROXY_COMPILE=1.
-EXPECT_COMPILED = os.environ.get("CHATPROXY_EXPECT_COMPILED") == "1"
+EXPECTED_BUILD = os.environ.get("CHATPROXY_EXPECT_COMPILED")
+EXPECT_COMPILED = EXPECTED_BUILD == "1"
 
 
 def _source(name: str) -> Path:
@@ -69,10 +70,9 @@ def test_the_suite_runs_on_the_build_ci_asked_for() -> None:
     nothing is compiled and the build says so."""
     compiled = compiled_modules()
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
-    expected = os.environ.get("CHATPROXY_EXPECT_COMPILED")
-    if expected is None:
+    if EXPECTED_BUILD is None:
         pytest.skip("CHATPROXY_EXPECT_COMPILED is set by .ci/run: 0 for its first run, 1 for its second")
-    if expected == "1":
+    if EXPECT_COMPILED:
         assert compiled == list(MODULES)
         for name in MODULES:
             module: Any = importlib.import_module(name)

@@ -17,6 +17,20 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
+def _wheel(tmp_path: Path, compile_: bool, timeout: float) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``pip wheel`` of the checkout (verbosely), with CHATPROXY_COMPILE=1 or without
+    it: pip's result and the wheel (after asserting that the build succeeded)."""
+    env = {name: value for name, value in os.environ.items() if name != "CHATPROXY_COMPILE"}
+    if compile_:
+        env["CHATPROXY_COMPILE"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    return result, next(tmp_path.glob("chatproxy_gateway-*.whl"))
+
+
 def test_wheel_contains_the_twistd_plugin_and_demo_page(tmp_path):
     """The wheel is the distribution chatproxy-gateway (``chatproxy`` on the package index
     is another project; the import package and the twistd plugin are ``chatproxy``); it
@@ -26,14 +40,8 @@ def test_wheel_contains_the_twistd_plugin_and_demo_page(tmp_path):
     Unless CHATPROXY_COMPILE=1 asks for the compiled build, the wheel is pure Python
     (no extension module, even when a compiled build lies in the checkout) and its
     build does not fetch Cython."""
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, timeout=300,
-        env={name: value for name, value in os.environ.items() if name != "CHATPROXY_COMPILE"},
-    )
-    assert result.returncode == 0, result.stderr
+    result, wheel = _wheel(tmp_path, compile_=False, timeout=300)
     assert "Cython" not in result.stdout + result.stderr  # build_backend.py asks for it for the compiled build only
-    wheel = next(tmp_path.glob("chatproxy_gateway-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     metadata = zipfile.ZipFile(wheel).read(f"chatproxy_gateway-{chatproxy.__version__}.dist-info/METADATA").decode()
     assert "\nName: chatproxy-gateway\n" in metadata
@@ -68,12 +76,7 @@ def test_the_compiled_wheel_holds_every_listed_module_compiled(tmp_path):
     Built in CI's run on the compiled build, where a C compiler is installed."""
     if os.environ.get("CHATPROXY_EXPECT_COMPILED") != "1":
         pytest.skip("the compiled wheel is built in CI's second run (CHATPROXY_EXPECT_COMPILED=1)")
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, timeout=900, env=dict(os.environ, CHATPROXY_COMPILE="1"),
-    )
-    assert result.returncode == 0, result.stderr
-    wheel = next(tmp_path.glob("chatproxy_gateway-*.whl"))
+    _result, wheel = _wheel(tmp_path, compile_=True, timeout=900)
     assert "-py3-none-any" not in wheel.name  # a wheel for this Python and platform
     names = zipfile.ZipFile(wheel).namelist()
     for name in MODULES:

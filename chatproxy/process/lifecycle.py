@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 from twisted.logger import Logger
 
+from chatproxy import __version__
+from chatproxy.compiled import describe as describe_build
 from chatproxy.config import Config, Listener
 from chatproxy.process.notify import sd_notify
 from chatproxy.proxy.tls import create_self_signed
@@ -71,6 +73,12 @@ def handle_drain_and_reload(reactor: Any, drain: Callable[[], Any], reload: Call
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reload))
     if refresh is not None:
         signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(refresh))
+
+
+def announce_build() -> None:
+    """Log the version and which build runs (pure Python or compiled), once per
+    start: by the single process, or by a master for all its workers."""
+    log.info("chatproxy {version}, {build}", version=__version__, build=describe_build())
 
 
 def announce_refused_reload(reason: str) -> None:

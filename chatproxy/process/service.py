@@ -18,15 +18,13 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from chatproxy import __version__
-from chatproxy.compiled import describe as describe_build
 from chatproxy.config import Config, ConfigError, Listener, load_config
 from chatproxy.demo import demo_site
 from chatproxy.process.admin import admin_site
 from chatproxy.process.dispatch import dispatch_directly
 from chatproxy.process.environment import WORKER_DIR_ENV, WORKER_ENV
-from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, default_reactor, ensure_certificate,
-                                         handle_drain_and_reload, state_directory)
+from chatproxy.process.lifecycle import (StartupError, announce_build, announce_refused_reload, default_reactor,
+                                         ensure_certificate, handle_drain_and_reload, state_directory)
 from chatproxy.process.notify import notify_reloading, sd_notify
 from chatproxy.process.quiet import quiet_twisted_chatter
 from chatproxy.process.sharing import shared_endpoint, socket_identity
@@ -252,7 +250,7 @@ class ChatproxyService(MultiService):
         assert self.core is not None
         dispatch_directly(self.reactor)  # no per-event log context (see chatproxy.process.dispatch)
         if self.worker is None:  # (a master says it once for all its workers)
-            log.info("chatproxy {version}, {build}", version=__version__, build=describe_build())
+            announce_build()
         self.core.start()
         if not self._snapshots.running and hasattr(self.reactor, "seconds"):
             self._snapshots.start(self.window.interval, now=True)

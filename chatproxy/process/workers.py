@@ -44,13 +44,11 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 from twisted.scripts.twistd import run as run_twistd
 
-from chatproxy import __version__
-from chatproxy.compiled import describe as describe_build
 from chatproxy.config import Config, ConfigError, Listener, load_config
 from chatproxy.demo import demo_site
 from chatproxy.process.environment import MASTER_PID_ENV, WORKER_DIR_ENV, WORKER_ENV
-from chatproxy.process.lifecycle import (StartupError, announce_refused_reload, default_reactor, ensure_certificate,
-                                         handle_drain_and_reload, state_directory)
+from chatproxy.process.lifecycle import (StartupError, announce_build, announce_refused_reload, default_reactor,
+                                         ensure_certificate, handle_drain_and_reload, state_directory)
 from chatproxy.process.master_admin import master_admin_site
 from chatproxy.process.notify import NotifyReceiver, notify_reloading, sd_notify
 from chatproxy.proxy.validate import validate
@@ -339,7 +337,7 @@ class Master(Service):
         broker.noisy = False
         self.ports["sockets"] = self.reactor.listenUNIX(os.path.join(self.directory, BROKER_SOCKET), broker, mode=0o600)
         super().startService()
-        log.info("chatproxy {version}, {build}", version=__version__, build=describe_build())
+        announce_build()
         log.info("starting {count} worker processes", count=self.count)
         for index in range(1, self.count + 1):
             self._spawn(index)
