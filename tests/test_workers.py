@@ -11,7 +11,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
@@ -44,10 +44,11 @@ def _worker_pids(output: str) -> dict[int, int]:
     return {int(index): int(pid) for index, pid in re.findall(r"worker (\d+) started \(pid (\d+)\)", output)}
 
 
-def _wait(predicate: Any, message: str, timeout: float = 20) -> None:
+def _wait(predicate: Any, message: str | Callable[[], str], timeout: float = 20) -> None:
+    """Poll ``predicate`` until it holds; fail with ``message`` (or what it returns) after ``timeout``."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, message
+        assert time.monotonic() < deadline, message() if callable(message) else message
         time.sleep(0.05)
 
 
@@ -290,14 +291,19 @@ def test_a_sighup_during_a_reload_is_applied_after_it(proxy, upstream, ws_upstre
     # Once the master has taken the first SIGHUP (two signals sent at once may arrive as one),
     # the second comes while that reload runs or right after it.
     _wait(lambda: "SIGHUP: reloading 2 workers" in process.output(), "the first SIGHUP was not taken")
-    config.write_text(base + "\n[route:new]\npath = /new\nupstream = app\nrewrite_path = /second\n")
+    # The workers of the first reload may be reading the file right now: replace it whole, as
+    # an editor that saves atomically does (rewriting it in place could let a worker read half
+    # a file and refuse the first reload, which is right, but is not what this test checks).
+    second = config.with_suffix(".next")
+    second.write_text(base + "\n[route:new]\npath = /new\nupstream = app\nrewrite_path = /second\n")
+    os.replace(second, config)
     process.process.send_signal(signal.SIGHUP)
 
-    def successes() -> float:
-        return sum(value for labels, value in metric_samples(admin, "chatproxy_master_reloads_total")
-                   if labels["result"] == "success")
+    def reloads() -> dict[str, float]:
+        return {labels["result"]: value for labels, value in metric_samples(admin, "chatproxy_master_reloads_total")}
 
-    _wait(lambda: successes() == 2, "the second reload was not applied after the first")
+    _wait(lambda: reloads().get("success") == 2,
+          lambda: f"the second reload was not applied after the first: {reloads()}\n{process.output()[-3000:]}")
     for n in range(20):  # new connections: both workers answer
         status, body = http_get(main, f"/new/{n}")
         assert status == 200 and b'"path": "/second"' in body
