@@ -2,14 +2,15 @@
 
     /work/venv/bin/python bench/run.py [--duration 10] [--connections 32] [--threads 1]
                                        [--rounds 1] [--wait-for-quiet 60] [--workers N] [--only NAME,...]
-                                       [--pin-proxy CPUS] [--baseline REV]
+                                       [--pin-proxy CPUS] [--baseline REV | --baseline-src DIR]
 
 Starts an upstream (nginx with a fixed small response), then one target at a
 time in front of it -- nginx as a reverse proxy (plain and TLS), chatproxy
 with one process (``workers = 1``, plain and TLS) and with ``--workers``
 worker processes under a master (plain and TLS),
 ``twisted.web.proxy.ReverseProxyResource``, and with ``--baseline REV``
-chatproxy as committed at REV (an A/B in the same run) -- and drives each with wrk at
+chatproxy as committed at REV (pure Python), or with ``--baseline-src DIR``
+the chatproxy in DIR as it is (an A/B in the same run) -- and drives each with wrk at
 the same concurrency: a short warm-up, then the measured run.  Prints
 requests/s, p50 and p99 latency, the ratios to the direct connection, to
 nginx and (for the several-worker targets) to one worker, and the CPU each
@@ -46,7 +47,7 @@ from chatproxy.compiled import describe as describe_build
 from processes import (BenchError, Server, Supervisor, exit_on_termination_signals, background_load, free_ports,
                        group_cpu_by_process, select_targets, system_cpu_seconds, wait_for_listeners,
                        wait_until_serving)
-from sources import chatproxy_pythonpath, export_chatproxy
+from sources import chatproxy_pythonpath, describe_build_at, export_chatproxy
 from targets import BENCH_DIR, BODY, TARGETS, Context, Target, make_certificate, start_upstream
 from wrk import WrkResult, run_wrk
 
@@ -435,7 +436,8 @@ def machine_line(machine: dict[str, Any]) -> str:
             f"{machine['wrk'].split(' Copyright')[0]}; chatproxy {machine['chatproxy_commit']}{dirty}"
             + (f" ({machine['chatproxy_build']})" if machine.get("chatproxy_build") else "")
             + (f"; *-baseline: chatproxy at {machine['baseline_commit']} (pure Python)"
-               if machine.get("baseline_commit") else ""))
+               if machine.get("baseline_commit") else "")
+            + (f"; *-baseline: chatproxy from {machine['baseline_source']}" if machine.get("baseline_source") else ""))
     end = (machine.get("chatproxy_commit_at_end"), machine.get("chatproxy_uncommitted_changes_at_end"))
     if end[0] is not None and end != (machine["chatproxy_commit"], changes):
         line += (f"\nwarning: chatproxy changed during the run (at the end: {end[0]}"
@@ -522,9 +524,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="chatproxy's workers for the chatproxy-workers and chatproxy-tls-workers targets "
                              "(default: one per CPU, as workers = auto; here %(default)s)")
     parser.add_argument("--only", help="comma-separated targets to run: " + ", ".join(t.name for t in TARGETS))
-    parser.add_argument("--baseline", metavar="REV",
-                        help="also run chatproxy-baseline and chatproxy-tls-baseline: chatproxy as committed at "
-                             "this git revision (exported with git archive), for an A/B in the same run")
+    baseline = parser.add_mutually_exclusive_group()
+    baseline.add_argument("--baseline", metavar="REV",
+                          help="also run chatproxy-baseline and chatproxy-tls-baseline: chatproxy as committed at "
+                               "this git revision (exported with git archive, so pure Python), for an A/B in the "
+                               "same run")
+    baseline.add_argument("--baseline-src", metavar="DIR", type=Path,
+                          help="the same with chatproxy from DIR as it is (holding chatproxy/ and "
+                               "twisted/plugins/; e.g. a checkout of another revision built with "
+                               "CHATPROXY_COMPILE=1, for an A/B of two compiled builds)")
     parser.add_argument("--pin-proxy", metavar="CPUS",
                         help="run each proxy on these CPUs (a taskset -c list, e.g. 1) and wrk and the upstream "
                              "on the others, as on a production box where the proxy has cores to itself")
@@ -533,6 +541,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("need --duration > 0 and 1 <= --threads <= --connections")
     if args.rounds < 1:
         parser.error("need --rounds >= 1")
+    if args.baseline_src is not None and not (args.baseline_src / "chatproxy" / "__init__.py").exists():
+        parser.error(f"--baseline-src: no chatproxy package in {args.baseline_src}")
     if not 1 <= args.workers <= 256:
         parser.error("need 1 <= --workers <= 256")
     args.load_cpus = None
@@ -608,7 +618,8 @@ def measure_all(targets: list[Target], ctx: Context, wrk: str, args: argparse.Na
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; 0 if every run was clean, 1 otherwise."""
-    targets = select_targets([t for t in TARGETS if args.baseline or not t.baseline], args.only)
+    with_baseline = bool(args.baseline or args.baseline_src)
+    targets = select_targets([t for t in TARGETS if with_baseline or not t.baseline], args.only)
     nginx, wrk = ensure_tools()
     machine = machine_info(nginx, wrk)
     machine["background_load_at_start"] = round(wait_for_quiet(args.wait_for_quiet), 2)
@@ -626,6 +637,9 @@ def run(args: argparse.Namespace) -> int:
             if args.baseline:
                 machine["baseline_commit"] = export_chatproxy(args.baseline, workdir / "baseline-src")
                 baseline_path = chatproxy_pythonpath(workdir / "baseline-src", workdir / "baseline-shim")
+            elif args.baseline_src:
+                machine["baseline_source"] = f"{args.baseline_src.resolve()} ({describe_build_at(args.baseline_src)})"
+                baseline_path = chatproxy_pythonpath(args.baseline_src, workdir / "baseline-shim")
             ctx = Context(supervisor, workdir, nginx, free_ports(1)[0], certificate, key, args.workers, baseline_path)
             outcomes, upstream_notes = measure_all(targets, ctx, wrk, args)
         finally:

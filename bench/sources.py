@@ -54,3 +54,11 @@ def with_pythonpath(argv: list[str], path: list[Path] | None) -> list[str]:
         return argv
     pythonpath = os.pathsep.join(filter(None, [*map(str, path), os.environ.get("PYTHONPATH")]))
     return ["/usr/bin/env", f"PYTHONPATH={pythonpath}", *argv]
+
+
+def describe_build_at(source: Path) -> str:
+    """Which build the chatproxy in ``source`` is (pure Python, or compiled: its
+    extension modules beside the .py files), as its own start-up line says it."""
+    import runpy
+
+    return str(runpy.run_path(str(source / "chatproxy" / "compiled.py"))["describe"]())

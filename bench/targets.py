@@ -36,7 +36,7 @@ class Context:
     key: Path
     #: ``workers`` for the chatproxy-*-workers targets (``--workers``, default one per CPU).
     workers: int = 1
-    #: PYTHONPATH that runs the chatproxy of ``--baseline`` (for the *-baseline targets).
+    #: PYTHONPATH that runs the chatproxy of ``--baseline`` or ``--baseline-src`` (for the *-baseline targets).
     baseline_path: list[Path] | None = None
 
 
@@ -51,7 +51,7 @@ class Target:
     start: Callable[[Context, int], Server] | None
     #: Runs ``--workers`` chatproxy workers, accepting on the master's listening socket.
     multi_worker: bool = False
-    #: Runs the chatproxy of ``--baseline REV`` (only selected with that option).
+    #: Runs the chatproxy of ``--baseline REV`` or ``--baseline-src DIR`` (only selected with one of them).
     baseline: bool = False
 
     @property
@@ -205,12 +205,12 @@ def start_chatproxy_tls(ctx: Context, port: int) -> Server:
 
 
 def start_chatproxy_baseline(ctx: Context, port: int) -> Server:
-    """``chatproxy`` as committed at ``--baseline REV``."""
+    """``chatproxy`` as committed at ``--baseline REV`` (or from ``--baseline-src DIR``)."""
     return _start_chatproxy(ctx, port, tls=False, baseline=True)
 
 
 def start_chatproxy_tls_baseline(ctx: Context, port: int) -> Server:
-    """``chatproxy-tls`` as committed at ``--baseline REV``."""
+    """``chatproxy-tls`` as committed at ``--baseline REV`` (or from ``--baseline-src DIR``)."""
     return _start_chatproxy(ctx, port, tls=True, baseline=True)
 
 
@@ -247,9 +247,11 @@ TARGETS: tuple[Target, ...] = (
            start_chatproxy_workers, multi_worker=True),
     Target("chatproxy-tls-workers", "chatproxy, a master and --workers worker processes, TLS", True,
            start_chatproxy_tls_workers, multi_worker=True),
-    Target("chatproxy-baseline", "the chatproxy target as committed at --baseline REV", False,
+    Target("chatproxy-baseline",
+           "the chatproxy target as committed at --baseline REV (or from --baseline-src DIR)", False,
            start_chatproxy_baseline, baseline=True),
-    Target("chatproxy-tls-baseline", "the chatproxy-tls target as committed at --baseline REV", True,
+    Target("chatproxy-tls-baseline",
+           "the chatproxy-tls target as committed at --baseline REV (or from --baseline-src DIR)", True,
            start_chatproxy_tls_baseline, baseline=True),
     Target("twisted-rpr", "twisted.web.proxy.ReverseProxyResource, one process", False, start_twisted_rpr),
 )

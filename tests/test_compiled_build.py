@@ -96,9 +96,73 @@ def test_no_extension_module_in_the_checkout_is_stale_or_unlisted() -> None:
     for built in (ROOT / "chatproxy").rglob("*.so"):
         stem = Path(str(built)[:-len(next(s for s in suffixes if str(built).endswith(s)))])
         assert stem in listed, f"{built} is not of a module chatproxy/compiled.py lists: delete it"
-        source = stem.with_suffix(".py")
-        assert built.stat().st_mtime >= source.stat().st_mtime, \
-            f"{built} is older than {source}: rebuild (CHATPROXY_COMPILE=1 pip install -e .) or delete it"
+        for source in (stem.with_suffix(".py"), stem.with_suffix(".pxd")):
+            if source.exists():
+                assert built.stat().st_mtime >= source.stat().st_mtime, \
+                    f"{built} is older than {source}: rebuild (CHATPROXY_COMPILE=1 pip install -e .) or delete it"
+
+
+def _typed_classes() -> dict[str, dict[str, list[str]]]:
+    """The C-typed classes the .pxd files beside listed modules declare: module ->
+    class -> its attributes, in order (the .pxd files hold only ``cdef class NAME:``
+    and ``cdef public object a, b, ...`` lines, and comments)."""
+    declared: dict[str, dict[str, list[str]]] = {}
+    for name in MODULES:
+        pxd = _source(name).with_suffix(".pxd")
+        if not pxd.exists():
+            continue
+        classes = declared[name] = {}
+        current: list[str] | None = None
+        for number, line in enumerate(pxd.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0].strip()
+            if code.startswith("cdef class ") and code.endswith(":"):
+                current = classes[code[len("cdef class "):-1].strip()] = []
+            elif code.startswith("cdef public object ") and current is not None:
+                current.extend(attribute.strip() for attribute in code[len("cdef public object "):].split(","))
+            else:
+                assert not code, f"{pxd}, line {number}: not a declaration this test knows: {line!r}"
+    return declared
+
+
+def test_each_typed_class_declares_exactly_the_attributes_of_its_slots() -> None:
+    """A class a .pxd types for the compiled build declares the attributes the
+    class's ``__slots__`` name in its .py, in the same order: an attribute
+    missing from the .pxd would fail only in the compiled build (no place to
+    store it), one missing from ``__slots__`` only in the pure one.  And no
+    .pxd sits beside a module the build does not compile (it would do nothing)."""
+    declared = _typed_classes()
+    assert declared, "no .pxd beside any listed module: this test checks nothing"
+    for pxd in (ROOT / "chatproxy").rglob("*.pxd"):
+        module = ".".join(pxd.relative_to(ROOT).with_suffix("").parts)
+        assert module in MODULES, f"{pxd} is beside {module}, which chatproxy/compiled.py does not list"
+    for name, classes in declared.items():
+        tree = ast.parse(_source(name).read_text())
+        slots: dict[str, list[str]] = {}
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                for statement in node.body:
+                    if isinstance(statement, ast.Assign) and any(
+                            isinstance(target, ast.Name) and target.id == "__slots__" for target in statement.targets):
+                        slots[node.name] = list(ast.literal_eval(statement.value))
+        for cls, attributes in classes.items():
+            assert cls in slots, f"{name}.{cls} is typed in its .pxd but has no __slots__"
+            assert attributes == slots[cls], f"{name}.{cls}: .pxd {attributes} != __slots__ {slots[cls]}"
+
+
+def test_typed_classes_are_typed_in_the_compiled_build_and_slotted_in_the_pure_one() -> None:
+    """In the compiled build each class a .pxd declares is an extension type
+    whose attributes are C fields (``getset_descriptor``), in the pure build a
+    slotted Python class (``member_descriptor``); in both an instance has no
+    ``__dict__``, so an attribute neither list names fails the same way."""
+    if EXPECTED_BUILD is None:
+        pytest.skip("CHATPROXY_EXPECT_COMPILED is set by .ci/run: 0 for its first run, 1 for its second")
+    for name, classes in _typed_classes().items():
+        module: Any = importlib.import_module(name)
+        for cls_name, attributes in classes.items():
+            cls = getattr(module, cls_name)
+            kinds = {type(vars(cls)[attribute]).__name__ for attribute in attributes}
+            assert kinds == {"getset_descriptor" if EXPECT_COMPILED else "member_descriptor"}, (cls, kinds)
+            assert cls.__dictoffset__ == 0, f"{cls} instances have a __dict__"
 
 
 @pytest.mark.parametrize("workers", [1, 2])

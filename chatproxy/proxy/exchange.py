@@ -138,33 +138,43 @@ class HeldResponse:
 
 
 class Exchange:
-    """One request on a client side and the response it gets."""
+    """One request on a client side and the response it gets.
 
-    # What every exchange starts with (class attributes: an exchange only
-    # stores those it changes, which saves time on every request).
-    body_received = 0
-    active = False
-    finished = False
-    discarding = False
-    route: Route | None = None
-    chain: FilterChain | None = None  # the route's filters, once started
-    server: ServerPool | None = None
-    connection: UpstreamConnection | None = None
-    retried = False  # resent once after a pooled connection turned out stale
-    connect_retried = False  # another server tried once after a failed connect
-    set_cookie: bytes | None = None  # the sticky cookie for the response, when one is due
-    response_started = False
-    held: HeldResponse | None = None  # a response the response body hooks have not yet let go
-    status = 0
-    bytes_sent = 0
-    _buffered = 0
-    # Body inspection: filters that read the first bytes of the body
-    # before the request is forwarded (0: none is waiting for it).
-    _inspect_limit = 0
-    _sent_continue = False
-    _trailers: tuple[Header, ...] = ()  # fields after a request body
+    Slotted: built on every request, and read and written all along it.  In
+    the compiled build ``exchange.pxd`` beside this module makes it a C-typed
+    class with the same attributes (reading one is then a field access, not a
+    lookup by name); the two lists must name the same attributes
+    (tests/test_compiled_build.py checks).
+    """
+
+    __slots__ = ("client", "plan", "request", "head", "content_length", "chunked_in", "body_done", "body_limit",
+                 "started", "close_after", "_buffer", "error", "client_keep_alive", "upgrade", "expect_continue",
+                 "names", "connection_named", "body_received", "active", "finished", "discarding", "route",
+                 "chain", "server", "connection", "retried", "connect_retried", "set_cookie", "response_started",
+                 "held", "status", "bytes_sent", "_buffered", "_inspect_limit", "_sent_continue", "_trailers")
 
     def __init__(self, client: ClientSide, request: Request | Rejection, plan: Plan) -> None:
+        self.body_received = 0
+        self.active = False
+        self.finished = False
+        self.discarding = False
+        self.route: Route | None = None
+        self.chain: FilterChain | None = None  # the route's filters, once started
+        self.server: ServerPool | None = None
+        self.connection: UpstreamConnection | None = None
+        self.retried = False  # resent once after a pooled connection turned out stale
+        self.connect_retried = False  # another server tried once after a failed connect
+        self.set_cookie: bytes | None = None  # the sticky cookie for the response, when one is due
+        self.response_started = False
+        self.held: HeldResponse | None = None  # a response the response body hooks have not yet let go
+        self.status = 0
+        self.bytes_sent = 0
+        self._buffered = 0
+        # Body inspection: filters that read the first bytes of the body
+        # before the request is forwarded (0: none is waiting for it).
+        self._inspect_limit = 0
+        self._sent_continue = False
+        self._trailers: tuple[Header, ...] = ()  # fields after a request body
         self.client = client
         self.plan = plan  # the configuration this request was routed with, to its end
         self.request = request
