@@ -13,7 +13,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 import httptools
-from twisted.internet.interfaces import IHalfCloseableDescriptor, IPushProducer, ISSLTransport
+from twisted.internet.interfaces import IHalfCloseableDescriptor, IPushProducer, ISSLTransport, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -55,9 +55,13 @@ class _Reject(Exception):
         self.message = message
 
 
-@implementer(IPushProducer)
-class FrontConnection(Protocol):
-    """One client connection to a listener."""
+class FrontConnectionBase:
+    """What a client connection does and holds; :class:`FrontConnection` adds
+    Twisted's ``Protocol`` to it.  Kept apart from ``Protocol`` (a Python class)
+    so that the compiled build can make it a C-typed class (``front.pxd``, the
+    same attributes as ``__slots__``: the two must stay in step,
+    tests/test_compiled_build.py checks), whose own code then reads its
+    attributes as C fields."""
 
     # Slots: a connection lives as long as its client (an idle chat session
     # for hours), so its state is kept in slots rather than a dictionary.
@@ -69,9 +73,9 @@ class FrontConnection(Protocol):
                  "_close_delimited", "_close_after_response")
 
     def __init__(self, factory: FrontFactory) -> None:
-        self.transport = None
+        self.transport: ITransport | None = None
         self.connected = 0
-        self.factory = factory
+        self.factory: Any = factory  # (typed as Twisted's Protocol types it)
         self.core: ProxyCore = factory.core
         self.listener: Listener = factory.listener
         self.settings = self.core.settings
@@ -664,13 +668,20 @@ class FrontConnection(Protocol):
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
 
+@implementer(IPushProducer)
+class FrontConnection(FrontConnectionBase, Protocol):
+    """One client connection to a listener."""
+
+    __slots__ = ()
+
+
 class _UpgradeRequestBody:
     """Parser callbacks for the body of a request that asked for an upgrade
     chatproxy does not make: llhttp stops after such a request's head, so its
     body is framed by a second parser (fed a head with the same framing) and
     goes to the exchange as any request body does."""
 
-    def __init__(self, front: FrontConnection) -> None:
+    def __init__(self, front: FrontConnectionBase) -> None:
         self.front = front
         self.started = False
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol as TypingProtocol
 import httptools
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ITransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -60,15 +60,25 @@ class ResponseSink(TypingProtocol):
     def upstream_writable(self, writable: bool) -> None: ...
 
 
-@implementer(IPushProducer)
-class UpstreamConnection(Protocol):
-    """One connection to one upstream server, carrying one exchange at a time.
+class UpstreamConnectionBase:
+    """What a connection to an upstream server does and holds;
+    :class:`UpstreamConnection` adds Twisted's ``Protocol`` to it.  Kept apart
+    from ``Protocol`` (a Python class) so that the compiled build can make it
+    a C-typed class (``upstream.pxd``, the same attributes as ``__slots__``:
+    the two must stay in step, tests/test_compiled_build.py checks).
 
     ``body_framing`` told to the sink: ``length`` (Content-Length), ``chunked``,
     ``eof`` (read until close), ``none`` (HEAD, 204, 304) or ``upgrade`` (101).
     """
 
+    __slots__ = ("transport", "connected", "factory", "pool", "sink", "deadline", "exchanges", "tunnel",
+                 "_parser", "_headers", "_reason", "_head_done", "_framing", "_method_head", "_request_sent",
+                 "_response_done", "_got_bytes", "_reusable", "_connected", "_closed")
+
     def __init__(self, pool: ServerPool) -> None:
+        self.transport: ITransport | None = None
+        self.connected = 0
+        self.factory: Any = None  # (typed as Twisted's Protocol types it)
         self.pool = pool
         self.sink: ResponseSink | None = None
         self.deadline = 0.0
@@ -131,7 +141,7 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self._closed = True
-        self.pool.forget(self)
+        self.pool.forget(self)  # type: ignore[arg-type]  # (self is an UpstreamConnection)
         if self.tunnel is not None:
             tunnel, self.tunnel = self.tunnel, None
             tunnel.peer_lost()
@@ -225,7 +235,7 @@ class UpstreamConnection(Protocol):
         """Past the deadline: the response is late, or an idle connection aged out."""
         self.deadline = 0.0
         if self.sink is None:
-            self.pool.forget(self)
+            self.pool.forget(self)  # type: ignore[arg-type]
             self.close()
             return
         self._fail("upstream did not answer in time" if not self._head_done else "upstream stalled mid-response",
@@ -303,7 +313,7 @@ class UpstreamConnection(Protocol):
 
     def _release(self) -> None:
         if self._reusable and not self._closed and self.sink is None and self.tunnel is None:
-            self.pool.release(self)
+            self.pool.release(self)  # type: ignore[arg-type]
         else:
             self.close()
 
@@ -322,6 +332,13 @@ class UpstreamConnection(Protocol):
     def got_response_bytes(self) -> bool:
         """Whether any response byte arrived for the current exchange."""
         return self._got_bytes
+
+
+@implementer(IPushProducer)
+class UpstreamConnection(UpstreamConnectionBase, Protocol):
+    """One connection to one upstream server, carrying one exchange at a time."""
+
+    __slots__ = ()
 
 
 class _OneConnection(Factory):
