@@ -61,4 +61,7 @@ def describe_build_at(source: Path) -> str:
     extension modules beside the .py files), as its own start-up line says it."""
     import runpy
 
-    return str(runpy.run_path(str(source / "chatproxy" / "compiled.py"))["describe"]())
+    module = source / "chatproxy" / "compiled.py"
+    if not module.exists():
+        return "pure Python (from before the compiled build)"
+    return str(runpy.run_path(str(module))["describe"]())

@@ -126,10 +126,12 @@ def _typed_classes() -> dict[str, dict[str, list[str]]]:
 
 def test_each_typed_class_declares_exactly_the_attributes_of_its_slots() -> None:
     """A class a .pxd types for the compiled build declares the attributes the
-    class's ``__slots__`` name in its .py, in the same order: an attribute
-    missing from the .pxd would fail only in the compiled build (no place to
-    store it), one missing from ``__slots__`` only in the pure one.  And no
-    .pxd sits beside a module the build does not compile (it would do nothing)."""
+    class's ``__slots__`` name in its .py, in the same order: the two builds
+    then keep the same attributes in the same kind of place (an attribute
+    missing from one list would fail, or go to a ``Protocol`` subclass's
+    ``__dict__`` where the compiled code does not read it, in one build only).
+    And no .pxd sits beside a module the build does not compile (it would do
+    nothing)."""
     declared = _typed_classes()
     assert declared, "no .pxd beside any listed module: this test checks nothing"
     for pxd in (ROOT / "chatproxy").rglob("*.pxd"):
@@ -152,8 +154,12 @@ def test_each_typed_class_declares_exactly_the_attributes_of_its_slots() -> None
 def test_typed_classes_are_typed_in_the_compiled_build_and_slotted_in_the_pure_one() -> None:
     """In the compiled build each class a .pxd declares is an extension type
     whose attributes are C fields (``getset_descriptor``), in the pure build a
-    slotted Python class (``member_descriptor``); in both an instance has no
-    ``__dict__``, so an attribute neither list names fails the same way."""
+    slotted Python class (``member_descriptor``), without a ``__dict__`` of its
+    own.  And every class of the module built on one (``FrontConnection`` on
+    ``FrontConnectionBase``) finds those attributes on it, not on another base
+    (Twisted's ``Protocol`` has class attributes ``transport``, ``connected``,
+    ``factory``: with the bases the other way round, Twisted would store the
+    transport where the compiled code never reads it)."""
     if EXPECTED_BUILD is None:
         pytest.skip("CHATPROXY_EXPECT_COMPILED is set by .ci/run: 0 for its first run, 1 for its second")
     for name, classes in _typed_classes().items():
@@ -163,6 +169,11 @@ def test_typed_classes_are_typed_in_the_compiled_build_and_slotted_in_the_pure_o
             kinds = {type(vars(cls)[attribute]).__name__ for attribute in attributes}
             assert kinds == {"getset_descriptor" if EXPECT_COMPILED else "member_descriptor"}, (cls, kinds)
             assert cls.__dictoffset__ == 0, f"{cls} instances have a __dict__"
+            built_on = [c for c in vars(module).values() if isinstance(c, type) and c is not cls and cls in c.__mro__]
+            for subclass in built_on:
+                for attribute in attributes:
+                    owner = next(c for c in subclass.__mro__ if attribute in vars(c))
+                    assert owner is cls, f"{subclass.__name__}.{attribute} is {owner.__name__}'s, not {cls_name}'s"
 
 
 @pytest.mark.parametrize("workers", [1, 2])

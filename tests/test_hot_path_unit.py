@@ -1,7 +1,7 @@
 """Unit tests pinning down behaviour that the per-request fast paths of the
 front connection and the exchange must keep (see bench/README.md: caches of
 the last Host value per connection, RequestHead built positionally,
-class-level defaults of Exchange, the single-server pick)."""
+the state of each Exchange its own, the single-server pick)."""
 
 from __future__ import annotations
 
