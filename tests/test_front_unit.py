@@ -70,6 +70,7 @@ class Harness:
         protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
         transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", 50000 + len(self.accepted)),
                                     peerAddress=IPv4Address("TCP", host, port), lenient=True)
+        transport.protocol = protocol  # as a TCP connection names the protocol it delivers reads to
         protocol.makeConnection(transport)
         self.accepted.append((protocol, transport))
         return protocol, transport
@@ -804,6 +805,51 @@ def _unmasked_frames(data: bytes) -> list[tuple[int, bytes]]:
         frames.append((data[0] & 0x0F, bytes(b ^ mask[i % 4] for i, b in enumerate(data[6:6 + length]))))
         data = data[6 + length:]
     return frames
+
+
+def test_an_open_bridge_session_follows_the_message_filters_a_reload_gives_it(make, tmp_path):
+    """A bridged session that a reload keeps is filtered from then on by the
+    new configuration's message filters for its route: a route that had
+    none gets a message rate limit, and the client's second message after the
+    reload closes the session with 1008 (the bridge keeps the route's chain
+    between messages; it must notice the session's new plan)."""
+    from chatproxy.proxy.plan import Plan
+
+    front, client, upstream, up_transport = _open_bridge(make)
+    for n in range(3):
+        front.dataReceived(_masked(1, b"m%d" % n))
+    assert _unmasked_frames(up_transport.value()) == [(1, b"m0"), (1, b"m1"), (1, b"m2")]
+    up_transport.clear()
+    core = front.core
+    text = (tmp_path / "chatproxy.ini").read_text().replace("websocket = yes\n", "websocket = yes\nfilters = limit\n")
+    (tmp_path / "next.ini").write_text(text + "\n[filter:limit]\nuse = rate_limit\nrate = 1000\n"
+                                       "message_rate = 1/min\nmessage_burst = 1\n")
+    assert core.install(Plan(core.reactor, load_config([tmp_path / "next.ini"]), core.sweeper, core.stats,
+                             previous=core.plan)) == 0  # the session is kept
+    front.dataReceived(_masked(1, b"m3"))
+    front.dataReceived(_masked(1, b"m4"))
+    frames = _unmasked_frames(up_transport.value())
+    assert frames[0] == (1, b"m3") and frames[1][0] == 8 and frames[1][1][:2] == (1008).to_bytes(2, "big")
+    assert len(frames) == 2
+
+
+def test_both_kinds_of_upstream_connection_read_without_the_endpoints_wrapper(make):
+    """A TCP connection delivers an upstream's reads straight to chatproxy's
+    protocol, not through the client endpoint's pass-through wrapper: that of
+    a proxied request (an upstream connection) and that of a bridged
+    WebSocket session (its upstream leg); what the upstream sends still
+    arrives."""
+    h = make()
+    front, client = h.client()
+    front.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    wrapper, transport = h.accept_upstream()
+    assert transport.protocol is not wrapper and transport.protocol is wrapper._wrappedProtocol
+    transport.protocol.dataReceived(ok(b"hi"))
+    assert [m["body"] for m in responses(client.value())] == [b"hi"]
+    front, client, upstream, up_transport = _open_bridge(make)
+    assert up_transport.protocol is front.tunnel.upstream is upstream._wrappedProtocol
+    up_transport.protocol.dataReceived(b"\x81\x02hi")
+    assert client.value() == b"\x81\x02hi"
 
 
 def test_an_open_bridge_session_keeps_nothing_of_its_handshake(make):

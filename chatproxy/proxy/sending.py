@@ -1,4 +1,6 @@
-"""Sending bytes at once when a TCP transport has nothing queued.
+"""Shortcuts past Twisted's per-call layers on a connection: sending bytes at
+once when a TCP transport has nothing queued, and reading without a client
+endpoint's pass-through wrapper.
 
 Twisted's ``transport.write`` always queues and asks the reactor to watch for
 writability: every response costs an extra reactor turn and two ``epoll_ctl``
@@ -8,6 +10,10 @@ whatever the kernel did not take to ``transport.write`` as usual, so flow
 control (producers, ``bufferSize``) is unchanged.  Any transport that is not a
 plain TCP connection (TLS, UNIX, in-memory test transports) just gets
 ``write``.
+
+A protocol connected through a client endpoint gets its reads through the
+endpoint's wrapper protocol, one more Python call per read that only passes
+it on; :func:`read_directly` has the transport call the protocol itself.
 """
 
 from __future__ import annotations
@@ -37,3 +43,14 @@ def send(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def read_directly(protocol: Any) -> None:
+    """Have ``protocol``'s transport deliver reads (and the connection's end)
+    to it straight, not through the client endpoint's pass-through wrapper
+    (``_WrappingProtocol``), when it is connected through one.  Called from
+    ``connectionMade``.  A TLS transport (an https or wss upstream) has no
+    ``protocol`` attribute and keeps its wrapper."""
+    transport = protocol.transport
+    if getattr(getattr(transport, "protocol", None), "_wrappedProtocol", None) is protocol:
+        transport.protocol = protocol

@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from chatproxy.proxy.health import HealthChecker
 from chatproxy.http.messages import Header
-from chatproxy.proxy.sending import send
+from chatproxy.proxy.sending import read_directly, send
 from chatproxy.proxy.stats import Stats
 from chatproxy.proxy.tls import build_client_tls
 
@@ -101,11 +101,7 @@ class UpstreamConnectionBase:
 
     def connectionMade(self) -> None:
         self._connected = True
-        transport: Any = self.transport
-        if getattr(getattr(transport, "protocol", None), "_wrappedProtocol", None) is self:
-            # The client endpoint's wrapper only passes every call on to this
-            # protocol: reads (one per response) come here without it.
-            transport.protocol = self
+        read_directly(self)
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)

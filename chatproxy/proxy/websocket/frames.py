@@ -48,7 +48,9 @@ class FastFrames:
         # In an open session, bytes go straight to Autobahn's frame loop (that
         # of its consumeData): its own dataReceived formats three debug-log
         # arguments (a qualified function name among them) for every read
-        # before it gets there.
+        # before it gets there, and counts the bytes in its traffic
+        # statistics, which nothing reads (sendMessage's fast path does not
+        # count either).
         try:
             direct = _FAST_PATH and self.state == _OPEN and not self.logOctets  # type: ignore[attr-defined]
         except AttributeError:  # an Autobahn whose internals differ
@@ -57,7 +59,6 @@ class FastFrames:
         if not direct:
             super().dataReceived(data)  # type: ignore[misc]
             return
-        self.trafficStats.incomingOctetsWireLevel += len(data)  # type: ignore[attr-defined]
         self.data += data
         while self.processData() and self.state != _CLOSED:  # type: ignore[attr-defined]  # as consumeData does
             pass

@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from chatproxy.proxy.sending import read_directly
 from chatproxy.proxy.websocket.closing import close_frame_problem
 from chatproxy.proxy.websocket.frames import FastFrames
 
@@ -211,6 +212,7 @@ class UpstreamLeg(FastFrames, _BridgeLeg, WebSocketClientProtocol):  # type: ign
     _SEND_MASKED = True
 
     def connectionMade(self) -> None:
+        read_directly(self)  # each message from the upstream: one call less
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
