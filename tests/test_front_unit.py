@@ -811,8 +811,8 @@ def test_an_open_bridge_session_follows_the_message_filters_a_reload_gives_it(ma
     """A bridged session that a reload keeps is filtered from then on by the
     new configuration's message filters for its route: a route that had
     none gets a message rate limit, and the client's second message after the
-    reload closes the session with 1008 (the bridge keeps the route's chain
-    between messages; it must notice the session's new plan)."""
+    reload closes the session with 1008 (the bridge must take the route's
+    chain from the session's plan as it is at each message)."""
     from chatproxy.proxy.plan import Plan
 
     front, client, upstream, up_transport = _open_bridge(make)

@@ -140,9 +140,6 @@ class WebSocketBridge:
         self._rate_stamp = time.monotonic()
         self._last_message = time.monotonic()
         self._idle_call: Any = None
-        # The route's filter chain in the plan it was taken from (a reload may give the session another).
-        self._chain: FilterChain | None = None
-        self._chain_of: Any = None
 
     # -- start: hand the client's transport to Autobahn
 
@@ -347,10 +344,7 @@ class WebSocketBridge:
             self.messages_down += 1
             self.bytes_down += len(payload)
         exchange = self.exchange
-        if exchange.plan is not self._chain_of:  # the first message, or a reload gave the session a new plan
-            self._chain_of = exchange.plan
-            self._chain = exchange.plan.chain(exchange.route) if exchange.route is not None else None
-        chain = self._chain
+        chain = exchange.plan.chain(exchange.route) if exchange.route is not None else None  # (a reload may change it)
         if chain is not None and chain.sees_messages:
             self._filter(chain, upward, payload, binary)
         else:
