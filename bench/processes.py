@@ -66,6 +66,8 @@ class Supervisor:
         self.servers: list[Server] = []
         #: Given a server's name, the CPUs (a ``taskset -c`` list) it is pinned to, or None.
         self.affinity: Callable[[str], str | None] = lambda name: None
+        #: Given a server's name, a command line to run it under (``valgrind ...``), or an empty one.
+        self.wrapper: Callable[[str], Sequence[str]] = lambda name: ()
 
     def start(self, name: str, argv: Sequence[str], cwd: Path | None = None) -> Server:
         """Start ``argv`` with its output going to ``<log_dir>/<name>.log`` (``<name>-2.log`` ... if taken)."""
@@ -73,6 +75,7 @@ class Supervisor:
         while log_path.exists():
             number += 1
             log_path = self.log_dir / f"{name}-{number}.log"
+        argv = [*self.wrapper(name), *argv]
         cpus = self.affinity(name)
         if cpus is not None:  # pinned: it and every process it starts (a master's workers)
             argv = ["taskset", "-c", cpus, *argv]

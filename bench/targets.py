@@ -38,6 +38,8 @@ class Context:
     workers: int = 1
     #: PYTHONPATH that runs the chatproxy of ``--baseline`` or ``--baseline-src`` (for the *-baseline targets).
     baseline_path: list[Path] | None = None
+    #: Directives added to every nginx's main context (``nginx -g``), e.g. ``user root;``.
+    nginx_directives: str = ""
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,8 @@ def _start_nginx(ctx: Context, name: str, http_body: str, worker_connections: in
     directory.mkdir(mode=0o755, exist_ok=True)
     config = directory / "nginx.conf"
     config.write_text(_nginx_config(directory, http_body, worker_connections))
-    return ctx.supervisor.start(name, [ctx.nginx, "-p", str(directory), "-e", "stderr", "-c", str(config)])
+    extra = ["-g", ctx.nginx_directives] if ctx.nginx_directives else []
+    return ctx.supervisor.start(name, [ctx.nginx, "-p", str(directory), "-e", "stderr", "-c", str(config), *extra])
 
 
 def start_upstream(ctx: Context) -> Server:
