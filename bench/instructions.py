@@ -26,17 +26,16 @@ import argparse
 import http.client
 import os
 import shutil
-import ssl
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from processes import BenchError, Supervisor, exit_on_termination_signals, free_ports, group_pids, \
-    select_targets, wait_until_serving
+from processes import BenchError, Supervisor, apt_install, connect, exit_on_termination_signals, free_ports, \
+    group_pids, select_targets, wait_until_serving
 from run import ensure_tools
-from sources import chatproxy_pythonpath, describe_build_at, export_chatproxy
+from sources import baseline_pythonpath
 from targets import BODY, TARGETS, Context, Target, make_certificate, start_upstream
 
 #: The targets this benchmark can count: one process (or nginx's master and
@@ -46,25 +45,12 @@ COUNTABLE = tuple(t for t in TARGETS if t.start is not None and not t.multi_work
 
 def ensure_valgrind() -> str:
     """The path of valgrind, installing the Debian package if missing."""
+    if shutil.which("valgrind") is None:
+        apt_install(["valgrind"])
     found = shutil.which("valgrind")
-    if found is None:
-        print("installing valgrind with apt-get ...", flush=True)
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "valgrind"], check=True, env=env)
-        found = shutil.which("valgrind")
     if found is None:
         raise BenchError("valgrind is still missing after apt-get install")
     return found
-
-
-def _connection(port: int, tls: bool) -> http.client.HTTPConnection:
-    if not tls:
-        return http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return http.client.HTTPSConnection("127.0.0.1", port, timeout=120, context=context)
 
 
 def drive(clients: list[http.client.HTTPConnection], port: int, requests: int) -> None:
@@ -119,7 +105,7 @@ def count(target: Target, ctx: Context, port: int, args: argparse.Namespace) -> 
     server = target.start(ctx, port)  # type: ignore[misc]
     try:
         wait_until_serving(server, port, BODY, tls=target.tls, timeout=args.start_timeout)
-        clients = [_connection(port, target.tls) for _ in range(args.connections)]
+        clients = [connect(port, tls=target.tls, timeout=120) for _ in range(args.connections)]
         try:
             drive(clients, port, args.warmup)  # connections (and TLS sessions) made before the counting
             pids = group_pids(server.process.pid)
@@ -180,13 +166,9 @@ def run(args: argparse.Namespace) -> list[tuple[Target, float]]:
             valgrind, "--tool=callgrind", "--trace-children=yes", f"--callgrind-out-file={dumps}/callgrind.%p")
         results = []
         try:
-            baseline_path = None
-            if args.baseline:
-                print(f"baseline: {export_chatproxy(args.baseline, workdir / 'baseline-src')}", flush=True)
-                baseline_path = chatproxy_pythonpath(workdir / "baseline-src", workdir / "baseline-shim")
-            elif args.baseline_src:
-                print(f"baseline: {args.baseline_src} ({describe_build_at(args.baseline_src)})", flush=True)
-                baseline_path = chatproxy_pythonpath(args.baseline_src, workdir / "baseline-shim")
+            baseline_path, baseline_facts = baseline_pythonpath(args.baseline, args.baseline_src, workdir)
+            for fact, value in baseline_facts.items():
+                print(f"{fact.replace('_', ' ')}: {value}", flush=True)
             certificate, key = make_certificate(workdir)
             # nginx's worker as root: valgrind's control pipes of a worker that
             # switched to another user are out of callgrind_control's reach.

@@ -154,16 +154,28 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+def apt_install(packages: Sequence[str]) -> None:
+    """Install Debian ``packages`` with apt-get (this needs root)."""
+    print(f"installing {' '.join(packages)} with apt-get ...", flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *packages], check=True, env=env)
+
+
+def connect(port: int, *, tls: bool, timeout: float) -> http.client.HTTPConnection:
+    """An HTTP client connection to 127.0.0.1:``port``; with ``tls``, HTTPS
+    without certificate checks (the benchmark's certificates are self-signed)."""
+    if not tls:
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=context)
+
+
 def fetch(port: int, *, tls: bool = False, path: str = "/", timeout: float = 2.0) -> tuple[int, bytes]:
     """GET ``path`` from 127.0.0.1:``port`` and return (status, body)."""
-    connection: http.client.HTTPConnection
-    if tls:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=context)
-    else:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    connection = connect(port, tls=tls, timeout=timeout)
     try:
         connection.request("GET", path, headers={"Host": f"localhost:{port}"})
         response = connection.getresponse()

@@ -44,10 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from chatproxy.compiled import describe as describe_build
-from processes import (BenchError, Server, Supervisor, exit_on_termination_signals, background_load, free_ports,
+from processes import (BenchError, Server, Supervisor, apt_install, exit_on_termination_signals, background_load,
+                       free_ports,
                        group_cpu_by_process, select_targets, system_cpu_seconds, wait_for_listeners,
                        wait_until_serving)
-from sources import chatproxy_pythonpath, describe_build_at, export_chatproxy
+from sources import baseline_pythonpath
 from targets import BENCH_DIR, BODY, TARGETS, Context, Target, make_certificate, start_upstream
 from wrk import WrkResult, run_wrk
 
@@ -139,10 +140,7 @@ def ensure_tools() -> tuple[str, str]:
     nginx, wrk = _find_nginx(), shutil.which("wrk")
     missing = (["nginx-light"] if nginx is None else []) + (["wrk"] if wrk is None else [])
     if missing:
-        print(f"installing {' '.join(missing)} with apt-get ...", flush=True)
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run(["apt-get", "update"], check=True, env=env)
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing], check=True, env=env)
+        apt_install(missing)
         nginx, wrk = _find_nginx(), shutil.which("wrk")
     if nginx is None or wrk is None:
         raise BenchError("nginx or wrk is still missing after apt-get install")
@@ -633,13 +631,8 @@ def run(args: argparse.Namespace) -> int:
             supervisor.affinity = lambda name: args.load_cpus if name == "upstream" else args.pin_proxy
         try:
             certificate, key = make_certificate(workdir)
-            baseline_path = None
-            if args.baseline:
-                machine["baseline_commit"] = export_chatproxy(args.baseline, workdir / "baseline-src")
-                baseline_path = chatproxy_pythonpath(workdir / "baseline-src", workdir / "baseline-shim")
-            elif args.baseline_src:
-                machine["baseline_source"] = f"{args.baseline_src.resolve()} ({describe_build_at(args.baseline_src)})"
-                baseline_path = chatproxy_pythonpath(args.baseline_src, workdir / "baseline-shim")
+            baseline_path, baseline_facts = baseline_pythonpath(args.baseline, args.baseline_src, workdir)
+            machine.update(baseline_facts)
             ctx = Context(supervisor, workdir, nginx, free_ports(1)[0], certificate, key, args.workers, baseline_path)
             outcomes, upstream_notes = measure_all(targets, ctx, wrk, args)
         finally:

@@ -48,6 +48,19 @@ def chatproxy_pythonpath(source: Path, shim: Path) -> list[Path]:
     return [shim, source.resolve()]
 
 
+def baseline_pythonpath(rev: str | None, source: Path | None, workdir: Path) -> tuple[list[Path] | None, dict[str, str]]:
+    """PYTHONPATH for the ``*-baseline`` targets (``--baseline REV`` exported
+    into ``workdir``, or ``--baseline-src DIR`` as it is; None with neither)
+    and what the run records of it: ``baseline_commit`` or ``baseline_source``."""
+    if rev:
+        commit = export_chatproxy(rev, workdir / "baseline-src")
+        return chatproxy_pythonpath(workdir / "baseline-src", workdir / "baseline-shim"), {"baseline_commit": commit}
+    if source:
+        described = f"{source.resolve()} ({describe_build_at(source)})"
+        return chatproxy_pythonpath(source, workdir / "baseline-shim"), {"baseline_source": described}
+    return None, {}
+
+
 def with_pythonpath(argv: list[str], path: list[Path] | None) -> list[str]:
     """``argv`` run with ``path`` in front of PYTHONPATH (unchanged when None)."""
     if path is None:
