@@ -16,7 +16,7 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-from chatproxy.proxy import tls_records
+from chatproxy.proxy import tls, tls_records
 from chatproxy.proxy.stats import Stats
 from chatproxy.proxy.tls import HandshakeCountingTLSFactory, ServerTLS, memory_context, self_signed
 from chatproxy.proxy.tls_profiles import INTERMEDIATE, TLSSettings
@@ -76,17 +76,17 @@ def test_plaintext_passes_both_ways_and_big_writes_come_out_whole(pair):
     in all, come out of the send BIO in one take and decrypt to the same bytes."""
     server, client = pair
     request = os.urandom(40_000)
-    assert tls_records.feed(server, _client_records(client, request))
+    assert tls_records.feed(tls_records.handles(server), _client_records(client, request))
     received = b""
-    while (piece := tls_records.read_plaintext(server)):
+    while (piece := tls_records.read_plaintext(tls_records.handles(server))):
         received += piece
     assert piece == b"" and received == request
     response = os.urandom(50_000)
     for offset in range(0, len(response), 2 ** 14):
         chunk = response[offset:offset + 2 ** 14]
-        assert tls_records.write_plaintext(server, chunk) == len(chunk)
-    records = tls_records.take_records(server)
-    assert len(records) > 2 ** 15 and tls_records.take_records(server) == b""
+        assert tls_records.write_plaintext(tls_records.handles(server), chunk) == len(chunk)
+    records = tls_records.take_records(tls_records.handles(server))
+    assert len(records) > 2 ** 15 and tls_records.take_records(tls_records.handles(server)) == b""
     client.bio_write(records)
     assert _read_all(client) == response
 
@@ -96,10 +96,10 @@ def test_half_a_record_wants_more_and_the_rest_completes_it(pair):
     """Part of a record gives b"" (nothing yet); the rest gives the plaintext."""
     server, client = pair
     records = _client_records(client, b"GET / HTTP/1.1\r\n\r\n")
-    assert tls_records.feed(server, records[:7])
-    assert tls_records.read_plaintext(server) == b""
-    assert tls_records.feed(server, records[7:])
-    assert tls_records.read_plaintext(server) == b"GET / HTTP/1.1\r\n\r\n"
+    assert tls_records.feed(tls_records.handles(server), records[:7])
+    assert tls_records.read_plaintext(tls_records.handles(server)) == b""
+    assert tls_records.feed(tls_records.handles(server), records[7:])
+    assert tls_records.read_plaintext(tls_records.handles(server)) == b"GET / HTTP/1.1\r\n\r\n"
 
 
 @needs_direct_path
@@ -108,8 +108,8 @@ def test_close_notify_is_left_to_pyopenssl_which_then_raises_zero_return(pair):
     again, sees it and raises ZeroReturnError, which Twisted handles."""
     server, client = pair
     client.shutdown()
-    assert tls_records.feed(server, client.bio_read(2 ** 16))
-    assert tls_records.read_plaintext(server) is None
+    assert tls_records.feed(tls_records.handles(server), client.bio_read(2 ** 16))
+    assert tls_records.read_plaintext(tls_records.handles(server)) is None
     with pytest.raises(SSL.ZeroReturnError):
         server.recv(2 ** 15)
 
@@ -121,8 +121,8 @@ def test_a_tampered_record_is_left_to_pyopenssl_which_then_raises_an_error(pair)
     server, client = pair
     records = bytearray(_client_records(client, b"hello"))
     records[-1] ^= 0x01
-    assert tls_records.feed(server, bytes(records))
-    assert tls_records.read_plaintext(server) is None
+    assert tls_records.feed(tls_records.handles(server), bytes(records))
+    assert tls_records.read_plaintext(tls_records.handles(server)) is None
     with pytest.raises(SSL.Error):
         server.recv(2 ** 15)
 
@@ -131,8 +131,8 @@ def test_a_tampered_record_is_left_to_pyopenssl_which_then_raises_an_error(pair)
 def test_nothing_to_take_is_empty(pair):
     """An empty send BIO gives b"" (no exception, nothing to send)."""
     server, _ = pair
-    tls_records.take_records(server)  # the handshake's last flight, if any
-    assert tls_records.take_records(server) == b""
+    tls_records.take_records(tls_records.handles(server))  # the handshake's last flight, if any
+    assert tls_records.take_records(tls_records.handles(server)) == b""
 
 
 def test_this_pyopenssl_takes_the_direct_path():
@@ -202,6 +202,26 @@ def _handshake(protocol: Any, transport: StringTransport, client: SSL.Connection
         if done and protocol._handshakeDone:
             return
     raise AssertionError("no handshake")
+
+
+@needs_direct_path
+def test_listener_tls_moves_application_data_through_the_direct_path(monkeypatch):
+    """Once the handshake is done, a listener's TLS protocol reads and writes
+    application data with tls_records, on the OpenSSL objects its factory
+    handed it with the connection (not through pyOpenSSL's wrappers)."""
+    calls: list[str] = []
+    for name in ("read_plaintext", "write_plaintext", "take_records"):
+        def counted(*args: Any, _real: Any = getattr(tls, name), _name: str = name) -> Any:
+            calls.append(_name)
+            return _real(*args)
+        monkeypatch.setattr(tls, name, counted)
+    protocol, transport, application, client = _server_protocol(stock=False)
+    _handshake(protocol, transport, client, then=b"ping")
+    assert protocol._handles == tls_records.handles(protocol._tlsConnection)
+    protocol.write(b"pong")
+    client.bio_write(transport.value())
+    assert b"".join(application.data) == b"ping" and _read_all(client) == b"pong"
+    assert {"read_plaintext", "write_plaintext", "take_records"} <= set(calls)
 
 
 @pytest.mark.parametrize("stock", [True, False], ids=["twisted", "chatproxy"])

@@ -70,7 +70,7 @@ class FrontConnectionBase:
                  "_queue", "_parsing", "_read_pauses", "_in_head", "_head_bytes", "_url", "_headers",
                  "_max_headers", "_hosts", "_pending_error", "_upgrade_buffer", "_upgrade_request",
                  "_body_parser", "_starting", "_stop_parsing", "_peer_known", "_corked", "_out", "_chunked",
-                 "_close_delimited", "_close_after_response")
+                 "_close_delimited", "_close_after_response", "_now")
 
     def __init__(self, factory: FrontFactory) -> None:
         self.transport: ITransport | None = None
@@ -110,6 +110,7 @@ class FrontConnectionBase:
         self._chunked = False
         self._close_delimited = False
         self._close_after_response = False
+        self._now = self.core.sweeper.now  # the clock deadlines are on (read several times a request)
 
     # -- connection lifecycle
 
@@ -118,7 +119,7 @@ class FrontConnectionBase:
         _no_delay(self.transport)
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self.core.sweeper.add(self)
-        self.deadline = self.core.sweeper.now() + self.settings.header_timeout
+        self.deadline = self._now() + self.settings.header_timeout
         self.core.connections.add(self)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
@@ -257,7 +258,7 @@ class FrontConnectionBase:
         if self.closing and kind != "close":
             return  # the close deadline stands until the connection is gone
         self._deadline_kind = kind
-        self.deadline = self.core.sweeper.now() + seconds
+        self.deadline = self._now() + seconds
 
     # -- httptools callbacks
 
@@ -311,7 +312,7 @@ class FrontConnectionBase:
         exchange = self._parsing
         if exchange is not None:
             if self._deadline_kind == "body":
-                self.deadline = self.core.sweeper.now() + self.settings.idle_timeout
+                self.deadline = self._now() + self.settings.idle_timeout
             exchange.client_body(body)
 
     def on_message_complete(self) -> None:
@@ -422,7 +423,7 @@ class FrontConnectionBase:
 
     def _log_rejected(self, status: int) -> None:
         if self.core.access_log.enabled:
-            now = self.core.sweeper.now()
+            now = self._now()
             self.core.access_log.log(AccessRecord(self.peer, "-", self._url.decode("latin-1")[:200] or "-", "1.1",
                                                   status, 0, 0.0, "", "", "", "", "", now))
 

@@ -42,11 +42,13 @@ class Stats:
     """Totals since start: requests, durations, bytes, upstream connects, WebSocket traffic."""
 
     def __init__(self) -> None:
-        self.requests: Counter[tuple[str, int, str]] = Counter()  # (route, status, protocol)
+        # Counted on every request: plain dictionaries (a Counter's subscript
+        # is a Python-level method call, several times a dict's).
+        self.requests: dict[tuple[str, int, str], int] = {}  # (route, status, protocol)
         self.duration_buckets: dict[str, list[int]] = {}  # route -> counts per bucket (+Inf last)
         self.duration_sum: dict[str, float] = {}
-        self.bytes_sent: Counter[str] = Counter()  # route -> response body bytes
-        self.bytes_received: Counter[str] = Counter()  # route -> request body bytes
+        self.bytes_sent: dict[str, int] = {}  # route -> response body bytes
+        self.bytes_received: dict[str, int] = {}  # route -> request body bytes
         self.connect_failures: Counter[str] = Counter()  # upstream server URL
         self.websocket_messages: Counter[tuple[str, str]] = Counter()  # (route, "up"|"down")
         self.websocket_bytes: Counter[tuple[str, str]] = Counter()
@@ -67,12 +69,20 @@ class Stats:
     def request(self, route: str, status: int, duration: float, sent: int, received: int,
                 protocol: str = "http/1.1") -> None:
         """Count one finished request (``protocol``: ``http/1.1`` or ``h2``)."""
-        self.requests[(route, status, protocol)] += 1
-        buckets = self.duration_buckets.get(route)
-        if buckets is None:
+        key = (route, status, protocol)
+        requests = self.requests
+        try:
+            requests[key] += 1
+        except KeyError:
+            requests[key] = 1
+        try:
+            buckets = self.duration_buckets[route]
+        except KeyError:  # the route's first request: its other totals start too
             buckets = self.duration_buckets[route] = [0] * (len(BUCKETS) + 1)
+            self.duration_sum[route] = 0.0
+            self.bytes_sent[route] = self.bytes_received[route] = 0
         buckets[bisect_left(BUCKETS, duration)] += 1
-        self.duration_sum[route] = self.duration_sum.get(route, 0.0) + duration
+        self.duration_sum[route] += duration
         self.bytes_sent[route] += sent
         self.bytes_received[route] += received
 

@@ -26,6 +26,7 @@ from zope.interface import implementer
 from chatproxy.config import ConfigError, Listener, Upstream, UpstreamServer
 from chatproxy.proxy.openssl_binding import GroupError, session_reused, set_groups, unknown_groups
 from chatproxy.proxy import tls_records
+from chatproxy.proxy.tls_records import feed, read_plaintext, take_records, write_plaintext
 from chatproxy.proxy.sending import send
 from chatproxy.proxy.stats import Stats
 from chatproxy.proxy.tls_profiles import INTERMEDIATE, TLSSettings, listener_settings
@@ -368,21 +369,24 @@ class _HandshakeCountingTLS(TLSMemoryBIOProtocol):
     Twisted's own path, which pyOpenSSL's exceptions drive."""
 
     factory: HandshakeCountingTLSFactory
+    #: The connection's OpenSSL objects for :mod:`chatproxy.proxy.tls_records`
+    #: (set by the factory with the connection); None: that path is unavailable.
+    _handles: tls_records.Handles | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        if self._handshakeDone and not self._appSendBuffer and tls_records.AVAILABLE \
-                and tls_records.feed(self._tlsConnection, data):
+        handles = self._handles
+        if handles is not None and self._handshakeDone and not self._appSendBuffer and feed(handles, data):
             self._flushReceiveBIO()
         else:
             super().dataReceived(data)  # type: ignore[no-untyped-call]
 
     def _flushReceiveBIO(self) -> None:
-        if not (self._handshakeDone and tls_records.AVAILABLE):
+        handles = self._handles
+        if handles is None or not self._handshakeDone:
             super()._flushReceiveBIO()  # type: ignore[no-untyped-call]
             return
-        connection = self._tlsConnection
         while not self._lostTLSConnection:
-            data = tls_records.read_plaintext(connection)
+            data = read_plaintext(handles)
             if data is None:
                 super()._flushReceiveBIO()  # type: ignore[no-untyped-call]  # raises what Twisted handles
                 return
@@ -393,16 +397,16 @@ class _HandshakeCountingTLS(TLSMemoryBIOProtocol):
         self._flushSendBIO()
 
     def _write(self, data: bytes) -> None:
-        if not (self._handshakeDone and tls_records.AVAILABLE) or self._lostTLSConnection:
+        handles = self._handles
+        if handles is None or not self._handshakeDone or self._lostTLSConnection:
             super()._write(data)  # type: ignore[no-untyped-call]
             return
-        connection = self._tlsConnection
         if type(data) is not bytes:
             data = bytes(data)  # a bytearray or memoryview, which Twisted's write takes too
         offset, size = 0, len(data)
         while offset < size:
             chunk = data if offset == 0 and size <= _RECORD else data[offset:offset + _RECORD]
-            taken = tls_records.write_plaintext(connection, chunk)
+            taken = write_plaintext(handles, chunk)
             if not taken:
                 super()._write(data[offset:])  # type: ignore[no-untyped-call]  # buffers or fails as Twisted does
                 return
@@ -412,8 +416,9 @@ class _HandshakeCountingTLS(TLSMemoryBIOProtocol):
     def _flushSendBIO(self) -> None:
         # Twisted's version queues every record with transport.write: one
         # more reactor turn and two epoll_ctl calls for each response.
-        if tls_records.AVAILABLE:
-            records = tls_records.take_records(self._tlsConnection)
+        handles = self._handles
+        if handles is not None:
+            records = take_records(handles)
         else:
             try:
                 records = self._tlsConnection.bio_read(2 ** 15)
@@ -445,3 +450,15 @@ class HandshakeCountingTLSFactory(TLSMemoryBIOFactory):
         super().__init__(creator, False, wrapped)
         self.stats = stats
         self.listener = listener
+        if tls_records.AVAILABLE:
+            self._creatorCallable = _with_handles(self._creatorCallable)
+
+
+def _with_handles(create: Callable[[Any], SSL.Connection]) -> Callable[[Any], SSL.Connection]:
+    """``create`` (what makes a TLS protocol's connection), also giving the
+    protocol the connection's OpenSSL objects for :mod:`chatproxy.proxy.tls_records`."""
+    def create_with_handles(tls_protocol: Any) -> SSL.Connection:
+        connection = create(tls_protocol)
+        tls_protocol._handles = tls_records.handles(connection)
+        return connection
+    return create_with_handles

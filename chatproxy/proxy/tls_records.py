@@ -29,7 +29,7 @@ from typing import Any, Final
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL
 
-__all__ = ["AVAILABLE", "feed", "read_plaintext", "take_records", "write_plaintext"]
+__all__ = ["AVAILABLE", "Handles", "feed", "handles", "read_plaintext", "take_records", "write_plaintext"]
 
 _binding = Binding()
 _lib: Any = _binding.lib
@@ -57,17 +57,29 @@ def _check_available() -> bool:
 AVAILABLE: Final = _check_available()
 
 
-def feed(connection: SSL.Connection, data: bytes) -> bool:
+#: A connection's OpenSSL objects, as :func:`handles` returns them: the
+#: ``SSL`` object, its receive BIO and its send BIO.
+Handles = tuple[Any, Any, Any]
+
+
+def handles(connection: SSL.Connection) -> Handles:
+    """The OpenSSL objects of ``connection`` the functions below work on (read
+    once per connection: every attribute read on a pyOpenSSL connection goes
+    through its ``__getattr__`` hook, several times the cost of a plain one)."""
+    return connection._ssl, connection._into_ssl, connection._from_ssl
+
+
+def feed(handles: Handles, data: bytes) -> bool:
     """Put records received from the peer into the connection's receive BIO;
     False when OpenSSL did not take them all (then use ``bio_write``)."""
-    return bool(_lib.BIO_write(connection._into_ssl, data, len(data)) == len(data))
+    return bool(_lib.BIO_write(handles[1], data, len(data)) == len(data))
 
 
-def read_plaintext(connection: SSL.Connection) -> bytes | None:
+def read_plaintext(handles: Handles) -> bytes | None:
     """The next application data the records fed so far decrypt to; b""
     when OpenSSL needs more bytes from the peer first; None for anything else
     (see the module docstring)."""
-    ssl = connection._ssl
+    ssl = handles[0]
     count = _lib.SSL_read(ssl, _buffer, _READ_SIZE)
     if count > 0:
         data: bytes = _ffi.unpack(_buffer, count)
@@ -75,17 +87,17 @@ def read_plaintext(connection: SSL.Connection) -> bytes | None:
     return b"" if _lib.SSL_get_error(ssl, count) == _WANT_READ else None
 
 
-def write_plaintext(connection: SSL.Connection, data: bytes) -> int:
+def write_plaintext(handles: Handles, data: bytes) -> int:
     """Encrypt ``data`` (at most 16 KiB, one record) into the send BIO: the
     number of bytes taken, or 0 for anything else (see the module docstring)."""
-    count: int = _lib.SSL_write(connection._ssl, data, len(data))
+    count: int = _lib.SSL_write(handles[0], data, len(data))
     return max(count, 0)
 
 
-def take_records(connection: SSL.Connection) -> bytes:
+def take_records(handles: Handles) -> bytes:
     """Everything in the connection's send BIO (records to send to the
     peer), emptying it; b"" when there is nothing."""
-    bio = connection._from_ssl
+    bio = handles[2]
     count = _lib.BIO_read(bio, _buffer, _READ_SIZE)
     if count <= 0:
         return b""

@@ -73,13 +73,14 @@ class UpstreamConnectionBase:
 
     __slots__ = ("transport", "connected", "factory", "pool", "sink", "deadline", "exchanges", "tunnel",
                  "_parser", "_headers", "_reason", "_head_done", "_framing", "_method_head", "_request_sent",
-                 "_response_done", "_got_bytes", "_reusable", "_connected", "_closed")
+                 "_response_done", "_got_bytes", "_reusable", "_connected", "_closed", "_now")
 
     def __init__(self, pool: ServerPool) -> None:
         self.transport: ITransport | None = None
         self.connected = 0
         self.factory: Any = None  # (typed as Twisted's Protocol types it)
         self.pool = pool
+        self._now = pool.sweeper.now  # the clock deadlines are on (read on every request)
         self.sink: ResponseSink | None = None
         self.deadline = 0.0
         self.exchanges = 0
@@ -119,7 +120,7 @@ class UpstreamConnectionBase:
             return
         self._got_bytes = True
         if self._head_done:
-            self.deadline = self.pool.sweeper.now() + self.pool.upstream.response_timeout
+            self.deadline = self._now() + self.pool.upstream.response_timeout
         client = sink.client
         client.cork()  # what this read produces for the client goes out in one send
         try:
@@ -193,7 +194,7 @@ class UpstreamConnectionBase:
         """The whole request has been written: the response is now awaited."""
         self._request_sent = True
         if self.sink is not None and not self._head_done:
-            self.deadline = self.pool.sweeper.now() + self.pool.upstream.response_timeout
+            self.deadline = self._now() + self.pool.upstream.response_timeout
         if self._response_done:
             self._release()
 
@@ -221,7 +222,7 @@ class UpstreamConnectionBase:
     def resume_reading(self) -> None:
         """Read from the upstream again."""
         if self.sink is not None and self._request_sent:
-            self.deadline = self.pool.sweeper.now() + self.pool.upstream.response_timeout
+            self.deadline = self._now() + self.pool.upstream.response_timeout
         if self.transport is not None and not self._closed:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
