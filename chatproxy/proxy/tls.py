@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -426,6 +427,12 @@ class _HandshakeCountingTLS(TLSMemoryBIOProtocol):
                 return  # nothing in the send BIO
         if records:
             send(self.transport, records)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        # As Twisted drops the connection: its OpenSSL objects (and their
+        # buffers) go now, not when a collection finds this protocol's cycles.
+        self._handles = None
 
     def _checkHandshakeStatus(self) -> None:
         done = self._handshakeDone
