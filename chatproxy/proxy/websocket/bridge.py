@@ -108,17 +108,7 @@ class BridgeClient(Protocol):
 
 
 class WebSocketBridge:
-    """One proxied WebSocket session: a client leg, an upstream leg, the relay.
-
-    Slotted (an idle session holds no attribute dictionary), and in the
-    compiled build a C-typed class (``bridge.pxd``, the same attributes as
-    ``__slots__``: tests/test_compiled_build.py checks), whose own code reads
-    its attributes as C fields on every relayed message."""
-
-    __slots__ = ("front", "exchange", "sockets", "options", "reactor", "started", "client", "upstream", "_handshake",
-                 "_handshake_timer", "_connecting", "_client_open", "_upstream_open", "_pending_to_client", "_held",
-                 "_paused", "_excess", "_ended", "messages_up", "messages_down", "bytes_up", "bytes_down",
-                 "close_code", "refused_status", "_rate_tokens", "_rate_stamp", "_last_message", "_idle_call")
+    """One proxied WebSocket session: a client leg, an upstream leg, the relay."""
 
     def __init__(self, front: BridgeClient, exchange: Exchange, sockets: RouteSockets) -> None:
         self.front = front
