@@ -75,18 +75,19 @@ def test_plaintext_passes_both_ways_and_big_writes_come_out_whole(pair):
     b"" once OpenSSL wants more); writes of up to a record each, over 32 KiB
     in all, come out of the send BIO in one take and decrypt to the same bytes."""
     server, client = pair
+    ssl_objects = tls_records.handles(server)
     request = os.urandom(40_000)
-    assert tls_records.feed(tls_records.handles(server), _client_records(client, request))
+    assert tls_records.feed(ssl_objects, _client_records(client, request))
     received = b""
-    while (piece := tls_records.read_plaintext(tls_records.handles(server))):
+    while (piece := tls_records.read_plaintext(ssl_objects)):
         received += piece
     assert piece == b"" and received == request
     response = os.urandom(50_000)
     for offset in range(0, len(response), 2 ** 14):
         chunk = response[offset:offset + 2 ** 14]
-        assert tls_records.write_plaintext(tls_records.handles(server), chunk) == len(chunk)
-    records = tls_records.take_records(tls_records.handles(server))
-    assert len(records) > 2 ** 15 and tls_records.take_records(tls_records.handles(server)) == b""
+        assert tls_records.write_plaintext(ssl_objects, chunk) == len(chunk)
+    records = tls_records.take_records(ssl_objects)
+    assert len(records) > 2 ** 15 and tls_records.take_records(ssl_objects) == b""
     client.bio_write(records)
     assert _read_all(client) == response
 
@@ -95,11 +96,12 @@ def test_plaintext_passes_both_ways_and_big_writes_come_out_whole(pair):
 def test_half_a_record_wants_more_and_the_rest_completes_it(pair):
     """Part of a record gives b"" (nothing yet); the rest gives the plaintext."""
     server, client = pair
+    ssl_objects = tls_records.handles(server)
     records = _client_records(client, b"GET / HTTP/1.1\r\n\r\n")
-    assert tls_records.feed(tls_records.handles(server), records[:7])
-    assert tls_records.read_plaintext(tls_records.handles(server)) == b""
-    assert tls_records.feed(tls_records.handles(server), records[7:])
-    assert tls_records.read_plaintext(tls_records.handles(server)) == b"GET / HTTP/1.1\r\n\r\n"
+    assert tls_records.feed(ssl_objects, records[:7])
+    assert tls_records.read_plaintext(ssl_objects) == b""
+    assert tls_records.feed(ssl_objects, records[7:])
+    assert tls_records.read_plaintext(ssl_objects) == b"GET / HTTP/1.1\r\n\r\n"
 
 
 @needs_direct_path
@@ -107,9 +109,10 @@ def test_close_notify_is_left_to_pyopenssl_which_then_raises_zero_return(pair):
     """A close_notify is not handled here (None), and pyOpenSSL, asked
     again, sees it and raises ZeroReturnError, which Twisted handles."""
     server, client = pair
+    ssl_objects = tls_records.handles(server)
     client.shutdown()
-    assert tls_records.feed(tls_records.handles(server), client.bio_read(2 ** 16))
-    assert tls_records.read_plaintext(tls_records.handles(server)) is None
+    assert tls_records.feed(ssl_objects, client.bio_read(2 ** 16))
+    assert tls_records.read_plaintext(ssl_objects) is None
     with pytest.raises(SSL.ZeroReturnError):
         server.recv(2 ** 15)
 
@@ -119,10 +122,11 @@ def test_a_tampered_record_is_left_to_pyopenssl_which_then_raises_an_error(pair)
     """A record that fails its integrity check is not handled here (None),
     and pyOpenSSL, asked again, raises SSL.Error (the connection fails)."""
     server, client = pair
+    ssl_objects = tls_records.handles(server)
     records = bytearray(_client_records(client, b"hello"))
     records[-1] ^= 0x01
-    assert tls_records.feed(tls_records.handles(server), bytes(records))
-    assert tls_records.read_plaintext(tls_records.handles(server)) is None
+    assert tls_records.feed(ssl_objects, bytes(records))
+    assert tls_records.read_plaintext(ssl_objects) is None
     with pytest.raises(SSL.Error):
         server.recv(2 ** 15)
 
@@ -131,8 +135,9 @@ def test_a_tampered_record_is_left_to_pyopenssl_which_then_raises_an_error(pair)
 def test_nothing_to_take_is_empty(pair):
     """An empty send BIO gives b"" (no exception, nothing to send)."""
     server, _ = pair
-    tls_records.take_records(tls_records.handles(server))  # the handshake's last flight, if any
-    assert tls_records.take_records(tls_records.handles(server)) == b""
+    ssl_objects = tls_records.handles(server)
+    tls_records.take_records(ssl_objects)  # the handshake's last flight, if any
+    assert tls_records.take_records(ssl_objects) == b""
 
 
 def test_this_pyopenssl_takes_the_direct_path():
