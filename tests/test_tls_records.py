@@ -105,6 +105,25 @@ def test_half_a_record_wants_more_and_the_rest_completes_it(pair):
 
 
 @needs_direct_path
+def test_records_waiting_tells_whether_the_receive_bio_holds_unread_bytes(pair):
+    """Two records fed in one go: after the first read, bytes are waiting;
+    after the second, none (and a read would indeed find nothing); half a
+    record fed counts as waiting."""
+    server, client = pair
+    ssl_objects = tls_records.handles(server)
+    assert not tls_records.records_waiting(ssl_objects)
+    assert tls_records.feed(ssl_objects, _client_records(client, b"one") + _client_records(client, b"two"))
+    assert tls_records.records_waiting(ssl_objects)
+    assert tls_records.read_plaintext(ssl_objects) == b"one"
+    assert tls_records.records_waiting(ssl_objects)
+    assert tls_records.read_plaintext(ssl_objects) == b"two"
+    assert not tls_records.records_waiting(ssl_objects)
+    assert tls_records.read_plaintext(ssl_objects) == b""
+    assert tls_records.feed(ssl_objects, _client_records(client, b"three")[:4])
+    assert tls_records.records_waiting(ssl_objects)
+
+
+@needs_direct_path
 def test_close_notify_is_left_to_pyopenssl_which_then_raises_zero_return(pair):
     """A close_notify is not handled here (None), and pyOpenSSL, asked
     again, sees it and raises ZeroReturnError, which Twisted handles."""
@@ -227,6 +246,33 @@ def test_listener_tls_moves_application_data_through_the_direct_path(monkeypatch
     client.bio_write(transport.value())
     assert b"".join(application.data) == b"ping" and _read_all(client) == b"pong"
     assert {"read_plaintext", "write_plaintext", "take_records"} <= set(calls)
+
+
+@needs_direct_path
+def test_listener_tls_reads_each_record_once_and_stops_when_nothing_is_left(monkeypatch):
+    """Two records in one read are both delivered with one read each: once
+    the receive BIO is empty, the protocol does not make the read that would
+    only find nothing; a record split over two reads is delivered when its
+    second half arrives."""
+    reads: list[bytes | None] = []
+
+    def counted(handles: Any) -> bytes | None:
+        data = tls_records.read_plaintext(handles)
+        reads.append(data)
+        return data
+    protocol, transport, application, client = _server_protocol(stock=False)
+    _handshake(protocol, transport, client)
+    monkeypatch.setattr(tls, "read_plaintext", counted)
+    client.sendall(b"one")
+    first = _client_out(client)
+    client.sendall(b"two")
+    protocol.dataReceived(first + _client_out(client))
+    assert application.data == [b"one", b"two"] and reads == [b"one", b"two"]
+    client.sendall(b"three")
+    third = _client_out(client)
+    protocol.dataReceived(third[:4])
+    protocol.dataReceived(third[4:])
+    assert application.data[-1] == b"three" and reads[2:] == [b"", b"three"]
 
 
 @pytest.mark.parametrize("stock", [True, False], ids=["twisted", "chatproxy"])

@@ -27,7 +27,7 @@ from zope.interface import implementer
 from chatproxy.config import ConfigError, Listener, Upstream, UpstreamServer
 from chatproxy.proxy.openssl_binding import GroupError, session_reused, set_groups, unknown_groups
 from chatproxy.proxy import tls_records
-from chatproxy.proxy.tls_records import feed, read_plaintext, take_records, write_plaintext
+from chatproxy.proxy.tls_records import READ_SIZE, feed, read_plaintext, records_waiting, take_records, write_plaintext
 from chatproxy.proxy.sending import send
 from chatproxy.proxy.stats import Stats
 from chatproxy.proxy.tls_profiles import INTERMEDIATE, TLSSettings, listener_settings
@@ -395,6 +395,8 @@ class _HandshakeCountingTLS(TLSMemoryBIOProtocol):
                 break  # OpenSSL needs more bytes from the client
             if not self._aborted:
                 self.wrappedProtocol.dataReceived(data)
+            if len(data) < READ_SIZE and not records_waiting(handles):
+                break  # the same as the failing read that would say so, for less
         self._flushSendBIO()
 
     def _write(self, data: bytes) -> None:

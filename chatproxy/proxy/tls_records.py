@@ -29,15 +29,28 @@ from typing import Any, Final
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL
 
-__all__ = ["AVAILABLE", "Handles", "feed", "handles", "read_plaintext", "take_records", "write_plaintext"]
+__all__ = ["AVAILABLE", "READ_SIZE", "Handles", "feed", "handles", "read_plaintext", "records_waiting", "take_records",
+           "write_plaintext"]
 
 _binding = Binding()
 _lib: Any = _binding.lib
 _ffi: Any = _binding.ffi
+# The calls below, looked up once: an attribute of the binding's ``lib`` is a
+# module-attribute lookup every time it is read.
+_SSL_read: Any = _lib.SSL_read
+_SSL_write: Any = _lib.SSL_write
+_SSL_get_error: Any = _lib.SSL_get_error
+_BIO_read: Any = _lib.BIO_read
+_BIO_write: Any = _lib.BIO_write
+_unpack: Any = _ffi.unpack
+_NULL: Any = _ffi.NULL
+#: ``BIO_get_mem_data``: how many bytes a memory BIO holds (None if this binding lacks it).
+_BIO_get_mem_data: Any = getattr(_lib, "BIO_get_mem_data", None)
 
-#: The largest plaintext one read returns (a TLS record holds at most 16 KiB).
-_READ_SIZE: Final = 2 ** 15
-_buffer = _ffi.new("char[]", _READ_SIZE)
+#: The largest plaintext one read returns (a TLS record holds at most 16 KiB,
+#: so a shorter read has emptied the record it decrypted).
+READ_SIZE: Final = 2 ** 15
+_buffer = _ffi.new("char[]", READ_SIZE)
 _WANT_READ: Final = _lib.SSL_ERROR_WANT_READ
 
 
@@ -72,7 +85,7 @@ def handles(connection: SSL.Connection) -> Handles:
 def feed(handles: Handles, data: bytes) -> bool:
     """Put records received from the peer into the connection's receive BIO;
     False when OpenSSL did not take them all (then use ``bio_write``)."""
-    return bool(_lib.BIO_write(handles[1], data, len(data)) == len(data))
+    return bool(_BIO_write(handles[1], data, len(data)) == len(data))
 
 
 def read_plaintext(handles: Handles) -> bytes | None:
@@ -80,17 +93,27 @@ def read_plaintext(handles: Handles) -> bytes | None:
     when OpenSSL needs more bytes from the peer first; None for anything else
     (see the module docstring)."""
     ssl = handles[0]
-    count = _lib.SSL_read(ssl, _buffer, _READ_SIZE)
+    count = _SSL_read(ssl, _buffer, READ_SIZE)
     if count > 0:
-        data: bytes = _ffi.unpack(_buffer, count)
+        data: bytes = _unpack(_buffer, count)
         return data
-    return b"" if _lib.SSL_get_error(ssl, count) == _WANT_READ else None
+    return b"" if _SSL_get_error(ssl, count) == _WANT_READ else None
+
+
+def records_waiting(handles: Handles) -> bool:
+    """Whether the receive BIO still holds bytes OpenSSL has not read.  After
+    a read shorter than :data:`READ_SIZE` (its record emptied), False means
+    the next :func:`read_plaintext` would answer b"" (nothing until more bytes
+    come), which this tells for a fraction of the cost of that failing read."""
+    if _BIO_get_mem_data is None:
+        return True
+    return bool(_BIO_get_mem_data(handles[1], _NULL) > 0)
 
 
 def write_plaintext(handles: Handles, data: bytes) -> int:
     """Encrypt ``data`` (at most 16 KiB, one record) into the send BIO: the
     number of bytes taken, or 0 for anything else (see the module docstring)."""
-    count: int = _lib.SSL_write(handles[0], data, len(data))
+    count: int = _SSL_write(handles[0], data, len(data))
     return max(count, 0)
 
 
@@ -98,12 +121,12 @@ def take_records(handles: Handles) -> bytes:
     """Everything in the connection's send BIO (records to send to the
     peer), emptying it; b"" when there is nothing."""
     bio = handles[2]
-    count = _lib.BIO_read(bio, _buffer, _READ_SIZE)
+    count = _BIO_read(bio, _buffer, READ_SIZE)
     if count <= 0:
         return b""
-    records: bytes = _ffi.unpack(_buffer, count)
-    while count == _READ_SIZE:
-        count = _lib.BIO_read(bio, _buffer, _READ_SIZE)
+    records: bytes = _unpack(_buffer, count)
+    while count == READ_SIZE:
+        count = _BIO_read(bio, _buffer, READ_SIZE)
         if count > 0:
-            records += _ffi.unpack(_buffer, count)
+            records += _unpack(_buffer, count)
     return records
