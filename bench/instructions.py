@@ -27,12 +27,11 @@ import http.client
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from processes import BenchError, Supervisor, apt_install, connect, exit_on_termination_signals, free_ports, \
+from processes import BenchError, Supervisor, apt_install, bench_main, connect, free_ports, \
     group_pids, select_targets, wait_until_serving
 from run import ensure_tools
 from sources import baseline_pythonpath
@@ -200,16 +199,15 @@ def report(results: list[tuple[Target, float]], args: argparse.Namespace) -> Non
         print(f"| {target.name} | {value:,.0f} | {ratio} |")
 
 
+def measure(args: argparse.Namespace) -> int:
+    """Run and report (status 0)."""
+    report(run(args), args)
+    return 0
+
+
 def main() -> None:
-    """Entry point: run and report; a fatal problem is one line and status 2."""
-    exit_on_termination_signals()
-    args = parse_args()
-    try:
-        results = run(args)
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    report(results, args)
+    """Entry point (see :func:`processes.bench_main`)."""
+    bench_main(parse_args, measure)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Protocol, TypeVar
+from typing import NoReturn, Protocol, TypeVar
 
 
 class _Named(Protocol):
@@ -22,6 +23,7 @@ class _Named(Protocol):
 
 
 T = TypeVar("T", bound=_Named)
+A = TypeVar("A")
 
 
 class BenchError(Exception):
@@ -138,6 +140,24 @@ def exit_on_termination_signals() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGHUP, handler)
+
+
+def bench_main(parse_args: Callable[[], A], run: Callable[[A], int]) -> NoReturn:
+    """The entry point of a benchmark script: parse its arguments, ``run``
+    it, and exit with what it returns; a :class:`BenchError` is one line on
+    stderr and status 2, Ctrl-C (or SIGTERM, SIGHUP) status 130 (128 + the
+    signal), after the ``finally`` blocks have stopped every process started."""
+    exit_on_termination_signals()
+    args = parse_args()
+    try:
+        status = run(args)
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        status = 2
+    except KeyboardInterrupt:
+        print("bench: interrupted; every process started has been stopped", file=sys.stderr)
+        status = 130
+    sys.exit(status)
 
 
 def free_ports(count: int) -> list[int]:

@@ -36,7 +36,6 @@ import re
 import resource
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -44,8 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from chatproxy.compiled import describe as describe_build
-from processes import (BenchError, Server, Supervisor, apt_install, exit_on_termination_signals, background_load,
-                       free_ports,
+from processes import (BenchError, Server, Supervisor, apt_install, background_load, bench_main, free_ports,
                        group_cpu_by_process, select_targets, system_cpu_seconds, wait_for_listeners,
                        wait_until_serving)
 from sources import baseline_pythonpath
@@ -650,18 +648,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    """Entry point: run, turning fatal problems into a one-line message and status 2."""
-    exit_on_termination_signals()
-    args = parse_args()
-    try:
-        status = run(args)
-    except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
-        status = 2
-    except KeyboardInterrupt:
-        print("bench: interrupted; every process started has been stopped", file=sys.stderr)
-        status = 130
-    sys.exit(status)
+    """Entry point (see :func:`processes.bench_main`)."""
+    bench_main(parse_args, run)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from chatproxy.compiled import describe as describe_build
-from processes import (BenchError, Server, Supervisor, exit_on_termination_signals, free_ports, group_pids,
+from processes import (BenchError, Server, Supervisor, bench_main, free_ports, group_pids,
                        select_targets, wait_until_serving)
 from run import BACKGROUND_LIMIT, _find_nginx, _git, _ms, _ratio, _version_of, _x, log_notes, wait_for_quiet
 from sources import chatproxy_pythonpath, export_chatproxy
@@ -793,18 +792,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    """Entry point: run, turning fatal problems into a one-line message and status 2."""
-    exit_on_termination_signals()
-    args = parse_args()
-    try:
-        status = run(args)
-    except BenchError as e:
-        print(f"bench: {e}", file=sys.stderr)
-        status = 2
-    except KeyboardInterrupt:
-        print("bench: interrupted; every process started has been stopped", file=sys.stderr)
-        status = 130
-    sys.exit(status)
+    """Entry point (see :func:`processes.bench_main`)."""
+    bench_main(parse_args, run)
 
 
 if __name__ == "__main__":
