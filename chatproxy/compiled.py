@@ -9,10 +9,9 @@ compiling saves is the interpreter's work between the lines (about a fifth of
 the Python time of chatproxy's own code per request, 12-16% of a proxied
 request's CPU: bench/README.md).  One exception to "untyped": a ``.pxd``
 file beside a listed module (``proxy/exchange.pxd``, ``front.pxd``,
-``upstream.pxd``, ``stats.pxd``) makes a slotted class of it a C-typed
-class with the same attributes, which the module's own code then reads as C
-fields (another fifth of chatproxy's own time per request for the first
-three).  A class that
+``upstream.pxd``) makes a slotted class of it a C-typed class with the same
+attributes, which the module's own code then reads as C fields (another
+fifth of chatproxy's own time per request for those three).  A class that
 must also be a Twisted ``Protocol`` (a Python class, which a C-typed class
 cannot derive from) is split: ``FrontConnectionBase`` holds the code and
 state, ``FrontConnection(FrontConnectionBase, Protocol)`` is what Twisted

@@ -39,15 +39,7 @@ class Refusal:
 
 
 class Stats:
-    """Totals since start: requests, durations, bytes, upstream connects, WebSocket traffic.
-
-    Slotted, and C-typed in the compiled build (``stats.pxd``): :meth:`request`
-    runs on every request, and reads its dictionaries as C fields then."""
-
-    __slots__ = ("requests", "duration_buckets", "duration_sum", "bytes_sent", "bytes_received", "connect_failures",
-                 "websocket_messages", "websocket_bytes", "websocket_closes", "filter_outcomes",
-                 "tls_handshake_failures", "tls_handshakes", "reloads", "last_reload_success", "last_reload_ok",
-                 "refusals")
+    """Totals since start: requests, durations, bytes, upstream connects, WebSocket traffic."""
 
     def __init__(self) -> None:
         # Counted on every request: plain dictionaries (a Counter's subscript
