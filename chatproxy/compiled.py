@@ -11,7 +11,9 @@ request's CPU: bench/README.md).  One exception to "untyped": a ``.pxd``
 file beside a listed module (``proxy/exchange.pxd``, ``front.pxd``,
 ``upstream.pxd``) makes a slotted class of it a C-typed class with the same
 attributes, which the module's own code then reads as C fields (another
-fifth of chatproxy's own time per request for those three).  A class that
+fifth of chatproxy's own time per request for those three); and
+``proxy/websocket/masking.pxd`` gives one function's variables C types, which
+makes its loop over a WebSocket payload's bytes a C loop.  A class that
 must also be a Twisted ``Protocol`` (a Python class, which a C-typed class
 cannot derive from) is split: ``FrontConnectionBase`` holds the code and
 state, ``FrontConnection(FrontConnectionBase, Protocol)`` is what Twisted
@@ -57,6 +59,7 @@ MODULES: Final = (
     "chatproxy.proxy.websocket.closing",
     "chatproxy.proxy.websocket.frames",
     "chatproxy.proxy.websocket.legs",
+    "chatproxy.proxy.websocket.masking",
     "chatproxy.proxy.websocket.sockets",
 )
 

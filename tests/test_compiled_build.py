@@ -102,26 +102,60 @@ def test_no_extension_module_in_the_checkout_is_stale_or_unlisted() -> None:
                     f"{built} is older than {source}: rebuild (CHATPROXY_COMPILE=1 pip install -e .) or delete it"
 
 
-def _typed_classes() -> dict[str, dict[str, list[str]]]:
-    """The C-typed classes the .pxd files beside listed modules declare: module ->
-    class -> its attributes, in order (the .pxd files hold only ``cdef class NAME:``
-    and ``cdef public object a, b, ...`` lines, and comments)."""
-    declared: dict[str, dict[str, list[str]]] = {}
+def _pxd_declarations() -> tuple[dict[str, dict[str, list[str]]], dict[str, dict[str, list[str]]]]:
+    """What the .pxd files beside listed modules declare: (C-typed classes,
+    typed functions), each module -> name -> its attributes or parameters, in
+    order.  The .pxd files hold only ``cdef class NAME:`` and ``cdef public
+    object a, b, ...`` lines, ``cpdef TYPE NAME(TYPE a, TYPE b)`` lines each
+    after a ``@cython.locals(...)`` (which may span lines), ``cimport cython``
+    and comments."""
+    classes_of: dict[str, dict[str, list[str]]] = {}
+    functions_of: dict[str, dict[str, list[str]]] = {}
     for name in MODULES:
         pxd = _source(name).with_suffix(".pxd")
         if not pxd.exists():
             continue
-        classes = declared[name] = {}
+        classes = classes_of[name] = {}
+        functions = functions_of[name] = {}
         current: list[str] | None = None
+        open_parentheses = 0
         for number, line in enumerate(pxd.read_text().splitlines(), 1):
             code = line.split("#", 1)[0].strip()
-            if code.startswith("cdef class ") and code.endswith(":"):
+            if open_parentheses or code.startswith("@cython.locals("):
+                open_parentheses += code.count("(") - code.count(")")  # the locals' C types
+            elif code.startswith("cdef class ") and code.endswith(":"):
                 current = classes[code[len("cdef class "):-1].strip()] = []
             elif code.startswith("cdef public object ") and current is not None:
                 current.extend(attribute.strip() for attribute in code[len("cdef public object "):].split(","))
+            elif code.startswith("cpdef ") and code.endswith(")"):
+                head, _, parameters = code[:-1].partition("(")
+                functions[head.split()[-1]] = [parameter.split()[-1] for parameter in parameters.split(",")]
+                current = None
             else:
-                assert not code, f"{pxd}, line {number}: not a declaration this test knows: {line!r}"
-    return declared
+                assert not code or code == "cimport cython", \
+                    f"{pxd}, line {number}: not a declaration this test knows: {line!r}"
+    return classes_of, functions_of
+
+
+def _typed_classes() -> dict[str, dict[str, list[str]]]:
+    """The C-typed classes the .pxd files declare: module -> class -> its attributes, in order."""
+    return _pxd_declarations()[0]
+
+
+def test_each_typed_function_is_a_function_of_its_module_with_the_same_parameters() -> None:
+    """A function a .pxd types for the compiled build (``cpdef``, C types for
+    its variables) is a module-level function of the .py beside it, with the
+    same parameters in the same order (Cython would otherwise refuse the
+    module, or type another function than the one meant)."""
+    typed = _pxd_declarations()[1]
+    assert any(typed.values()), "no typed function in any .pxd: this test checks nothing"
+    for name, functions in typed.items():
+        tree = ast.parse(_source(name).read_text())
+        defined = {node.name: [argument.arg for argument in node.args.args]
+                   for node in tree.body if isinstance(node, ast.FunctionDef)}
+        for function, parameters in functions.items():
+            assert function in defined, f"{name}.{function} is typed in its .pxd but not defined in the .py"
+            assert parameters == defined[function], f"{name}.{function}: .pxd {parameters} != .py {defined[function]}"
 
 
 def test_each_typed_class_declares_exactly_the_attributes_of_its_slots() -> None:

@@ -15,10 +15,10 @@ from collections import deque
 from typing import Any
 
 from autobahn.websocket.protocol import WebSocketProtocol
-from autobahn.websocket.xormasker import create_xor_masker  # type: ignore[attr-defined]
 from twisted.logger import Logger
 
 from chatproxy.proxy.sending import send
+from chatproxy.proxy.websocket.masking import unmask
 
 log = Logger(namespace=__name__)  # (a compiled module has no frame Twisted could name it from)
 
@@ -92,7 +92,7 @@ class FastFrames:
         message_limit = self.maxMessagePayloadSize  # type: ignore[attr-defined]
         if 0 < frame_limit < length or 0 < message_limit < length or self.logFrames:  # type: ignore[attr-defined]
             return None
-        payload = _unmask(data[start:end], key) if key and length else data[start:end]
+        payload = unmask(data[start:end], key) if key and length else data[start:end]
         text = data[0] == 0x81
         if text and self.utf8validateIncoming and not is_utf8(payload):  # type: ignore[attr-defined]
             return None  # Autobahn fails the session with 1007
@@ -124,7 +124,7 @@ class FastFrames:
                 frame = head + bytes((0x80 | length,)) + key
             else:
                 frame = head + b"\xfe" + length.to_bytes(2, "big") + key
-            frame += _unmask(payload, key) if length else b""
+            frame += unmask(payload, key) if length else b""
         elif length < 126:
             frame = head + bytes((length,)) + payload
         else:
@@ -186,15 +186,6 @@ def frame_span(data: bytes, masked: bool) -> tuple[int, int, bytes] | None:
     start += len(key)
     end = start + length
     return (start, end, key) if len(data) >= end else None
-
-
-def _unmask(payload: bytes, key: bytes) -> bytes:
-    """``payload`` XOR the repeated 4-byte ``key`` (masking and unmasking alike)."""
-    n = len(payload)
-    if n > 1024:
-        return create_xor_masker(key, n).process(payload)  # type: ignore[no-any-return]
-    whole = (key * ((n >> 2) + 1))[:n]
-    return (int.from_bytes(payload, "little") ^ int.from_bytes(whole, "little")).to_bytes(n, "little")
 
 
 def is_utf8(payload: bytes) -> bool:
