@@ -11,9 +11,10 @@ request's CPU: bench/README.md).  One exception to "untyped": a ``.pxd``
 file beside a listed module (``proxy/exchange.pxd``, ``front.pxd``,
 ``upstream.pxd``) makes a slotted class of it a C-typed class with the same
 attributes, which the module's own code then reads as C fields (another
-fifth of chatproxy's own time per request for those three); and
-``proxy/websocket/masking.pxd`` gives one function's variables C types, which
-makes its loop over a WebSocket payload's bytes a C loop.  A class that
+fifth of chatproxy's own time per request for those three); and a ``.pxd``
+can give a function's variables C types, which makes its loops C loops
+(``masking.pxd``: over a WebSocket payload's bytes; ``exchange.pxd``: over a
+response's headers).  A class that
 must also be a Twisted ``Protocol`` (a Python class, which a C-typed class
 cannot derive from) is split: ``FrontConnectionBase`` holds the code and
 state, ``FrontConnection(FrontConnectionBase, Protocol)`` is what Twisted

@@ -107,12 +107,23 @@ class ClientSide(Protocol):
 
 
 def _end_to_end(headers: list[Header], names: list[bytes], drop: frozenset[bytes]) -> list[Header]:
-    """The headers whose lower-cased name is not in ``drop`` nor listed in a Connection header."""
+    """The headers whose lower-cased name is not in ``drop`` nor listed in a
+    Connection header.  (Index loops: in the compiled build, ``exchange.pxd``
+    makes them C loops over the two lists, on every response.)"""
+    count = len(names)
     if b"connection" in names:
-        listed = {t.strip().lower() for (_, v), n in zip(headers, names) if n == b"connection" for t in v.split(b",")}
+        listed: set[bytes] = set()
+        for i in range(count):
+            if names[i] == b"connection":
+                for token in headers[i][1].split(b","):
+                    listed.add(token.strip().lower())
         if not listed <= drop:
             drop = drop | listed
-    return [header for header, name in zip(headers, names) if name not in drop]
+    kept: list[Header] = []
+    for i in range(count):
+        if names[i] not in drop:
+            kept.append(headers[i])
+    return kept
 
 
 def _connection_tokens(head: RequestHead, names: tuple[bytes, ...]) -> frozenset[bytes]:
