@@ -40,8 +40,9 @@ def unmask(payload: bytes, key: bytes) -> bytes:
 def xor_loop(payload: bytes, key: bytes) -> bytes:
     """``payload`` XOR the repeated 4-byte ``key``, a byte at a time.  Compiled,
     a C loop over the two buffers (``masking.pxd`` types its variables as
-    pointers); in pure Python some hundred times slower than :func:`unmask`'s
-    integer arithmetic, which that build uses instead."""
+    pointers); in pure Python ten to twenty times slower than :func:`unmask`'s
+    integer arithmetic (some 900 instructions per byte), which that build uses
+    instead."""
     if len(key) != 4:
         raise ValueError("a WebSocket masking key has 4 bytes")
     n = len(payload)
