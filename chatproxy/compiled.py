@@ -14,7 +14,8 @@ attributes, which the module's own code then reads as C fields (another
 fifth of chatproxy's own time per request for those three); and a ``.pxd``
 can give a function's variables C types, which makes its loops C loops
 (``masking.pxd``: over a WebSocket payload's bytes; ``exchange.pxd``: over a
-response's headers).  A class that
+response's headers; ``request.pxd``, ``forwarding.pxd``: over a request's;
+``messages.pxd``: every head's fields written out).  A class that
 must also be a Twisted ``Protocol`` (a Python class, which a C-typed class
 cannot derive from) is split: ``FrontConnectionBase`` holds the code and
 state, ``FrontConnection(FrontConnectionBase, Protocol)`` is what Twisted

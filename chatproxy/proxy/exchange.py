@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from chatproxy.filters import Answer, Refuse
 from chatproxy.filters.chain import Decision, FilterChain
-from chatproxy.http.messages import HOP_BY_HOP, REASONS, Header, RequestHead, replace_headers
+from chatproxy.http.messages import HOP_BY_HOP, REASONS, Header, RequestHead, add_fields, replace_headers
 from chatproxy.proxy.accesslog import AccessRecord
 from chatproxy.proxy.forwarding import Connection, upstream_headers
 from chatproxy.proxy.plain import plain_answer
@@ -367,8 +367,10 @@ class Exchange:
         if self.chunked_in:
             trailers = self._trailers
             if trailers:
-                connection.send_body(b"0\r\n" + b"".join(name + b": " + value + b"\r\n" for name, value in trailers)
-                                     + b"\r\n")
+                lines = [b"0\r\n"]
+                add_fields(lines, trailers)
+                lines.append(b"\r\n")
+                connection.send_body(b"".join(lines))
             else:
                 connection.send_body(_CHUNK_END)
         connection.request_sent()
@@ -385,9 +387,8 @@ class Exchange:
             lines += (b"Host: ", client_host.encode("latin-1"), b"\r\n")
         else:
             lines += (b"Host: ", server.server.authority.encode("idna"), b"\r\n")
-        for name, value in upstream_headers(head.headers, self.names, self.connection_named, self.client.connection,
-                                            client_host, _NOT_FORWARDED):
-            lines += (name, b": ", value, b"\r\n")
+        add_fields(lines, upstream_headers(head.headers, self.names, self.connection_named, self.client.connection,
+                                           client_host, _NOT_FORWARDED))
         if self.chunked_in:
             lines.append(b"Transfer-Encoding: chunked\r\n")
         elif self.content_length is not None:

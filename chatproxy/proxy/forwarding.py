@@ -100,7 +100,9 @@ def upstream_headers(headers: Sequence[Header], names: Sequence[bytes], connecti
     prior_for: list[bytes] = []
     kept: set[bytes] = set()
     vias: list[bytes] = []
-    for header, lower in zip(headers, names):
+    for i in range(len(headers)):  # (indexes: a C loop in the compiled build, forwarding.pxd)
+        header = headers[i]
+        lower = names[i]
         if lower not in special and lower not in connection_named:
             out.append(header)  # the common case: passed on as it is
         elif lower in drop or lower in connection_named:

@@ -20,7 +20,7 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from chatproxy.http.messages import REASONS, Header, client_ip, in_networks, local_response, replace_headers
+from chatproxy.http.messages import REASONS, Header, add_fields, client_ip, in_networks, local_response, replace_headers
 from chatproxy.proxy import http2
 from chatproxy.proxy.accesslog import AccessRecord
 from chatproxy.proxy.exchange import Exchange
@@ -439,8 +439,7 @@ class FrontConnectionBase:
         by closing the connection for HTTP/1.0) and ``Connection``."""
         version = self._queue[0].head.version if self._queue else "1.1"
         parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, "Unknown").encode("ascii"))]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
+        add_fields(parts, headers)
         if framing == "stream":
             if version == "1.1":
                 parts.append(b"Transfer-Encoding: chunked\r\n")
@@ -459,8 +458,7 @@ class FrontConnectionBase:
     def send_switch(self, reason: bytes, headers: list[Header], protocol: bytes) -> None:
         """``101 Switching Protocols`` to ``protocol``."""
         parts = [b"HTTP/1.1 101 %s\r\n" % (reason or b"Switching Protocols")]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
+        add_fields(parts, headers)
         parts += (b"Connection: Upgrade\r\nUpgrade: ", protocol, b"\r\n\r\n")
         self.write(b"".join(parts))
 

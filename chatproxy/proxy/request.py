@@ -11,7 +11,6 @@ from that value and nothing is added to it afterwards.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import httptools
@@ -119,18 +118,18 @@ class _Scan:
             self.error = (417, "unsupported expectation")
 
 
-def _scan(headers: Sequence[Header], trusted: bool) -> _Scan:
+def _scan(headers: list[Header], trusted: bool) -> _Scan:
     """Lower-case the names and pick out what the checks need, in one pass."""
     scan = _Scan()
     scan.expect_continue = False
     names: list[bytes] = []
-    add_name = names.append
+    special = _SPECIAL
     size = 4 * len(headers)
     for name, value in headers:
         lower = name.lower()
-        add_name(lower)
+        names.append(lower)
         size += len(name) + len(value)
-        if lower not in _SPECIAL:
+        if lower not in special:
             continue
         if lower == b"host":
             scan.hosts.append(value)
@@ -214,7 +213,7 @@ class _Facts:
         self.query = query
 
 
-def decide(method: str, version: str, keep_alive: bool, upgrade: bool, url: bytes, headers: Sequence[Header],
+def decide(method: str, version: str, keep_alive: bool, upgrade: bool, url: bytes, headers: list[Header],
            connection: Connection, table: RouteTable, max_header_bytes: int, memo: HostMemo,
            unframed_body: bool = False) -> Request | Rejection:
     """Check and route one parsed request head.

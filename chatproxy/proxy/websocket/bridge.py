@@ -59,7 +59,7 @@ from twisted.python.failure import Failure
 
 from chatproxy.filters import CloseSession
 from chatproxy.filters.chain import FilterChain
-from chatproxy.http.messages import HOP_BY_HOP
+from chatproxy.http.messages import HOP_BY_HOP, add_fields
 from chatproxy.proxy.forwarding import upstream_headers
 from chatproxy.proxy.websocket.legs import ClientLeg, UpstreamLeg, is_closed, is_open, shed_handshake
 from chatproxy.proxy.websocket.sockets import RouteSockets
@@ -153,7 +153,7 @@ class WebSocketBridge:
         included), with the normalised target as the client sent it."""
         head = self.exchange.head
         request = [f"{head.method} {head.target} HTTP/1.1\r\n".encode("latin-1")]
-        request += (name + b": " + value + b"\r\n" for name, value in head.headers)
+        add_fields(request, head.headers)
         request += (b"\r\n", after)
         self.client.makeConnection(self.front.transport)
         self.client.dataReceived(b"".join(request))
