@@ -106,7 +106,7 @@ def _pxd_declarations() -> tuple[dict[str, dict[str, list[str]]], dict[str, dict
     """What the .pxd files beside listed modules declare: (C-typed classes,
     typed functions), each module -> name -> its attributes or parameters, in
     order.  The .pxd files hold only ``cdef class NAME:`` and ``cdef public
-    object a, b, ...`` lines, ``cpdef TYPE NAME(TYPE a, TYPE b)`` lines each
+    object a, b, ...`` lines, ``cpdef TYPE NAME(TYPE a, TYPE b=*)`` lines each
     after a ``@cython.locals(...)`` (which may span lines), ``cimport cython``
     and comments."""
     classes_of: dict[str, dict[str, list[str]]] = {}
@@ -129,7 +129,8 @@ def _pxd_declarations() -> tuple[dict[str, dict[str, list[str]]], dict[str, dict
                 current.extend(attribute.strip() for attribute in code[len("cdef public object "):].split(","))
             elif code.startswith("cpdef ") and code.endswith(")"):
                 head, _, parameters = code[:-1].partition("(")
-                functions[head.split()[-1]] = [parameter.split()[-1] for parameter in parameters.split(",")]
+                functions[head.split()[-1]] = [parameter.split()[-1].split("=")[0]  # (a default: "=*")
+                                               for parameter in parameters.split(",")]
                 current = None
             else:
                 assert not code or code == "cimport cython", \
