@@ -923,7 +923,8 @@ def test_an_open_bridge_leg_keeps_in_itself_only_what_the_relay_changes_or_reads
         assert sys.getsizeof(own) < 1200
         # What reads find: the route's options, Autobahn's resting state, empty handshake values.
         assert leg.autoPingTimeout == 7 and leg.autoPingInterval == 0
-        assert leg.maxMessagePayloadSize == 4096 and "maxMessagePayloadSize" in own
+        assert leg.maxMessagePayloadSize == 4096 and "maxMessagePayloadSize" not in own
+        assert leg.fast_in == leg.fast_out == 4096  # the fast path's limits, fixed as it opened
         assert leg.closedByMe is False and leg.localCloseCode is None and leg.http_headers == {}
         assert leg.state == WebSocketProtocol.STATE_OPEN
     assert bridge.client.requireMaskedClientFrames is True and bridge.upstream.maskClientFrames is True

@@ -1643,6 +1643,33 @@ def test_close_frame_rule(length, code, reason, problem):
     assert close_frame_problem(length, code, reason) == problem
 
 
+_LEG_OPTIONS = dict(logOctets=False, logFrames=False, _perMessageCompress=None, maxFramePayloadSize=0,
+                    maxMessagePayloadSize=0, autoFragmentSize=0)
+
+
+@pytest.mark.parametrize("options, fast_in, fast_out", [
+    ({}, 0xFFFF, 0xFFFF),  # no limits: the longest 16-bit length
+    ({"maxFramePayloadSize": 1000}, 1000, 0xFFFF),  # frames from the peer only
+    ({"maxMessagePayloadSize": 4096, "maxFramePayloadSize": 4096}, 4096, 4096),
+    ({"maxMessagePayloadSize": 4096, "maxFramePayloadSize": 100}, 100, 4096),
+    ({"maxMessagePayloadSize": 1 << 20, "maxFramePayloadSize": 1 << 20}, 0xFFFF, 0xFFFF),
+    ({"autoFragmentSize": 512}, 0xFFFF, -1),  # what it sends is fragmented by Autobahn
+    ({"logFrames": True}, -1, -1),
+    ({"logOctets": True}, -1, -1),
+    ({"_perMessageCompress": object()}, -1, -1),  # compression negotiated
+])
+def test_an_open_leg_settles_the_fast_paths_limits_from_its_options(options, fast_in, fast_out):
+    """settle() turns a leg's options into the two limits the fast path reads
+    per message: the largest payload it takes in and sends out, -1 for none."""
+    from types import SimpleNamespace
+
+    from chatproxy.proxy.websocket.frames import settle
+
+    leg = SimpleNamespace(**{**_LEG_OPTIONS, **options})
+    settle(leg)
+    assert (leg.fast_in, leg.fast_out) == (fast_in, fast_out)
+
+
 def test_fast_path_steps_aside_for_an_autobahn_with_other_internals(monkeypatch):
     """If Autobahn's protocol lacks an attribute the fast path reads (a future version), the
     frame goes to Autobahn's own processing and the fast path is turned off for good, instead
@@ -1658,7 +1685,14 @@ def test_fast_path_steps_aside_for_an_autobahn_with_other_internals(monkeypatch)
     leg = ClientLeg()
     leg.data = b"\x81\x80abcd"  # a whole masked empty text frame
     leg.state = frames_module._OPEN
-    leg.current_frame = None  # inside_message, _perMessageCompress, ... are missing
-    assert leg.processData() is False
+    leg.current_frame = None
+    leg.fast_in = leg.fast_out = 100  # as settle() would have left them
+    assert leg.processData() is False  # inside_message is missing
     assert calls == [b"\x81\x80abcd"]
     assert frames_module._FAST_PATH is False
+
+    monkeypatch.setattr(frames_module, "_FAST_PATH", True)
+    other = ClientLeg()
+    frames_module.settle(other)  # the options it reads once are missing too
+    assert frames_module._FAST_PATH is False
+    assert other.fast_in == other.fast_out == -1

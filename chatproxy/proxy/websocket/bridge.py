@@ -61,6 +61,7 @@ from chatproxy.filters import CloseSession
 from chatproxy.filters.chain import FilterChain
 from chatproxy.http.messages import HOP_BY_HOP, add_fields
 from chatproxy.proxy.forwarding import upstream_headers
+from chatproxy.proxy.websocket.frames import settle
 from chatproxy.proxy.websocket.legs import ClientLeg, UpstreamLeg, is_closed, is_open, shed_handshake
 from chatproxy.proxy.websocket.sockets import RouteSockets
 
@@ -311,8 +312,10 @@ class WebSocketBridge:
         self._client_open = True
         self._last_message = time.monotonic()
         shed_handshake(self.client)
+        settle(self.client)
         if self.upstream is not None:
             shed_handshake(self.upstream, self.sockets.open_client_factory)
+            settle(self.upstream)
         self.front.core.websocket_sessions.add(self)
         pending, self._pending_to_client = self._pending_to_client, []
         for payload, binary in pending:

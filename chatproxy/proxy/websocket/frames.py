@@ -43,6 +43,12 @@ class FastFrames:
     send_queue: Any  # Autobahn's queue of chopped or synchronous writes
     _RECEIVE_MASKED: bool  # frames from the peer are masked (it is a client)
     _SEND_MASKED: bool  # frames to the peer are masked (we are its client)
+    #: The largest payload the fast path takes from the peer, and sends to
+    #: it: what the leg's options allow, fixed once it is open (:func:`settle`);
+    #: -1 (the fast path off) until then, and for good on a leg whose options
+    #: need Autobahn's general path (logging, compression, auto-fragmenting).
+    fast_in = -1
+    fast_out = -1
 
     def dataReceived(self, data: bytes) -> None:
         # In an open session, bytes go straight to Autobahn's frame loop (that
@@ -52,7 +58,7 @@ class FastFrames:
         # statistics, which nothing reads (sendMessage's fast path does not
         # count either).
         try:
-            direct = _FAST_PATH and self.state == _OPEN and not self.logOctets  # type: ignore[attr-defined]
+            direct = _FAST_PATH and self.fast_in > 0 and self.state == _OPEN  # type: ignore[attr-defined]
         except AttributeError:  # an Autobahn whose internals differ
             _disable_fast_path()
             direct = False
@@ -79,8 +85,9 @@ class FastFrames:
     def _whole_small_frame(self) -> tuple[bytes, bool] | None:
         """Take a whole small text/binary frame off the receive buffer when the
         fast path applies (see the class docstring), else None (nothing taken)."""
-        if not (self.current_frame is None and self.state == _OPEN  # type: ignore[attr-defined]
-                and not self.inside_message and self._perMessageCompress is None):  # type: ignore[attr-defined]
+        limit = self.fast_in
+        if not (limit > 0 and self.current_frame is None and self.state == _OPEN  # type: ignore[attr-defined]
+                and not self.inside_message):  # type: ignore[attr-defined]
             return None
         data = self.data
         span = frame_span(data, self._RECEIVE_MASKED)
@@ -88,10 +95,8 @@ class FastFrames:
             return None
         start, end, key = span
         length = end - start
-        frame_limit = self.maxFramePayloadSize  # type: ignore[attr-defined]
-        message_limit = self.maxMessagePayloadSize  # type: ignore[attr-defined]
-        if 0 < frame_limit < length or 0 < message_limit < length or self.logFrames:  # type: ignore[attr-defined]
-            return None
+        if length > limit:
+            return None  # over a limit: Autobahn fails the session
         payload = unmask(data[start:end], key) if key and length else data[start:end]
         text = data[0] == 0x81
         if text and self.utf8validateIncoming and not is_utf8(payload):  # type: ignore[attr-defined]
@@ -106,11 +111,8 @@ class FastFrames:
                     sync: bool = False, doNotCompress: bool = False) -> None:
         length = len(payload)
         try:
-            general = (not _FAST_PATH or fragmentSize is not None or sync or length > 0xFFFF
-                       or self.state != _OPEN  # type: ignore[attr-defined]
-                       or self._perMessageCompress is not None or self.autoFragmentSize  # type: ignore[attr-defined]
-                       or self.send_queue or self.logFrames  # type: ignore[attr-defined]
-                       or 0 < self.maxMessagePayloadSize < length)  # type: ignore[attr-defined]
+            general = (not _FAST_PATH or fragmentSize is not None or sync or length > self.fast_out
+                       or self.state != _OPEN or self.send_queue)  # type: ignore[attr-defined]
         except AttributeError:  # an Autobahn whose internals differ
             _disable_fast_path()
             general = True
@@ -141,12 +143,14 @@ class FastFrames:
             send(self.transport, data)  # type: ignore[attr-defined]
 
 
-#: The Autobahn protocol options the fast path reads on every message: a
-#: leg keeps its own copy of these (reading an instance's attribute is faster
-#: than reading its class's), the others are on the route's leg classes (see
+#: The Autobahn protocol options the fast path reads on every message (the
+#: others it reads once, in :func:`settle`): a leg keeps its own copy of
+#: these (reading an instance's attribute is faster than reading its
+#: class's), the others are on the route's leg classes (see
 #: :class:`~chatproxy.proxy.websocket.sockets.RouteSockets`).
-READ_PER_MESSAGE = frozenset({"logOctets", "logFrames", "maxFramePayloadSize", "maxMessagePayloadSize",
-                              "utf8validateIncoming", "autoPingRestartOnAnyTraffic", "autoFragmentSize"})
+READ_PER_MESSAGE = frozenset({"utf8validateIncoming", "autoPingRestartOnAnyTraffic"})
+#: The longest payload the fast path handles (a 7-bit or 16-bit length).
+FAST_MAX = 0xFFFF
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 _CLOSED = WebSocketProtocol.STATE_CLOSED
@@ -161,6 +165,26 @@ def _disable_fast_path() -> None:
         _FAST_PATH = False
         log.warn("this Autobahn version's internals differ from what the WebSocket fast path reads: "
                  "every frame goes through Autobahn (slower, same behaviour)")
+
+
+def settle(leg: Any) -> None:
+    """Fix an open leg's fast-path limits (``fast_in``, ``fast_out``) from
+    its options, once: they do not change after the opening handshake, which
+    has also settled compression.  The fast path then reads two integers per
+    message instead of six of Autobahn's attributes (each a generic lookup
+    through its deep class hierarchy).  Logging frames or octets or
+    compression turn the fast path off for the leg, automatic fragmentation
+    for what it sends."""
+    try:
+        off = bool(leg.logOctets or leg.logFrames or leg._perMessageCompress is not None)
+        frame_limit, message_limit = leg.maxFramePayloadSize, leg.maxMessagePayloadSize
+        fragments = leg.autoFragmentSize
+    except AttributeError:  # an Autobahn whose internals differ
+        _disable_fast_path()
+        return
+    message_max = message_limit if 0 < message_limit < FAST_MAX else FAST_MAX
+    leg.fast_in = -1 if off else min(message_max, frame_limit if frame_limit > 0 else FAST_MAX)
+    leg.fast_out = -1 if off or fragments else message_max
 
 
 def frame_span(data: bytes, masked: bool) -> tuple[int, int, bytes] | None:
