@@ -44,7 +44,7 @@ gets through.
 from __future__ import annotations
 
 import random
-import time
+from time import monotonic
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -117,7 +117,7 @@ class WebSocketBridge:
         self.sockets = sockets
         self.options = sockets.options
         self.reactor = front.core.reactor
-        self.started = time.monotonic()
+        self.started = monotonic()
         self.client = sockets.client_leg()
         self.client.bridge = self
         self.client.factory = sockets.server_factory
@@ -138,8 +138,8 @@ class WebSocketBridge:
         self.close_code: int | None = None
         self.refused_status = 0
         self._rate_tokens = float(self.options.max_messages_per_second or 0) * 2
-        self._rate_stamp = time.monotonic()
-        self._last_message = time.monotonic()
+        self._rate_stamp = monotonic()
+        self._last_message = monotonic()
         self._idle_call: Any = None
 
     # -- start: hand the client's transport to Autobahn
@@ -310,7 +310,7 @@ class WebSocketBridge:
     def client_open(self) -> None:
         """The client leg is open: deliver what the upstream already sent."""
         self._client_open = True
-        self._last_message = time.monotonic()
+        self._last_message = monotonic()
         shed_handshake(self.client)
         settle(self.client)
         if self.upstream is not None:
@@ -319,7 +319,7 @@ class WebSocketBridge:
         self.front.core.websocket_sessions.add(self)
         pending, self._pending_to_client = self._pending_to_client, []
         for payload, binary in pending:
-            self._send(self.client, payload, binary)
+            self._send(self.client, "client", payload, binary)
         if self.options.idle_timeout:
             self._idle_call = self.reactor.callLater(self.options.idle_timeout, self._check_idle)
 
@@ -330,10 +330,11 @@ class WebSocketBridge:
         Also while the session closes: what a leg sends before its own close
         (or its failure) is relayed as long as the other leg had no close
         frame sent to it; nothing is relayed from a leg after that."""
-        upward = source is self.client
-        if not self._relaying(upward):
+        client = self.client
+        upward = source is client
+        if not self._carries(source, self.upstream if upward else client, upward):
             return
-        self._last_message = time.monotonic()
+        self._last_message = monotonic()
         if upward:
             if self.options.max_messages_per_second and not self._take_token():
                 log.info("WebSocket session over {rate} messages/s: closed with 1008",
@@ -387,7 +388,13 @@ class WebSocketBridge:
 
     def _relaying(self, upward: bool) -> bool:
         """Whether a message from that direction may still be delivered."""
-        source, target = (self.client, self.upstream) if upward else (self.upstream, self.client)
+        if upward:
+            return self._carries(self.client, self.upstream, True)
+        return self._carries(self.upstream, self.client, False)
+
+    def _carries(self, source: Any, target: Any, upward: bool) -> bool:
+        """Whether a message from leg ``source`` may still be delivered to leg
+        ``target`` (``upward``: from the client)."""
         return not (source is None or source.peer_closed or source.failed is not None or target is None
                     or (not is_open(target) and (upward or self._client_open)))
 
@@ -406,14 +413,14 @@ class WebSocketBridge:
             return
         if upward:
             assert self.upstream is not None
-            self._send(self.upstream, payload, binary)
+            self._send(self.upstream, "upstream", payload, binary)
         elif self._client_open:
-            self._send(self.client, payload, binary)
+            self._send(self.client, "client", payload, binary)
         else:
             self._pending_to_client.append((payload, binary))
 
-    def _send(self, leg: Any, payload: bytes, binary: bool) -> None:
-        side = "upstream" if leg is self.upstream else "client"
+    def _send(self, leg: Any, side: str, payload: bytes, binary: bool) -> None:
+        """Send a message to ``leg``, the ``side`` ("client" or "upstream") it is."""
         leg.sendMessage(payload, binary)
         if self._paused[side]:
             self._excess[side] += len(payload)
@@ -425,7 +432,7 @@ class WebSocketBridge:
 
     def _take_token(self) -> bool:
         rate = float(self.options.max_messages_per_second)
-        now = time.monotonic()
+        now = monotonic()
         self._rate_tokens = min(rate * 2, self._rate_tokens + (now - self._rate_stamp) * rate)
         self._rate_stamp = now
         if self._rate_tokens < 1:
@@ -434,7 +441,7 @@ class WebSocketBridge:
         return True
 
     def _check_idle(self) -> None:
-        idle = time.monotonic() - self._last_message
+        idle = monotonic() - self._last_message
         if idle >= self.options.idle_timeout:
             log.info("WebSocket session idle for {seconds:.0f}s: closed with 1001", seconds=idle)
             self.close_both(1001, "idle timeout")
