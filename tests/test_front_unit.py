@@ -557,6 +557,31 @@ def test_slow_client_pauses_the_upstream(make):
     assert responses(client.value())[0]["body"] == b"1234567890"
 
 
+def test_an_upstream_connection_is_resumed_only_where_it_was_paused(make):
+    """Reading from an upstream connection is resumed only after a pause: a
+    connection going back to the pool after an exchange nobody paused is left
+    as it is (Twisted's resumeProducing is four Python calls), one paused
+    while the client was slow is resumed once, and then not again as it is
+    pooled."""
+    h = make()
+    front, client = h.client()
+    front.dataReceived(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream, wire = h.accept_upstream()
+    calls: list[str] = []
+    wire.pauseProducing = lambda: calls.append("pause")  # type: ignore[method-assign]
+    wire.resumeProducing = lambda: calls.append("resume")  # type: ignore[method-assign]
+    upstream.dataReceived(ok(b"one"))
+    assert h.core.pools["app"].servers[0].idle_count == 1 and calls == []
+    front.dataReceived(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n12345")
+    front.pauseProducing()
+    front.resumeProducing()
+    assert calls == ["pause", "resume"]
+    upstream.dataReceived(b"67890")
+    assert calls == ["pause", "resume"] and h.core.pools["app"].servers[0].idle_count == 1
+    assert [m["body"] for m in responses(client.value())] == [b"one", b"1234567890"]
+
+
 def test_stale_pooled_connection_is_retried_for_idempotent_requests(make):
     """A pooled connection the server closed before answering: a GET is sent again on a new
     connection and succeeds; a POST with a body is not resent and gets 502."""

@@ -73,7 +73,7 @@ class UpstreamConnectionBase:
 
     __slots__ = ("transport", "connected", "factory", "pool", "sink", "deadline", "exchanges", "tunnel",
                  "_parser", "_headers", "_reason", "_head_done", "_framing", "_method_head", "_request_sent",
-                 "_response_done", "_got_bytes", "_reusable", "_connected", "_closed", "_now")
+                 "_response_done", "_got_bytes", "_reusable", "_connected", "_closed", "_now", "_reading_paused")
 
     def __init__(self, pool: ServerPool) -> None:
         self.transport: ITransport | None = None
@@ -97,6 +97,7 @@ class UpstreamConnectionBase:
         self._reusable = True
         self._connected = False
         self._closed = False
+        self._reading_paused = False  # pause_reading paused the transport (resume_reading has not since)
 
     # -- Twisted protocol
 
@@ -217,13 +218,17 @@ class UpstreamConnectionBase:
         not to blame for the wait, so its response timeout is suspended."""
         self.deadline = 0.0
         if self.transport is not None and not self._closed:
+            self._reading_paused = True
             self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def resume_reading(self) -> None:
         """Read from the upstream again."""
         if self.sink is not None and self._request_sent:
             self.deadline = self._now() + self.pool.upstream.response_timeout
-        if self.transport is not None and not self._closed:
+        if self._reading_paused and self.transport is not None and not self._closed:
+            # (only then: every pooled connection is resumed as it goes back
+            # to the pool, and Twisted's resumeProducing is four Python calls)
+            self._reading_paused = False
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     # -- timeouts
