@@ -9,9 +9,10 @@ compiling saves is the interpreter's work between the lines (about a fifth of
 the Python time of chatproxy's own code per request, 12-16% of a proxied
 request's CPU: bench/README.md).  One exception to "untyped": a ``.pxd``
 file beside a listed module (``proxy/exchange.pxd``, ``front.pxd``,
-``upstream.pxd``) makes a slotted class of it a C-typed class with the same
-attributes, which the module's own code then reads as C fields (another
-fifth of chatproxy's own time per request for those three); and a ``.pxd``
+``upstream.pxd``, ``request.pxd``) makes a slotted class of it a C-typed
+class with the same attributes, which the module's own code then reads as C
+fields (another fifth of chatproxy's own time per request for the first
+three); and a ``.pxd``
 can give a function's variables C types, which makes its loops C loops
 (``masking.pxd``: over a WebSocket payload's bytes; ``exchange.pxd``: over a
 response's headers; ``request.pxd``, ``forwarding.pxd``: over a request's;

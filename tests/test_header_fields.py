@@ -1,5 +1,6 @@
-"""Unit tests of chatproxy.http.messages.add_fields: the one place a message
-head's header fields get their wire form (a C loop in the compiled build)."""
+"""Unit tests of chatproxy.http.messages.add_fields: where the header fields of
+the heads the proxy relays or answers with get their wire form (a C loop in
+the compiled build)."""
 
 from __future__ import annotations
 

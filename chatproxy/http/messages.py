@@ -138,8 +138,9 @@ class RequestHead:
 def add_fields(lines: list[bytes], headers: list[Header] | tuple[Header, ...]) -> None:
     """Append the wire form of ``headers`` (``name: value`` and CRLF, each
     field as four pieces) to ``lines``, the parts of a message head that
-    the caller joins.  Every head chatproxy writes goes through here; in
-    the compiled build it is a C loop (messages.pxd)."""
+    the caller joins: the header fields of every head the proxy relays or
+    answers with (those it adds itself, Host, framing and Upgrade, are written
+    where they are decided).  In the compiled build a C loop (messages.pxd)."""
     for name, value in headers:
         lines.append(name)
         lines.append(b": ")

@@ -44,8 +44,8 @@ gets through.
 from __future__ import annotations
 
 import random
-from time import monotonic
 from collections import deque
+from time import monotonic
 from typing import TYPE_CHECKING, Any, Protocol
 
 from autobahn.websocket.protocol import WebSocketProtocol
@@ -308,7 +308,9 @@ class WebSocketBridge:
         self._upstream_open = True
 
     def client_open(self) -> None:
-        """The client leg is open: deliver what the upstream already sent."""
+        """The client leg is open: make both legs small for an idle session and
+        fix their fast-path limits (both open now), then deliver what the
+        upstream already sent."""
         self._client_open = True
         self._last_message = monotonic()
         shed_handshake(self.client)

@@ -51,7 +51,9 @@ class FastFrames:
     fast_out = -1
 
     def dataReceived(self, data: bytes) -> None:
-        # In an open session, bytes go straight to Autobahn's frame loop (that
+        # In an open session whose leg is settled for the fast path (see
+        # settle: not when logging or compression needs Autobahn's general
+        # path), bytes go straight to Autobahn's frame loop (that
         # of its consumeData): its own dataReceived formats three debug-log
         # arguments (a qualified function name among them) for every read
         # before it gets there, and counts the bytes in its traffic
