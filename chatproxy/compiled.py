@@ -12,15 +12,14 @@ file beside a listed module (``proxy/exchange.pxd``, ``front.pxd``,
 ``upstream.pxd``, ``request.pxd``) makes a slotted class of it a C-typed
 class with the same attributes, which the module's own code then reads as C
 fields (another fifth of chatproxy's own time per request for the first
-three); and a ``.pxd``
-can give a function's variables C types, which makes its loops C loops
-(``masking.pxd``: over a WebSocket payload's bytes; ``exchange.pxd``: over a
-response's headers; ``request.pxd``, ``forwarding.pxd``: over a request's;
-``messages.pxd``: every head's fields written out).  A class that
-must also be a Twisted ``Protocol`` (a Python class, which a C-typed class
-cannot derive from) is split: ``FrontConnectionBase`` holds the code and
-state, ``FrontConnection(FrontConnectionBase, Protocol)`` is what Twisted
-sees.  The test suite runs on both builds in CI.
+three); and a ``.pxd`` can give a function's variables C types, which makes
+its loops C loops (``masking.pxd``: over a WebSocket payload's bytes;
+``exchange.pxd``: over a response's headers; ``request.pxd``,
+``forwarding.pxd``: over a request's; ``messages.pxd``: every head's fields
+written out).  A class that must also be a Twisted ``Protocol`` (a Python
+class, which a C-typed class cannot derive from) is split:
+``FrontConnectionBase`` holds the code and state,
+``FrontConnection(FrontConnectionBase, Protocol)`` is what Twisted sees.  The test suite runs on both builds in CI.
 
 This module has no imports beyond the standard library, so that ``setup.py``
 can read it before chatproxy's dependencies are installed.

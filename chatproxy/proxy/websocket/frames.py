@@ -53,12 +53,11 @@ class FastFrames:
     def dataReceived(self, data: bytes) -> None:
         # In an open session whose leg is settled for the fast path (see
         # settle: not when logging or compression needs Autobahn's general
-        # path), bytes go straight to Autobahn's frame loop (that
-        # of its consumeData): its own dataReceived formats three debug-log
-        # arguments (a qualified function name among them) for every read
-        # before it gets there, and counts the bytes in its traffic
-        # statistics, which nothing reads (sendMessage's fast path does not
-        # count either).
+        # path), bytes go straight to Autobahn's frame loop (that of its
+        # consumeData): its own dataReceived formats three debug-log arguments
+        # (a qualified function name among them) for every read before it
+        # gets there, and counts the bytes in its traffic statistics, which
+        # nothing reads (sendMessage's fast path does not count either).
         try:
             direct = _FAST_PATH and self.fast_in > 0 and self.state == _OPEN  # type: ignore[attr-defined]
         except AttributeError:  # an Autobahn whose internals differ
