@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -192,12 +193,24 @@ def admin_ready(admin_port: int) -> bool:
         return False
 
 
+#: The ports free_port handed out lately: the kernel can give the same free
+#: port to two binds in a row (about once in 10,000 here), and a test that asks
+#: for two ports (a listener and the admin endpoint) must get two.
+_RECENT_PORTS: deque[int] = deque(maxlen=256)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago."""
+    """A TCP port that was free a moment ago, and not one of the last 256 this
+    function handed out."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _RECENT_PORTS:
+            _RECENT_PORTS.append(port)
+            return port
+    raise RuntimeError("no free port that was not handed out lately")
 
 
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 15.0, process: Any = None) -> None:
